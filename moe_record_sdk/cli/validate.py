@@ -1,0 +1,73 @@
+"""``moe-record validate PATH...``: check dumps (files or folders) against every invariant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+
+from ..errors import MoeRecordError
+from ..schema import detect_format, load_dump, validate_dump
+
+DUMP_SUFFIXES = (".pt", ".pth", ".msgpack", ".mpk", ".json", ".csv")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("validate", help="check dump files (ours or SGLang's) against the schema's invariants")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="dump files, or folders to search for them")
+    p.add_argument("--json", action="store_true", help="one JSON document on stdout instead of lines")
+    p.set_defaults(func=run)
+    return p
+
+
+def iter_dump_files(paths: list[str]) -> Iterator[str]:
+    """The files named, and dump files found under the folders named (sorted)."""
+    for path in paths:
+        if os.path.isdir(path):
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    if name.endswith(DUMP_SUFFIXES):
+                        yield os.path.join(root, name)
+        else:
+            yield path
+
+
+def check_file(path: str) -> dict:
+    """``{"path", "format", "ok", "errors": [{"field", "message"}]}`` for one file."""
+    result: dict = {"path": path, "format": None, "ok": False, "errors": []}
+    try:
+        result["format"] = detect_format(path)
+        dump = load_dump(path)
+    except (MoeRecordError, OSError) as e:
+        result["errors"].append({"field": "$", "message": str(e)})
+        return result
+    problems = validate_dump(dump)
+    result["errors"] = [{"field": f, "message": m} for f, m in problems]
+    result["ok"] = not problems
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = [p for p in args.paths if not os.path.exists(p)]
+    if missing:
+        print(f"moe-record validate: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    files = list(iter_dump_files(args.paths))
+    if not files:
+        print("moe-record validate: no dump files found under " + ", ".join(args.paths), file=sys.stderr)
+        return 2
+    results = [check_file(f) for f in files]
+    if args.json:
+        json.dump({"ok": all(r["ok"] for r in results), "files": results}, sys.stdout, indent=2)
+        print()
+    else:
+        for r in results:
+            if r["ok"]:
+                print(f"OK       {r['path']} ({r['format']})")
+            else:
+                for e in r["errors"]:
+                    print(f"INVALID  {r['path']}: {e['field']}: {e['message']}")
+    return 0 if all(r["ok"] for r in results) else 1

@@ -1,0 +1,180 @@
+"""Device-side counting: preallocated buffers, tensor-only tap, no host sync while recording.
+
+Every buffer is allocated once and only ever written by the tap (``record``) and the pass
+boundary (``step``), so a CUDA graph captured once keeps serving, and recording on/off is a
+device flag. Counters are monotonic: the host never zeroes them. A dump reads them and
+subtracts the previous reading, so each increment lands in exactly one dump even when forward
+passes run concurrently with the dump (see ``Counter.read``).
+
+Column layout of ``counts`` [R, S + 2]: S expert slots, then the discard bin (invalid ids:
+-1 padding, negative, >= S), then the padding bin (rows past ``num_valid_tokens``), which is
+never reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import RecorderError
+
+
+@dataclass
+class Reading:
+    """One host copy of the counters, as of a dump."""
+
+    counts: torch.Tensor  # int64 [R, S + 2], monotonic
+    passes: int  # passes completed (while enabled)
+    rows: torch.Tensor | None  # int32 [B + 1, R, S] per-pass ring
+    row_pass: torch.Tensor | None  # int64 [B + 1] pass id held by each ring slot
+    passes_after: int  # passes counter re-read after the copy: what a concurrent step overwrote
+    tokens: int  # token positions committed
+    token_ids: torch.Tensor | None  # int32 [N + 1, R, k]
+    token_pass: torch.Tensor | None  # int64 [N + 1]
+    tokens_after: int  # committed + in-flight token positions after the copy
+
+
+class Counter:
+    """The device buffers and the tap for ``R`` observed layers of ``S`` expert slots.
+
+    ``ring_rows`` > 0 keeps the last ``ring_rows`` passes' counts; ``token_slots`` > 0 keeps the
+    top-k ids of the last ``token_slots`` tokens per layer.
+    """
+
+    def __init__(
+        self,
+        layer_ids: Sequence[int],
+        num_slots: int,
+        top_k: int,
+        device: torch.device | str,
+        *,
+        ring_rows: int = 0,
+        token_slots: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.layer_ids = list(layer_ids)
+        self.row_of = {layer: row for row, layer in enumerate(self.layer_ids)}
+        self.num_slots = S = num_slots
+        self.top_k = top_k
+        R = len(self.layer_ids)
+        dev = self.device
+        self.enabled = torch.zeros((), dtype=torch.int64, device=dev)
+        self.token_enabled = torch.zeros((), dtype=torch.int64, device=dev)
+        self.counts = torch.zeros(R, S + 2, dtype=torch.int64, device=dev)
+        self.passes = torch.zeros((), dtype=torch.int64, device=dev)
+        self.ring_rows = ring_rows
+        self.rows: torch.Tensor | None = None
+        self.row_pass: torch.Tensor | None = None
+        self.last_counts: torch.Tensor | None = None
+        if ring_rows:
+            # One spare slot: the slot a concurrent step may be writing holds a pass older
+            # than the ``ring_rows`` a dump takes, so a dump never reads a torn row.
+            self.rows = torch.zeros(ring_rows + 1, R, S, dtype=torch.int32, device=dev)
+            self.row_pass = torch.full((ring_rows + 1,), -1, dtype=torch.int64, device=dev)
+            self.last_counts = torch.zeros_like(self.counts)
+        self.token_slots = N = token_slots
+        self.token_ids: torch.Tensor | None = None
+        self.token_pass: torch.Tensor | None = None
+        self.token_cursor = torch.zeros((), dtype=torch.int64, device=dev)
+        self.pass_tokens = torch.zeros((), dtype=torch.int64, device=dev)
+        if token_slots:
+            # Row N is the trash row for padding, disabled and overflowing writes.
+            self.token_ids = torch.full((N + 1, R, top_k), -1, dtype=torch.int32, device=dev)
+            self.token_pass = torch.full((N + 1,), -1, dtype=torch.int64, device=dev)
+            self.token_arange = torch.arange(N + 1, device=dev)
+
+    # -- sizes ------------------------------------------------------------------------------
+    @staticmethod
+    def token_slot_bytes(num_rows: int, top_k: int) -> int:
+        return num_rows * top_k * 4 + 16  # ids, pass id, position
+
+    @staticmethod
+    def fixed_bytes(num_rows: int, num_slots: int) -> int:
+        return num_rows * (num_slots + 2) * 8 + 6 * 8
+
+    @staticmethod
+    def ring_bytes(ring_rows: int, num_rows: int, num_slots: int) -> int:
+        return (ring_rows + 1) * (num_rows * num_slots * 4 + 8) + num_rows * (num_slots + 2) * 8
+
+    def nbytes(self) -> int:
+        tensors = [self.enabled, self.token_enabled, self.counts, self.passes, self.token_cursor, self.pass_tokens]
+        tensors += [t for t in (self.rows, self.row_pass, self.last_counts, self.token_ids, self.token_pass) if t is not None]
+        if self.token_slots:
+            tensors.append(self.token_arange)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- the tap ----------------------------------------------------------------------------
+    def record(self, layer_id: int, topk_ids: torch.Tensor, num_valid_tokens: int | torch.Tensor | None = None) -> None:
+        """Count one layer's routing. Tensor ops only: no sync, no data-dependent shapes."""
+        row = self.row_of.get(layer_id)
+        if row is None:
+            raise RecorderError(f"layer_id {layer_id} is not one of the recorder's layers {self.layer_ids}")
+        if topk_ids.dim() != 2 or topk_ids.shape[1] != self.top_k:
+            raise RecorderError(f"topk_ids: expected shape [tokens, top_k={self.top_k}], got {list(topk_ids.shape)}")
+        if topk_ids.dtype not in (torch.int32, torch.int64):
+            raise RecorderError(f"topk_ids: expected int32 or int64, got {topk_ids.dtype}")
+        T, k, S = topk_ids.shape[0], self.top_k, self.num_slots
+        ids = topk_ids.to(torch.int64)
+        invalid = (ids < 0) | (ids >= S)
+        slot = torch.where(invalid, S, ids)
+        if num_valid_tokens is not None:
+            row_ok = torch.arange(T, device=ids.device) < num_valid_tokens
+            slot = torch.where(row_ok.unsqueeze(1), slot, S + 1)
+        self.counts[row].index_add_(0, slot.reshape(-1), self.enabled.expand(T * k))
+        if self.token_ids is not None:
+            self._record_tokens(row, ids, invalid, T, num_valid_tokens)
+
+    def _record_tokens(
+        self, row: int, ids: torch.Tensor, invalid: torch.Tensor, T: int, num_valid: int | torch.Tensor | None
+    ) -> None:
+        assert self.token_ids is not None and self.token_pass is not None
+        N = self.token_slots
+        t = self.token_arange[:T] if T <= N + 1 else torch.arange(T, device=ids.device)
+        valid = torch.full((), T, dtype=torch.int64, device=ids.device)
+        if num_valid is not None:
+            valid = torch.clamp(torch.as_tensor(num_valid, device=ids.device), max=T).to(torch.int64)
+        # Announce the pass's tokens before writing them: a dump that reads pass_tokens after its
+        # copy then knows which older slots these writes may have overwritten.
+        torch.maximum(self.pass_tokens, valid * self.token_enabled, out=self.pass_tokens)
+        # Only the last N valid tokens of a pass fit; earlier ones would collide in the ring.
+        keep = (t < valid) & (t >= valid - N) & (self.token_enabled > 0)
+        slot = torch.where(keep, (self.token_cursor + t) % N, N)
+        self.token_ids[:, row].index_copy_(0, slot, torch.where(invalid, -1, ids).to(torch.int32))
+        self.token_pass.index_copy_(0, slot, self.passes.expand(T))
+
+    def step(self) -> None:
+        """End of one forward pass: commit its ring row and tokens. Tensor ops only."""
+        on = self.enabled > 0
+        if self.rows is not None:
+            assert self.row_pass is not None and self.last_counts is not None
+            slot = (self.passes % (self.ring_rows + 1)).view(1)
+            delta = (self.counts[:, : self.num_slots] - self.last_counts[:, : self.num_slots]).to(torch.int32)
+            # When off, rewrite the slot with what it holds: it may be the oldest live row.
+            self.rows.index_copy_(0, slot, torch.where(on, delta.unsqueeze(0), self.rows.index_select(0, slot)))
+            self.row_pass.index_copy_(0, slot, torch.where(on, self.passes.view(1), self.row_pass.index_select(0, slot)))
+            self.last_counts.copy_(self.counts)
+        if self.token_ids is not None:
+            self.token_cursor.add_(self.pass_tokens)
+            self.pass_tokens.zero_()
+        self.passes.add_(self.enabled)
+
+    # -- control (host side, may sync) ------------------------------------------------------
+    def set_enabled(self, on: bool, tokens: bool) -> None:
+        self.enabled.fill_(int(on))
+        self.token_enabled.fill_(int(on and tokens))
+
+    def read(self) -> Reading:
+        """Copy the counters to the host. Scalars are read before and after the big copies so
+        a concurrent pass can only make the reading drop rows it names, never tear one."""
+        passes = int(self.passes)
+        tokens = int(self.token_cursor)
+        counts = self.counts.to("cpu", copy=True)
+        rows = None if self.rows is None else self.rows.to("cpu", copy=True)
+        row_pass = None if self.row_pass is None else self.row_pass.to("cpu", copy=True)
+        token_ids = None if self.token_ids is None else self.token_ids.to("cpu", copy=True)
+        token_pass = None if self.token_pass is None else self.token_pass.to("cpu", copy=True)
+        passes_after = int(self.passes)
+        tokens_after = int(self.token_cursor) + int(self.pass_tokens)
+        return Reading(counts, passes, rows, row_pass, passes_after, tokens, token_ids, token_pass, tokens_after)

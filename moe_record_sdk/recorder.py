@@ -1,0 +1,377 @@
+"""The recorder: modes, the window, and start / stop / dump / status over a device Counter.
+
+Dump semantics (what "one consistent snapshot" means here):
+
+* counts: every increment the tap makes lands in exactly one dump. Counters are monotonic and a
+  dump subtracts the previous reading, so a forward pass running on another thread or stream
+  while ``dump()`` runs is never lost nor counted twice; a pass caught half-way has its first
+  layers in this dump and the rest in the next (``total_logical_count`` then says so).
+* rows and records (``per_pass``, ``per_token``): every completed pass appears in exactly one dump,
+  unless the ring overwrote it first, in which case ``window.dropped_passes`` counts it.
+* per_token ids: every token's ids appear in at most one dump; the rest are counted in
+  ``window.dropped_tokens``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import torch
+
+from ._version import __version__
+from .counter import Counter, Reading
+from .errors import RecorderError
+from .schema.dump import MODES, Dump, EngineInfo, ModelInfo, Record, Topology, Window
+from .schema.io import save_dump
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUFFER_SIZE = 1000  # SGLang's effective default (eplb_rebalance_num_iterations)
+DEFAULT_MAX_BYTES = 256 << 20
+
+
+@dataclass
+class Status:
+    """What ``Recorder.status()`` reports."""
+
+    recording: bool
+    mode: str
+    passes: int
+    tokens: int
+    bytes_used: int
+    dropped_passes: int
+    dropped_tokens: int
+    unobserved_layers: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Recorder:
+    """Records tokens per expert per MoE layer on the device, without host syncs.
+
+    Parameters
+    ----------
+    num_layers, num_experts, top_k:
+        The model: decoder layers (dense ones included), routed (logical) experts, experts per token.
+    device:
+        Where the counters live: the device of the ``topk_ids`` the tap receives.
+    mode:
+        ``stat`` (counts), ``per_pass`` (one count row per forward pass) or ``per_token`` (ids of
+        every token). The buffers for this mode are allocated now, once.
+    layer_ids:
+        The MoE layers (decoder indices) to record; default every layer.
+    buffer_size:
+        Rows of the per-pass ring (``stat``: 0 keeps one cumulative row; SGLang's buffer).
+    max_bytes:
+        ``per_token``: bound on the ring and token buffers together; older tokens are overwritten
+        and counted as dropped.
+    physical_to_logical_map:
+        int [L, P]: when the engine replicates experts, ids are physical slots and are summed into
+        logical experts at dump; physical counts are kept too.
+
+    Example
+    -------
+    >>> rec = Recorder(num_layers=2, num_experts=8, top_k=2, device="cpu")
+    >>> rec.start()
+    >>> rec.record(0, torch.tensor([[1, 2], [3, -1]]))
+    >>> rec.step()
+    >>> rec.dump().logical_count[0, 0].tolist()
+    [0, 1, 1, 1, 0, 0, 0, 0]
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        device: torch.device | str = "cpu",
+        mode: str = "stat",
+        *,
+        layer_ids: Sequence[int] | None = None,
+        buffer_size: int | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        physical_to_logical_map: torch.Tensor | None = None,
+        engine: EngineInfo | None = None,
+        topology: Topology | None = None,
+        model_name: str | None = None,
+        unobserved_layers: Sequence[int] = (),
+    ) -> None:
+        _check_mode(mode)
+        if num_layers < 1 or num_experts < 1 or not 1 <= top_k <= num_experts:
+            raise RecorderError(
+                f"num_layers={num_layers}, num_experts={num_experts}, top_k={top_k}: need layers >= 1, "
+                "experts >= 1 and 1 <= top_k <= experts"
+            )
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.layer_ids = list(range(num_layers)) if layer_ids is None else sorted(set(layer_ids))
+        if not self.layer_ids or not all(0 <= i < num_layers for i in self.layer_ids):
+            raise RecorderError(f"layer_ids: {list(layer_ids or [])} must be non-empty and within [0, {num_layers})")
+        self.mapping = None
+        if physical_to_logical_map is not None:
+            m = physical_to_logical_map.to("cpu", torch.int64)
+            if m.dim() != 2 or m.shape[0] != num_layers or m.numel() == 0:
+                raise RecorderError(f"physical_to_logical_map: expected [num_layers={num_layers}, P], got {list(m.shape)}")
+            if int(m.min()) < 0 or int(m.max()) >= num_experts or m.shape[1] < num_experts:
+                raise RecorderError("physical_to_logical_map: entries must be in [0, num_experts) with P >= num_experts")
+            self.mapping = m
+        self.num_slots = num_experts if self.mapping is None else self.mapping.shape[1]
+        self.device = torch.device(device)
+        self.engine = engine or EngineInfo(name="torch", version=str(torch.__version__))
+        if self.engine.sdk_version is None:
+            self.engine = msgspec.structs.replace(self.engine, sdk_version=__version__)
+        self.topology = topology or Topology()
+        self.model_name = model_name
+        self.unobserved_layers = sorted(set(unobserved_layers))
+        self.max_bytes = max_bytes
+        self._lock = threading.RLock()
+        self._mode = mode
+        self._recording = False
+        self._start_time: float | None = None
+        self._buffer_size = buffer_size
+        self.counter = self._make_counter(mode, buffer_size)
+        self._base: Reading | None = None  # the reading the current window counts from
+        self._dropped_passes = 0
+        self._dropped_tokens = 0
+        self._reset_window()
+
+    # -- buffers ----------------------------------------------------------------------------
+    def _ring_rows(self, mode: str, buffer_size: int | None) -> int:
+        if mode == "stat":
+            return buffer_size or 0
+        return DEFAULT_BUFFER_SIZE if buffer_size is None else buffer_size
+
+    def _make_counter(self, mode: str, buffer_size: int | None) -> Counter:
+        ring = self._ring_rows(mode, buffer_size)
+        if ring < 0:
+            raise RecorderError(f"buffer_size: must be >= 0, got {buffer_size}")
+        if mode != "stat" and ring < 1:
+            raise RecorderError(f"buffer_size: mode {mode!r} needs at least one row, got {buffer_size}")
+        tokens = 0
+        R = len(self.layer_ids)
+        if mode == "per_token":
+            room = self.max_bytes - Counter.ring_bytes(ring, R, self.num_slots) - Counter.fixed_bytes(R, self.num_slots)
+            tokens = room // Counter.token_slot_bytes(R, self.top_k) - 1
+            if tokens < 1:
+                raise RecorderError(
+                    f"max_bytes: {self.max_bytes} bytes cannot hold a {ring}-pass ring and one token of "
+                    f"{R} layers x top_k={self.top_k}; raise max_bytes or lower buffer_size"
+                )
+        return Counter(self.layer_ids, self.num_slots, self.top_k, self.device, ring_rows=ring, token_slots=tokens)
+
+    def _supports(self, mode: str) -> bool:
+        c = self.counter
+        return mode == "stat" or (c.ring_rows > 0 and (mode == "per_pass" or c.token_slots > 0))
+
+    # -- the tap ----------------------------------------------------------------------------
+    def record(self, layer_id: int, topk_ids: torch.Tensor, num_valid_tokens: int | torch.Tensor | None = None) -> None:
+        """Count one MoE layer's top-k ids [T, k]; rows past ``num_valid_tokens`` are padding.
+
+        Tensor ops only, on the ids' device: safe in CUDA graphs and under ``torch.compile``.
+        """
+        self.counter.record(layer_id, topk_ids, num_valid_tokens)
+
+    def step(self) -> None:
+        """Mark the end of one forward pass (tensor ops only)."""
+        self.counter.step()
+
+    # -- control ----------------------------------------------------------------------------
+    @property
+    def recording(self) -> bool:
+        return self._recording
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    def start(self, mode: str | None = None) -> None:
+        """Clear and start recording (SGLang: start while recording restarts the window)."""
+        with self._lock:
+            mode = mode or self._mode
+            _check_mode(mode)
+            if not self._supports(mode):
+                # New buffers: a CUDA graph captured before must be captured again.
+                log.warning("mode %s needs buffers this recorder did not allocate; allocating them now", mode)
+                self.counter = self._make_counter(mode, self._buffer_size)
+            self._mode = mode
+            self.counter.set_enabled(False, False)
+            self._reset_window()
+            self.counter.set_enabled(True, mode == "per_token")
+            self._recording = True
+
+    def stop(self) -> None:
+        """Stop recording; what was recorded stays until the next dump or start."""
+        with self._lock:
+            self.counter.set_enabled(False, False)
+            self._recording = False
+            self._stop_time = time.time()
+
+    def clear(self) -> None:
+        """Forget what was recorded so far, recording or not."""
+        with self._lock:
+            self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._base = self.counter.read()
+        self._start_time = time.time()
+        self._stop_time: float | None = None
+        self._dropped_passes = 0
+        self._dropped_tokens = 0
+
+    def status(self) -> Status:
+        """Recording?, mode, passes, tokens, bytes used, drops (reads a few device scalars)."""
+        with self._lock:
+            base = self._base
+            passes = int(self.counter.passes) - (base.passes if base else 0)
+            tokens = self._tokens_per_layer(self.counter.counts.to("cpu"), base)
+            dropped_passes, dropped_tokens = self._pending_drops()
+            return Status(
+                recording=self._recording,
+                mode=self._mode,
+                passes=passes,
+                tokens=max(tokens, default=0),
+                bytes_used=self.counter.nbytes(),
+                dropped_passes=self._dropped_passes + dropped_passes,
+                dropped_tokens=self._dropped_tokens + dropped_tokens,
+                unobserved_layers=list(self.unobserved_layers),
+            )
+
+    def _pending_drops(self) -> tuple[int, int]:
+        c, base = self.counter, self._base
+        passes, cursor = int(c.passes), int(c.token_cursor)
+        dp = max(0, passes - (base.passes if base else 0) - c.ring_rows) if c.ring_rows else 0
+        dt = max(0, cursor - (base.tokens if base else 0) - c.token_slots) if c.token_slots else 0
+        return dp, dt
+
+    def _tokens_per_layer(self, counts: torch.Tensor, base: Reading | None) -> list[int]:
+        S = self.num_slots
+        delta = counts if base is None else counts - base.counts
+        return [int(v) // self.top_k for v in delta[:, : S + 1].sum(1)]
+
+    def dump(self, destination: str | None = None) -> Dump:
+        """Snapshot the window into a Dump, optionally write it, then start a new window.
+
+        ``destination``: a file path (format by suffix) or a directory (SGLang's file name).
+        If writing fails, the window is kept so the dump can be retried.
+        """
+        with self._lock:
+            reading = self.counter.read()
+            dump = self._build(reading)
+            if destination is not None:
+                import os
+
+                from .schema.sglang import sglang_file_name
+
+                path = os.path.join(destination, sglang_file_name(dump)) if os.path.isdir(destination) else destination
+                save_dump(dump, path)
+            self._base = reading
+            self._start_time = time.time()
+            self._dropped_passes = self._dropped_tokens = 0
+            return dump
+
+    # -- building the dump ------------------------------------------------------------------
+    def _expand(self, per_row: torch.Tensor) -> torch.Tensor:
+        """[..., R, S] over observed layers -> [..., num_layers, S], zeros for other layers."""
+        out = torch.zeros(*per_row.shape[:-2], self.num_layers, per_row.shape[-1], dtype=torch.int64)
+        out[..., self.layer_ids, :] = per_row.to(torch.int64)
+        return out
+
+    def _to_logical(self, physical: torch.Tensor) -> torch.Tensor:
+        if self.mapping is None:
+            return physical
+        index = self.mapping.expand(*physical.shape[:-2], *self.mapping.shape)
+        out = torch.zeros(*physical.shape[:-1], self.num_experts, dtype=torch.int64)
+        return out.scatter_add_(-1, index, physical)
+
+    def _build(self, r: Reading) -> Dump:
+        base = self._base
+        assert base is not None, "the window starts at construction"
+        S, c = self.num_slots, self.counter
+        delta = r.counts - base.counts
+        total_phys = self._expand(delta[:, :S])
+        discarded = self._expand(delta[:, S : S + 1])[:, 0].tolist()
+        num_tokens = self._tokens_per_layer(r.counts, base)
+        tokens_full = [0] * self.num_layers
+        for row, layer in enumerate(self.layer_ids):
+            tokens_full[layer] = num_tokens[row]
+
+        records: list[Record] = []
+        phys_rows: torch.Tensor
+        dropped_passes = self._dropped_passes
+        dropped_tokens = self._dropped_tokens
+        mode = self._mode
+        if mode != "stat" or c.ring_rows:
+            assert r.rows is not None and r.row_pass is not None
+            # Passes a concurrent step may have overwritten while we copied are not taken.
+            first = max(base.passes, r.passes_after - c.ring_rows)
+            taken = list(range(first, r.passes))
+            dropped_passes += first - base.passes if first > base.passes else 0
+            slots = [p % (c.ring_rows + 1) for p in taken]
+            phys_rows = self._expand(r.rows[slots]) if taken else torch.zeros(0, self.num_layers, S, dtype=torch.int64)
+            if mode != "stat":
+                records = [Record(forward_pass_id=p, rank=self.topology.rank) for p in taken]
+            if mode == "per_token":
+                dropped_tokens += self._attach_tokens(r, base, records)
+        else:
+            phys_rows = total_phys.unsqueeze(0)
+        logical_rows = self._to_logical(phys_rows)
+        total_logical = self._to_logical(total_phys)
+        now = time.time()
+        return Dump(
+            engine=self.engine,
+            model=ModelInfo(
+                num_layers=self.num_layers,
+                moe_layer_ids=list(self.layer_ids),
+                num_logical_experts=self.num_experts,
+                top_k=self.top_k,
+                num_physical_experts=None if self.mapping is None else S,
+                name=self.model_name,
+            ),
+            topology=self.topology,
+            window=Window(
+                mode=mode,  # type: ignore[arg-type]
+                start_time=self._start_time,
+                stop_time=self._stop_time if not self._recording and self._stop_time else now,
+                num_passes=r.passes - base.passes,
+                num_tokens=tokens_full,
+                discarded=discarded,
+                buffer_size=c.ring_rows if (mode != "stat" or c.ring_rows) else 0,
+                dropped_passes=dropped_passes,
+                dropped_tokens=dropped_tokens,
+                unobserved_layers=list(self.unobserved_layers),
+            ),
+            logical_count=logical_rows,
+            total_logical_count=None if torch.equal(logical_rows.sum(0), total_logical) else total_logical,
+            physical_count=None if self.mapping is None else phys_rows,
+            physical_to_logical_map=None if self.mapping is None else self.mapping.clone(),
+            records=records,
+        )
+
+    def _attach_tokens(self, r: Reading, base: Reading, records: list[Record]) -> int:
+        """Give each record its tokens' ids; return how many window tokens have no ids in it."""
+        assert r.token_ids is not None and r.token_pass is not None
+        N = self.counter.token_slots
+        lo = max(base.tokens, r.tokens_after - N)
+        positions = torch.arange(lo, r.tokens) if r.tokens > lo else torch.zeros(0, dtype=torch.int64)
+        slots = positions % N
+        pass_of = r.token_pass[slots]
+        ids = r.token_ids[slots]  # [n, R, k]
+        kept = 0
+        for rec in records:
+            mine = ids[pass_of == rec.forward_pass_id]  # tokens in position order
+            full = torch.full((self.num_layers, mine.shape[0], self.top_k), -1, dtype=torch.int32)
+            full[self.layer_ids] = mine.permute(1, 0, 2)
+            rec.topk_ids_of_layer = full
+            kept += mine.shape[0]
+        return (r.tokens - base.tokens) - kept
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise RecorderError(f"mode: {mode!r} is not one of {', '.join(MODES)}")

@@ -1,0 +1,169 @@
+"""Reading and writing dumps: format detection, msgpack/JSON codecs, atomic saves."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from typing import Any
+
+import msgspec
+import torch
+
+from ..errors import DumpFormatError, SchemaVersionError
+from .dump import SCHEMA_VERSION, Dump, DumpAny
+from .sglang import load_legacy_csv, load_sglang_pt, to_sglang_dict
+from .tensors import tensor_from_wire, tensor_to_wire
+
+FORMATS = ("pt", "msgpack", "json")
+_SUFFIXES = {".pt": "pt", ".pth": "pt", ".msgpack": "msgpack", ".mpk": "msgpack", ".json": "json"}
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return tensor_to_wire(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(typ: type, obj: Any) -> Any:
+    if typ is torch.Tensor:
+        try:
+            return tensor_from_wire(obj)
+        except DumpFormatError as e:
+            raise ValueError(str(e).removeprefix("$: ").removeprefix("$")) from None
+    raise NotImplementedError(f"cannot decode {typ}")
+
+
+class _Peek(msgspec.Struct):
+    schema_version: Any = None
+
+
+_msgpack_enc = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_msgpack_dec = msgspec.msgpack.Decoder(DumpAny, dec_hook=_dec_hook)
+_msgpack_peek = msgspec.msgpack.Decoder(_Peek)
+_json_enc = msgspec.json.Encoder(enc_hook=_enc_hook)
+_json_dec = msgspec.json.Decoder(DumpAny, dec_hook=_dec_hook)
+_json_peek = msgspec.json.Decoder(_Peek)
+
+
+def check_version(version: Any, source: str) -> None:
+    """Refuse a dump of a schema version we do not know, naming it."""
+    if version != SCHEMA_VERSION:
+        if version is None:
+            raise SchemaVersionError(f"{source}: schema_version: missing")
+        raise SchemaVersionError(
+            f"{source}: schema_version: {version!r} is not supported by this release (it reads {SCHEMA_VERSION})"
+        )
+
+
+def _decode(data: bytes, fmt: str, source: str) -> Dump:
+    peek, dec = (_msgpack_peek, _msgpack_dec) if fmt == "msgpack" else (_json_peek, _json_dec)
+    try:
+        head = peek.decode(data)
+    except msgspec.DecodeError as e:
+        raise DumpFormatError(f"{source}: not a {fmt} dump: {e}") from None
+    check_version(head.schema_version, source)
+    try:
+        return dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise DumpFormatError(f"{source}: {e}") from None
+
+
+def encode(dump: Dump, fmt: str = "msgpack") -> bytes:
+    """Serialize a dump to bytes: ``msgpack``, ``json`` or ``pt`` (SGLang's layout)."""
+    if fmt == "msgpack":
+        return _msgpack_enc.encode(dump)
+    if fmt == "json":
+        return _json_enc.encode(dump)
+    if fmt == "pt":
+        import io
+
+        buf = io.BytesIO()
+        torch.save(to_sglang_dict(dump), buf)
+        return buf.getvalue()
+    raise DumpFormatError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def decode(data: bytes, fmt: str | None = None, source: str = "<bytes>") -> Dump:
+    """Deserialize bytes produced by :func:`encode` (the format is detected when not given)."""
+    fmt = fmt or sniff(data[:16], source)
+    if fmt == "pt":
+        import io
+
+        from .sglang import from_sglang_dict
+
+        try:
+            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as e:
+            raise DumpFormatError(f"{source}: not a loadable .pt under weights_only=True: {e}") from None
+        return from_sglang_dict(obj, source)
+    if fmt == "csv":
+        raise DumpFormatError(f"{source}: CSV dumps are read from files only")
+    return _decode(data, fmt, source)
+
+
+def sniff(head: bytes, source: str) -> str:
+    """The format of a dump from its first bytes."""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return "pt"  # torch.save's zip, or a legacy pickle
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    if head.startswith(b"layer_id"):
+        return "csv"
+    if head[:1] and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
+        return "msgpack"
+    raise DumpFormatError(f"{source}: unknown format (not .pt, msgpack, JSON or SGLang's CSV)")
+
+
+def detect_format(path: str) -> str:
+    with open(path, "rb") as f:
+        return sniff(f.read(16), path)
+
+
+def load_dump(path: str | os.PathLike[str]) -> Dump:
+    """Load a dump from any format we know, ours or SGLang's own files (``.pt``, legacy ``.csv``).
+
+    The format is detected from the content. ``.pt`` files load with ``weights_only=True``:
+    loading never runs code.
+
+    >>> dump = load_dump("expert_distribution_recorder_1700000000.0.pt")  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DumpFormatError(f"{path}: is a directory; pass a file")
+    fmt = detect_format(path)
+    if fmt == "pt":
+        return load_sglang_pt(path)
+    if fmt == "csv":
+        return load_legacy_csv(path)
+    with open(path, "rb") as f:
+        return _decode(f.read(), fmt, path)
+
+
+def format_for_path(path: str) -> str:
+    suffix = os.path.splitext(path)[1].lower()
+    fmt = _SUFFIXES.get(suffix)
+    if fmt is None:
+        raise DumpFormatError(f"{path}: unknown suffix {suffix!r}; use .pt, .msgpack or .json")
+    return fmt
+
+
+def save_dump(dump: Dump, path: str | os.PathLike[str], *, format: str | None = None) -> str:
+    """Write a dump atomically (temporary file, fsync, rename); the format comes from the suffix."""
+    path = os.fspath(path)
+    data = encode(dump, format or format_for_path(path))
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    # 0o666 through the umask, like any file the user writes (mkstemp would force 0o600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,324 @@
+"""SGLang's on-disk formats: ``.pt`` dicts (stat, per_pass, per_token) and 0.4.5's legacy CSV.
+
+Layouts follow sglang 0.5.23 ``srt/eplb/expert_distribution.py``:
+
+* stat (rank 0 only): ``expert_distribution_recorder_{time}.pt`` =
+  ``{rank, logical_count: int32 [B, L, E], average_utilization_rate_over_window}``
+* per_pass / per_token (every rank): ``expert_distribution_recorder_{time}_{rank}.pt`` =
+  ``{records: [{forward_pass_id, rank, gatherer_key, global_physical_count: int32 [L, P], ...}],
+  last_physical_to_logical_map: int64 [L, P]}``
+* legacy CSV (0.4.5): ``expert_distribution_rank{r}_timestamp{t}.csv``, ``layer_id,expert_id,count``
+
+We write exactly those keys plus our metadata under the one extra key ``moe_record``; every
+value is a tensor, number, string, list or dict, so SGLang's ``torch.load(weights_only=True)``
+opens our files. We read SGLang's own files (CUDA tensors included) and upgrade them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import time
+from typing import Any
+
+import msgspec
+import torch
+
+from ..errors import DumpFormatError
+from .dump import SCHEMA_VERSION, Dump, EngineInfo, ModelInfo, Record, Topology, Window
+
+META_KEY = "moe_record"
+INT32_MAX = torch.iinfo(torch.int32).max
+
+_CSV_NAME = re.compile(r"expert_distribution_rank(\d+)_timestamp[\d.]+\.csv$")
+
+
+def sglang_file_name(dump: Dump, now: float | None = None) -> str:
+    """SGLang's file name for this dump: stat files have no rank suffix (rank 0 writes them)."""
+    stamp = time.time() if now is None else now
+    if dump.window.mode == "stat":
+        return f"expert_distribution_recorder_{stamp}.pt"
+    return f"expert_distribution_recorder_{stamp}_{dump.topology.rank}.pt"
+
+
+def _int32(t: torch.Tensor, field: str) -> torch.Tensor:
+    if t.numel() and int(t.max()) > INT32_MAX:
+        raise DumpFormatError(f"{field}: a count exceeds int32, which SGLang's .pt layout uses")
+    return t.to(torch.int32)
+
+
+def _identity_map(num_layers: int, num_experts: int) -> torch.Tensor:
+    return torch.arange(num_experts, dtype=torch.int64).expand(num_layers, num_experts).clone()
+
+
+def to_sglang_dict(dump: Dump) -> dict[str, Any]:
+    """The dict SGLang would have saved for this dump, plus our metadata under ``moe_record``."""
+    meta: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "engine": msgspec.to_builtins(dump.engine),
+        "model": msgspec.to_builtins(dump.model),
+        "topology": msgspec.to_builtins(dump.topology),
+        "window": msgspec.to_builtins(dump.window),
+        "average_utilization_rate_over_window": dump.average_utilization_rate_over_window,
+        "total_logical_count": dump.total_logical_count,
+        "physical_count": dump.physical_count,
+        "physical_to_logical_map": dump.physical_to_logical_map,
+    }
+    if dump.window.mode == "stat":
+        return {
+            "rank": dump.topology.rank,
+            "logical_count": _int32(dump.logical_count, "logical_count"),
+            "average_utilization_rate_over_window": dump.average_utilization_rate_over_window,
+            META_KEY: meta,
+        }
+    L, E = dump.logical_count.shape[1:]
+    phys = dump.physical_count if dump.physical_count is not None else dump.logical_count
+    mapping = dump.physical_to_logical_map
+    records = []
+    for row, rec in enumerate(dump.records):
+        out: dict[str, Any] = {
+            "forward_pass_id": rec.forward_pass_id,
+            "rank": rec.rank,
+            "gatherer_key": rec.gatherer_key,
+            "global_physical_count": _int32(phys[row], f"records[{row}].global_physical_count"),
+        }
+        if rec.topk_ids_of_layer is not None:
+            out["topk_ids_of_layer"] = rec.topk_ids_of_layer.to(torch.int32)
+        if rec.input_ids is not None:
+            out["input_ids"] = list(rec.input_ids)
+        if rec.positions is not None:
+            out["positions"] = list(rec.positions)
+        records.append(out)
+    return {
+        "records": records,
+        "last_physical_to_logical_map": mapping if mapping is not None else _identity_map(L, E),
+        META_KEY: meta,
+    }
+
+
+def _logical_from_physical(physical: torch.Tensor, mapping: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Sum physical slots [..., L, P] into logical experts [..., L, E] through ``mapping`` [L, P]."""
+    index = mapping.to(torch.int64).expand_as(physical)
+    out = torch.zeros(*physical.shape[:-1], num_experts, dtype=torch.int64)
+    return out.scatter_add_(-1, index, physical.to(torch.int64))
+
+
+def _check_tensor(value: Any, field: str, ndim: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise DumpFormatError(f"{field}: expected a tensor, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise DumpFormatError(f"{field}: expected {ndim} dimensions, got shape {list(value.shape)}")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise DumpFormatError(f"{field}: counts must be integers, got dtype {value.dtype}")
+    return value.to("cpu")
+
+
+def _meta_structs(meta: Any) -> dict[str, Any]:
+    """Our metadata back into Structs; the version is checked by the caller."""
+    try:
+        return {
+            "engine": msgspec.convert(meta["engine"], EngineInfo),
+            "model": msgspec.convert(meta["model"], ModelInfo),
+            "topology": msgspec.convert(meta["topology"], Topology),
+            "window": msgspec.convert(meta["window"], Window),
+        }
+    except (KeyError, TypeError, msgspec.ValidationError) as e:
+        raise DumpFormatError(f"{META_KEY}: metadata is not schema v{SCHEMA_VERSION}: {e}") from None
+
+
+def from_sglang_dict(obj: Any, source: str = "<dict>") -> Dump:
+    """Read a dict loaded from an SGLang ``.pt`` (theirs or ours) into a Dump."""
+    from .io import check_version
+
+    if not isinstance(obj, dict):
+        raise DumpFormatError(f"{source}: expected a dict at the top of the .pt, got {type(obj).__name__}")
+    meta = obj.get(META_KEY)
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise DumpFormatError(f"{source}: {META_KEY}: expected a dict")
+        check_version(meta.get("schema_version"), source)
+    if "logical_count" in obj:
+        count = _check_tensor(obj["logical_count"], "logical_count", 3).to(torch.int64)
+        util = obj.get("average_utilization_rate_over_window")
+        if meta is not None:
+            parts = _meta_structs(meta)
+            return Dump(
+                **parts,
+                logical_count=count,
+                total_logical_count=_opt(meta, "total_logical_count", 2),
+                physical_count=_opt(meta, "physical_count", 3),
+                physical_to_logical_map=_opt(meta, "physical_to_logical_map", 2),
+                average_utilization_rate_over_window=util,
+            )
+        B, L, E = count.shape
+        return Dump(
+            engine=EngineInfo(name="sglang"),
+            model=ModelInfo(num_layers=L, moe_layer_ids=_observed_layers(count), num_logical_experts=E, top_k=None),
+            topology=_sglang_topology(obj.get("rank", 0)),
+            window=Window(mode="stat", buffer_size=B),
+            logical_count=count,
+            average_utilization_rate_over_window=util if isinstance(util, (int, float)) else None,
+        )
+    if "records" in obj:
+        return _from_records(obj, meta, source)
+    raise DumpFormatError(f"{source}: neither 'logical_count' nor 'records': not an SGLang expert-distribution dump")
+
+
+def _opt(meta: dict[str, Any], key: str, ndim: int) -> torch.Tensor | None:
+    value = meta.get(key)
+    return None if value is None else _check_tensor(value, f"{META_KEY}.{key}", ndim).to(torch.int64)
+
+
+def _sglang_topology(rank: object) -> Topology:
+    """SGLang's files name only their rank; each rank counted its own tokens (their reader sums
+    ranks), so each is its own token shard. Sizes are lower bounds."""
+    r = rank if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0 else 0
+    return Topology(rank=r, world_size=r + 1, ep_rank=r, ep_size=r + 1, token_shard=r, num_token_shards=r + 1)
+
+
+def _observed_layers(count: torch.Tensor) -> list[int]:
+    """For SGLang's own files, which do not say: layers with any count (all, if none has)."""
+    seen = [i for i in range(count.shape[1]) if int(count[:, i].sum()) > 0]
+    return seen or list(range(count.shape[1]))
+
+
+def _from_records(obj: dict[str, Any], meta: Any, source: str) -> Dump:
+    records_in = obj["records"]
+    if not isinstance(records_in, list):
+        raise DumpFormatError(f"{source}: records: expected a list")
+    mapping = _check_tensor(obj.get("last_physical_to_logical_map"), "last_physical_to_logical_map", 2).to(torch.int64)
+    L, P = mapping.shape
+    rows, records = [], []
+    per_token = False
+    for i, rec in enumerate(records_in):
+        if not isinstance(rec, dict):
+            raise DumpFormatError(f"{source}: records[{i}]: expected a dict")
+        try:
+            pass_id = rec["forward_pass_id"]
+            count = _check_tensor(rec["global_physical_count"], f"records[{i}].global_physical_count", 2)
+        except KeyError as e:
+            raise DumpFormatError(f"{source}: records[{i}]: missing key {e}") from None
+        if not isinstance(pass_id, int):
+            raise DumpFormatError(f"{source}: records[{i}].forward_pass_id: expected an integer")
+        if list(count.shape) != [L, P]:
+            raise DumpFormatError(
+                f"{source}: records[{i}].global_physical_count: shape {list(count.shape)} differs from "
+                f"last_physical_to_logical_map's {[L, P]}"
+            )
+        ids = rec.get("topk_ids_of_layer")
+        if ids is not None:
+            per_token = True
+            ids = _check_tensor(ids, f"records[{i}].topk_ids_of_layer", 3).to(torch.int32)
+        rows.append(count.to(torch.int64))
+        records.append(
+            Record(
+                forward_pass_id=pass_id,
+                rank=rec.get("rank", 0) if isinstance(rec.get("rank", 0), int) else 0,
+                gatherer_key=str(rec.get("gatherer_key", "primary")),
+                topk_ids_of_layer=ids,
+                input_ids=_int_list(rec.get("input_ids"), f"records[{i}].input_ids", source),
+                positions=_int_list(rec.get("positions"), f"records[{i}].positions", source),
+            )
+        )
+    physical = torch.stack(rows) if rows else torch.zeros(0, L, P, dtype=torch.int64)
+    if meta is not None:
+        parts = _meta_structs(meta)
+        E = parts["model"].num_logical_experts
+        has_map = meta.get("physical_to_logical_map") is not None
+        logical = _logical_from_physical(physical, mapping, E) if has_map else physical
+        return Dump(
+            **parts,
+            logical_count=logical,
+            total_logical_count=_opt(meta, "total_logical_count", 2),
+            physical_count=physical if has_map else None,
+            physical_to_logical_map=mapping if has_map else None,
+            records=records,
+            average_utilization_rate_over_window=meta.get("average_utilization_rate_over_window"),
+        )
+    if mapping.numel() and int(mapping.min()) < 0:
+        raise DumpFormatError(f"{source}: last_physical_to_logical_map: negative expert id")
+    E = int(mapping.max()) + 1 if mapping.numel() else P
+    identity = E == P and torch.equal(mapping, _identity_map(L, P))
+    logical = physical if identity else _logical_from_physical(physical, mapping, E)
+    rank = records[0].rank if records else 0
+    return Dump(
+        engine=EngineInfo(name="sglang"),
+        model=ModelInfo(
+            num_layers=L,
+            moe_layer_ids=_observed_layers(logical) if len(records) else list(range(L)),
+            num_logical_experts=E,
+            num_physical_experts=None if identity else P,
+            top_k=None,  # SGLang pads per-token ids to 8 columns whatever top_k is; files do not say
+        ),
+        topology=_sglang_topology(rank),
+        window=Window(mode="per_token" if per_token else "per_pass", num_passes=len(records)),
+        logical_count=logical,
+        physical_count=None if identity else physical,
+        physical_to_logical_map=None if identity else mapping,
+        records=records,
+    )
+
+
+def _int_list(value: Any, field: str, source: str) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+        raise DumpFormatError(f"{source}: {field}: expected a list of integers")
+    return value
+
+
+def load_sglang_pt(path: str) -> Dump:
+    """Load a ``.pt`` with ``weights_only=True`` (never runs code), CUDA tensors onto the CPU."""
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises many types for corrupt or hostile pickles
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DumpFormatError(f"{path}: not a loadable .pt under weights_only=True: {first}") from None
+    return from_sglang_dict(obj, source=path)
+
+
+def save_sglang_pt(dump: Dump, path: str) -> None:
+    torch.save(to_sglang_dict(dump), path)
+
+
+def load_legacy_csv(path: str) -> Dump:
+    """SGLang 0.4.5's ``layer_id,expert_id,count`` CSV (seen pairs only) as a stat dump."""
+    with open(path, newline="") as f:
+        text = f.read()
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header] != ["layer_id", "expert_id", "count"]:
+        raise DumpFormatError(f"{path}: line 1: expected the header layer_id,expert_id,count, got {header!r}")
+    triples = []
+    for n, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != 3:
+            raise DumpFormatError(f"{path}: line {n}: expected 3 columns, got {len(row)}")
+        try:
+            layer, expert, count = (int(v) for v in row)
+        except ValueError:
+            raise DumpFormatError(f"{path}: line {n}: layer_id, expert_id and count must be integers: {row!r}") from None
+        for name, v in (("layer_id", layer), ("expert_id", expert), ("count", count)):
+            if v < 0:
+                raise DumpFormatError(f"{path}: line {n}: {name} is negative ({v})")
+        triples.append((layer, expert, count))
+    L = max((t[0] for t in triples), default=-1) + 1
+    E = max((t[1] for t in triples), default=-1) + 1
+    if L * E > 1 << 24:
+        raise DumpFormatError(f"{path}: ids declare {L} layers x {E} experts, too many for a CSV dump")
+    count = torch.zeros(1, L, E, dtype=torch.int64)
+    for layer, expert, c in triples:
+        count[0, layer, expert] += c
+    m = _CSV_NAME.search(os.path.basename(path))
+    return Dump(
+        engine=EngineInfo(name="sglang", version="0.4.5"),
+        model=ModelInfo(num_layers=L, moe_layer_ids=_observed_layers(count), num_logical_experts=E, top_k=None),
+        topology=_sglang_topology(int(m.group(1)) if m else 0),
+        window=Window(mode="stat"),
+        logical_count=count,
+    )

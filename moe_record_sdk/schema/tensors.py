@@ -1,0 +1,68 @@
+"""Tensors on the wire: dtype + shape + raw little-endian bytes, checked before allocating."""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any
+
+import torch
+
+from ..errors import DumpFormatError
+
+#: dtypes a dump may carry, by wire name. Counts and ids are integers; nothing else is needed.
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+
+#: a decoded tensor may not exceed this many elements (4 GiB of int64); guards hostile shapes.
+MAX_ELEMENTS = 1 << 29
+
+
+def tensor_to_wire(t: torch.Tensor) -> dict[str, Any]:
+    """Encode a tensor as ``{"dtype", "shape", "data"}`` with little-endian bytes."""
+    name = _NAMES.get(t.dtype)
+    if name is None:
+        raise DumpFormatError(f"cannot encode a tensor of dtype {t.dtype}")
+    # torch runs on little-endian hosts only, so native order is the wire order.
+    data = t.detach().to("cpu").contiguous().reshape(-1).numpy().tobytes()
+    return {"dtype": name, "shape": list(t.shape), "data": data}
+
+
+def tensor_from_wire(obj: Any, path: str = "$") -> torch.Tensor:
+    """Decode ``{"dtype", "shape", "data"}``; ``data`` is bytes (msgpack) or base64 text (JSON)."""
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+        raise DumpFormatError(f"{path}: expected a tensor object with keys dtype, shape, data")
+    dtype = WIRE_DTYPES.get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
+    if dtype is None:
+        raise DumpFormatError(f"{path}.dtype: unknown tensor dtype {obj['dtype']!r}")
+    shape = obj["shape"]
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise DumpFormatError(f"{path}.shape: expected a list of non-negative integers, got {shape!r}")
+    numel = math.prod(shape)
+    if numel > MAX_ELEMENTS:
+        raise DumpFormatError(f"{path}.shape: {shape} declares {numel} elements, over the limit of {MAX_ELEMENTS}")
+    data = obj["data"]
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except ValueError as e:
+            raise DumpFormatError(f"{path}.data: not valid base64 ({e})") from None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DumpFormatError(f"{path}.data: expected bytes")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(data) != numel * itemsize:
+        raise DumpFormatError(
+            f"{path}.data: {len(data)} bytes, but dtype {obj['dtype']} and shape {shape} need {numel * itemsize}"
+        )
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)

@@ -1,0 +1,136 @@
+"""`moe-record validate`: every rejection names its field; hostile pickles never run."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import msgspec
+import pytest
+import torch
+
+from moe_record_sdk.cli import main
+from moe_record_sdk.schema.io import _enc_hook
+from moe_record_sdk.schema.tensors import tensor_to_wire
+
+from ..dumps import random_dump
+
+
+def write_raw(path, raw: dict) -> str:
+    path.write_bytes(msgspec.msgpack.encode(raw))
+    return str(path)
+
+
+def raw_dump(mode: str = "stat") -> dict:
+    return msgspec.to_builtins(random_dump(5, mode), enc_hook=_enc_hook, builtin_types=(bytes,))
+
+
+def validate(capsys, *paths: str, json_out: bool = False) -> tuple[int, str]:
+    code = main(["validate", *(["--json"] if json_out else []), *paths])
+    return code, capsys.readouterr().out
+
+
+def test_valid_files_and_folders(tmp_path, capsys):
+    for i, mode in enumerate(["stat", "per_pass", "per_token"]):
+        random_dump(i, mode).save(str(tmp_path / f"{mode}.msgpack"))
+    random_dump(9).save(str(tmp_path / "sub.pt"))
+    code, out = validate(capsys, str(tmp_path))
+    assert code == 0
+    assert out.count("OK") == 4
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "words"),
+    [
+        (lambda r: r.update(logical_count=tensor_to_wire(-torch.ones(1, 3, 8, dtype=torch.int64))), "logical_count", "negative"),
+        (lambda r: r.update(logical_count=tensor_to_wire(torch.ones(1, 3, 8))), "logical_count", "integers"),
+        (lambda r: r.update(logical_count=tensor_to_wire(torch.ones(1, 3, 5, dtype=torch.int64))), "logical_count", "shape"),
+        (lambda r: r["model"].update(moe_layer_ids=[0, 7]), "model.moe_layer_ids[1]", "outside"),
+        (lambda r: r["window"].update(num_tokens=[1, 2, 3]), "logical_count[:, 0, :]", "num_tokens x top_k"),
+        (lambda r: r["topology"].update(rank=4), "topology.rank", "outside"),
+    ],
+)
+def test_invalid_dump_names_field(tmp_path, capsys, mutate, field, words):
+    raw = raw_dump()
+    mutate(raw)
+    code, out = validate(capsys, write_raw(tmp_path / "bad.msgpack", raw))
+    assert code == 1
+    assert f"INVALID  {tmp_path / 'bad.msgpack'}: {field}: " in out
+    assert words in out
+
+
+def test_records_repeat_pass_id(tmp_path, capsys):
+    raw = raw_dump("per_pass")
+    raw["records"][1]["forward_pass_id"] = raw["records"][0]["forward_pass_id"]
+    code, out = validate(capsys, write_raw(tmp_path / "bad.msgpack", raw))
+    assert code == 1 and "records[1].forward_pass_id: pass 0 repeats for rank 0" in out
+
+
+def test_wrong_schema_version(tmp_path, capsys):
+    raw = raw_dump()
+    raw["schema_version"] = 7
+    code, out = validate(capsys, write_raw(tmp_path / "future.msgpack", raw))
+    assert code == 1 and "schema_version: 7 is not supported" in out
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".msgpack", ".json"])
+def test_truncated_file(tmp_path, capsys, suffix):
+    path = tmp_path / f"d{suffix}"
+    random_dump(3, "per_pass").save(str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code, out = validate(capsys, str(path))
+    assert code == 1 and "INVALID" in out and str(path) in out
+
+
+def test_tensor_bytes_disagree_with_shape(tmp_path, capsys):
+    raw = raw_dump()
+    raw["logical_count"]["shape"] = [1000, 1000, 1000]
+    code, out = validate(capsys, write_raw(tmp_path / "huge.msgpack", raw))
+    assert code == 1 and "logical_count" in out and "over the limit" in out
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_running_pickle_is_refused_and_never_runs(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "expert_distribution_recorder_1.0.pt"
+    torch.save({"rank": 0, "logical_count": torch.zeros(1, 2, 2, dtype=torch.int32), "x": _Evil(str(marker))}, path)
+    code, out = validate(capsys, str(path))
+    assert code == 1 and "weights_only" in out
+    assert not marker.exists()
+    # a bare pickle (not a torch zip) is refused the same way
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_Evil(str(marker)), protocol=2))
+    code, out = validate(capsys, str(raw))
+    assert code == 1 and not marker.exists()
+
+
+def test_json_output_and_exit_codes(tmp_path, capsys):
+    good = random_dump(1).save(str(tmp_path / "good.json"))
+    raw = raw_dump()
+    raw["logical_count"] = tensor_to_wire(-torch.ones(1, 3, 8, dtype=torch.int64))
+    bad = write_raw(tmp_path / "bad.msgpack", raw)
+    code, out = validate(capsys, good, bad, json_out=True)
+    doc = json.loads(out)
+    assert code == 1 and doc["ok"] is False
+    assert [f["ok"] for f in doc["files"]] == [True, False]
+    assert doc["files"][1]["errors"][0]["field"] == "logical_count"
+    assert main(["validate", str(tmp_path / "missing.pt")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["validate", str(empty)]) == 2
+
+
+def test_console_script_entry(tmp_path):
+    path = random_dump(2).save(str(tmp_path / "d.msgpack"))
+    run = subprocess.run([sys.executable, "-m", "moe_record_sdk", "validate", path], capture_output=True, text=True)
+    assert run.returncode == 0 and "OK" in run.stdout

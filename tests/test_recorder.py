@@ -1,0 +1,266 @@
+"""The recorder counts exactly, in every mode, against an independent numpy reference."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from moe_record_sdk import Recorder, RecorderError, validate_dump
+
+MODES = ["stat", "per_pass", "per_token"]
+
+
+class Reference:
+    """Counts with numpy, from the same ids the tap sees."""
+
+    def __init__(self, num_layers: int, num_slots: int) -> None:
+        self.counts = np.zeros((num_layers, num_slots), dtype=np.int64)
+        self.tokens = np.zeros(num_layers, dtype=np.int64)
+        self.discarded = np.zeros(num_layers, dtype=np.int64)
+
+    def add(self, layer: int, ids: np.ndarray, valid: int | None) -> np.ndarray:
+        rows = ids if valid is None else ids[:valid]
+        flat = rows.reshape(-1)
+        ok = (flat >= 0) & (flat < self.counts.shape[1])
+        np.add.at(self.counts[layer], flat[ok], 1)
+        self.tokens[layer] += rows.shape[0]
+        self.discarded[layer] += int((~ok).sum())
+        return np.where((rows >= 0) & (rows < self.counts.shape[1]), rows, -1)
+
+
+def random_batch(rng: np.random.Generator, E: int, k: int, dtype) -> tuple[torch.Tensor, int | None]:
+    T = int(rng.choice([0, 1, 2, 5, 17]))
+    ids = rng.integers(-3, E + 3, size=(T, k + 1))
+    t = torch.from_numpy(ids).to(dtype)[:, :k]  # non-contiguous view
+    valid = None if rng.random() < 0.3 else int(rng.integers(0, T + 1))
+    if valid is not None and rng.random() < 0.5:
+        valid = torch.tensor(valid)
+    return t, valid
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_counts_equal_numpy_reference(mode, dtype):
+    rng = np.random.default_rng(1234 + MODES.index(mode))
+    L, E, k = 4, 11, 3
+    ring = None if mode == "stat" else 4096
+    rec = Recorder(num_layers=L, num_experts=E, top_k=k, mode=mode, layer_ids=[0, 2, 3], buffer_size=ring, max_bytes=8 << 20)
+    rec.start()
+    ref = Reference(L, E)
+    tokens_in_order: list[list[np.ndarray]] = []  # per pass, per layer row, the valid ids
+    for _ in range(400):
+        seen = {}
+        for layer in rec.layer_ids:
+            ids, valid = random_batch(rng, E, k, dtype)
+            v = None if valid is None else int(valid)
+            seen[layer] = ref.add(layer, ids.numpy(), v)
+            rec.record(layer, ids, num_valid_tokens=valid)
+        tokens_in_order.append(seen)
+        rec.step()
+    dump = rec.dump()
+    assert validate_dump(dump) == []
+    assert np.array_equal(dump.total_count().numpy(), ref.counts)
+    assert dump.window.num_tokens == [int(t) for t in ref.tokens]
+    assert dump.window.discarded == [int(d) for d in ref.discarded]
+    assert dump.window.num_passes == 400
+    if mode == "stat":
+        assert dump.logical_count.shape == (1, L, E)
+        return
+    assert [r.forward_pass_id for r in dump.records] == list(range(400))
+    for p, rec_ in enumerate(dump.records):
+        row = np.zeros((L, E), dtype=np.int64)
+        for layer, ids in tokens_in_order[p].items():
+            np.add.at(row[layer], ids[ids >= 0], 1)
+        assert np.array_equal(dump.logical_count[p].numpy(), row)
+        if mode == "per_token":
+            # Ids read back equal the ids recorded, in order; a layer seeing fewer rows pads with -1.
+            got = rec_.topk_ids_of_layer
+            for layer, ids in tokens_in_order[p].items():
+                assert np.array_equal(got[layer, : ids.shape[0]].numpy(), ids)
+                assert bool((got[layer, ids.shape[0] :] == -1).all())
+            assert bool((got[1] == -1).all())  # layer 1 is not a MoE layer
+
+
+def test_thousands_of_batches_in_one_window_stat():
+    rng = np.random.default_rng(7)
+    rec = Recorder(num_layers=2, num_experts=64, top_k=8)
+    rec.start()
+    ref = Reference(2, 64)
+    for _ in range(3000):
+        layer = int(rng.integers(0, 2))
+        ids, valid = random_batch(rng, 64, 8, torch.int64)
+        ref.add(layer, ids.numpy(), None if valid is None else int(valid))
+        rec.record(layer, ids, valid)
+    assert np.array_equal(rec.dump().total_count().numpy(), ref.counts)
+
+
+def test_dump_clears_and_stop_keeps():
+    rec = Recorder(num_layers=1, num_experts=4, top_k=1)
+    rec.start()
+    rec.record(0, torch.tensor([[1], [1]]))
+    rec.stop()
+    rec.record(0, torch.tensor([[2]]))  # not recording: not counted
+    assert rec.dump().total_count().tolist() == [[0, 2, 0, 0]]
+    assert rec.dump().total_count().tolist() == [[0, 0, 0, 0]]  # the dump cleared
+    rec.start()
+    rec.record(0, torch.tensor([[3]]))
+    rec.start()  # start clears, as SGLang's does
+    rec.record(0, torch.tensor([[0]]))
+    assert rec.dump().total_count().tolist() == [[1, 0, 0, 0]]
+
+
+def test_empty_batch_and_all_padding():
+    rec = Recorder(num_layers=1, num_experts=4, top_k=2, mode="per_token", max_bytes=1 << 16)
+    rec.start()
+    rec.record(0, torch.zeros(0, 2, dtype=torch.int32))
+    rec.record(0, torch.tensor([[1, 2]]), num_valid_tokens=0)
+    rec.step()
+    d = rec.dump()
+    assert d.total_count().sum() == 0 and d.window.num_tokens == [0]
+    assert d.records[0].topk_ids_of_layer.shape == (1, 0, 2)
+
+
+def test_physical_ids_fold_into_logical():
+    mapping = torch.tensor([[0, 1, 2, 0, 0]])  # expert 0 has three replicas
+    rec = Recorder(num_layers=1, num_experts=3, top_k=2, physical_to_logical_map=mapping, mode="per_pass")
+    rec.start()
+    rec.record(0, torch.tensor([[0, 3], [4, 1], [2, 5]]))  # 5 is out of range: discarded
+    rec.step()
+    d = rec.dump()
+    assert validate_dump(d) == []
+    assert d.physical_count[0].tolist() == [[1, 1, 1, 1, 1]]
+    assert d.logical_count[0].tolist() == [[3, 1, 1]]
+    assert d.window.discarded == [1]
+
+
+def test_bad_inputs_are_named():
+    rec = Recorder(num_layers=2, num_experts=4, top_k=2, layer_ids=[1])
+    with pytest.raises(RecorderError, match="layer_id 0"):
+        rec.record(0, torch.zeros(1, 2, dtype=torch.int64))
+    with pytest.raises(RecorderError, match="top_k=2"):
+        rec.record(1, torch.zeros(1, 3, dtype=torch.int64))
+    with pytest.raises(RecorderError, match="int32 or int64"):
+        rec.record(1, torch.zeros(1, 2))
+    with pytest.raises(RecorderError, match="mode"):
+        rec.start("sometimes")
+    with pytest.raises(RecorderError, match="max_bytes"):
+        Recorder(num_layers=2, num_experts=4, top_k=2, mode="per_token", max_bytes=100)
+    with pytest.raises(RecorderError, match="physical_to_logical_map"):
+        Recorder(num_layers=1, num_experts=4, top_k=2, physical_to_logical_map=torch.tensor([[0, 9, 1, 2]]))
+
+
+@pytest.mark.parametrize("max_bytes", [4096, 20_000, 1 << 20])
+def test_per_token_memory_bound_and_drops(max_bytes):
+    L, E, k = 3, 16, 4
+    rec = Recorder(num_layers=L, num_experts=E, top_k=k, mode="per_token", buffer_size=8, max_bytes=max_bytes)
+    assert rec.counter.nbytes() <= max_bytes
+    rec.start()
+    g = torch.Generator().manual_seed(0)
+    total = 0
+    for _ in range(50):
+        ids = torch.randint(0, E, (13, k), generator=g)
+        for layer in range(L):
+            rec.record(layer, ids)
+        rec.step()
+        total += 13
+    assert rec.counter.nbytes() <= max_bytes
+    status = rec.status()
+    d = rec.dump()
+    kept = sum(r.topk_ids_of_layer.shape[1] for r in d.records)
+    assert kept + d.window.dropped_tokens == total
+    assert d.window.dropped_passes == 42 and status.dropped_passes == 42
+    assert status.dropped_tokens <= d.window.dropped_tokens
+    assert d.total_count().sum() == total * k * L  # the stat counts stay exact regardless
+    assert validate_dump(d) == []
+
+
+def test_status():
+    rec = Recorder(num_layers=2, num_experts=4, top_k=2, mode="per_pass", buffer_size=3)
+    assert rec.status().recording is False
+    rec.start()
+    for _ in range(5):
+        rec.record(0, torch.tensor([[0, 1], [2, 3]]))
+        rec.step()
+    s = rec.status()
+    assert (s.recording, s.mode, s.passes, s.tokens, s.dropped_passes) == (True, "per_pass", 5, 10, 2)
+    assert s.bytes_used == rec.counter.nbytes() > 0
+
+
+def test_recording_flag_is_a_device_flag_and_buffers_stay_put():
+    rec = Recorder(num_layers=1, num_experts=4, top_k=1, mode="per_token", max_bytes=1 << 16)
+    ptrs = [t.data_ptr() for t in (rec.counter.counts, rec.counter.token_ids, rec.counter.rows)]
+    rec.start()
+    rec.stop()
+    rec.start("per_pass")
+    rec.start("stat")
+    assert ptrs == [t.data_ptr() for t in (rec.counter.counts, rec.counter.token_ids, rec.counter.rows)]
+
+
+def test_tap_compiles_fullgraph_without_graph_breaks():
+    import torch._dynamo
+
+    rec = Recorder(num_layers=2, num_experts=8, top_k=2, mode="per_token", buffer_size=4, max_bytes=1 << 16)
+
+    def forward(ids, n):
+        rec.record(0, ids, n)
+        rec.record(1, ids, n)
+        rec.step()
+        return ids + 1
+
+    explained = torch._dynamo.explain(forward)(torch.zeros(4, 2, dtype=torch.int32), 3)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    compiled = torch.compile(forward, fullgraph=True)
+    rec.start()
+    ids = torch.tensor([[1, 2], [3, 4], [5, 9], [0, 0]], dtype=torch.int32)
+    for _ in range(3):
+        compiled(ids, 3)
+    d = rec.dump()
+    assert d.total_count()[0].tolist() == [0, 3, 3, 3, 3, 3, 0, 0]
+    assert d.window.discarded == [3, 3]
+    assert torch.equal(d.records[2].topk_ids_of_layer[0], torch.tensor([[1, 2], [3, 4], [5, -1]], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_dumps_lose_nothing_and_count_nothing_twice(mode):
+    """Passes run on one thread while another dumps: the dumps add up to exactly what was recorded."""
+    L, E, k = 3, 8, 2
+    rec = Recorder(num_layers=L, num_experts=E, top_k=k, mode=mode, buffer_size=4096, max_bytes=8 << 20)
+    rec.start()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(-1, E, (7, k), generator=g) for _ in range(16)]
+    ref = Reference(L, E)
+    passes = 600
+    for p in range(passes):
+        for layer in range(L):
+            ref.add(layer, batches[(p + layer) % 16].numpy(), None)
+    dumps = []
+    done = threading.Event()
+
+    def run_passes():
+        for p in range(passes):
+            for layer in range(L):
+                rec.record(layer, batches[(p + layer) % 16])
+            rec.step()
+        done.set()
+
+    worker = threading.Thread(target=run_passes)
+    worker.start()
+    while not done.is_set():
+        dumps.append(rec.dump())
+    worker.join()
+    dumps.append(rec.dump())
+    total = sum(d.total_count() for d in dumps)
+    assert np.array_equal(total.numpy(), ref.counts)
+    assert sum(d.window.num_passes for d in dumps) == passes
+    if mode != "stat":
+        ids = [r.forward_pass_id for d in dumps for r in d.records]
+        assert ids == list(range(passes))  # every completed pass exactly once, in order
+        rows = sum(d.logical_count.sum(0) for d in dumps if d.logical_count.shape[0])
+        assert np.array_equal(rows.numpy(), ref.counts)
+    if mode == "per_token":
+        kept = sum(r.topk_ids_of_layer.shape[1] for d in dumps for r in d.records)
+        assert kept == passes * 7
+    assert len(dumps) > 2
