@@ -299,6 +299,13 @@ def load_legacy_csv(path: str) -> Dump:
             continue
         if len(row) != 3:
             raise DumpFormatError(f"{path}: line {n}: expected 3 columns, got {len(row)}")
+        if row[0].strip() == "UNKNOWN":
+            # sglang 0.4.5 writes this for models that never set the layer: such rows cannot be
+            # placed on the layer axis, and silently dropping them would lose counts.
+            raise DumpFormatError(
+                f"{path}: line {n}: layer_id is UNKNOWN (sglang 0.4.5 did not know the layer of this "
+                "model's routing); the file cannot be mapped to layers"
+            )
         try:
             layer, expert, count = (int(v) for v in row)
         except ValueError:

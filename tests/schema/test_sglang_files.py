@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from moe_record_sdk import load_dump, validate_dump
@@ -115,3 +116,12 @@ def test_convert_sglang_file_to_msgpack_via_cli(tmp_path):
     run = subprocess.run([sys.executable, "-m", "moe_record_sdk", "validate", str(src), str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("OK") == 2
+
+
+def test_legacy_csv_with_unknown_layer_is_refused_by_name(tmp_path):
+    from moe_record_sdk import DumpFormatError
+
+    path = tmp_path / "expert_distribution_rank0_timestamp1.0.csv"
+    path.write_text("layer_id,expert_id,count\nUNKNOWN,3,7\n")
+    with pytest.raises(DumpFormatError, match="line 2: layer_id is UNKNOWN"):
+        load_dump(path)
