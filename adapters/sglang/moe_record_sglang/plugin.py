@@ -1,0 +1,192 @@
+"""The SGLang plugin: where our recorder enters SGLang.
+
+The seam is SGLang's recorder object, not ``select_experts``. sglang 0.5.23 builds its recorder
+with ``ExpertDistributionRecorder.init_new(metadata, rank)`` (always called through the class:
+``model_runner.py``, at start-up and after elastic-EP changes) and every hook site looks it up
+with ``get_global_expert_distribution_recorder()`` at call time. Wrapping ``init_new`` so it
+returns our :class:`SGLangRecorder` therefore:
+
+* counts at every router that SGLang's recorder counts at (``select_experts``, the precomputed,
+  hash and mega gates, NPU top-k), with the physical, padding-masked ids SGLang hands it;
+* is immune to ``from ...topk import select_experts`` bindings made before the plugin ran:
+  nothing of the router is patched;
+* keeps SGLang's flags (``--expert-distribution-recorder-mode``, ``--…-buffer-size``), its
+  endpoints and ``Engine`` methods (scheduler -> ``start_record``/``stop_record``/``dump_record``),
+  ``EPLBManager`` (``dump_record(output_mode="object")``), layer context and pass boundaries.
+
+The wrap goes through SGLang's own ``HookRegistry`` (applied by ``load_plugins()``, which also
+rebinds stale ``from X import Y`` copies). Where SGLang counts elsewhere than ``on_select_experts``
+(DeepEP low-latency / mori dispatch, ``stat_approx``) or needs its balancedness metrics, SGLang's
+own recorder stays in charge and the reason is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from moe_record_sdk import EngineInfo, Recorder, Topology
+
+from .compat import check_sglang_version, sglang_version
+from .recorder import SGLangRecorder
+from .version import __version__
+
+log = logging.getLogger(__name__)
+
+TARGET = "sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_new"
+_TOP_K_NAMES = ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "experts_per_token")
+
+_state: dict[str, Any] = {"original": None, "top_k": None}
+
+
+def register() -> None:
+    """Entry point of group ``sglang.srt.plugins`` (name ``moe_record``), run by SGLang's
+    ``load_plugins()`` in every SGLang process. Refuses unverified SGLang versions (the error is
+    logged by ``load_plugins`` and SGLang's own recorder stays); then registers the wrap of
+    ``init_new`` with SGLang's ``HookRegistry``, which ``load_plugins()`` applies next."""
+    check_sglang_version()
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(TARGET, _around_init_new, HookType.AROUND)
+
+
+def install(top_k: int | None = None) -> None:
+    """Wrap ``init_new`` directly, without ``load_plugins()`` (scripts, tests); idempotent.
+
+    ``top_k``: routed experts per token, when the model config cannot say (default: read from
+    the served model's config).
+    """
+    check_sglang_version()
+    from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder
+
+    _state["top_k"] = top_k
+    if _state["original"] is None:
+        original = ExpertDistributionRecorder.__dict__["init_new"].__func__
+        _state["original"] = original
+        ExpertDistributionRecorder.init_new = staticmethod(lambda *a, **kw: _around_init_new(original, *a, **kw))
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (exactly what it changed)."""
+    from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder
+
+    if _state["original"] is not None:
+        ExpertDistributionRecorder.init_new = staticmethod(_state["original"])
+        _state["original"] = None
+    _state["top_k"] = None
+
+
+def _around_init_new(original: Any, expert_location_metadata: Any, rank: int, *args: Any, **kwargs: Any) -> Any:
+    from sglang.srt.runtime_context import get_exec
+
+    mode = get_exec().moe.expert_distribution_recorder_mode
+    if mode is None or expert_location_metadata is None:
+        return original(expert_location_metadata, rank, *args, **kwargs)
+    reason = unsupported_reason()
+    top_k = _state["top_k"] or model_top_k()
+    if reason is None and top_k is None:
+        reason = f"the model config names none of {', '.join(_TOP_K_NAMES)}"
+    if reason is not None:
+        log.warning("moe-record: %s; SGLang's own expert distribution recorder stays in charge", reason)
+        return original(expert_location_metadata, rank, *args, **kwargs)
+    rec = build_recorder(expert_location_metadata, rank, mode=mode, top_k=top_k)
+    log.info(
+        "moe-record: recording expert distribution (mode %s, rank %d) with moe-record-sglang %s",
+        mode,
+        rank,
+        __version__,
+    )
+    return rec
+
+
+def unsupported_reason() -> str | None:
+    """Why SGLang's own recorder must stay for the published config, or None (read from
+    ``_SinglePassGatherer.init_new`` and the accumulators of sglang 0.5.23)."""
+    from sglang.srt.runtime_context import get_exec, reports_expert_balancedness
+
+    moe = get_exec().moe
+    if moe.expert_distribution_recorder_mode == "stat_approx":
+        return "mode stat_approx counts DeepEP dispatch, not routing"
+    if moe.moe_a2a_backend == "mori" or (moe.moe_a2a_backend == "deepep" and moe.deepep_mode != "normal"):
+        return f"a2a backend {moe.moe_a2a_backend} (deepep_mode {moe.deepep_mode}) counts at dispatch"
+    if reports_expert_balancedness():
+        return "expert balancedness reporting needs SGLang's per-pass metrics"
+    return None
+
+
+def model_top_k() -> int | None:
+    """Routed experts per token of the served model, from its config (what ``on_select_experts``
+    receives per row: SGLang cuts fused shared-expert columns before the hook)."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.runtime_context import get_server_args
+
+    try:
+        cfg = ModelConfig.from_server_args(get_server_args()).hf_text_config
+    except Exception as e:  # a config SGLang itself will report on; we only decline
+        log.warning("moe-record: cannot read the model config: %s", e)
+        return None
+    for name in _TOP_K_NAMES:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def build_recorder(metadata: Any, rank: int, *, mode: str, top_k: int) -> SGLangRecorder:
+    """Our recorder sized from SGLang's ``ExpertLocationMetadata`` and published flags."""
+    from sglang.srt.runtime_context import get_exec
+
+    buffer_size = get_exec().moe.expert_distribution_recorder_buffer_size
+    if buffer_size is not None and buffer_size < 0:
+        # SGLang's unbounded buffer: ours stays bounded, one exact cumulative row for stat.
+        buffer_size = 0 if mode == "stat" else None
+    if mode != "stat" and not buffer_size:
+        buffer_size = None  # our per-pass ring's default
+    mapping = metadata.physical_to_logical_map_cpu.to("cpu", torch.int64)
+    identity = mapping.shape[1] == metadata.num_logical_experts and torch.equal(
+        mapping, torch.arange(mapping.shape[1]).expand_as(mapping)
+    )
+    recorder = Recorder(
+        num_layers=metadata.num_layers,
+        num_experts=metadata.num_logical_experts,
+        top_k=top_k,
+        device=metadata.physical_to_logical_map.device,
+        mode=mode,
+        buffer_size=buffer_size,
+        physical_to_logical_map=None if identity else mapping,
+        engine=EngineInfo(name="sglang", version=sglang_version(), adapter="moe-record-sglang"),
+        topology=_topology(rank, metadata.ep_size),
+    )
+    return SGLangRecorder(recorder, rank=rank)
+
+
+def _topology(rank: int, ep_size: int) -> Topology:
+    """Ranks that route the same tokens share a token shard: attention-TP peers do, data
+    parallel attention ranks do not (SGLang's ``attn_dp_rank``)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    def read(name: str, default: int) -> int:
+        try:
+            value = getattr(get_parallel(), name)
+        except Exception:  # not written in this process (function-level use)
+            return default
+        return value if isinstance(value, int) else default
+
+    ep_size = max(ep_size, rank + 1)
+    tp_size = read("tp_size", 1)
+    dp_size = max(read("attn_dp_size", 1), 1)
+    dp_rank = read("attn_dp_rank", 0)
+    return Topology(
+        rank=rank,
+        world_size=ep_size,
+        tp_rank=min(read("tp_rank", 0), tp_size - 1),
+        tp_size=tp_size,
+        dp_rank=min(dp_rank, dp_size - 1),
+        dp_size=dp_size,
+        ep_rank=rank,
+        ep_size=ep_size,
+        token_shard=min(dp_rank, dp_size - 1),
+        num_token_shards=dp_size,
+    )

@@ -1,0 +1,7 @@
+"""The adapter's version and the SGLang releases it was verified against."""
+
+__version__ = "0.1.0"
+
+#: SGLang versions whose internals (recorder interface, hook sites, file layout) were read and
+#: tested; a PEP 440 specifier checked from package metadata before any sglang import.
+SUPPORTED = ">=0.5.23,<0.5.24"
