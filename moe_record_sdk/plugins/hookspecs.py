@@ -35,7 +35,9 @@ def moe_record_layer_map(target: Any) -> LayerMap | None:
 
 
 @hookspec(firstresult=True)
-def moe_record_attach(target: Any, recorder: Recorder, options: dict[str, Any]) -> Attachment | None:
+def moe_record_attach(target: Any, recorder: Recorder | None, options: dict[str, Any]) -> Attachment | None:
     """Attach ``recorder``'s tap to every MoE layer of ``target`` and return the handle, or None
     when ``target`` is not yours. Refuse a second attach, and unsupported engine versions,
-    with an ``AdapterError`` naming them."""
+    with an ``AdapterError`` naming them. ``recorder`` may be None: the adapter then builds one
+    sized by its layer map (``options`` may carry ``mode``, ``device`` and other ``Recorder``
+    arguments) and returns it as ``Attachment.recorder``."""

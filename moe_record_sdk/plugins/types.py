@@ -61,6 +61,8 @@ class Attachment:
     layer_map: LayerMap
     _undo: Callable[[], None] = attrs.field(alias="undo", repr=False)
     attached: bool = True
+    recorder: Any = None
+    """The recorder the tap feeds (the one passed to attach, or the one the adapter built)."""
 
     def detach(self) -> None:
         if self.attached:

@@ -1,0 +1,264 @@
+"""``attach`` / ``layer_map``: forward hooks that feed a Recorder, and their exact undo.
+
+What counts
+-----------
+* One forward pass is one call of the module passed to ``attach`` (its forward hook calls
+  ``recorder.step()``), so ``model.generate()`` gives one pass per generation step.
+* Every token row a router sees counts once per MoE layer, except padding: when the top module
+  is called with a 2-D ``attention_mask`` keyword (as ``generate()`` and tokenizers' batches do),
+  rows whose mask is 0 are left out. The tap moves them behind the real rows (a stable sort on
+  the device) and passes their number as ``num_valid_tokens``, so no host sync is needed and
+  ``per_token`` ids keep the real tokens in order. Without a mask every row counts.
+* Layers are decoder indices; dense layers are in the numbering but not recorded.
+
+The hooks only read; they never change an output, and ``detach`` removes exactly the hooks
+``attach`` added. Under ``torch.compile`` the hooks are traced into the graph (tensor ops only,
+``fullgraph=True`` works); dynamo re-traces after ``detach``, so a compiled model stops tapping.
+In a captured CUDA graph the tap replays with the graph; ``recorder.stop()`` gates it on the device.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_record_sdk import EngineInfo, Recorder
+from moe_record_sdk.errors import AdapterError
+from moe_record_sdk.plugins import Attachment, LayerMap
+
+from .routers import Extract, Found, RouterSpec, find_routers
+
+ADAPTER = "torch"
+DISTRIBUTION = "moe-record-torch"
+
+# Modules that carry a live tap (the top module and every router), so a second attach, also on
+# a submodule or a parent, is refused. Weak: a model that goes away takes its entry with it.
+_TAPPED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+class _Padding:
+    """The top call's 2-D attention mask, turned per row count into (row order, valid rows)."""
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def begin(self, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.cache = {}
+
+    def end(self) -> None:
+        self.mask, self.cache = None, {}
+
+    def rows(self, num_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a router input of ``num_rows`` = batch x new tokens: valid rows first, and their number."""
+        mask = self.mask
+        if mask is None:
+            return None
+        batch, seen = mask.shape
+        if num_rows % batch or num_rows // batch > seen:
+            return None  # not [batch, new tokens] rows: count them all
+        if num_rows not in self.cache:
+            # The new tokens are the mask's last columns (with a KV cache the mask covers the past too).
+            valid = mask[:, seen - num_rows // batch :].reshape(-1) != 0
+            order = torch.argsort((~valid).to(torch.int8), stable=True)
+            self.cache[num_rows] = (order, valid.sum())
+        return self.cache[num_rows]
+
+
+def _tap(recorder: Recorder, layer_id: int, extract: Extract, padding: _Padding | None):
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        ids = extract(module, args, output)
+        ids = ids.reshape(-1, ids.shape[-1])
+        valid = None
+        if padding is not None and (rows := padding.rows(ids.shape[0])) is not None:
+            order, valid = rows
+            ids = ids.index_select(0, order)
+        if ids.device != recorder.device:  # models spread over devices (device_map)
+            ids = ids.to(recorder.device, non_blocking=True)
+            valid = None if valid is None else valid.to(recorder.device, non_blocking=True)
+        recorder.record(layer_id, ids, valid)
+
+    return hook
+
+
+def _engine(model: nn.Module) -> EngineInfo:
+    if type(model).__module__.startswith("transformers."):
+        import transformers
+
+        return EngineInfo(name="transformers", version=transformers.__version__, adapter=DISTRIBUTION)
+    return EngineInfo(name="torch", version=str(torch.__version__), adapter=DISTRIBUTION)
+
+
+def _model_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(config, "name", None) or type(model).__name__
+
+
+def _layer_map(model: nn.Module, found: Found, layers: Sequence[int] | None) -> LayerMap:
+    ids = [r.layer_id for r in found.routers]
+    if layers is not None:
+        unknown = sorted(set(layers) - set(ids))
+        if unknown:
+            raise AdapterError(f"layers: {unknown} are not MoE layers of {type(model).__name__} (those are {ids})")
+        ids = sorted(set(layers))
+    return LayerMap(
+        num_layers=found.num_layers,
+        moe_layer_ids=tuple(ids),
+        num_experts=found.num_experts,
+        top_k=found.top_k,
+        model_name=_model_name(model),
+    )
+
+
+def layer_map(
+    model: nn.Module,
+    *,
+    routers: RouterSpec | None = None,
+    extract: Extract | None = None,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    num_layers: int | None = None,
+    layers: Sequence[int] | None = None,
+) -> LayerMap:
+    """What ``attach`` would record on ``model``, without touching it.
+
+    Takes the same keywords as ``attach`` (``routers``, ``extract``, shape overrides, ``layers``).
+
+    Example
+    -------
+    >>> from moe_record_torch.tiny import TinyMoE, TinyMoEConfig
+    >>> layer_map(TinyMoE(TinyMoEConfig(num_layers=3, first_dense_layers=1))).moe_layer_ids
+    (1, 2)
+    """
+    found = find_routers(model, routers, extract=extract, num_experts=num_experts, top_k=top_k, num_layers=num_layers)
+    return _layer_map(model, found, layers)
+
+
+def attach(
+    model: nn.Module,
+    recorder: Recorder | None = None,
+    *,
+    mode: str = "stat",
+    routers: RouterSpec | None = None,
+    extract: Extract | None = None,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    num_layers: int | None = None,
+    layers: Sequence[int] | None = None,
+    mask_padding: bool = True,
+    **recorder_kwargs: Any,
+) -> Attachment:
+    """Tap every MoE router of ``model`` into a Recorder; return the handle (``.recorder``, ``.detach()``).
+
+    The recorder is not started: call ``att.recorder.start()`` (SGLang semantics: nothing is
+    recorded until start).
+
+    Parameters
+    ----------
+    model:
+        The top module: each call of it is one forward pass (``recorder.step()`` after it).
+    recorder:
+        The recorder to feed; None builds one sized by the layer map, on the routers' device,
+        with ``mode`` and ``recorder_kwargs`` (``buffer_size``, ``max_bytes``, ``topology``, ...).
+    routers, extract:
+        The explicit form for models this adapter does not know: a name pattern
+        (``"blocks.*.moe.router"``), a list of modules or ``{layer_id: module}``, and
+        ``extract(module, args, output) -> topk_ids`` (see ``ids_at``, ``topk_of_logits``).
+        Default: transformers 5.x MoE routers (Qwen3Moe, Qwen2Moe, Mixtral, OLMoE, DeepseekV3,
+        GptOss; other ``*TopKRouter`` best-effort) and ``TinyMoE``'s.
+    num_experts, top_k, num_layers:
+        Shape overrides when the routers do not say.
+    layers:
+        Record only these MoE layers (a pipeline stage's, say); default all.
+    mask_padding:
+        Leave out rows whose ``attention_mask`` is 0 (see the module docstring).
+
+    Example
+    -------
+    >>> from moe_record_torch.tiny import TinyMoE
+    >>> model = TinyMoE()
+    >>> att = attach(model)
+    >>> att.recorder.start()
+    >>> _ = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+    >>> dump = att.recorder.dump()
+    >>> dump.window.num_passes, int(dump.total_count()[0].sum())  # 3 prompt + 3 new tokens, top_k=2
+    (4, 12)
+    >>> att.detach()
+    """
+    found = find_routers(model, routers, extract=extract, num_experts=num_experts, top_k=top_k, num_layers=num_layers)
+    lm = _layer_map(model, found, layers)
+    taps = [r for r in found.routers if r.layer_id in lm.moe_layer_ids]
+    busy = [name or "<top module>" for name, m in model.named_modules() if m in _TAPPED]
+    if busy:
+        raise AdapterError(
+            f"{type(model).__name__}: already attached at {', '.join(busy)}; detach that attachment first"
+        )
+    if recorder is None:
+        kwargs = lm.recorder_kwargs()
+        kwargs.setdefault("engine", _engine(model))
+        kwargs.update(recorder_kwargs)
+        if "device" not in kwargs:  # where the first router computes (its weights, else the model's)
+            first = next((p for m in (taps[0].module, model) for p in m.parameters()), None) if taps else None
+            kwargs["device"] = first.device if first is not None else torch.device("cpu")
+        recorder = Recorder(mode=mode, **kwargs)
+    else:
+        if recorder_kwargs:
+            raise AdapterError(
+                f"recorder_kwargs {sorted(recorder_kwargs)} given with a recorder: pass one or the other"
+            )
+        _check_fits(recorder, lm)
+
+    padding = _Padding() if mask_padding else None
+    handles = []
+
+    def begin(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if padding is not None:
+            padding.begin(kwargs)
+
+    def end(module: nn.Module, args: tuple, output: Any) -> None:
+        recorder.step()
+        if padding is not None:
+            padding.end()
+
+    try:
+        for r in taps:
+            handles.append(r.module.register_forward_hook(_tap(recorder, r.layer_id, r.extract, padding)))
+        handles.append(model.register_forward_pre_hook(begin, with_kwargs=True))
+        handles.append(model.register_forward_hook(end))
+    except BaseException:
+        for h in handles:
+            h.remove()
+        raise
+    marked = [model] + [r.module for r in taps]
+    for m in marked:
+        _TAPPED[m] = ADAPTER
+
+    def undo() -> None:
+        for h in handles:
+            h.remove()
+        for m in marked:
+            _TAPPED.pop(m, None)
+
+    return Attachment(adapter=ADAPTER, layer_map=lm, undo=undo, recorder=recorder)
+
+
+def _check_fits(recorder: Recorder, lm: LayerMap) -> None:
+    """Refuse a recorder that cannot count this model's layers and experts."""
+    problems = []
+    if recorder.num_layers != lm.num_layers:
+        problems.append(f"num_layers {recorder.num_layers} != {lm.num_layers}")
+    if recorder.num_experts != lm.num_experts:
+        problems.append(f"num_experts {recorder.num_experts} != {lm.num_experts}")
+    if recorder.top_k != lm.top_k:
+        problems.append(f"top_k {recorder.top_k} != {lm.top_k}")
+    missing = sorted(set(lm.moe_layer_ids) - set(recorder.layer_ids))
+    if missing:
+        problems.append(f"layer_ids lack MoE layers {missing}")
+    if problems:
+        raise AdapterError("recorder does not fit the model: " + "; ".join(problems))

@@ -1,0 +1,229 @@
+"""Real transformers 5.x MoE models (small configs, random weights): counts from ``generate()``
+equal a reference computed, in the test, from the router logits transformers itself returns
+(``output_router_logits=True``), exactly, per layer and expert."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from moe_record_torch import attach, layer_map
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+E, K = 8, 2
+
+
+def _softmax_topk(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), K, dim=-1).indices
+
+
+def _logit_topk(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.topk(logits, K, dim=-1).indices
+
+
+def _grouped_topk(n_group: int, topk_group: int):
+    """DeepSeek-V3 routing (paper, §2.1.2): sigmoid scores + correction bias; keep the
+    ``topk_group`` groups with the best two-expert sums; top-k experts within them."""
+
+    def choose(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        assert bias is not None
+        scores = logits.sigmoid() + bias
+        grouped = scores.view(-1, n_group, E // n_group)
+        best_groups = grouped.topk(2, dim=-1).values.sum(-1).topk(topk_group, dim=-1).indices
+        keep = torch.zeros(scores.shape[0], n_group, dtype=torch.bool).scatter_(1, best_groups, True)
+        masked = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(-1, E)
+        return masked.topk(K, dim=-1).indices
+
+    return choose
+
+
+# family: (config, MoE decoder layers as the config defines them, top-k rule, bias buffer name)
+FAMILIES = {
+    "qwen3_moe": (
+        lambda: T.Qwen3MoeConfig(
+            **COMMON, head_dim=8, moe_intermediate_size=16, num_experts=E, num_experts_per_tok=K, mlp_only_layers=[1]
+        ),
+        [0, 2, 3],
+        _softmax_topk,
+        None,
+    ),
+    "qwen2_moe": (
+        lambda: T.Qwen2MoeConfig(
+            **COMMON,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            num_experts=E,
+            num_experts_per_tok=K,
+            mlp_only_layers=[0],
+        ),
+        [1, 2, 3],
+        _softmax_topk,
+        None,
+    ),
+    "mixtral": (
+        lambda: T.MixtralConfig(**COMMON, head_dim=8, num_local_experts=E, num_experts_per_tok=K),
+        [0, 1, 2, 3],
+        _softmax_topk,
+        None,
+    ),
+    "olmoe": (lambda: T.OlmoeConfig(**COMMON, num_experts=E, num_experts_per_tok=K), [0, 1, 2, 3], _softmax_topk, None),
+    "deepseek_v3": (
+        lambda: T.DeepseekV3Config(
+            **{**COMMON, "num_key_value_heads": 4},
+            moe_intermediate_size=16,
+            n_routed_experts=E,
+            num_experts_per_tok=K,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        ),
+        [1, 2, 3],
+        _grouped_topk(4, 2),
+        "e_score_correction_bias",
+    ),
+    "gpt_oss": (
+        lambda: T.GptOssConfig(**COMMON, head_dim=8, num_local_experts=E, num_experts_per_tok=K),
+        [0, 1, 2, 3],
+        _logit_topk,
+        None,
+    ),
+}
+
+
+def _model(family: str, seed: int = 0) -> tuple[torch.nn.Module, list[int], object, list[torch.Tensor | None]]:
+    make_config, moe_layers, choose, bias_name = FAMILIES[family]
+    config = make_config()
+    config.output_router_logits = True  # transformers returns every MoE layer's router logits
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    biases: list[torch.Tensor | None] = [None] * len(moe_layers)
+    if bias_name:  # a non-zero correction bias, so the reference must use it to match
+        g = torch.Generator().manual_seed(seed + 1)
+        for i, layer in enumerate(moe_layers):
+            buf = model.get_buffer(f"model.layers.{layer}.mlp.gate.{bias_name}")
+            buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
+            biases[i] = buf.detach().clone()
+    return model, moe_layers, choose, biases
+
+
+def _reference(router_logits_per_pass, moe_layers, choose, biases, num_layers, valid_rows=None) -> torch.Tensor:
+    want = torch.zeros(num_layers, E, dtype=torch.int64)
+    for p, logits_of_layer in enumerate(router_logits_per_pass):
+        assert len(logits_of_layer) == len(moe_layers)
+        for layer, logits, bias in zip(moe_layers, logits_of_layer, biases):
+            ids = choose(logits.float(), bias)
+            if valid_rows is not None and valid_rows[p] is not None:
+                ids = ids[valid_rows[p]]
+            want[layer] += torch.bincount(ids.reshape(-1), minlength=E)
+    return want
+
+
+def _capture_router_logits(model, moe_layers) -> tuple[list[tuple[torch.Tensor, ...]], object]:
+    """Per forward pass, the router logits of each MoE layer: those transformers returns
+    (``output_router_logits``), or, where a release returns none (DeepseekV3 in 5.17), those the
+    test's own hooks read from the router modules' first output."""
+    seen: list[tuple[torch.Tensor, ...]] = []
+    pending: list[torch.Tensor] = []
+    mlps = [model.get_submodule(f"model.layers.{layer}.mlp") for layer in moe_layers]
+    routers = [getattr(mlp, "router", None) or mlp.gate for mlp in mlps]
+
+    def on_router(module, args, out) -> None:
+        pending.append(out[0].detach().clone())
+
+    def on_model(module, args, out) -> None:
+        returned = getattr(out, "router_logits", None)
+        if returned is not None:
+            assert all(torch.equal(a, b) for a, b in zip(returned, pending, strict=True))
+        seen.append(tuple(returned) if returned is not None else tuple(pending))
+        pending.clear()
+
+    handles = [r.register_forward_hook(on_router) for r in routers] + [model.register_forward_hook(on_model)]
+    return seen, lambda: [h.remove() for h in handles]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_counts_equal_router_logits_reference(family: str) -> None:
+    model, moe_layers, choose, biases = _model(family)
+    lm = layer_map(model)
+    assert lm.moe_layer_ids == tuple(moe_layers) and lm.num_layers == 4
+    assert (lm.num_experts, lm.top_k) == (E, K)
+
+    seen, stop_capture = _capture_router_logits(model, moe_layers)
+    att = attach(model)
+    att.recorder.start()
+    prompt = torch.randint(1, COMMON["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    dump = att.recorder.dump()
+    att.detach()
+    stop_capture()
+
+    assert out.shape == (1, 13)
+    assert len(seen) == 6 == dump.window.num_passes  # one pass per generate step
+    want = _reference(seen, moe_layers, choose, biases, 4)
+    assert want.sum() == (7 + 5) * K * len(moe_layers)
+    assert torch.equal(dump.total_count(), want)
+    assert dump.model.moe_layer_ids == moe_layers
+    assert dump.window.num_tokens == [12 if layer in moe_layers else 0 for layer in range(4)]
+    assert dump.engine.name == "transformers" and dump.engine.version == T.__version__
+
+
+def test_padding_rows_are_not_counted() -> None:
+    """A left-padded batch: rows whose attention_mask is 0 are left out, the rest count exactly."""
+    model, moe_layers, choose, biases = _model("qwen3_moe", seed=5)
+    g = torch.Generator().manual_seed(9)
+    prompt = torch.randint(1, COMMON["vocab_size"], (3, 6), generator=g)
+    mask = torch.ones(3, 6, dtype=torch.int64)
+    mask[0, :4] = 0  # lengths 2, 6, 5
+    mask[2, :1] = 0
+    prompt = prompt.masked_fill(mask == 0, 0)
+    real = int(mask.sum())
+    valid = mask.reshape(-1).bool()
+
+    # One forward of the padded batch: the logits transformers returns, masked, are the reference.
+    with attach(model, mode="per_token") as att:
+        att.recorder.start()
+        out = model(prompt, attention_mask=mask)
+        dump = att.recorder.dump()
+    want = _reference([out.router_logits], moe_layers, choose, biases, 4, [valid])
+    assert torch.equal(dump.total_count(), want)
+    assert dump.window.num_tokens == [real if layer in moe_layers else 0 for layer in range(4)]
+    assert dump.window.discarded == [0, 0, 0, 0]
+    # per_token: the record holds the real tokens only, in order, with the model's ids.
+    ids = dump.records[0].topk_ids_of_layer
+    assert ids.shape == (4, real, K)
+    for i, layer in enumerate(moe_layers):
+        assert torch.equal(ids[layer].to(torch.int64), choose(out.router_logits[i], None)[valid])
+
+    # generate(): decode steps see the mask's last column; every decoded row is real.
+    # (transformers' aux loss fails on cached decode steps with a mask, so no router logits here.)
+    model.config.output_router_logits = False
+    with attach(model) as att:
+        att.recorder.start()
+        model.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        dump = att.recorder.dump()
+    assert dump.window.num_passes == 4
+    assert dump.window.num_tokens == [real + 3 * 3 if layer in moe_layers else 0 for layer in range(4)]
+    assert dump.total_count().sum() == (real + 9) * K * len(moe_layers)
+
+    # mask_padding=False counts every row.
+    with attach(model, mask_padding=False) as att:
+        att.recorder.start()
+        model(prompt, attention_mask=mask)
+        assert att.recorder.dump().window.num_tokens[moe_layers[0]] == 18

@@ -1,0 +1,49 @@
+"""``moe-record merge FILES... -o OUT``: merge per-rank and per-engine dumps (rules: ``moe_record_sdk.merge``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import MoeRecordError
+from ..merge import merge_dumps
+from ..schema import load_dump, save_dump
+from .validate import iter_dump_files
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "merge",
+        help="merge dumps of several ranks / engines: replicas (same token_shard) once, other shards summed",
+    )
+    p.add_argument("paths", nargs="+", metavar="FILE", help="dump files (ours or SGLang's), or folders holding them")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="merged dump; format by suffix (.pt, .msgpack, .json)"
+    )
+    p.add_argument(
+        "--allow-partial", action="store_true", help="merge even if token shards or pipeline stages are missing"
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    missing = [p for p in args.paths if not os.path.exists(p)]
+    if missing:
+        print(f"moe-record merge: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    files = list(iter_dump_files(args.paths))
+    if not files:
+        print("moe-record merge: no dump files found under " + ", ".join(args.paths), file=sys.stderr)
+        return 2
+    try:
+        merged = merge_dumps([load_dump(f) for f in files], sources=files, allow_partial=args.allow_partial)
+        path = save_dump(merged, args.output)
+    except (MoeRecordError, OSError) as e:
+        print(f"moe-record merge: {e}", file=sys.stderr)
+        return 1
+    w = merged.window
+    tokens = max(w.num_tokens or [0], default=0)
+    print(f"merged {len(files)} dumps -> {path} ({w.mode}, {w.num_passes} passes, {tokens} tokens per layer)")
+    return 0

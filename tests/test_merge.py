@@ -1,0 +1,266 @@
+"""Merge rules: replicas once, shards summed, stages filled in, incompatible inputs refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+
+from moe_record_sdk import MergeError, Recorder, Topology, load_dump, validate_dump
+from moe_record_sdk.cli import main
+from moe_record_sdk.merge import merge_distributed, merge_dumps, reduce_dump
+
+from .dumps import random_dump
+
+L, E, K = 4, 8, 2
+
+
+def tokens(seed: int, passes: int = 3, rows: int = 5) -> list[torch.Tensor]:
+    """The routing of ``passes`` passes of a token shard: ids per pass, the same on every layer's seed."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(-1, E, (rows, K), generator=g) for _ in range(passes)]
+
+
+def record(
+    seed: int,
+    topology: Topology,
+    *,
+    layers=(0, 1, 2, 3),
+    mode: str = "stat",
+    name: str = "m",
+    experts: int = E,
+    top_k: int = K,
+    **kw,
+):
+    """A real Recorder fed the routing of token shard ``seed`` on ``layers`` (ids differ per layer)."""
+    rec = Recorder(
+        num_layers=L,
+        num_experts=experts,
+        top_k=top_k,
+        layer_ids=list(layers),
+        mode=mode,
+        topology=topology,
+        model_name=name,
+        **kw,
+    )
+    rec.start()
+    for ids in tokens(seed):
+        for layer in layers:
+            rec.record(layer, (ids[:, :top_k] + layer) % experts, num_valid_tokens=4)
+        rec.step()
+    return rec.dump()
+
+
+def one_process(seeds: list[int], mode: str = "stat", **kw):
+    """What one process seeing every token shard would have recorded (no topology)."""
+    rec = Recorder(num_layers=L, num_experts=E, top_k=K, mode=mode, model_name="m", **kw)
+    rec.start()
+    for seed in seeds:
+        for ids in tokens(seed):
+            for layer in range(L):
+                rec.record(layer, (ids + layer) % E, num_valid_tokens=4)
+            rec.step()
+    return rec.dump()
+
+
+def same_counts(merged, single) -> None:
+    assert validate_dump(merged) == []
+    assert torch.equal(merged.total_count(), single.total_count())
+    assert merged.window.num_tokens == single.window.num_tokens
+    assert merged.window.discarded == single.window.discarded
+    assert merged.window.num_passes == single.window.num_passes
+
+
+def tp(rank: int, size: int = 2, **kw) -> Topology:
+    return Topology(rank=rank, world_size=size, tp_rank=rank, tp_size=size, **kw)
+
+
+def test_tensor_parallel_replicas_count_once() -> None:
+    dumps = [record(1, tp(r, 4)) for r in range(4)]
+    merged = merge_dumps(dumps)
+    same_counts(merged, one_process([1]))
+    assert merged.topology.world_size == 1 and merged.topology.tp_size == 4
+    assert torch.equal(merged.total_count() * 4, torch.stack([d.total_count() for d in dumps]).sum(0))
+
+
+def test_data_parallel_shards_are_summed() -> None:
+    dumps = [
+        record(s, Topology(rank=s, world_size=3, dp_rank=s, dp_size=3, token_shard=s, num_token_shards=3))
+        for s in range(3)
+    ]
+    same_counts(merge_dumps(dumps), one_process([0, 1, 2]))
+
+
+def test_replicas_times_shards_with_pipeline_stages() -> None:
+    """8 ranks: 2 token shards x 2 TP replicas x 2 pipeline stages (layers 0-1 and 2-3)."""
+    dumps = []
+    for rank in range(8):
+        shard, rest = divmod(rank, 4)
+        stage, _tp_rank = divmod(rest, 2)
+        topo = Topology(
+            rank=rank,
+            world_size=8,
+            tp_size=2,
+            pp_size=2,
+            dp_size=2,
+            pp_rank=stage,
+            dp_rank=shard,
+            token_shard=shard,
+            num_token_shards=2,
+        )
+        dumps.append(record(shard, topo, layers=(0, 1) if stage == 0 else (2, 3)))
+    merged = merge_dumps(dumps[::-1])  # order does not matter
+    same_counts(merged, one_process([0, 1]))
+    assert merged.model.moe_layer_ids == [0, 1, 2, 3]
+
+
+def test_per_token_replicas_and_stages_keep_ids() -> None:
+    stage0 = record(1, tp(0), layers=(0, 1), mode="per_token", buffer_size=8)
+    stage1 = record(1, tp(1), layers=(2, 3), mode="per_token", buffer_size=8)
+    merged = merge_dumps([stage0, stage1])
+    single = one_process([1], mode="per_token", buffer_size=8)
+    same_counts(merged, single)
+    assert merged.mode == "per_token" and len(merged.records) == 3
+    for got, want in zip(merged.records, single.records):
+        assert torch.equal(got.topk_ids_of_layer, want.topk_ids_of_layer)
+
+
+def test_per_pass_shards_concatenate_records() -> None:
+    a = record(1, Topology(rank=0, world_size=2, token_shard=0, num_token_shards=2), mode="per_pass", buffer_size=8)
+    b = record(2, Topology(rank=1, world_size=2, token_shard=1, num_token_shards=2), mode="per_pass", buffer_size=8)
+    merged = merge_dumps([a, b])
+    same_counts(merged, one_process([1, 2], mode="per_pass", buffer_size=8))
+    assert [(r.rank, r.forward_pass_id) for r in merged.records] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert torch.equal(merged.logical_count, torch.cat([a.logical_count, b.logical_count]))
+
+
+def test_replicas_that_disagree_are_refused() -> None:
+    a = record(1, tp(0))
+    b = record(2, tp(1))  # other tokens under the same token_shard
+    with pytest.raises(MergeError, match=r"ranks 0 \(a.pt\) and 1 \(b.pt\) disagree on layer 0"):
+        merge_dumps([a, b], sources=["a.pt", "b.pt"])
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"experts": 16}, "num_logical_experts"),
+        ({"top_k": 1}, "top_k"),
+        ({"name": "other"}, "name"),
+    ],
+)
+def test_incompatible_dumps_are_refused_by_name(change: dict, field: str) -> None:
+    a = record(1, Topology())
+    b = record(2, Topology(), **change)
+    with pytest.raises(MergeError, match=rf"y.pt: model\.{field} is .* but x.pt has"):
+        merge_dumps([a, b], sources=["x.pt", "y.pt"])
+    other_layers = random_dump(1, num_layers=5, num_experts=E)
+    with pytest.raises(MergeError, match="model.num_layers is 5"):
+        merge_dumps([a, other_layers])
+
+
+def test_missing_shards_and_stages_are_refused_unless_partial() -> None:
+    a = record(1, Topology(rank=0, world_size=2, token_shard=0, num_token_shards=2))
+    with pytest.raises(MergeError, match=r"token shards \[1\] are missing"):
+        merge_dumps([a])
+    assert torch.equal(merge_dumps([a], allow_partial=True).total_count(), a.total_count())
+
+    def stage(shard: int, layers) -> object:
+        return record(
+            shard,
+            Topology(rank=2 * shard + (layers[0] > 1), world_size=4, pp_size=2, token_shard=shard, num_token_shards=2),
+            layers=layers,
+        )
+
+    with pytest.raises(MergeError, match=r"observed layers \[0, 1\], but .* observed \[0, 1, 2, 3\]"):
+        merge_dumps([stage(0, (0, 1)), stage(0, (2, 3)), stage(1, (0, 1))])
+
+
+def test_runs_ranks_and_engines() -> None:
+    # Two per-rank files of one rank: two engines' files mixed up.
+    with pytest.raises(MergeError, match="both hold rank 1 of a 2-rank"):
+        merge_dumps([record(1, tp(0)), record(1, tp(1)), record(2, tp(1))], sources=["a0", "a1", "b1"])
+    # Whole-run dumps of several engines (world_size 1) saw different tokens: summed.
+    engines = [record(s, Topology()) for s in (1, 2, 3)]
+    same_counts(merge_dumps(engines), one_process([1, 2, 3]))
+    # Engine A merged per rank, then with engine B.
+    a = merge_dumps([record(1, tp(0)), record(1, tp(1))])
+    b = merge_dumps([record(2, tp(0)), record(2, tp(1))])
+    same_counts(merge_dumps([a, b]), one_process([1, 2]))
+
+
+def test_mixed_modes_reduce_to_what_all_hold() -> None:
+    t = record(1, Topology(), mode="per_token", buffer_size=8)
+    p = record(2, Topology(), mode="per_pass", buffer_size=8)
+    s = record(3, Topology())
+    tp_ = merge_dumps([t, p])
+    assert tp_.mode == "per_pass" and all(r.topk_ids_of_layer is None for r in tp_.records)
+    same_counts(tp_, one_process([1, 2]))
+    everything = merge_dumps([t, p, s])
+    assert everything.mode == "stat" and everything.logical_count.shape[0] == 1 and everything.records == []
+    same_counts(everything, one_process([1, 2, 3]))
+    assert validate_dump(reduce_dump(t, "stat")) == [] and validate_dump(reduce_dump(t, "per_pass")) == []
+
+
+def test_stat_rings_merge_row_by_row_when_aligned() -> None:
+    a = record(1, Topology(rank=0, world_size=2, token_shard=0, num_token_shards=2), buffer_size=2)
+    b = record(2, Topology(rank=1, world_size=2, token_shard=1, num_token_shards=2), buffer_size=2)
+    merged = merge_dumps([a, b])
+    assert merged.logical_count.shape[0] == 2 and torch.equal(merged.logical_count, a.logical_count + b.logical_count)
+    assert torch.equal(merged.total_count(), a.total_count() + b.total_count())  # ring rows dropped: totals kept
+    assert validate_dump(merged) == []
+
+
+def test_physical_counts_kept_only_with_one_map() -> None:
+    a = msgspec.structs.replace(
+        random_dump(1, replicas=3), topology=Topology(rank=0, world_size=2, token_shard=0, num_token_shards=2)
+    )
+    b = msgspec.structs.replace(
+        random_dump(1, replicas=3), topology=Topology(rank=1, world_size=2, token_shard=1, num_token_shards=2)
+    )
+    merged = merge_dumps([a, b])
+    assert torch.equal(merged.physical_count, a.physical_count + b.physical_count) and validate_dump(merged) == []
+    c = msgspec.structs.replace(random_dump(2, replicas=3), topology=b.topology)  # another map
+    merged = merge_dumps([a, c])
+    assert merged.physical_count is None and merged.physical_to_logical_map is None
+    assert torch.equal(merged.total_count(), a.total_count() + c.total_count()) and validate_dump(merged) == []
+
+
+def test_cli_merge(tmp_path, capsys) -> None:
+    paths = []
+    for s in range(2):
+        d = record(s, Topology(rank=s, world_size=2, token_shard=s, num_token_shards=2))
+        paths.append(d.save(str(tmp_path / f"rank{s}.pt")))
+    out = tmp_path / "merged.msgpack"
+    assert main(["merge", *paths, "-o", str(out)]) == 0
+    assert "merged 2 dumps" in capsys.readouterr().out
+    same_counts(load_dump(out), one_process([0, 1]))
+    # A folder works too; a missing shard is refused, then allowed.
+    assert main(["merge", str(tmp_path / "rank0.pt"), "-o", str(tmp_path / "x.pt")]) == 1
+    assert "token shards [1] are missing" in capsys.readouterr().err
+    assert main(["merge", "--allow-partial", str(tmp_path / "rank0.pt"), "-o", str(tmp_path / "x.pt")]) == 0
+    other = record(1, Topology(), experts=16).save(str(tmp_path / "other.json"))
+    assert main(["merge", paths[0], other, "-o", str(tmp_path / "y.pt")]) == 1
+    assert "model.num_logical_experts is 16" in capsys.readouterr().err
+    raw = msgspec.json.decode(Path(other).read_bytes())
+    raw["schema_version"] = 99
+    (tmp_path / "v99.json").write_bytes(msgspec.json.encode(raw))
+    assert main(["merge", paths[0], str(tmp_path / "v99.json"), "-o", str(tmp_path / "z.pt")]) == 1
+    assert "schema_version: 99" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "z.pt")]) == 2
+
+
+def test_merge_distributed_in_a_one_process_gloo_group(tmp_path) -> None:
+    import torch.distributed as dist
+
+    dump = record(1, Topology())
+    with pytest.raises(MergeError, match="not initialized"):
+        merge_distributed(dump)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        merged = merge_distributed(dump, dst=None)
+    finally:
+        dist.destroy_process_group()
+    same_counts(merged, dump)
