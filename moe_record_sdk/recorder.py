@@ -254,6 +254,16 @@ class Recorder:
         delta = counts if base is None else counts - base.counts
         return [int(v) // self.top_k for v in delta[:, : S + 1].sum(1)]
 
+    def peek(self, *, physical: bool = False) -> torch.Tensor:
+        """The window's counts so far, int64 [L, E] (``physical``: [L, P] slots), without ending
+        the window: what live metrics read between dumps."""
+        with self._lock:
+            counts = self.counter.counts.to("cpu")
+            base = self._base
+            delta = counts if base is None else counts - base.counts
+            slots = self._expand(delta[:, : self.num_slots])
+            return slots if physical else self._to_logical(slots)
+
     def dump(self, destination: str | None = None) -> Dump:
         """Snapshot the window into a Dump, optionally write it, then start a new window.
 

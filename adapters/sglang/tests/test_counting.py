@@ -1,0 +1,159 @@
+"""SGLang's real ``select_experts`` (``TopKConfig(torch_native=True)`` on CPU), called by a tiny
+model's MoE layers, counts exactly into our recorder: against an independent reference and
+against SGLang's own recorder fed the same passes; SGLang's scheduler handler drives it."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+from sglang_tiny import MOE_LAYERS, NUM_EXPERTS, NUM_LAYERS, TOP_K, Batch, TinyMoE, reference_counts
+
+from moe_record_sdk import load_dump, validate_dump
+
+PASSES = [(0, 9, None), (1, 5, 3), (2, 12, None), (3, 7, 6)]  # (pass id, tokens, non-padded rows)
+
+
+def _new_recorder(model_dir):
+    """What ModelRunner.maybe_init_expert_location_metadata does, with SGLang's own functions."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder, set_global_expert_distribution_recorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
+    rec = ExpertDistributionRecorder.init_new(meta, rank=0)
+    set_global_expert_distribution_recorder(rec)
+    return rec
+
+
+def _run(model: TinyMoE, rec, passes=PASSES) -> list[int]:
+    """Run forward passes the way ModelRunner.forward brackets them; return each pass's valid rows."""
+    g = torch.Generator().manual_seed(1)
+    valid = []
+    for pass_id, tokens, non_padded in passes:
+        ids = torch.randint(0, 128, (tokens,), generator=g)
+        batch = Batch(input_ids=ids, positions=torch.arange(tokens), extend_seq_lens_cpu=[tokens])
+        n = torch.tensor(non_padded) if non_padded is not None else None
+        with rec.with_forward_pass(pass_id, batch):
+            model(ids, num_token_non_padded=n)
+        valid.append(tokens if non_padded is None else non_padded)
+    return valid
+
+
+def test_select_experts_counts_exactly(sglang_config, model_dir, dump_dir):
+    from moe_record_sglang import SGLangRecorder, install, uninstall
+
+    install()
+    try:
+        with sglang_config("per_pass"):
+            rec = _new_recorder(model_dir)
+            assert isinstance(rec, SGLangRecorder)
+            model = TinyMoE(seed=3)
+            _run(model, rec, [(100, 4, None)])  # not recording: nothing counted
+            model.logits.clear()
+            rec.start_record()
+            valid = _run(model, rec)
+            recorded = {layer: list(calls) for layer, calls in model.logits.items()}
+            rec.stop_record()
+            _run(model, rec, [(200, 4, None)])  # stopped: nothing counted
+            rec.dump_record()
+    finally:
+        uninstall()
+    want = reference_counts(recorded, valid)
+    files = glob.glob(os.path.join(dump_dir, "expert_distribution_recorder_*_0.pt"))
+    assert len(files) == 1
+    dump = load_dump(files[0])
+    assert validate_dump(dump) == []
+    assert torch.equal(dump.total_count(), want)
+    assert [r.forward_pass_id for r in dump.records] == [p[0] for p in PASSES]  # SGLang's pass ids
+    assert dump.window.num_tokens == [0] + [sum(p[1] for p in PASSES)] * len(MOE_LAYERS)
+    padded = sum(p[1] - v for p, v in zip(PASSES, valid))
+    assert dump.window.discarded == [0] + [padded * TOP_K] * len(MOE_LAYERS)  # SGLang's -1 rows
+    assert dump.engine.name == "sglang" and dump.engine.version == "0.5.23"
+    for i in range(len(PASSES)):  # per pass, too
+        assert int(dump.logical_count[i].sum()) == valid[i] * TOP_K * len(MOE_LAYERS)
+
+
+def test_same_counts_as_sglangs_own_recorder(sglang_config, model_dir, dump_dir, gloo_world, sglang_on_cpu):
+    """SGLang's own recorder (its gatherer and accumulator, on CPU) and ours see the same passes."""
+    from moe_record_sglang import install, uninstall
+
+    model = TinyMoE(seed=5)
+    results = {}
+    for who in ("sglang", "ours"):
+        if who == "ours":
+            install()
+        try:
+            with sglang_config("per_pass"):
+                rec = _new_recorder(model_dir)
+                rec.start_record()
+                _run(model, rec)
+                rec.dump_record()
+        finally:
+            uninstall()
+        (path,) = glob.glob(os.path.join(dump_dir, "*.pt"))
+        results[who] = load_dump(path)
+        os.remove(path)
+    theirs, ours = results["sglang"], results["ours"]
+    assert theirs.engine.name == "sglang" and theirs.engine.adapter is None
+    assert torch.equal(ours.logical_count, theirs.logical_count)
+    assert [r.forward_pass_id for r in ours.records] == [r.forward_pass_id for r in theirs.records]
+
+
+def test_by_name_import_before_the_plugin_still_counts(sglang_config, model_dir, dump_dir):
+    """A module that did ``from ...topk import select_experts`` before we installed: counted,
+    because nothing of the router is patched (the recorder object is what changes)."""
+    from sglang.srt.layers.moe import topk as topk_module
+    from sglang.srt.layers.moe.topk import TopKConfig
+
+    select_experts_bound_early = topk_module.select_experts
+    from moe_record_sglang import install, uninstall
+
+    install()
+    try:
+        with sglang_config("stat"):
+            rec = _new_recorder(model_dir)
+            rec.start_record()
+            logits = torch.randn(6, NUM_EXPERTS, generator=torch.Generator().manual_seed(0))
+            with rec.with_forward_pass(0, None), rec.with_current_layer(2):
+                out = select_experts_bound_early(torch.zeros(6, 4), logits, TopKConfig(top_k=TOP_K, torch_native=True))
+            dump = rec.recorder.dump()
+    finally:
+        uninstall()
+    want = torch.zeros(NUM_EXPERTS, dtype=torch.int64).index_add_(
+        0, out.topk_ids.flatten().long(), torch.ones(12, dtype=torch.int64)
+    )
+    assert torch.equal(dump.total_count()[2], want)
+
+
+def test_scheduler_handler_drives_our_recorder(sglang_config, model_dir, dump_dir, gloo_world):
+    """The endpoints reach ``Scheduler.expert_distribution_handle``: SGLang's real handler."""
+    from moe_record_sglang import install, uninstall
+    from sglang.srt.managers.io_struct import ExpertDistributionReq, ExpertDistributionReqType
+    from sglang.srt.managers.scheduler import Scheduler
+
+    def handle(action):
+        return Scheduler.expert_distribution_handle(None, ExpertDistributionReq(action=action))
+
+    install()
+    try:
+        with sglang_config("stat"):
+            rec = _new_recorder(model_dir)
+            model = TinyMoE(seed=7)
+            handle(ExpertDistributionReqType.START_RECORD)
+            assert rec.recording
+            valid = _run(model, rec)
+            handle(ExpertDistributionReqType.STOP_RECORD)
+            assert not rec.recording
+            handle(ExpertDistributionReqType.DUMP_RECORD)
+    finally:
+        uninstall()
+    (path,) = glob.glob(os.path.join(dump_dir, "expert_distribution_recorder_*.pt"))
+    assert not path.endswith("_0.pt")  # stat: rank 0's single file, SGLang's name
+    raw = torch.load(path, weights_only=True, map_location="cpu")
+    assert raw["logical_count"].dtype == torch.int32 and raw["logical_count"].shape[1:] == (NUM_LAYERS, NUM_EXPERTS)
+    dump = load_dump(path)
+    assert validate_dump(dump) == []
+    assert torch.equal(dump.total_count(), reference_counts(model.logits, valid))
+    assert rec.status()["last_paths"] == [path]

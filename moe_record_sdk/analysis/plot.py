@@ -1,0 +1,150 @@
+"""Pictures of expert load: a layers × experts heatmap, per-layer imbalance, load over passes.
+
+matplotlib is optional (``pip install 'moe-record-sdk[plot]'``); it is drawn with the Agg canvas
+directly, so no GUI backend or global pyplot state is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ..schema.dump import Dump
+from . import metrics as m
+from .optional import require
+from .summary import moe_layers
+
+
+def _matplotlib():
+    require("matplotlib", "plotting")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    return Figure, FigureCanvasAgg, LogNorm
+
+
+def plot_dumps(
+    dumps: Sequence[tuple[str, Dump]],
+    path: str | os.PathLike[str],
+    *,
+    log: bool = False,
+    ep_size: int | None = None,
+    dpi: int = 110,
+) -> str:
+    """Draw each dump as one row: heatmap, per-layer imbalance, and load over passes if it has any.
+
+    Parameters
+    ----------
+    dumps:
+        ``(label, dump)`` pairs; one row of panels each.
+    path:
+        The PNG to write.
+    log:
+        Colour the heatmap on a log scale (zero counts shown blank).
+    ep_size:
+        Also draw the per-layer balancedness over this many GPUs (contiguous experts).
+
+    >>> plot_dumps([("run", load_dump("run.pt"))], "load.png", log=True)  # doctest: +SKIP
+    """
+    Figure, FigureCanvasAgg, LogNorm = _matplotlib()
+    if not dumps:
+        raise ValueError("dumps: nothing to plot")
+    with_passes = any(d.logical_count.shape[0] > 1 for _, d in dumps)
+    cols = 3 if with_passes else 2
+    fig = Figure(figsize=(6.0 * cols, 4.2 * len(dumps)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(dumps), cols, squeeze=False)
+    for row, (label, dump) in enumerate(dumps):
+        _heatmap(fig, axes[row][0], label, dump, log, LogNorm)
+        _imbalance(axes[row][1], dump, ep_size)
+        if with_passes:
+            _passes(axes[row][2], dump, ep_size)
+    path = os.fspath(path)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def _heatmap(fig, ax, label: str, dump: Dump, log: bool, LogNorm) -> None:
+    total = dump.total_count().to(torch.float64)
+    layers = moe_layers(dump) or list(range(dump.model.num_layers))
+    data = total[layers].numpy()
+    norm = None
+    if log:
+        positive = data[data > 0]
+        if positive.size:
+            norm = LogNorm(vmin=max(positive.min(), 1.0), vmax=max(positive.max(), 1.0))
+            data = data.copy()
+            data[data <= 0] = float("nan")  # log of zero: left blank
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
+    name = os.path.basename(label.rstrip("/")) or label
+    ax.set_title(f"{name}: tokens per expert" + (" (log)" if log else ""))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    if len(layers) <= 32:
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    else:
+        step = max(1, len(layers) // 16)
+        ax.set_yticks(range(0, len(layers), step), [str(layers[i]) for i in range(0, len(layers), step)])
+    fig.colorbar(im, ax=ax, label="assignments")
+
+
+def _imbalance(ax, dump: Dump, ep_size: int | None) -> None:
+    total = dump.total_count()
+    layers = moe_layers(dump) or list(range(dump.model.num_layers))
+    x = total[layers]
+    ax.bar(
+        range(len(layers)), m.max_over_mean(x).nan_to_num(0).numpy(), color="tab:orange", label="max/mean over experts"
+    )
+    ax.set_xticks(range(len(layers)), [str(i) for i in layers] if len(layers) <= 32 else [""] * len(layers))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max / mean")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_title("imbalance per layer")
+    twin = ax.twinx()
+    twin.plot(
+        range(len(layers)), m.balancedness(x).numpy(), "o-", color="tab:blue", ms=3, label="balancedness (experts)"
+    )
+    if ep_size and dump.model.num_logical_experts % ep_size == 0:
+        g = m.gpu_loads(x, num_gpus=ep_size)
+        twin.plot(
+            range(len(layers)),
+            m.balancedness(g).numpy(),
+            "s-",
+            color="tab:green",
+            ms=3,
+            label=f"balancedness ({ep_size} GPUs)",
+        )
+    twin.set_ylim(0, 1.05)
+    twin.set_ylabel("balancedness (mean/max)")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = twin.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize="small", framealpha=0.8)
+
+
+def _passes(ax, dump: Dump, ep_size: int | None) -> None:
+    B = dump.logical_count.shape[0]
+    if B <= 1:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "one row: no passes to show", ha="center", va="center", transform=ax.transAxes)
+        return
+    layers = moe_layers(dump) or list(range(dump.model.num_layers))
+    rows = dump.logical_count[:, layers].to(torch.float64)  # [B, L', E]
+    x = [r.forward_pass_id for r in dump.records] if len(dump.records) == B else list(range(B))
+    ax.plot(x, rows.sum((1, 2)).numpy(), color="tab:purple", lw=1.2, label="assignments")
+    ax.set_xlabel("forward pass")
+    ax.set_ylabel("assignments per pass")
+    ax.set_title("load over passes")
+    twin = ax.twinx()
+    bal = m.balancedness(rows)  # [B, L']: SGLang's per-pass value, averaged over layers
+    twin.plot(x, bal.mean(-1).numpy(), color="tab:blue", lw=1.0, label="balancedness, experts")
+    if ep_size and dump.model.num_logical_experts % ep_size == 0:
+        gpu = m.balancedness(m.gpu_loads(rows, num_gpus=ep_size))  # SGLang's logged value
+        twin.plot(x, gpu.mean(-1).numpy(), color="tab:green", lw=1.0, label=f"balancedness, {ep_size} GPUs")
+    twin.set_ylim(0, 1.05)
+    twin.set_ylabel("balancedness")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = twin.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize="small", framealpha=0.8)

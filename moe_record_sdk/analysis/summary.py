@@ -1,0 +1,437 @@
+"""A dump's expert load in numbers: per layer, per GPU, overall and over passes.
+
+``summarize(dump)`` computes; ``print_summary`` draws rich tables; ``to_json`` / ``to_csv``
+serialise. Every metric is in :mod:`.metrics`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Any
+
+import msgspec
+import torch
+
+from ..schema.dump import Dump
+from . import metrics as m
+
+
+class Metrics(msgspec.Struct, kw_only=True):
+    """The imbalance numbers of one load vector (None where undefined: no load at all)."""
+
+    max_over_mean: float | None
+    imbalance_ratio: float | None
+    """TensorRT-LLM's ``(max - mean) / mean``."""
+    balancedness: float | None
+    """SGLang's ``(mean + 1e-5) / (max + 1e-5)``."""
+    jain: float | None
+    cv: float | None
+
+
+class LoadStats(Metrics, kw_only=True):
+    """One layer's load over its experts, or over its GPUs."""
+
+    entries: int
+    """Experts (or GPUs) the load is spread over."""
+    assignments: float
+    """Sum of the load: token-expert assignments (top-k slots)."""
+    max: float
+    mean: float
+    hot: list[tuple[int, float]]
+    """The most loaded entries above the mean, as ``(index, load / mean)``, hottest first."""
+    dead: list[int]
+    """Entries that got no load."""
+
+
+class LayerSummary(msgspec.Struct, kw_only=True):
+    layer: int
+    tokens: int | None
+    """Tokens the layer saw (padding excluded), when the dump says or top_k lets us infer it."""
+    experts: LoadStats
+    gpus: LoadStats | None = None
+
+
+class Overall(msgspec.Struct, kw_only=True):
+    """Means of the per-layer metrics over the MoE layers that got load (SGLang averages its
+    balancedness over layers the same way), plus totals."""
+
+    layers: int
+    """MoE layers averaged (those with any load)."""
+    tokens: int | None
+    assignments: int
+    experts: Metrics
+    gpus: Metrics | None = None
+    dead_experts: int
+    """(layer, expert) pairs never chosen."""
+    worst_layer: int | None
+    """The layer with the lowest expert balancedness."""
+
+
+class PassSummary(msgspec.Struct, kw_only=True):
+    """One row of ``logical_count`` (a forward pass, or a ring slot)."""
+
+    index: int
+    forward_pass_id: int | None
+    assignments: int
+    experts: Metrics
+    """Means over the MoE layers with load in this pass."""
+    gpus: Metrics | None = None
+
+
+class Summary(msgspec.Struct, kw_only=True):
+    """What :func:`summarize` returns."""
+
+    source: str | None
+    engine: str
+    model: str | None
+    mode: str
+    num_layers: int
+    num_experts: int
+    top_k: int | None
+    num_passes: int
+    ep_size: int | None
+    placement: str | None
+    """How GPU loads were obtained: ``contiguous``, ``recorded physical counts`` or ``physical_to_logical_map``."""
+    layers: list[LayerSummary]
+    overall: Overall
+    passes: list[PassSummary]
+    """Per row of ``logical_count`` when the dump has more than one."""
+
+
+def _num(t: torch.Tensor) -> float | None:
+    v = float(t)
+    return None if math.isnan(v) else v
+
+
+def _metrics(x: torch.Tensor) -> Metrics:
+    return Metrics(**{name: _num(v) for name, v in m.all_metrics(x).items()})
+
+
+def load_stats(x: torch.Tensor, hot: int = 3) -> LoadStats:
+    """All metrics of one 1-D load vector."""
+    x = torch.as_tensor(x).to(torch.float64)
+    base = _metrics(x)
+    return LoadStats(
+        **msgspec.structs.asdict(base),
+        entries=x.numel(),
+        assignments=float(x.sum()),
+        max=float(x.max()),
+        mean=float(x.mean()),
+        hot=m.hot_experts(x, top=hot),
+        dead=m.dead_experts(x),
+    )
+
+
+def _mean_metrics(rows: list[Metrics]) -> Metrics:
+    def avg(name: str) -> float | None:
+        vals = [getattr(r, name) for r in rows if getattr(r, name) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return Metrics(**{f: avg(f) for f in Metrics.__struct_fields__})
+
+
+def moe_layers(dump: Dump) -> list[int]:
+    """Layers the dump observed: ``model.moe_layer_ids`` less ``window.unobserved_layers``."""
+    unobserved = set(dump.window.unobserved_layers)
+    return [layer for layer in dump.model.moe_layer_ids if layer not in unobserved]
+
+
+def _gpu_source(dump: Dump, ep_size: int | None, mapping: torch.Tensor | None) -> tuple[int | None, str | None, Any]:
+    """(GPUs, how, fn(logical [.., L, E], physical [.., L, P] | None) -> [.., L, G])."""
+    G = ep_size or (dump.topology.ep_size if dump.topology.ep_size > 1 else None)
+    if G is None:
+        return None, None, None
+    if mapping is not None:
+        return G, "physical_to_logical_map", lambda lg, ph: m.gpu_loads(lg, num_gpus=G, physical_to_logical_map=mapping)
+    if dump.physical_to_logical_map is not None:
+        dm = dump.physical_to_logical_map
+        if dump.physical_count is not None:
+            return G, "recorded physical counts", lambda lg, ph: m.physical_gpu_loads(ph, G)
+        return G, "physical_to_logical_map", lambda lg, ph: m.gpu_loads(lg, num_gpus=G, physical_to_logical_map=dm)
+    E = dump.model.num_logical_experts
+    if E % G:
+        raise ValueError(f"ep_size: {G} does not divide the {E} experts; give a physical_to_logical_map")
+    return G, "contiguous", lambda lg, ph: m.gpu_loads(lg, num_gpus=G)
+
+
+def summarize(
+    dump: Dump,
+    *,
+    ep_size: int | None = None,
+    physical_to_logical_map: torch.Tensor | None = None,
+    hot: int = 3,
+    source: str | None = None,
+) -> Summary:
+    """Imbalance per MoE layer (over experts, and over GPUs given a placement), overall, and per pass.
+
+    Parameters
+    ----------
+    dump:
+        Any dump (``load_dump`` reads ours and SGLang's files; ``moe_record_sdk.convert`` the others').
+    ep_size:
+        GPUs of the expert-parallel group; default the dump's ``topology.ep_size`` when above 1.
+        Without a map, experts sit contiguously (``E / ep_size`` per GPU).
+    physical_to_logical_map:
+        int ``[L, P]``: a placement to evaluate instead of the dump's own (e.g. an EPLB plan).
+        With the dump's own map and recorded physical counts, GPU loads are exact.
+    hot:
+        How many hot experts to name per layer.
+    source:
+        A label (file name) carried into the output.
+
+    >>> from moe_record_sdk import Recorder
+    >>> rec = Recorder(num_layers=1, num_experts=4, top_k=1); rec.start()
+    >>> rec.record(0, torch.tensor([[0], [0], [1], [2]])); rec.step()
+    >>> summarize(rec.dump()).layers[0].experts.dead
+    [3]
+    """
+    L, E = dump.model.num_layers, dump.model.num_logical_experts
+    total = dump.total_count().to(torch.int64)
+    phys_total = dump.physical_count.sum(0) if dump.physical_count is not None else None
+    G, placement, to_gpus = _gpu_source(dump, ep_size, physical_to_logical_map)
+    gpu_total = to_gpus(total, phys_total) if to_gpus else None
+    layers = moe_layers(dump)
+    num_tokens = dump.window.num_tokens
+    top_k = dump.model.top_k
+
+    def tokens_of(layer: int) -> int | None:
+        if num_tokens is not None and len(num_tokens) == L:
+            return num_tokens[layer]
+        return int(total[layer].sum()) // top_k if top_k else None
+
+    rows = [
+        LayerSummary(
+            layer=layer,
+            tokens=tokens_of(layer),
+            experts=load_stats(total[layer], hot),
+            gpus=load_stats(gpu_total[layer], hot) if gpu_total is not None else None,
+        )
+        for layer in layers
+    ]
+    loaded = [r for r in rows if r.experts.assignments > 0]
+    worst = min(loaded, key=lambda r: r.experts.balancedness or 0.0, default=None)
+    tokens = [r.tokens for r in rows if r.tokens is not None]
+    overall = Overall(
+        layers=len(loaded),
+        tokens=max(tokens) if tokens else None,
+        assignments=int(total[layers].sum()) if layers else 0,
+        experts=_mean_metrics([r.experts for r in loaded]),
+        gpus=_mean_metrics([r.gpus for r in loaded if r.gpus is not None]) if gpu_total is not None else None,
+        dead_experts=sum(len(r.experts.dead) for r in rows),
+        worst_layer=worst.layer if worst else None,
+    )
+    return Summary(
+        source=source,
+        engine=dump.engine.name + (f" {dump.engine.version}" if dump.engine.version else ""),
+        model=dump.model.name,
+        mode=dump.window.mode,
+        num_layers=L,
+        num_experts=E,
+        top_k=top_k,
+        num_passes=dump.window.num_passes,
+        ep_size=G,
+        placement=placement,
+        layers=rows,
+        overall=overall,
+        passes=_passes(dump, layers, to_gpus) if dump.logical_count.shape[0] > 1 else [],
+    )
+
+
+def _layer_means(x: torch.Tensor, has: torch.Tensor) -> list[Metrics]:
+    """Per row of ``x`` [B, L', n]: each metric averaged over the layers where ``has`` [B, L']."""
+    cols = {}
+    for name, v in m.all_metrics(x).items():
+        v = torch.where(has, v, torch.nan)  # [B, L']
+        cols[name] = [_num(t) for t in v.nanmean(-1)] if v.shape[-1] else [None] * v.shape[0]
+    return [Metrics(**{k: cols[k][i] for k in cols}) for i in range(x.shape[0])]
+
+
+def _passes(dump: Dump, layers: list[int], to_gpus: Any) -> list[PassSummary]:
+    count = dump.logical_count[:, layers].to(torch.float64)  # [B, L', E]
+    has = count.sum(-1) > 0  # layers with load in each pass
+    experts = _layer_means(count, has)
+    gpus = _layer_means(to_gpus(dump.logical_count, dump.physical_count)[:, layers], has) if to_gpus else None
+    records = dump.records if len(dump.records) == count.shape[0] else []
+    assignments = count.sum((1, 2)).tolist()
+    return [
+        PassSummary(
+            index=i,
+            forward_pass_id=records[i].forward_pass_id if records else None,
+            assignments=int(assignments[i]),
+            experts=experts[i],
+            gpus=gpus[i] if gpus is not None else None,
+        )
+        for i in range(count.shape[0])
+    ]
+
+
+# -- output ---------------------------------------------------------------------------------
+
+_json = msgspec.json.Encoder()
+
+
+def to_json(summaries: Summary | list[Summary]) -> str:
+    """The summary (or a list of them) as JSON; undefined metrics are ``null``."""
+    return _json.encode(summaries).decode()
+
+
+CSV_COLUMNS = [
+    "source", "scope", "layer", "pass", "over", "tokens", "assignments", "max", "mean",
+    "max_over_mean", "imbalance_ratio", "balancedness", "jain", "cv", "hot", "dead",
+]  # fmt: skip
+
+
+def to_csv(summaries: Summary | list[Summary]) -> str:
+    """One row per (layer, experts|gpus), the overall means and each pass, for spreadsheets."""
+    out = io.StringIO()
+    w = csv.DictWriter(out, CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for s in summaries if isinstance(summaries, list) else [summaries]:
+        base = {"source": s.source or ""}
+        for r in s.layers:
+            for over, st in (("experts", r.experts), ("gpus", r.gpus)):
+                if st is not None:
+                    row = {**base, "scope": "layer", "layer": r.layer, "over": over, "tokens": r.tokens}
+                    row.update({k: getattr(st, k) for k in CSV_COLUMNS if k in st.__struct_fields__})
+                    row["hot"] = " ".join(f"{i}:{x:.2f}" for i, x in st.hot)
+                    row["dead"] = " ".join(map(str, st.dead))
+                    w.writerow(row)
+        o = s.overall
+        for over, mt in (("experts", o.experts), ("gpus", o.gpus)):
+            if mt is not None:
+                w.writerow(
+                    {
+                        **base,
+                        "scope": "overall",
+                        "over": over,
+                        "tokens": o.tokens,
+                        "assignments": o.assignments,
+                        **msgspec.structs.asdict(mt),
+                    }
+                )
+        for p in s.passes:
+            for over, mt in (("experts", p.experts), ("gpus", p.gpus)):
+                if mt is not None:
+                    w.writerow(
+                        {
+                            **base,
+                            "scope": "pass",
+                            "pass": p.index,
+                            "over": over,
+                            "assignments": p.assignments,
+                            **msgspec.structs.asdict(mt),
+                        }
+                    )
+    return out.getvalue()
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _hot(st: LoadStats, prefix: str, top: int = 3) -> str:
+    return " ".join(f"{prefix}{i}:{x:.1f}" for i, x in st.hot[:top]) or "–"
+
+
+def _dead(st: LoadStats) -> str:
+    if not st.dead:
+        return "0"
+    shown = ",".join(map(str, st.dead[:6]))
+    return f"{len(st.dead)} ({shown}{',…' if len(st.dead) > 6 else ''})"
+
+
+def _pass_chunks(passes: list[PassSummary], limit: int) -> list[tuple[str, list[PassSummary]]]:
+    """At most ``limit`` groups of consecutive passes, labelled by their range."""
+    n = len(passes)
+    size = max(1, math.ceil(n / limit))
+    out = []
+    for lo in range(0, n, size):
+        group = passes[lo : lo + size]
+        label = str(group[0].index) if len(group) == 1 else f"{group[0].index}–{group[-1].index}"
+        out.append((label, group))
+    return out
+
+
+def print_summary(summary: Summary, console: Any = None, *, max_pass_rows: int = 20) -> None:
+    """Draw the summary as rich tables: layers over experts, layers over GPUs, and passes.
+
+    ``console``: a ``rich.console.Console`` (default: a new one on stdout).
+    """
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    s, o = summary, summary.overall
+    head = f"[bold]{s.source or 'dump'}[/bold]: {s.engine}" + (f", model {s.model}" if s.model else "")
+    head += f", mode {s.mode}, {s.num_layers} layers × {s.num_experts} experts"
+    head += f", top-k {s.top_k}" if s.top_k else ""
+    head += f", {s.num_passes} passes" if s.num_passes else ""
+    head += f", {o.tokens} tokens" if o.tokens is not None else f", {o.assignments} assignments"
+    console.print(head)
+
+    # max/mean is imbalance + 1: in the JSON and CSV, not on screen.
+    cols = ["imbalance", "balance", "Jain", "CV"]
+    caption = "imbalance: (max−mean)/mean (TensorRT-LLM); balance: mean/max (SGLang); hot: load/mean"
+
+    def metric_cells(mt: Metrics) -> list[str]:
+        return [_fmt(mt.imbalance_ratio), _fmt(mt.balancedness), _fmt(mt.jain), _fmt(mt.cv)]
+
+    def table(title: str, columns: list[str], cap: str) -> Table:
+        t = Table(title=title, title_justify="left", caption=cap or None, caption_justify="left", box=box.SIMPLE_HEAD)
+        for c in columns:
+            left = c.startswith(("hot", "dead"))
+            t.add_column(c, justify="left" if left else "right", no_wrap=not left)
+        return t
+
+    t = table("Load over experts, per MoE layer", ["layer", "tokens", *cols, "hot", "dead"], caption)
+    for r in s.layers:
+        t.add_row(
+            str(r.layer),
+            "–" if r.tokens is None else str(r.tokens),
+            *metric_cells(r.experts),
+            _hot(r.experts, "e"),
+            _dead(r.experts),
+        )
+    t.add_section()
+    worst = f"worst layer {o.worst_layer}" if o.worst_layer is not None else ""
+    t.add_row(
+        "mean",
+        "–" if o.tokens is None else str(o.tokens),
+        *metric_cells(o.experts),
+        worst,
+        str(o.dead_experts),
+        style="bold",
+    )
+    console.print(t)
+
+    if o.gpus is not None:
+        t = table(
+            f"Load over {s.ep_size} GPUs ({s.placement}), per MoE layer", ["layer", "max", "mean", *cols, "hot"], ""
+        )
+        for r in s.layers:
+            assert r.gpus is not None
+            t.add_row(
+                str(r.layer), f"{r.gpus.max:.0f}", f"{r.gpus.mean:.1f}", *metric_cells(r.gpus), _hot(r.gpus, "gpu", 1)
+            )
+        t.add_section()
+        t.add_row("mean", "", "", *metric_cells(o.gpus), "", style="bold")
+        console.print(t)
+
+    if s.passes:
+        extra = ["GPU imbalance", "GPU balance"] if s.passes[0].gpus is not None else []
+        t = table(
+            f"Over {len(s.passes)} passes (per-pass values, mean over layers)",
+            ["passes", "assignments", "imbalance", "balance", *extra],
+            "",
+        )
+        for label, group in _pass_chunks(s.passes, max_pass_rows):
+            e = _mean_metrics([p.experts for p in group])
+            cells = [label, str(sum(p.assignments for p in group)), _fmt(e.imbalance_ratio), _fmt(e.balancedness)]
+            if extra:
+                g = _mean_metrics([p.gpus for p in group if p.gpus is not None])
+                cells += [_fmt(g.imbalance_ratio), _fmt(g.balancedness)]
+            t.add_row(*cells)
+        console.print(t)

@@ -1,0 +1,86 @@
+"""``moe-record convert IN... -o OUT [--to FORMAT]``: other engines' statistics to ours, ours to engines'."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..convert import TARGETS, read_inputs, write
+from ..errors import MoeRecordError
+from ..schema.dump import Dump
+
+INPUTS_HELP = (
+    "dump files (ours, SGLang .pt or legacy .csv), TensorRT-LLM expert statistic folders "
+    "(meta_info.json + rank{R}.safetensors), or Megatron tokens_per_expert/rank{R}.jsonl files"
+)
+
+
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """Options every command that reads foreign inputs shares."""
+    p.add_argument(
+        "--megatron-ep-size", type=int, default=1, metavar="N", help="Megatron's expert-parallel size (default 1)"
+    )
+    p.add_argument(
+        "--num-layers",
+        type=int,
+        default=None,
+        metavar="L",
+        help="decoder layers of the model, for foreign inputs whose last layers recorded nothing",
+    )
+
+
+def read_args_inputs(args: argparse.Namespace, paths: list[str]) -> list[tuple[str, Dump]]:
+    return read_inputs(paths, megatron_ep_size=args.megatron_ep_size, num_layers=args.num_layers)
+
+
+def merged(dumps: list[tuple[str, Dump]]) -> tuple[str, Dump]:
+    """One run from several inputs, by ``moe_record_sdk.merge``'s rules (ranks and engines)."""
+    from ..merge import merge_dumps
+
+    labels = [label for label, _ in dumps]
+    return f"merged({', '.join(labels)})", merge_dumps([d for _, d in dumps], sources=labels)
+
+
+def fail(command: str, error: Exception) -> int:
+    print(f"moe-record {command}: {error}", file=sys.stderr)
+    return 2
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "convert",
+        help="convert TensorRT-LLM / Megatron / SGLang statistics to our dump, or ours to SGLang's .pt or a [L, E] tensor",
+        description="Read one run (a file, a TensorRT-LLM folder, or Megatron's rank files) and write it in another format.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IN", help=INPUTS_HELP)
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="the file to write")
+    p.add_argument(
+        "--to",
+        choices=TARGETS,
+        default=None,
+        help="msgpack/json/pt: our dump (pt is SGLang's layout plus our metadata); sglang-pt: SGLang's "
+        "stat .pt exactly (--init-expert-location takes it); tensor: a .pt of the int64 [L, E] totals. "
+        "Default: from OUT's suffix",
+    )
+    add_input_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        dumps = read_args_inputs(args, args.inputs)
+        if len(dumps) != 1:
+            raise MoeRecordError(
+                f"{len(dumps)} runs given ({', '.join(label for label, _ in dumps)}); convert writes one: "
+                "convert them one by one, or merge them first"
+            )
+        label, dump = dumps[0]
+        path = write(dump, args.output, args.to)
+    except (MoeRecordError, OSError, ValueError) as e:
+        return fail("convert", e)
+    L, E = dump.model.num_layers, dump.model.num_logical_experts
+    print(
+        f"{label} ({dump.engine.name}, {dump.window.mode}, {dump.logical_count.shape[0]} rows x {L} layers x {E} experts) -> {path}"
+    )
+    return 0

@@ -1,0 +1,156 @@
+"""``moe-record eplb FILE --replicas R --gpus G``: a placement plan from recorded load."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from ..analysis import metrics as m
+from ..analysis.eplb import EplbPlan, rebalance, save_weight, trivial_placement
+from ..analysis.summary import moe_layers
+from ..errors import MoeRecordError
+from ..schema.dump import Dump
+from .convert import INPUTS_HELP, add_input_options, fail, merged, read_args_inputs
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eplb",
+        help="plan expert replication and placement (DeepSeek EPLB's inputs/outputs); export SGLang's --init-expert-location",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="FILE",
+        help="one run (several inputs are merged, e.g. per-rank dumps): " + INPUTS_HELP,
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        required=True,
+        metavar="R",
+        help="physical expert slots (experts + redundant), a multiple of --gpus",
+    )
+    p.add_argument("--gpus", type=int, required=True, metavar="G", help="GPUs of the expert-parallel group")
+    p.add_argument(
+        "--nodes", type=int, default=1, metavar="N", help="nodes (hierarchical plan when --groups is a multiple)"
+    )
+    p.add_argument(
+        "--groups", type=int, default=1, metavar="K", help="expert groups of group-limited routing (DeepSeek's n_group)"
+    )
+    p.add_argument(
+        "--sglang-out",
+        metavar="PT",
+        help="write SGLang's --init-expert-location file {physical_to_logical_map: [L, R]}",
+    )
+    p.add_argument("--weight-out", metavar="PT", help="write the [L, E] weight tensor (EPLB input) as a .pt")
+    p.add_argument("--plan-out", metavar="PT", help="write {phy2log, log2phy, logcnt} as a .pt")
+    p.add_argument("--json", action="store_true", help="the plan and predicted balance as JSON on stdout")
+    add_input_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _balance(weight: torch.Tensor, mapping: torch.Tensor, gpus: int, layers: list[int]) -> dict[str, float]:
+    """Predicted GPU balance of a placement, averaged over the layers with load."""
+    g = m.gpu_loads(weight, num_gpus=gpus, physical_to_logical_map=mapping)[layers]
+    loaded = g.sum(-1) > 0
+    if not bool(loaded.any()):
+        return {"balancedness": 1.0, "imbalance_ratio": 0.0, "max_gpu_load": 0.0}
+    return {
+        "balancedness": float(m.balancedness(g)[loaded].mean()),
+        "imbalance_ratio": float(m.imbalance_ratio(g)[loaded].mean()),
+        "max_gpu_load": float(g.amax(-1)[loaded].mean()),
+    }
+
+
+def compare(dump: Dump, plan: EplbPlan, weight: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Predicted balance: trivial placement, the dump's own placement (if it has one), the plan."""
+    L, E = weight.shape
+    layers = moe_layers(dump) or list(range(L))
+    G, R = plan.num_gpus, plan.num_replicas
+    rows = {f"trivial ({R} slots)": _balance(weight, trivial_placement(L, E, R), G, layers)}
+    own = dump.physical_to_logical_map
+    if own is not None and own.shape[1] % G == 0:
+        rows[f"recorded placement ({own.shape[1]} slots)"] = _balance(weight, own, G, layers)
+    rows["plan"] = _balance(weight, plan.phy2log, G, layers)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        dumps = read_args_inputs(args, args.paths)
+        label, dump = dumps[0] if len(dumps) == 1 else merged(dumps)
+        weight = dump.total_count().to(torch.int64)
+        plan = rebalance(weight, args.replicas, args.gpus, args.nodes, args.groups)
+        written = []
+        if args.sglang_out:
+            written.append(("SGLang --init-expert-location", plan.save_sglang(args.sglang_out)))
+        if args.weight_out:
+            written.append(("weight [L, E]", save_weight(weight, args.weight_out)))
+        if args.plan_out:
+            torch.save({"phy2log": plan.phy2log, "log2phy": plan.log2phy, "logcnt": plan.logcnt}, args.plan_out)
+            written.append(("plan", args.plan_out))
+    except (MoeRecordError, OSError, ValueError) as e:
+        return fail("eplb", e)
+    rows = compare(dump, plan, weight)
+    L, E = weight.shape
+    if args.json:
+        json.dump(
+            {
+                "source": label,
+                "num_layers": L,
+                "num_experts": E,
+                "num_replicas": args.replicas,
+                "num_gpus": args.gpus,
+                "num_nodes": args.nodes,
+                "num_groups": args.groups,
+                "hierarchical": plan.hierarchical,
+                "global_layers": plan.global_layers,
+                "trivial_layers": plan.trivial_layers,
+                "predicted": rows,
+                "phy2log": plan.phy2log.tolist(),
+                "logcnt": plan.logcnt.tolist(),
+                "written": {what: path for what, path in written},
+            },
+            sys.stdout,
+        )
+        print()
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    kind = f"hierarchical over {args.nodes} nodes, {args.groups} groups" if plan.hierarchical else "global"
+    console.print(
+        f"[bold]{label}[/bold]: {L} layers × {E} experts → {args.replicas} slots on {args.gpus} GPUs ({kind})"
+    )
+    t = Table(title="Predicted GPU load (mean over MoE layers with load)", title_justify="left")
+    for c in ("placement", "balancedness", "(max−mean)/mean", "max GPU load"):
+        t.add_column(c, justify="left" if c == "placement" else "right")
+    for name, r in rows.items():
+        t.add_row(
+            name,
+            f"{r['balancedness']:.3f}",
+            f"{r['imbalance_ratio']:.3f}",
+            f"{r['max_gpu_load']:.1f}",
+            style="bold" if name == "plan" else None,
+        )
+    console.print(t)
+    if plan.global_layers:
+        console.print(
+            f"layers planned globally (keeping groups on nodes would not beat the trivial placement): {plan.global_layers}"
+        )
+    if plan.trivial_layers:
+        console.print(f"layers kept trivial (no plan beat it): {plan.trivial_layers}")
+    redundant = args.replicas - E
+    for what, path in written:
+        console.print(f"wrote {what}: {path}")
+    if args.sglang_out:
+        console.print(
+            f"SGLang: --init-expert-location {args.sglang_out} --ep-num-redundant-experts {redundant} --ep-size {args.gpus}"
+        )
+    return 0

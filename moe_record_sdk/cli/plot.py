@@ -1,0 +1,37 @@
+"""``moe-record plot FILE... -o out.png``: heatmap, per-layer imbalance, load over passes."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import MoeRecordError
+from .convert import INPUTS_HELP, add_input_options, fail, read_args_inputs
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "plot",
+        help="draw a layers x experts heatmap, per-layer imbalance and load over passes (needs moe-record-sdk[plot])",
+    )
+    p.add_argument("paths", nargs="+", metavar="FILE", help=INPUTS_HELP)
+    p.add_argument("-o", "--output", required=True, metavar="PNG", help="the image to write")
+    p.add_argument("--log", action="store_true", help="log colour scale for the heatmap")
+    p.add_argument(
+        "--ep-size", type=int, default=None, metavar="N", help="also draw balancedness over N GPUs (contiguous experts)"
+    )
+    p.add_argument("--dpi", type=int, default=110)
+    add_input_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from ..analysis.plot import plot_dumps
+
+        dumps = read_args_inputs(args, args.paths)
+        path = plot_dumps(dumps, args.output, log=args.log, ep_size=args.ep_size, dpi=args.dpi)
+    except (MoeRecordError, OSError, ValueError) as e:
+        return fail("plot", e)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,79 @@
+"""``moe-record summary FILE...``: imbalance per layer, per GPU, overall and over passes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..analysis.summary import print_summary, summarize, to_csv, to_json
+from ..errors import MoeRecordError
+from .convert import INPUTS_HELP, add_input_options, fail, merged, read_args_inputs
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "summary",
+        help="per-layer and overall expert-load imbalance (SGLang, TensorRT-LLM, Jain, CV), per GPU given a placement",
+    )
+    p.add_argument("paths", nargs="+", metavar="FILE", help=INPUTS_HELP)
+    p.add_argument(
+        "--ep-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="GPUs of the expert-parallel group (experts contiguous unless a map is known)",
+    )
+    p.add_argument(
+        "--placement", metavar="PT", help="a .pt with physical_to_logical_map [L, P] (an EPLB plan) to evaluate"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the inputs first (per-rank dumps of one run; see `moe-record merge`)",
+    )
+    p.add_argument("--hot", type=int, default=3, metavar="N", help="hot experts to name per layer (default 3)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="JSON on stdout (a list, one summary per input)")
+    out.add_argument("--csv", action="store_true", help="CSV on stdout")
+    add_input_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def load_placement(path: str) -> torch.Tensor:
+    """The ``physical_to_logical_map`` of an SGLang ``--init-expert-location`` style ``.pt``."""
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise MoeRecordError(f"{path}: not a loadable .pt under weights_only=True: {e}") from None
+    mapping = obj.get("physical_to_logical_map") if isinstance(obj, dict) else obj
+    if not isinstance(mapping, torch.Tensor) or mapping.dim() != 2:
+        raise MoeRecordError(f"{path}: physical_to_logical_map: expected an int tensor [layers, physical experts]")
+    return mapping.to(torch.int64)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        mapping = load_placement(args.placement) if args.placement else None
+        dumps = read_args_inputs(args, args.paths)
+        if args.merge and len(dumps) > 1:
+            dumps = [merged(dumps)]
+        summaries = [
+            summarize(dump, ep_size=args.ep_size, physical_to_logical_map=mapping, hot=args.hot, source=label)
+            for label, dump in dumps
+        ]
+    except (MoeRecordError, OSError, ValueError) as e:
+        return fail("summary", e)
+    if args.json:
+        sys.stdout.write(to_json(summaries) + "\n")
+    elif args.csv:
+        sys.stdout.write(to_csv(summaries))
+    else:
+        from rich.console import Console
+
+        console = Console()
+        for s in summaries:
+            print_summary(s, console)
+    return 0

@@ -1,0 +1,102 @@
+"""Other engines' expert statistics in, engines' inputs out.
+
+Readers (to our :class:`~moe_record_sdk.Dump`): TensorRT-LLM's expert statistic folder
+(:func:`load_trtllm_statistic`), Megatron's tokens-per-expert JSONL (:func:`load_megatron_tpe`),
+and through :func:`~moe_record_sdk.load_dump` SGLang's ``.pt`` and legacy CSV and our own files.
+Writers: our formats (``msgpack``, ``json``, ``pt``), SGLang's plain stat ``.pt``
+(:func:`to_sglang_stat_dict`) and a bare ``[L, E]`` tensor.
+
+>>> dumps = read_inputs(["expert_statistic/", "run.pt"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..errors import DumpFormatError
+from ..schema import load_dump, save_dump
+from ..schema.dump import Dump
+from ..schema.sglang import INT32_MAX
+from .megatron import load_megatron_tpe
+from .trtllm import is_trtllm_folder, load_trtllm_statistic
+
+TARGETS = ("msgpack", "json", "pt", "sglang-pt", "tensor")
+
+__all__ = [
+    "TARGETS",
+    "load_megatron_tpe",
+    "load_trtllm_statistic",
+    "read_inputs",
+    "to_sglang_stat_dict",
+    "write",
+]
+
+
+def read_inputs(
+    paths: Sequence[str], *, megatron_ep_size: int = 1, num_layers: int | None = None
+) -> list[tuple[str, Dump]]:
+    """Read every input as ``(label, dump)``.
+
+    A folder with ``meta_info.json`` is a TensorRT-LLM statistic (one dump); all ``.jsonl``
+    files together are one Megatron run (its ranks); any other file goes through ``load_dump``.
+    """
+    out: list[tuple[str, Dump]] = []
+    jsonl = [p for p in paths if p.endswith(".jsonl")]
+    for path in paths:
+        if not os.path.exists(path):
+            raise DumpFormatError(f"{path}: no such file or folder")
+        if path.endswith(".jsonl"):
+            if path == jsonl[0]:
+                label = jsonl[0] if len(jsonl) == 1 else os.path.dirname(jsonl[0]) or "megatron"
+                out.append((label, load_megatron_tpe(jsonl, ep_size=megatron_ep_size, num_layers=num_layers)))
+        elif os.path.isdir(path):
+            if not is_trtllm_folder(path):
+                raise DumpFormatError(
+                    f"{path}: a folder, but not a TensorRT-LLM expert statistic folder (no meta_info.json)"
+                )
+            out.append((path, load_trtllm_statistic(path, num_layers=num_layers)))
+        else:
+            out.append((path, load_dump(path)))
+    return out
+
+
+def to_sglang_stat_dict(dump: Dump) -> dict[str, Any]:
+    """SGLang's stat-mode dump, exactly its keys (sglang 0.5.23 ``_StatAccumulator.dump``):
+    ``{rank, logical_count: int32 [B, L, E], average_utilization_rate_over_window}``.
+
+    It is what ``--init-expert-location`` (``init_by_eplb``) and SGLang's EPLB consume. Rows are
+    the dump's passes; when some passes fell out of the ring, one row of exact totals instead.
+    """
+    count = dump.logical_count
+    if dump.total_logical_count is not None:
+        count = dump.total_logical_count.unsqueeze(0)
+    if count.numel() and int(count.max()) > INT32_MAX:
+        raise DumpFormatError("logical_count: a count exceeds int32, which SGLang's .pt layout uses")
+    return {
+        "rank": dump.topology.rank,
+        "logical_count": count.to(torch.int32).clone(),
+        "average_utilization_rate_over_window": dump.average_utilization_rate_over_window,
+    }
+
+
+def write(dump: Dump, path: str, to: str | None = None) -> str:
+    """Write ``dump`` as ``to`` (default from the suffix: ``.msgpack``, ``.json``, ``.pt``).
+
+    ``sglang-pt``: :func:`to_sglang_stat_dict`, no metadata of ours. ``tensor``: a ``.pt`` of the
+    single int64 ``[L, E]`` tensor of total counts (``torch.load(weights_only=True)`` opens it).
+    """
+    if to is None:
+        return save_dump(dump, path)
+    if to in ("msgpack", "json", "pt"):
+        return save_dump(dump, path, format=to)
+    if to == "sglang-pt":
+        torch.save(to_sglang_stat_dict(dump), path)
+        return path
+    if to == "tensor":
+        torch.save(dump.total_count().to(torch.int64).clone(), path)
+        return path
+    raise DumpFormatError(f"to: {to!r} is not one of {', '.join(TARGETS)}")

@@ -1,0 +1,125 @@
+"""Megatron-LM's tokens-per-expert JSON Lines, read into a per_pass dump.
+
+Megatron (``megatron/training/activation_logging.py``, ``ActivationLogger.save_tpe``) hooks each
+``decoder.layers.<N>.mlp.experts.linear_fc1`` grouped linear and appends, every
+``save_tokens_per_expert_interval`` iterations, to ``{save}/tokens_per_expert/rank{R}.jsonl``
+one line per (iteration, layer)::
+
+    {"iter": 100, "block": "decoder", "layer": 3, "tpe": [[128, 64], [96, 80]]}
+    {"iter": 100, "block": "mtp", "mtp_idx": 0, "layer": 1, "tpe": [[50, 50]]}
+
+``tpe`` is, per microbatch, the tokens routed to each of the rank's *local* experts. We sum the
+microbatches, place rank R's experts at ``(R % ep_size) * local`` (Megatron's expert rank order
+with expert-tensor-parallel size 1), and sum ranks holding the same experts (data-parallel
+replicas see disjoint tokens). ``layer`` is the index within the pipeline stage, so files of
+several pipeline stages cannot be combined. Multi-token-prediction (``mtp``) lines are not
+decoder layers and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import DumpFormatError
+from ..schema.dump import Dump, EngineInfo, ModelInfo, Record, Window
+
+_RANK = re.compile(r"rank(\d+)\.jsonl$")
+
+
+def _int(v: object, where: str, name: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise DumpFormatError(f"{where}: {name}: expected a non-negative integer, got {v!r}")
+    return v
+
+
+def _lines(path: str):
+    try:
+        with open(path) as f:
+            for n, text in enumerate(f, start=1):
+                if text.strip():
+                    try:
+                        yield n, json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise DumpFormatError(f"{path}: line {n}: not JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise DumpFormatError(f"{path}: not a text file") from None
+
+
+def load_megatron_tpe(paths: Sequence[str], *, ep_size: int = 1, num_layers: int | None = None) -> Dump:
+    """Read Megatron ``rank{R}.jsonl`` tokens-per-expert files into one dump (one row per iteration).
+
+    Parameters
+    ----------
+    paths:
+        The rank files (the rank comes from ``rank{R}`` in the name, else the position).
+    ep_size:
+        Megatron's expert-parallel size: experts are ``ep_size`` x the local experts in a line.
+    num_layers:
+        The model's decoder layers, when the last ones recorded nothing.
+
+    >>> dump = load_megatron_tpe(["tokens_per_expert/rank0.jsonl"])  # doctest: +SKIP
+    """
+    if ep_size < 1:
+        raise DumpFormatError(f"ep_size: must be >= 1, got {ep_size}")
+    local: int | None = None
+    counts: dict[tuple[int, int], torch.Tensor] = {}
+    ranks: dict[int, str] = {}
+    for pos, path in enumerate(paths):
+        m = _RANK.search(os.path.basename(path))
+        rank = int(m.group(1)) if m else pos
+        if rank in ranks:
+            raise DumpFormatError(f"{path}: rank {rank} given twice (also {ranks[rank]})")
+        ranks[rank] = path
+        offset_rank = rank % ep_size
+        for n, obj in _lines(path):
+            where = f"{path}: line {n}"
+            if not isinstance(obj, dict):
+                raise DumpFormatError(f"{where}: expected a JSON object")
+            if obj.get("block", "decoder") != "decoder":
+                continue
+            try:
+                it, layer, tpe = obj["iter"], obj["layer"], obj["tpe"]
+            except KeyError as e:
+                raise DumpFormatError(f"{where}: missing key {e}") from None
+            it, layer = _int(it, where, "iter"), _int(layer, where, "layer")
+            if not isinstance(tpe, list) or not tpe or not all(isinstance(mb, list) for mb in tpe):
+                raise DumpFormatError(f"{where}: tpe: expected a list of per-microbatch lists")
+            widths = {len(mb) for mb in tpe}
+            if len(widths) != 1 or 0 in widths:
+                raise DumpFormatError(f"{where}: tpe: microbatches list different numbers of experts")
+            width = widths.pop()
+            if local is None:
+                local = width
+            elif width != local:
+                raise DumpFormatError(f"{where}: tpe: {width} local experts, but earlier lines have {local}")
+            values = [_int(v, where, "tpe") for mb in tpe for v in mb]
+            row = torch.tensor(values, dtype=torch.int64).reshape(len(tpe), width).sum(0)
+            full = torch.zeros(width * ep_size, dtype=torch.int64)
+            full[offset_rank * width : (offset_rank + 1) * width] = row
+            counts[(it, layer)] = counts.get((it, layer), 0) + full
+    if local is None:
+        raise DumpFormatError(f"{', '.join(paths)}: no decoder tokens-per-expert lines")
+    E = local * ep_size
+    iters = sorted({i for i, _ in counts})
+    layers = sorted({layer for _, layer in counts})
+    L = max(layers) + 1
+    if num_layers is not None:
+        if num_layers < L:
+            raise DumpFormatError(f"layer {L - 1} recorded, but num_layers={num_layers}")
+        L = num_layers
+    row_of = {it: i for i, it in enumerate(iters)}
+    logical = torch.zeros(len(iters), L, E, dtype=torch.int64)
+    for (it, layer), value in counts.items():
+        logical[row_of[it], layer] = value
+    return Dump(
+        engine=EngineInfo(name="megatron"),
+        model=ModelInfo(num_layers=L, moe_layer_ids=layers, num_logical_experts=E, top_k=None),
+        window=Window(mode="per_pass", num_passes=len(iters)),
+        logical_count=logical,
+        records=[Record(forward_pass_id=it) for it in iters],
+    )

@@ -1,0 +1,187 @@
+"""EPLB plans: the invariants any correct plan keeps, balance gains, and SGLang's file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_record_sdk.analysis import metrics as m
+from moe_record_sdk.analysis.eplb import pack, rebalance, replicate, trivial_placement
+from moe_record_sdk.cli import main
+
+from ..dumps import random_dump
+
+
+@st.composite
+def problems(draw):
+    """(weight [L, E], R, G, N, K) satisfying the algorithm's divisibility rules."""
+    nodes = draw(st.sampled_from([1, 1, 2, 4]))
+    gpus = nodes * draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, nodes, 2 * nodes]))
+    experts = groups * draw(st.integers(1, 4))
+    while experts < gpus:  # keep at least one slot per GPU with few experts
+        experts += groups
+    per_gpu = -(-experts // gpus) + draw(st.integers(0, 2))
+    replicas = per_gpu * gpus
+    layers = draw(st.integers(1, 3))
+    skew = draw(st.sampled_from(["uniform", "zipf", "zeros", "one_hot", "random"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    if skew == "uniform":
+        w = torch.full((layers, experts), 50)
+    elif skew == "zipf":
+        w = (
+            (1000 / torch.arange(1, experts + 1))
+            .round()
+            .long()[torch.randperm(experts, generator=g)]
+            .expand(layers, -1)
+        )
+    elif skew == "zeros":
+        w = torch.zeros(layers, experts, dtype=torch.long)
+    elif skew == "one_hot":
+        w = torch.zeros(layers, experts, dtype=torch.long)
+        w[:, draw(st.integers(0, experts - 1))] = 999
+    else:
+        w = torch.randint(0, 500, (layers, experts), generator=g)
+    return w.clone(), replicas, gpus, nodes, groups
+
+
+def check_plan(plan, w, R, G):
+    L, E = w.shape
+    phy2log, log2phy, logcnt = plan.phy2log, plan.log2phy, plan.logcnt
+    assert phy2log.shape == (L, R) and phy2log.dtype == torch.int64
+    assert logcnt.shape == (L, E) and bool((logcnt >= 1).all())  # every expert has a replica
+    assert logcnt.sum(-1).tolist() == [R] * L  # replicas sum to R
+    for layer in range(L):
+        assert torch.bincount(phy2log[layer], minlength=E).tolist() == logcnt[layer].tolist()
+        for e in range(E):  # log2phy inverts phy2log, -1 padded
+            slots = [p for p in log2phy[layer, e].tolist() if p != -1]
+            assert slots == sorted(slots) and len(slots) == logcnt[layer, e]
+            assert all(phy2log[layer, p] == e for p in slots)
+            assert log2phy[layer, e, len(slots) :].eq(-1).all()
+    # each GPU holds R/G slots: contiguous blocks, so the map reshapes exactly
+    assert phy2log.reshape(L, G, R // G).shape == (L, G, R // G)
+    # never worse than the trivial placement
+    planned = m.gpu_loads(w, num_gpus=G, physical_to_logical_map=phy2log).amax(-1)
+    trivial = m.gpu_loads(w, num_gpus=G, physical_to_logical_map=trivial_placement(L, E, R)).amax(-1)
+    assert bool((planned <= trivial * (1 + 1e-9)).all()), (planned, trivial)
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_plan_invariants(problem):
+    w, R, G, N, K = problem
+    plan = rebalance(w, R, G, N, K)
+    check_plan(plan, w, R, G)
+    assert plan.hierarchical == (N > 1 and K % N == 0)
+
+
+def test_plans_themselves_beat_the_trivial_placement():
+    """The fallback to the trivial placement is a guarantee, not the algorithm: on random loads
+    no layer needs it."""
+    g = torch.Generator().manual_seed(1)
+    fallbacks = 0
+    for trial in range(60):
+        G = 2 + trial % 5
+        E = G * (1 + trial % 4) + trial % 3
+        R = G * (-(-E // G) + trial % 3)
+        w = (torch.rand(3, E, generator=g) ** (1 + trial % 6) * 1000).round()
+        fallbacks += len(rebalance(w, R, G).trivial_layers)
+    assert fallbacks == 0
+
+
+def test_skewed_load_gets_balanced():
+    g = torch.Generator().manual_seed(0)
+    L, E, G, R = 6, 64, 8, 80
+    w = ((torch.rand(L, E, generator=g) ** 6) * 10_000).round()
+    plan = rebalance(w, R, G)
+    before = m.balancedness(m.gpu_loads(w, num_gpus=G, physical_to_logical_map=trivial_placement(L, E, R)))
+    after = m.balancedness(plan.gpu_loads(w))
+    assert float(before.mean()) < 0.6
+    assert float(after.mean()) > 0.97
+    assert bool((after > before).all())
+    assert plan.trivial_layers == []
+
+
+def test_one_hot_expert_gets_the_spare_slots():
+    w = torch.tensor([[0, 900, 0, 0, 0, 0, 0, 0]])
+    plan = rebalance(w, num_replicas=12, num_gpus=4)
+    assert plan.logcnt[0].tolist() == [1, 5, 1, 1, 1, 1, 1, 1]
+    # its 5 replicas spread over the 4 GPUs: the busiest holds 2/5 of the load
+    assert plan.gpu_loads(w).amax().item() == pytest.approx(360.0)
+
+
+def test_deepseek_published_example_is_matched():
+    """The example of deepseek-ai/EPLB's README (as in the whn09/EPLB fork's example.py): our plan's
+    busiest GPU per layer is as low as the published phy2log's (hierarchical) and lower (global)."""
+    w = torch.tensor(
+        [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86], [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+    )
+    published = torch.tensor(
+        [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1], [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+    )
+    theirs = m.gpu_loads(w, num_gpus=8, physical_to_logical_map=published).amax(-1)
+    hier = rebalance(w, num_replicas=16, num_gpus=8, num_nodes=2, num_groups=4)
+    assert hier.hierarchical
+    check_plan(hier, w, 16, 8)
+    assert bool((hier.gpu_loads(w).amax(-1) <= theirs).all())
+    flat = rebalance(w, num_replicas=16, num_gpus=8)
+    assert bool((flat.gpu_loads(w).amax(-1) < theirs).all())
+    # hierarchical: each node's 8 slots hold whole groups (3 experts per group, 2 groups per node)
+    for layer in range(2):
+        for node in range(2):
+            groups = {e // 3 for e in hier.phy2log[layer, node * 8 : (node + 1) * 8].tolist()}
+            assert len(groups) == 2
+
+
+def test_replicate_and_pack_building_blocks():
+    assert replicate(torch.tensor([[10.0, 3.0, 1.0]]), 6).tolist() == [[4, 1, 1]]  # 10/4 < 3: stops there
+    assert replicate(torch.zeros(1, 3), 7).tolist() == [[3, 2, 2]]  # no load: spread evenly
+    bins = pack([5, 4, 3, 3, 2, 1], 2)
+    sums = [sum(v for v, b in zip([5, 4, 3, 3, 2, 1], bins) if b == k) for k in range(2)]
+    assert sorted(sums) == [9, 9] and [bins.count(k) for k in range(2)] == [3, 3]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((10, 4), "multiple of num_gpus"),
+        ((4, 4), "fewer than the 8"),
+        ((8, 4, 3), "num_nodes: 3 must divide"),
+        ((8, 4, 2, 3), "num_groups: 3 must divide"),
+    ],
+)
+def test_bad_arguments_are_named(args, match):
+    with pytest.raises(ValueError, match=match):
+        rebalance(torch.ones(2, 8), *args)
+
+
+def test_cli_writes_sglang_init_file_and_weight(tmp_path, capsys):
+    dump = random_dump(5, "stat", num_layers=4, num_experts=8, passes=6, tokens=30, layer_ids=[1, 2, 3])
+    src = dump.save(str(tmp_path / "run.msgpack"))
+    sg, wt = tmp_path / "init.pt", tmp_path / "weight.pt"
+    rc = main(
+        ["eplb", src, "--replicas", "12", "--gpus", "4", "--sglang-out", str(sg), "--weight-out", str(wt), "--json"]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    # SGLang 0.5.23 calls init_by_mapping(model_config, **torch.load(f, weights_only=True), moe_ep_rank=...):
+    # the file must hold exactly physical_to_logical_map [num_hidden_layers, R], dense layer 0 included.
+    init = torch.load(sg, weights_only=True, map_location="cpu")
+    assert list(init) == ["physical_to_logical_map"]
+    assert init["physical_to_logical_map"].shape == (4, 12) and init["physical_to_logical_map"].dtype == torch.int64
+    assert init["physical_to_logical_map"].tolist() == out["phy2log"]
+    weight = torch.load(wt, weights_only=True)
+    assert torch.equal(weight, dump.total_count())
+    predicted = out["predicted"]
+    assert predicted["plan"]["balancedness"] >= predicted["trivial (12 slots)"]["balancedness"]
+
+    rc = main(["eplb", src, "--replicas", "12", "--gpus", "4"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "plan" in text and "trivial (12 slots)" in text
+
+    assert main(["eplb", src, "--replicas", "10", "--gpus", "4"]) == 2
+    assert "multiple of num_gpus=4" in capsys.readouterr().err

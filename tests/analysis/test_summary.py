@@ -1,0 +1,132 @@
+"""summarize / print_summary / the summary command, on dumps with known counts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from moe_record_sdk import Recorder, Topology
+from moe_record_sdk.analysis import print_summary, summarize, to_csv, to_json
+from moe_record_sdk.cli import main
+
+
+def known_dump(mode="stat", mapping=None, passes=((0, 0, 1, 2), (0, 3))):
+    """Layer 1 of 3 is MoE-free (dense); layers 0 and 2 see the given top-1 ids per pass."""
+    rec = Recorder(num_layers=3, num_experts=4, top_k=1, mode=mode, layer_ids=[0, 2], physical_to_logical_map=mapping)
+    rec.start()
+    for ids in passes:
+        t = torch.tensor(ids).unsqueeze(1)
+        rec.record(0, t)
+        rec.record(2, torch.zeros_like(t))  # layer 2: everything on expert 0
+        rec.step()
+    return rec.dump()
+
+
+def test_per_layer_values():
+    s = summarize(known_dump(), source="k")
+    assert [r.layer for r in s.layers] == [0, 2]  # only the MoE layers
+    l0, l2 = s.layers
+    # layer 0: ids 0,0,1,2,0,3 -> [3, 1, 1, 1]; mean 1.5, max 3
+    assert l0.tokens == 6 and l0.experts.assignments == 6
+    assert l0.experts.max_over_mean == pytest.approx(2.0)
+    assert l0.experts.imbalance_ratio == pytest.approx(1.0)
+    assert l0.experts.balancedness == pytest.approx((1.5 + 1e-5) / (3 + 1e-5))
+    assert l0.experts.jain == pytest.approx(36 / (4 * 12))
+    assert l0.experts.hot == [(0, pytest.approx(2.0))] and l0.experts.dead == []
+    # layer 2: one hot expert, the worst score
+    assert l2.experts.max_over_mean == pytest.approx(4.0) and l2.experts.dead == [1, 2, 3]
+    o = s.overall
+    assert o.layers == 2 and o.tokens == 6 and o.assignments == 12 and o.dead_experts == 3
+    assert o.worst_layer == 2
+    assert o.experts.imbalance_ratio == pytest.approx((1.0 + 3.0) / 2)
+    assert s.passes == [] and s.ep_size is None and l0.gpus is None
+
+
+def test_per_gpu_contiguous_and_from_physical_counts():
+    s = summarize(known_dump(), ep_size=2)
+    assert s.placement == "contiguous"
+    assert s.layers[0].gpus.assignments == 6 and s.layers[0].gpus.max == 4  # GPU 0: experts 0,1 -> 3 + 1
+    assert s.layers[0].gpus.imbalance_ratio == pytest.approx(4 / 3 - 1)
+    # expert 0 replicated on slots 0 and 4; the recorder counts physical slots exactly
+    mapping = torch.tensor([[0, 1, 2, 3, 0, 0]] * 3)
+    dump = known_dump(mapping=mapping, passes=((0, 4, 1, 2), (4, 3)))
+    s = summarize(dump, ep_size=2)
+    assert s.placement == "recorded physical counts"
+    # slots 0-2 on GPU 0: 1 + 1 + 1; slots 3-5 on GPU 1: 1 + 2 + 0
+    assert s.layers[0].gpus.max == 3 and s.layers[0].gpus.balancedness == pytest.approx(1.0)
+    # a placement given explicitly is predicted: layer 0's [3, 1, 1, 1] with expert 0 split evenly
+    # over slots 0, 4, 5 -> GPU 0: 1 + 1 + 1, GPU 1: 1 + 1 + 1
+    s = summarize(known_dump(), ep_size=2, physical_to_logical_map=mapping)
+    assert s.placement == "physical_to_logical_map"
+    assert s.layers[0].gpus.max == pytest.approx(3.0) and s.layers[0].gpus.imbalance_ratio == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="ep_size: 3 does not divide the 4 experts"):
+        summarize(known_dump(), ep_size=3)
+
+
+def test_over_passes():
+    s = summarize(known_dump(mode="per_pass"), ep_size=2)
+    assert [p.forward_pass_id for p in s.passes] == [0, 1]
+    # pass 1 of layer 0: ids 0,3 -> [1, 0, 0, 1]: max/mean 2; layer 2: [2, 0, 0, 0]: 4 -> mean 3
+    assert s.passes[1].experts.max_over_mean == pytest.approx(3.0)
+    assert s.passes[1].assignments == 4
+    assert s.passes[1].gpus.balancedness == pytest.approx(((1 + 1e-5) / (1 + 1e-5) + (1 + 1e-5) / (2 + 1e-5)) / 2)
+
+
+def test_outputs():
+    s = summarize(known_dump(mode="per_pass"), ep_size=2, source="k")
+    back = json.loads(to_json([s]))
+    assert back[0]["layers"][0]["experts"]["imbalance_ratio"] == pytest.approx(1.0)
+    rows = list(csv.DictReader(io.StringIO(to_csv(s))))
+    assert {(r["scope"], r["over"]) for r in rows} == {
+        (a, b) for a in ("layer", "overall", "pass") for b in ("experts", "gpus")
+    }
+    first = rows[0]
+    assert first["layer"] == "0" and first["hot"] == "0:2.00" and float(first["jain"]) == pytest.approx(0.75)
+    console = Console(record=True, width=120)
+    print_summary(s, console)
+    text = console.export_text()
+    assert "Load over experts" in text and "Load over 2 GPUs (contiguous)" in text and "Over 2 passes" in text
+    assert "e0:2.0" in text and "worst layer 2" in text
+
+
+def test_cli(tmp_path, capsys):
+    path = known_dump().save(str(tmp_path / "d.pt"))
+    assert main(["summary", path, "--json", "--ep-size", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["source"] == path and out[0]["layers"][1]["experts"]["dead"] == [1, 2, 3]
+    assert main(["summary", path, "--csv"]) == 0
+    assert capsys.readouterr().out.startswith("source,scope,layer")
+    assert main(["summary", path]) == 0
+    assert "Load over experts" in capsys.readouterr().out
+    plan = tmp_path / "plan.pt"
+    torch.save({"physical_to_logical_map": torch.tensor([[0, 1, 2, 3, 0, 0]] * 3)}, plan)
+    assert main(["summary", path, "--json", "--ep-size", "3", "--placement", str(plan)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["placement"] == "physical_to_logical_map"
+    assert main(["summary", path, "--ep-size", "3"]) == 2
+    assert "does not divide" in capsys.readouterr().err
+
+
+def rank_dump(rank, ids):
+    topo = Topology(rank=rank, world_size=2, dp_rank=rank, dp_size=2, token_shard=rank, num_token_shards=2)
+    rec = Recorder(num_layers=1, num_experts=4, top_k=1, topology=topo)
+    rec.start()
+    rec.record(0, torch.tensor(ids).unsqueeze(1))
+    rec.step()
+    return rec.dump()
+
+
+def test_cli_merges_data_parallel_ranks(tmp_path, capsys):
+    a = rank_dump(0, [0, 0, 1]).save(str(tmp_path / "r0.msgpack"))
+    b = rank_dump(1, [2, 3, 0]).save(str(tmp_path / "r1.msgpack"))
+    assert main(["summary", a, b, "--json"]) == 0
+    assert [s["overall"]["assignments"] for s in json.loads(capsys.readouterr().out)] == [3, 3]
+    assert main(["summary", a, b, "--json", "--merge"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)
+    assert s["source"].startswith("merged(") and s["layers"][0]["experts"]["max"] == 3.0  # expert 0: 2 + 1
+    assert main(["eplb", a, b, "--replicas", "4", "--gpus", "2", "--json"]) == 0  # eplb merges on its own
+    assert json.loads(capsys.readouterr().out)["source"].startswith("merged(")
