@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import counter_triton
 from .errors import RecorderError
 
 
@@ -79,6 +80,9 @@ class Counter:
         self.token_pass: torch.Tensor | None = None
         self.token_cursor = torch.zeros((), dtype=torch.int64, device=dev)
         self.pass_tokens = torch.zeros((), dtype=torch.int64, device=dev)
+        # The tap's implementation: one Triton kernel on CUDA when Triton imports, else torch ops
+        # (also the reference the kernel is tested against; set to "torch" to force it).
+        self.kernel = "triton" if dev.type == "cuda" and counter_triton.available() else "torch"
         if token_slots:
             # Row N is the trash row for padding, disabled and overflowing writes.
             self.token_ids = torch.full((N + 1, R, top_k), -1, dtype=torch.int32, device=dev)
@@ -115,6 +119,9 @@ class Counter:
             raise RecorderError(f"topk_ids: expected shape [tokens, top_k={self.top_k}], got {list(topk_ids.shape)}")
         if topk_ids.dtype not in (torch.int32, torch.int64):
             raise RecorderError(f"topk_ids: expected int32 or int64, got {topk_ids.dtype}")
+        if self.kernel == "triton":
+            counter_triton.record(self, row, topk_ids, num_valid_tokens)
+            return
         T, k, S = topk_ids.shape[0], self.top_k, self.num_slots
         ids = topk_ids.to(torch.int64)
         invalid = (ids < 0) | (ids >= S)
@@ -132,9 +139,10 @@ class Counter:
         assert self.token_ids is not None and self.token_pass is not None
         N = self.token_slots
         t = self.token_arange[:T] if T <= N + 1 else torch.arange(T, device=ids.device)
-        valid = torch.full((), T, dtype=torch.int64, device=ids.device)
-        if num_valid is not None:
-            valid = torch.clamp(torch.as_tensor(num_valid, device=ids.device), max=T).to(torch.int64)
+        if isinstance(num_valid, torch.Tensor):
+            valid = torch.clamp(num_valid.to(ids.device), max=T).to(torch.int64)
+        else:  # a fill, not as_tensor: copying a host int to a GPU would sync
+            valid = torch.full((), T if num_valid is None else min(int(num_valid), T), dtype=torch.int64, device=ids.device)
         # Announce the pass's tokens before writing them: a dump that reads pass_tokens after its
         # copy then knows which older slots these writes may have overwritten.
         torch.maximum(self.pass_tokens, valid * self.token_enabled, out=self.pass_tokens)

@@ -1,0 +1,255 @@
+"""The tap as one Triton kernel, for CUDA: block-local histograms, then a few atomics.
+
+``Counter.record`` calls :func:`record` for CUDA ids when Triton imports; the torch path in
+``counter.py`` stays the CPU path and the reference this kernel is tested against.
+
+Why a kernel: SGLang's ``scatter_add_`` issues one global atomic per id, so all the tokens of a
+pass contend on a few hundred addresses and the cost grows with tokens. Here, past
+``DIRECT_MAX`` ids, each program histograms its ids on chip (``tl.histogram``) and issues one
+atomic per nonzero bin; below it (decode batches) one relaxed atomic per id is cheaper than any
+histogram. The same kernel writes the ``per_token`` ring, so every tap is one launch.
+Everything the host would have to read (``enabled``, ``token_enabled``, a tensor
+``num_valid_tokens``, the ring cursor) is loaded in-kernel: no sync, and one CUDA graph serves
+recording on and off.
+
+Notes (H100 80GB HBM3, torch 2.11, Triton 3.6, E=256, k=8, int32 ids, in a CUDA graph, us per
+call; ``moe-record bench`` and ``tests/perf/tune_tap.py`` print these):
+
+* Floor: an empty Triton kernel costs 0.98 us per graph node, a bare copy of the ids 1.10 (T=1)
+  to 1.39 (T=16384). The direct path sits at 1.23-1.33 up to T=128.
+* ``tl.histogram`` lowers to ballots: about 90 instructions per id per lane for 256 bins, so
+  ~0.4 us per 1024 ids on one SM, plus its shared-memory passes and barriers. With the
+  cross-program atomics (one per bin per program; 128 programs contend 128-deep per address),
+  the histogram path costs 2.05-2.4 us for T=1024-4096 and 3.4 at T=16384: 1.7-2.3x the copy,
+  5.5x under ``scatter_add_`` alone at T=16384. A shared-memory atomic histogram (not
+  expressible in Triton 3.6) is the next step towards the copy's cost.
+* ``per_token`` adds ~0.6 us (its flag, cursor and pass loads, the ring index, the writes).
+* Scalar atomics are issued as one-lane block atomics (``_add_lane0``): Triton broadcasts a
+  scalar atomic's result through shared memory and a barrier, which made every thread wait for
+  its round trip (+0.5 us per atomic).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch path serves
+    triton = None
+
+if TYPE_CHECKING:
+    from .counter import Counter
+
+# Launch shape, tuned on an H100 with tests/perf/tune_tap.py (figures in the module notes).
+DIRECT_MAX = 1024  # up to this many ids: one atomic per id, no histogram (decode batches) ...
+DIRECT_BLOCK = 128  # ... in programs of this many ids
+DIRECT_WARPS = 1
+HIST_BLOCKS = (512, 1024)  # more ids: the smallest block whose grid fits MAX_PROGRAMS, else the last
+MAX_PROGRAMS = 132  # a grid-stride loop beyond this many programs (each adds up to S atomics)
+NUM_WARPS = 8
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether the kernel can serve CUDA ids here (Triton imports and a GPU is present)."""
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    # Sizes, strides and the row vary from call to call: not specializing on them (== 1, % 16)
+    # keeps one compiled kernel per (dtype, layout, mode) instead of dozens.
+    @triton.jit(do_not_specialize=["stride_t", "stride_k", "T", "nv_int", "row", "N"])
+    def _tap_kernel(
+        ids_ptr,  # [T, K] int32 or int64, any strides
+        stride_t,
+        stride_k,
+        T,
+        nv_ptr,  # num_valid_tokens as a device scalar (NV_PTR) ...
+        nv_int,  # ... or as an int (T when None)
+        row,  # the layer's row in the counters
+        enabled_ptr,  # int64 scalar: 0 = count nothing
+        counts_ptr,  # int64 [R, S + 2]: Counter.counts
+        tok_ids_ptr,  # int32 [N + 1, R, K]: Counter.token_ids
+        tok_pass_ptr,  # int64 [N + 1]
+        R,
+        token_enabled_ptr,  # int64 scalar
+        cursor_ptr,  # int64 scalar: ring position of this pass's first token
+        pass_tokens_ptr,  # int64 scalar: tokens this pass announced so far
+        passes_ptr,  # int64 scalar: this pass's id
+        N,  # token slots in the ring
+        S: tl.constexpr,  # expert slots; S is the discard bin, S + 1 the padding bin
+        K: tl.constexpr,
+        NB: tl.constexpr,  # histogram bins: next power of two >= S (>= 32)
+        BLOCK: tl.constexpr,
+        DIRECT: tl.constexpr,  # one block per program, one atomic per id
+        CONTIG: tl.constexpr,  # ids are one dense [T * K] run: plain offsets, wide loads
+        NV_PTR: tl.constexpr,
+        TOKENS: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        counts_ptr += row * (S + 2)
+        numel = T * K
+        # The first block's ids are loaded before the flags are known, so the two loads overlap:
+        # the longest chain is one load, the counting, then the atomics (as a copy: load, store).
+        lane = tl.arange(0, BLOCK)
+        e = pid * BLOCK + lane
+        x = _load_ids(ids_ptr, e, numel, stride_t, stride_k, K, CONTIG)
+        on = tl.load(enabled_ptr) != 0
+        if NV_PTR:
+            nv = tl.minimum(tl.load(nv_ptr).to(tl.int64), T).to(tl.int32)
+        else:
+            nv = tl.minimum(nv_int, T)
+        valid_el = tl.maximum(nv, 0) * K  # ids in rows < num_valid_tokens: [0, valid_el)
+        active = on
+        if TOKENS:
+            tok_on = tl.load(token_enabled_ptr) != 0
+            active = on | tok_on
+            cursor = tl.load(cursor_ptr)
+            pass_id = tl.load(passes_ptr)
+            tok_ids_ptr += row * K
+            # cursor % N without a 64-bit integer division (slow on GPUs): exact for cursor < 2**53.
+            base = cursor - (cursor.to(tl.float64) / N).to(tl.int64) * N
+            base = tl.where(base < 0, base + N, tl.where(base >= N, base - N, base)).to(tl.int32)
+            # Announce the pass's tokens before writing any: a dump that re-reads pass_tokens
+            # after copying the ring knows which slots these writes may have overwritten. The
+            # copy is a DMA no fence orders against this kernel, so this is ordering in time:
+            # issued before the writes, re-read after the copy completed. (acq_rel here cost
+            # 0.5 us per layer on an H100 and would not order the DMA either.)
+            _max_lane0(pass_tokens_ptr, nv.to(tl.int64), tok_on & (nv > 0), lane)
+        if DIRECT:
+            # Few ids (decode): one relaxed atomic per counted id beats any histogram.
+            ok = (x >= 0) & (x < S)
+            tl.atomic_add(counts_ptr + tl.where(ok, x, S), 1, mask=on & (e < valid_el), sem="relaxed")
+            lo = pid * BLOCK
+            hi = tl.minimum(lo + BLOCK, numel)
+            pad = hi - tl.maximum(lo, tl.minimum(valid_el, hi))
+            _add_lane0(counts_ptr + S + 1, pad.to(tl.int64), on & (pad > 0), lane)
+            if TOKENS:
+                _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, R, K)
+        elif active:  # disabled: no program reads more than its first block
+            hist = tl.zeros([NB], dtype=tl.int32)
+            in_rows = 0  # ids this program saw in rows < num_valid_tokens
+            padding = 0
+            for b in range(pid, tl.cdiv(numel, BLOCK), nprog):
+                # Load the next block while this one is counted.
+                e_next = e + nprog * BLOCK
+                x_next = _load_ids(ids_ptr, e_next, numel, stride_t, stride_k, K, CONTIG)
+                ok = (x >= 0) & (x < S)
+                counted = (e < valid_el) & ok
+                hist += tl.histogram(tl.where(counted, x, 0).to(tl.int32), NB, mask=counted)
+                lo = b * BLOCK
+                hi = tl.minimum(lo + BLOCK, numel)
+                rows = tl.maximum(tl.minimum(valid_el, hi) - lo, 0)
+                in_rows += rows
+                padding += hi - lo - rows
+                if TOKENS:
+                    _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, R, K)
+                e = e_next
+                x = x_next
+            bins = tl.arange(0, NB)
+            tl.atomic_add(counts_ptr + bins, hist.to(tl.int64), mask=on & (bins < S) & (hist > 0), sem="relaxed")
+            # Invalid ids are the rows' ids the histogram did not count: one reduction, not two.
+            discard = in_rows - tl.sum(hist, axis=0)
+            _add_lane0(counts_ptr + S, discard.to(tl.int64), on & (discard > 0), lane)
+            _add_lane0(counts_ptr + S + 1, padding.to(tl.int64), on & (padding > 0), lane)
+
+    # Scalar atomics, issued as block-shaped ones with a single live lane: Triton gives a scalar
+    # atomic's result to every thread through shared memory and a barrier, so all of them would
+    # wait for its round trip (0.5 us on an H100); these results go unused, so nothing waits.
+    @triton.jit
+    def _add_lane0(ptr, value, mask, lane):
+        tl.atomic_add(ptr + lane * 0, value, mask=mask & (lane == 0), sem="relaxed")
+
+    @triton.jit
+    def _max_lane0(ptr, value, mask, lane):
+        tl.atomic_max(ptr + lane * 0, value, mask=mask & (lane == 0), sem="relaxed")
+
+    @triton.jit
+    def _load_ids(ids_ptr, e, numel, stride_t, stride_k, K: tl.constexpr, CONTIG: tl.constexpr):
+        if CONTIG:
+            off = e
+        else:
+            off = (e // K) * stride_t + (e % K) * stride_k
+        return tl.load(ids_ptr + off, mask=e < numel, other=-1)
+
+    @triton.jit
+    def _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, R, K: tl.constexpr):
+        t = e // K
+        # Only the pass's last N valid tokens fit in the ring; earlier ones would collide.
+        keep = (e < valid_el) & (t >= nv - N) & tok_on
+        slot = (base + t) % N
+        tl.store(tok_ids_ptr + slot.to(tl.int64) * (R * K) + e % K, tl.where(ok, x, -1).to(tl.int32), mask=keep)
+        tl.store(tok_pass_ptr + slot, pass_id, mask=keep & (e % K == 0))
+
+
+def record(counter: Counter, row: int, ids: torch.Tensor, num_valid: int | torch.Tensor | None) -> None:
+    """Count ``ids`` [T, k] into ``counter.counts[row]`` (and its token ring): one launch.
+
+    Same contract and same results as the torch path in ``Counter.record``.
+    """
+    T, K = ids.shape
+    if T == 0:
+        return  # nothing to count; the torch path's updates are all no-ops too
+    if T * K >= 2**31:
+        raise ValueError(f"topk_ids: {T} x {K} ids exceed the kernel's int32 indexing")
+    dev = ids.device
+    if dev.index != torch.cuda.current_device():  # Triton launches on the current device
+        with torch.cuda.device(dev):
+            return record(counter, row, ids, num_valid)
+    if isinstance(num_valid, torch.Tensor) and num_valid.device != dev:
+        # A host scalar is read as an int (no device sync); another GPU's is copied over.
+        num_valid = num_valid.to(dev) if num_valid.is_cuda else int(num_valid)
+    S = counter.num_slots
+    nv_ptr, nv_int = (num_valid, 0) if isinstance(num_valid, torch.Tensor) else (counter.enabled, T)
+    if isinstance(num_valid, int):
+        nv_int = max(min(num_valid, T), -1)  # clamped so Triton's int specialization stays small
+    # Few block sizes (each is a compiled variant): direct for decode, else a histogram block
+    # per program per iteration of a grid-stride loop.
+    n = T * K
+    if n <= DIRECT_MAX:
+        direct, block, warps = True, DIRECT_BLOCK, DIRECT_WARPS
+        grid = (triton.cdiv(n, block),)
+    else:
+        direct, warps = False, NUM_WARPS
+        block = next((b for b in HIST_BLOCKS if triton.cdiv(n, b) <= MAX_PROGRAMS), HIST_BLOCKS[-1])
+        grid = (min(triton.cdiv(n, block), MAX_PROGRAMS),)
+    tokens = counter.token_ids is not None
+    if tokens:
+        tok_ids, tok_pass, N = counter.token_ids, counter.token_pass, counter.token_slots
+    else:  # unused pointers: any int64 tensor
+        tok_ids, tok_pass, N = counter.enabled, counter.enabled, 1
+    _tap_kernel[grid](
+        ids,
+        ids.stride(0),
+        ids.stride(1),
+        T,
+        nv_ptr,
+        nv_int,
+        row,
+        counter.enabled,
+        counter.counts,
+        tok_ids,
+        tok_pass,
+        len(counter.layer_ids),
+        counter.token_enabled,
+        counter.token_cursor,
+        counter.pass_tokens,
+        counter.passes,
+        N,
+        S=S,
+        K=K,
+        NB=max(32, triton.next_power_of_2(S)),
+        BLOCK=block,
+        DIRECT=direct,
+        CONTIG=ids.is_contiguous(),
+        NV_PTR=isinstance(num_valid, torch.Tensor),
+        TOKENS=tokens,
+        num_warps=warps,
+    )
