@@ -1,6 +1,7 @@
 """moe-record-sdk: exact, sync-free expert-load recording for MoE inference engines."""
 
 from ._version import __version__
+from .client import AsyncFleet, Fleet
 from .errors import (
     AdapterError,
     DumpFormatError,
@@ -16,11 +17,13 @@ from .schema import Dump, EngineInfo, ModelInfo, Record, Topology, Window, load_
 
 __all__ = [
     "AdapterError",
+    "AsyncFleet",
     "Dump",
     "DumpFormatError",
     "DumpValidationError",
     "EngineError",
     "EngineInfo",
+    "Fleet",
     "MergeError",
     "ModelInfo",
     "MoeRecordError",

@@ -10,6 +10,20 @@ import sys
 # parser with ``func`` set to a callable(args) -> exit status. Imported lazily so `--help` is fast.
 COMMANDS: dict[str, str] = {
     "validate": "validate",
+    "merge": "merge",
+    "adapters": "adapters",
+    "summary": "summary",
+    "plot": "plot",
+    "eplb": "eplb",
+    "convert": "convert",
+    "bench": "bench",
+    "serve": "serve",
+    "start": "control",
+    "stop": "control",
+    "dump": "control",
+    "status": "control",
+    "record": "record",
+    "demo": "demo",
 }
 
 

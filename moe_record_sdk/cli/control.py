@@ -1,0 +1,133 @@
+"""``moe-record start|stop|dump|status --engine URL ...``: one control action on many engines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .. import env
+from ..schema import FORMATS, MODES
+
+ACTIONS = ("start", "stop", "dump", "status")
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """``--engine`` (repeatable, or comma-separated), ``--api-key``, ``--timeout``, ``--retries``."""
+    p.add_argument(
+        "--engine", "-e", action="append", required=True, metavar="URL",
+        help="an engine's base URL (http://host:port, or host:port); repeat it, or separate with commas",
+    )  # fmt: skip
+    p.add_argument("--api-key", default=None, help=f"bearer token for the engines (default ${env.MOE_RECORD_API_KEY})")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    p.add_argument("--retries", type=int, default=2, help="extra attempts where safe (default 2)")
+
+
+def engines_of(args: argparse.Namespace) -> list[str]:
+    return [e for group in args.engine for e in group.split(",") if e.strip()]
+
+
+def fleet_of(args: argparse.Namespace) -> Any:
+    from ..client import Fleet
+
+    return Fleet(engines_of(args), api_key=args.api_key, timeout=args.timeout, retries=args.retries)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    helps = {
+        "start": "clear and start recording on every engine",
+        "stop": "stop recording on every engine",
+        "dump": "dump every engine's recording (kept on their disks, or collected with --out)",
+        "status": "show every engine's recording status",
+    }
+    for action in ACTIONS:
+        p = sub.add_parser(action, help=helps[action], description=helps[action].capitalize() + ".")
+        add_engine_options(p)
+        p.add_argument("--json", action="store_true", help="one JSON document on stdout")
+        if action == "start":
+            p.add_argument("--mode", choices=MODES, default=None, help="recording mode (default: the engine's)")
+        if action == "dump":
+            p.add_argument(
+                "--out",
+                metavar="DIR",
+                help="collect the dumps here (each engine's + merged) instead of leaving them on the engines",
+            )
+            p.add_argument(
+                "--format", choices=FORMATS, default="pt", help="file format with --out (default pt, SGLang's)"
+            )
+        p.set_defaults(func=run, action=action)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        fleet = fleet_of(args)
+    except ValueError as e:
+        print(f"moe-record {args.action}: {e}", file=sys.stderr)
+        return 2
+    with fleet:
+        if args.action == "start":
+            result = fleet.start(args.mode)
+        elif args.action == "stop":
+            result = fleet.stop()
+        elif args.action == "status":
+            result = fleet.status()
+        else:
+            result = fleet.dump(collect=bool(args.out))
+    saved = result.save(args.out, format=args.format) if args.action == "dump" and args.out else {}
+    if args.json:
+        json.dump(result_json(result, saved), sys.stdout, indent=2)
+        print()
+    else:
+        print_result(result, saved)
+    return 0 if result.ok else 1
+
+
+def result_json(result: Any, saved: dict[str, str] | None = None) -> dict[str, Any]:
+    """A FleetResult as plain JSON (dumps are summarized, not inlined)."""
+    saved = saved or {}
+    engines = []
+    for r in result:
+        doc = {
+            "engine": r.engine, "ok": r.ok, "status_code": r.status_code, "elapsed_s": round(r.elapsed, 6),
+            "attempts": r.attempts, "error": r.error, "error_kind": r.error_kind, "flavor": r.flavor,
+            "instance_id": r.instance_id, "run_id": r.run_id, "location": r.location, "files": r.files,
+            "note": r.note, "saved": saved.get(r.engine),
+        }  # fmt: skip
+        if r.info is not None:
+            doc["info"] = r.info
+        if r.dump is not None:
+            doc["dump"] = {
+                "mode": r.dump.mode,
+                "passes": r.dump.window.num_passes,
+                "tokens": max(r.dump.window.num_tokens or [0]),
+            }
+        engines.append(doc)
+    return {
+        "action": result.action, "ok": result.ok, "elapsed_s": round(result.elapsed, 6), "engines": engines,
+        "merged": saved.get("merged"), "merge_error": result.merge_error,
+    }  # fmt: skip
+
+
+def print_result(result: Any, saved: dict[str, str] | None = None, echo: Callable[[str], Any] = print) -> None:
+    """One line per engine, then the merge and a count of successes."""
+    saved = saved or {}
+    for r in result:
+        line = r.describe()
+        if r.action == "status" and r.ok and r.info:
+            ranks = r.info.get("ranks") or []
+            state = "recording" if r.info.get("recording") else "idle"
+            mode = ranks[0].get("mode") if ranks else "?"
+            passes = sum(int(x.get("passes") or 0) for x in ranks)
+            tokens = max((int(x.get("tokens") or 0) for x in ranks), default=0)
+            line += f" {state}, mode {mode}, {passes} passes, {tokens} tokens, {len(ranks)} rank(s), run {r.info.get('run_id')}"
+        if r.engine in saved:
+            line += f" -> {saved[r.engine]}"
+        echo(line)
+    if "merged" in saved:
+        echo(f"merged -> {saved['merged']}")
+    if result.merge_error:
+        echo(f"merge failed: {result.merge_error}")
+    n_bad = len(result.failed)
+    echo(f"{result.action}: {len(result) - n_bad}/{len(result)} engines ok in {result.elapsed * 1000:.0f} ms")

@@ -1,0 +1,172 @@
+"""``moe-record record --engine URL ... (--duration S | until Ctrl-C) --out DIR``.
+
+Start everywhere, show progress while recording, stop, dump, save each engine's dump and the
+merged one, validate them, print a per-layer summary. Exit 0 when every engine succeeded, 1
+when some failed (their errors listed, the others' dumps saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from ..schema import FORMATS, MODES, Dump, validate_dump
+from .control import add_engine_options, engines_of, print_result
+from .validate import check_file
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "record",
+        help="record expert load on many engines at once and collect the merged dump",
+        description="Start recording on every engine, wait (--duration, or until Ctrl-C), stop, dump, save each "
+        "engine's dump and the merged one into --out, validate them and print a per-layer summary.",
+    )
+    add_engine_options(p)
+    p.add_argument("--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the dumps")
+    p.add_argument("--mode", choices=MODES, default=None, help="recording mode (default: the engines')")
+    p.add_argument("--format", choices=FORMATS, default="pt", help="file format (default pt, SGLang's)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between progress updates (default 1)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..client import Fleet
+
+    console = Console()
+    try:
+        fleet = Fleet(engines_of(args), api_key=args.api_key, timeout=args.timeout, retries=args.retries)
+    except ValueError as e:
+        console.print(f"moe-record record: {e}", style="red", markup=False)
+        return 2
+    with fleet:
+        return record(
+            fleet,
+            out=args.out,
+            duration=args.duration,
+            mode=args.mode,
+            fmt=args.format,
+            interval=args.interval,
+            console=console,
+        )
+
+
+def record(
+    fleet: Any,
+    *,
+    out: str,
+    duration: float | None,
+    mode: str | None = None,
+    fmt: str = "pt",
+    interval: float = 1.0,
+    console: Console | None = None,
+    during: Callable[[threading.Event], None] | None = None,
+) -> int:
+    """The whole record session over a sync ``Fleet``; returns the exit status.
+
+    ``during(stop_event)`` runs on a thread while recording (the demo drives traffic with it);
+    it should return soon after ``stop_event`` is set.
+    """
+    console = console or Console()
+    started = fleet.start(mode)
+    for r in started.failed:
+        console.print(f"start failed: {r.describe()}", style="red", markup=False)
+    if not started.succeeded:
+        console.print("no engine started recording; nothing to record", style="red")
+        return 1
+    stop_event = threading.Event()
+    worker = threading.Thread(target=during, args=(stop_event,), daemon=True) if during else None
+    if worker:
+        worker.start()
+    try:
+        _progress(fleet, duration, interval, console)
+    finally:
+        stop_event.set()
+        if worker:
+            worker.join(timeout=30)
+    stopped = fleet.stop()
+    for r in stopped.failed:
+        console.print(f"stop failed: {r.describe()}", style="red", markup=False)
+    result = fleet.dump()
+    saved = result.save(out, format=fmt)
+    print_result(result, saved, echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+    invalid = _validate(result, saved, console)
+    if result.merged is not None:
+        print_summary(result.merged, console, title=f"merged over {len(result.dumps)} engine(s)")
+    failed = bool(started.failed or stopped.failed or not result.ok or invalid)
+    console.print(
+        f"dumps in {os.path.abspath(out)}" + ("; some engines FAILED (listed above)" if failed else ""), markup=False
+    )
+    return 1 if failed else 0
+
+
+def _progress(fleet: Any, duration: float | None, interval: float, console: Console) -> None:
+    """Poll status every ``interval`` s until ``duration`` or Ctrl-C, showing passes and tokens."""
+    t0 = time.monotonic()
+    until = "until Ctrl-C" if duration is None else f"for {duration:g} s"
+    table = _status_table(None, 0.0, until)
+    try:
+        with Live(table, console=console, refresh_per_second=4, transient=False) as live:
+            next_poll = 0.0
+            while duration is None or time.monotonic() - t0 < duration:
+                now = time.monotonic() - t0
+                if now >= next_poll:
+                    live.update(_status_table(fleet.status(), now, until))
+                    next_poll = now + interval
+                left = interval if duration is None else min(interval, duration - (time.monotonic() - t0))
+                time.sleep(max(0.0, min(0.1, left)))
+            live.update(_status_table(fleet.status(), time.monotonic() - t0, until))
+        if not console.is_terminal:
+            console.print()  # Live leaves a file or pipe without the last newline
+    except KeyboardInterrupt:
+        console.print("stopping (Ctrl-C)")
+
+
+def _status_table(status: Any, elapsed: float, until: str) -> Table:
+    table = Table(title=f"recording {until}: {elapsed:.1f} s", title_justify="left")
+    for col in ("engine", "state", "passes", "tokens"):
+        table.add_column(col, justify="right" if col in ("passes", "tokens") else "left")
+    for r in status or []:
+        if r.ok and r.info:
+            ranks = r.info.get("ranks") or []
+            state = "recording" if r.info.get("recording") else "idle"
+            passes = str(sum(int(x.get("passes") or 0) for x in ranks))
+            tokens = str(max((int(x.get("tokens") or 0) for x in ranks), default=0))
+        else:
+            state, passes, tokens = (f"n/a ({r.error_kind})" if r.error_kind else "n/a"), "-", "-"
+        table.add_row(r.engine, state, passes, tokens)
+    return table
+
+
+def _validate(result: Any, saved: dict[str, str], console: Console) -> bool:
+    """Validate every collected dump and re-read every saved file; True when something is invalid."""
+    bad = False
+    for name, path in saved.items():
+        dump = result.merged if name == "merged" else result.dumps.get(name)
+        problems = [f"{f}: {m}" for f, m in validate_dump(dump)] if dump is not None else []
+        check = check_file(path)
+        problems += [f"{e['field']}: {e['message']}" for e in check["errors"]]
+        if problems:
+            bad = True
+            console.print(f"INVALID {path}: " + "; ".join(problems), style="red", markup=False)
+    if saved and not bad:
+        console.print(f"validated {len(saved)} dump file(s): all valid", markup=False)
+    return bad
+
+
+def print_summary(dump: Dump, console: Console | None = None, *, title: str = "") -> None:
+    """Per-layer imbalance of ``dump`` (``moe-record summary``'s tables)."""
+    from ..analysis.summary import print_summary as draw
+    from ..analysis.summary import summarize
+
+    draw(summarize(dump, source=title or None), console or Console())

@@ -1,0 +1,115 @@
+"""``moe-record serve``: the reference engine (a PyTorch MoE model + recorder) on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from .. import env
+from ..errors import MoeRecordError
+from ..schema import MODES
+
+#: The line printed once the server accepts connections; the demo reads the URL from it.
+READY = "moe-record serve: listening on "
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve",
+        help="run a reference engine: a PyTorch MoE model with /generate and the recording endpoints",
+        description="A raw-PyTorch MoE engine (the built-in tiny model, or a transformers MoE config with "
+        "random weights) with SGLang's expert-distribution endpoints, POST /generate and GET /health.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=30000, help="port (0: any free port; default 30000, SGLang's)")
+    p.add_argument("--hf-config", metavar="PATH", help="a transformers MoE config.json (or its folder): random weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--num-layers", type=int, default=4, help="tiny model: layers (default 4)")
+    p.add_argument("--num-experts", type=int, default=16, help="tiny model: experts (default 16)")
+    p.add_argument("--top-k", type=int, default=2, help="tiny model: experts per token (default 2)")
+    p.add_argument(
+        "--mode", choices=MODES, default=env.mode(), help=f"recording mode (default ${env.MOE_RECORD_MODE} or stat)"
+    )
+    p.add_argument("--buffer-size", type=int, default=None, help="rows of the per-pass ring (SGLang's buffer)")
+    p.add_argument(
+        "--dump-dir",
+        default=None,
+        help=f"where dump files go (default ${env.SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR} or /tmp)",
+    )
+    p.add_argument("--api-key", default=None, help=f"require this bearer token (default ${env.MOE_RECORD_API_KEY})")
+    p.add_argument("--no-control", action="store_true", help="leave the recording endpoints out (404)")
+    p.add_argument("--start", action="store_true", help="start recording at once")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=run)
+    return p
+
+
+def build(args: argparse.Namespace):  # -> ReferenceEngine
+    from ..server.engine import ReferenceEngine
+
+    kwargs = {} if args.buffer_size is None else {"buffer_size": args.buffer_size}
+    if args.hf_config:
+        return ReferenceEngine.from_hf_config(args.hf_config, seed=args.seed, mode=args.mode, **kwargs)
+    return ReferenceEngine.tiny(
+        seed=args.seed,
+        num_layers=args.num_layers,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        mode=args.mode,
+        **kwargs,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from ..server.threaded import bind
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        engine = build(args)
+    except (MoeRecordError, OSError, ValueError) as e:
+        print(f"moe-record serve: {e}", file=sys.stderr)
+        return 2
+    dump_dir = args.dump_dir or env.dump_dir("sglang")
+    api_key = args.api_key if args.api_key is not None else env.api_key()
+    app = engine.app(dump_dir=dump_dir, api_key=api_key, enabled=not args.no_control, max_body=env.max_body())
+    if args.start:
+        engine.recorder.start()
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        print(f"moe-record serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}"
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    control = "off" if args.no_control else f"on, dumps to {dump_dir}" + (", bearer token required" if api_key else "")
+    rec = engine.recorder
+
+    async def serve() -> None:
+        # uvicorn sets `started` once it accepts connections: say so then, not before.
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            print(f"{READY}{url}", flush=True)
+            print(
+                f"  model {engine.name}: {rec.num_layers} layers (MoE {rec.layer_ids}), {rec.num_experts} experts, "
+                f"top-{rec.top_k}; mode {rec.mode}; recording endpoints {control}",
+                flush=True,
+            )
+        await task
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+        engine.attachment.detach()
+    return 0

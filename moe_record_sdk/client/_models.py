@@ -1,0 +1,150 @@
+"""Result models shared by the sync and async fleet clients."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import EngineError
+from ..schema import Dump, save_dump
+
+#: Where a dump went.
+IN_RESPONSE = "response"  # the dump's bytes came back and are in ``EngineResult.dump``
+ON_SERVER = "server-disk"  # only a file on the engine's disk (stock SGLang)
+
+
+@dataclass
+class EngineResult:
+    """One engine's outcome for one action.
+
+    ``ok`` is False with ``error`` (a sentence) and ``error_kind`` (a word: ``connect``,
+    ``timeout``, ``http``, ``protocol``, ``restarted``, ``run_changed``, ``bad_dump``) when the
+    call failed. ``flavor`` says what answered: ``moe-record`` (our endpoints) or ``sglang``
+    (SGLang's plain-text answers, as a stock server gives).
+    """
+
+    engine: str
+    action: str
+    ok: bool
+    status_code: int | None = None
+    elapsed: float = 0.0
+    """Seconds from the first request to the final answer, retries included."""
+    attempts: int = 1
+    error: str | None = None
+    error_kind: str | None = None
+    flavor: str | None = None
+    instance_id: str | None = None
+    run_id: str | None = None
+    info: dict[str, Any] | None = None
+    """The JSON answer of our endpoints (status, identity, files...)."""
+    dump: Dump | None = None
+    """The engine's dump (its ranks merged), when its bytes came back."""
+    location: str | None = None
+    """Where the dump went: ``response`` (in ``dump``) or ``server-disk`` (only a file there)."""
+    files: list[str] = field(default_factory=list)
+    """Dump files the engine wrote, as paths on the engine's disk."""
+    note: str | None = None
+    """Something worth knowing that is not an error (e.g. a stock SGLang ignores ``mode``)."""
+    server_timing: dict[str, float] = field(default_factory=dict)
+    """The engine's ``Server-Timing`` header, milliseconds by name (``dump``, ``encode``)."""
+
+    def describe(self) -> str:
+        """One line for people: engine, ok or the error, timing, where the dump went."""
+        head = f"{self.engine} {self.action}: "
+        if not self.ok:
+            return head + f"FAILED ({self.error_kind}) {self.error} [{self.elapsed * 1000:.0f} ms]"
+        where = ""
+        if self.location == IN_RESPONSE and self.dump is not None:
+            where = f", dump collected ({self.dump.window.num_passes} passes)"
+        elif self.location == ON_SERVER:
+            where = ", dump left on the server's disk" + (f": {', '.join(self.files)}" if self.files else "")
+        note = f" ({self.note})" if self.note else ""
+        return head + f"ok{where}{note} [{self.elapsed * 1000:.0f} ms]"
+
+
+@dataclass
+class FleetResult:
+    """The outcome of one action over every engine of a fleet, in the fleet's engine order.
+
+    For a dump, ``merged`` is the merge of every collected dump (None when none came back, or
+    ``merge_error`` says why they could not be merged).
+    """
+
+    action: str
+    results: list[EngineResult]
+    elapsed: float = 0.0
+    merged: Dump | None = None
+    merge_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Every engine succeeded (and, for a dump, the merge too)."""
+        return all(r.ok for r in self.results) and self.merge_error is None
+
+    @property
+    def succeeded(self) -> list[EngineResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def failed(self) -> list[EngineResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def dumps(self) -> dict[str, Dump]:
+        """Collected dumps of the engines that succeeded, by engine URL."""
+        return {r.engine: r.dump for r in self.results if r.ok and r.dump is not None}
+
+    def __iter__(self) -> Iterator[EngineResult]:
+        return iter(self.results)
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, key: int | str) -> EngineResult:
+        if isinstance(key, int):
+            return self.results[key]
+        for r in self.results:
+            if r.engine == key:
+                return r
+        raise KeyError(key)
+
+    def raise_for_errors(self) -> FleetResult:
+        """Raise :class:`~moe_record_sdk.EngineError` listing every failure; else return self."""
+        problems = [r.describe() for r in self.failed]
+        if self.merge_error:
+            problems.append(f"merge: {self.merge_error}")
+        if problems:
+            raise EngineError(
+                f"{self.action} failed on {len(self.failed)} of {len(self.results)} engines: " + "; ".join(problems)
+            )
+        return self
+
+    def save(self, directory: str, *, format: str = "pt", merged_name: str = "merged") -> dict[str, str]:
+        """Write each collected dump and the merge into ``directory``.
+
+        Files are ``engine-<i>-<host>_<port>.<format>`` (``i`` the engine's position in the fleet)
+        and ``<merged_name>.<format>``. Returns ``{engine URL or "merged": path}``.
+        """
+        os.makedirs(directory, exist_ok=True)
+        paths: dict[str, str] = {}
+        for i, r in enumerate(self.results):
+            if r.ok and r.dump is not None:
+                paths[r.engine] = save_dump(
+                    r.dump, os.path.join(directory, f"engine-{i}-{engine_slug(r.engine)}.{format}")
+                )
+        if self.merged is not None:
+            paths["merged"] = save_dump(self.merged, os.path.join(directory, f"{merged_name}.{format}"))
+        return paths
+
+
+def engine_slug(url: str) -> str:
+    """A file-name-safe short name for an engine URL: ``127.0.0.1_30000``."""
+    parts = urlsplit(url)
+    name = f"{parts.hostname or 'engine'}_{parts.port}" if parts.port else (parts.hostname or "engine")
+    if parts.path.strip("/"):
+        name += "_" + parts.path.strip("/")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)

@@ -1,0 +1,118 @@
+"""Every environment variable moe-record-sdk reads, in one place, each documented.
+
+Engines' own names come first: we honour them so a stock setup keeps working.
+
+=========================================  =====================================================
+``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR``  where SGLang (and our endpoints) write dump files;
+                                             SGLang's default is ``/tmp``
+``VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR``    the same for vLLM (its 2025 endpoints, PR 19658);
+                                             read first on the vLLM side
+``MOE_RECORD_DUMP_DIR``                      ours; overrides both for any engine
+``MOE_RECORD_ENABLE``                        ``1``/``true``/``yes``/``on`` turns the HTTP control
+                                             endpoints on in engines (off by default: they are
+                                             absent, 404)
+``MOE_RECORD_API_KEY``                       bearer token the endpoints require when set; also
+                                             the key the client and CLI send by default
+``MOE_RECORD_MODE``                          default recording mode: ``stat``, ``per_pass`` or
+                                             ``per_token``
+``MOE_RECORD_MAX_BODY``                      largest control request body accepted, bytes (413
+                                             above; default 65536)
+=========================================  =====================================================
+
+Example
+-------
+>>> from moe_record_sdk import env
+>>> env.dump_dir("sglang", environ={})
+'/tmp'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR = "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"
+"""SGLang's dump directory (``sglang/srt/environ.py``, default ``/tmp``)."""
+
+VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR = "VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR"
+"""vLLM's dump directory from its SGLang-compatible endpoints (vLLM PR 19658)."""
+
+MOE_RECORD_DUMP_DIR = "MOE_RECORD_DUMP_DIR"
+"""Our dump directory; wins over the engines' names."""
+
+MOE_RECORD_ENABLE = "MOE_RECORD_ENABLE"
+"""Turns the HTTP control endpoints on inside engines (they are absent otherwise)."""
+
+MOE_RECORD_API_KEY = "MOE_RECORD_API_KEY"
+"""Bearer token required by the endpoints when set, and sent by the client and CLI by default."""
+
+MOE_RECORD_MODE = "MOE_RECORD_MODE"
+"""Default recording mode of engines that start recording without being told one."""
+
+MOE_RECORD_MAX_BODY = "MOE_RECORD_MAX_BODY"
+"""Largest control request body accepted, in bytes."""
+
+#: SGLang's default dump directory (``EnvStr("/tmp")`` in sglang 0.5.23).
+DEFAULT_DUMP_DIR = "/tmp"
+#: Control requests carry at most ``{"mode": ...}``: 64 KiB is generous.
+DEFAULT_MAX_BODY = 64 * 1024
+
+ALL: tuple[str, ...] = (
+    SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR,
+    VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR,
+    MOE_RECORD_DUMP_DIR,
+    MOE_RECORD_ENABLE,
+    MOE_RECORD_API_KEY,
+    MOE_RECORD_MODE,
+    MOE_RECORD_MAX_BODY,
+)
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _env(environ: Mapping[str, str] | None) -> Mapping[str, str]:
+    return os.environ if environ is None else environ
+
+
+def dump_dir(engine: str = "sglang", environ: Mapping[str, str] | None = None) -> str:
+    """The directory dump files go to: ours, then the engine's own variable, then the other
+    engine's, then ``/tmp`` (SGLang's default).
+
+    ``engine``: ``"sglang"`` (also the torch reference server) or ``"vllm"``.
+    """
+    e = _env(environ)
+    order = [MOE_RECORD_DUMP_DIR]
+    if engine == "vllm":
+        order += [VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR, SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR]
+    else:
+        order += [SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR, VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR]
+    for name in order:
+        if e.get(name):
+            return e[name]
+    return DEFAULT_DUMP_DIR
+
+
+def enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``MOE_RECORD_ENABLE`` turns the endpoints on."""
+    return _env(environ).get(MOE_RECORD_ENABLE, "").strip().lower() in _TRUE
+
+
+def api_key(environ: Mapping[str, str] | None = None) -> str | None:
+    """``MOE_RECORD_API_KEY``, or None when unset or empty."""
+    return _env(environ).get(MOE_RECORD_API_KEY) or None
+
+
+def mode(environ: Mapping[str, str] | None = None, default: str = "stat") -> str:
+    """``MOE_RECORD_MODE``, or ``default``."""
+    return _env(environ).get(MOE_RECORD_MODE) or default
+
+
+def max_body(environ: Mapping[str, str] | None = None) -> int:
+    """``MOE_RECORD_MAX_BODY`` in bytes, or 64 KiB; a value that is not an integer is an error."""
+    raw = _env(environ).get(MOE_RECORD_MAX_BODY)
+    if not raw:
+        return DEFAULT_MAX_BODY
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{MOE_RECORD_MAX_BODY}: expected a number of bytes, got {raw!r}") from None

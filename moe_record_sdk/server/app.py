@@ -1,0 +1,141 @@
+"""The endpoints as a small raw ASGI app (no web framework), served by uvicorn.
+
+The app is a literal route list: the control endpoints of :class:`ControlHandler` plus any
+``extra`` routes an engine adds (the reference engine's ``/generate``). Auth, body limits and
+error answers are the handler's, so every route behaves alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
+
+from ..env import DEFAULT_MAX_BODY
+from .control import Backend, ControlError, Controller
+from .handler import ControlHandler, Response, _headers, _query, check_bearer
+
+#: An extra route's endpoint: ``(method, query, headers, body) -> Response``; headers and
+#: query are dicts (lower-case header names).
+Endpoint = Callable[[str, dict[str, str], dict[str, str], bytes], Awaitable[Response]]
+
+
+class AppRoute(NamedTuple):
+    """One extra route of the app."""
+
+    path: str
+    endpoint: Endpoint
+    methods: tuple[str, ...] = ("POST",)
+    max_body: int = 1 << 20
+    public: bool = False
+    """True: served without the bearer token (health checks)."""
+
+
+class ControlApp:
+    """ASGI callable over a :class:`ControlHandler` and extra routes; see :func:`make_app`."""
+
+    def __init__(self, handler: ControlHandler, extra: Sequence[AppRoute] = ()) -> None:
+        self.handler = handler
+        self.extra = {r.path: r for r in extra}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # websockets: not ours
+            return
+        method, path, raw_headers = scope["method"], scope["path"], scope.get("headers", [])
+        h = _headers(raw_headers)
+        route = self.extra.get(path)
+        if route is None:
+            resp = self.handler.precheck(method, path, h)
+            if resp is None:
+                body = await _read_body(receive, self.handler.max_body)
+                if body is None:
+                    resp = self.handler.too_large(h)
+                else:
+                    resp = await self.handler.handle(method, path, scope.get("query_string", b""), h, body)
+        else:
+            resp = await self._extra(route, method, scope, receive, h)
+        await _send(send, resp)
+
+    async def _extra(
+        self, route: AppRoute, method: str, scope: dict[str, Any], receive: Any, h: dict[str, str]
+    ) -> Response:
+        denied = None if route.public else check_bearer(h, self.handler.api_key)
+        if denied:
+            return self.handler.error(denied, h)
+        if method.upper() not in route.methods:
+            allow = ", ".join(route.methods)
+            return self.handler.error(
+                ControlError(405, "method_not_allowed", f"{method} {route.path}: use {allow}", {"allow": allow}), h
+            )
+        body = await _read_body(receive, route.max_body)
+        if body is None:
+            return self.handler.error(
+                ControlError(413, "body_too_large", f"request body over {route.max_body} bytes"), h
+            )
+        try:
+            return await route.endpoint(method, _query(scope.get("query_string", b"")), h, body)
+        except ControlError as e:
+            return self.handler.error(e, h)
+
+
+def make_app(
+    backend: Backend | Controller,
+    *,
+    dump_dir: str | None = None,
+    api_key: str | None = None,
+    enabled: bool = True,
+    max_body: int = DEFAULT_MAX_BODY,
+    engine: str = "torch",
+    extra: Sequence[AppRoute] = (),
+) -> ControlApp:
+    """The ASGI app serving SGLang's expert-distribution endpoints (and ours) for ``backend``.
+
+    Parameters are :class:`ControlHandler`'s; ``extra`` adds an engine's own routes, which
+    share the bearer-token check.
+
+    Example
+    -------
+    >>> import uvicorn
+    >>> from moe_record_sdk import Recorder
+    >>> from moe_record_sdk.server import LocalBackend, make_app
+    >>> app = make_app(LocalBackend(Recorder(2, 8, 2)), dump_dir="/tmp/dumps")
+    >>> uvicorn.run(app, host="127.0.0.1", port=30000)  # doctest: +SKIP
+    """
+    handler = ControlHandler(
+        backend, dump_dir=dump_dir, api_key=api_key, enabled=enabled, max_body=max_body, engine=engine
+    )
+    return ControlApp(handler, extra)
+
+
+async def _read_body(receive: Any, limit: int) -> bytes | None:
+    """The request body, or None as soon as it grows past ``limit`` (never buffered beyond)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send(send: Any, resp: Response) -> None:
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()]
+    await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+    await send({"type": "http.response.body", "body": resp.body})
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -1,0 +1,236 @@
+"""The control layer, free of any web framework: a backend protocol and the operations over it.
+
+A **backend** is whatever reaches the recorders of one engine: :class:`LocalBackend` wraps a
+:class:`~moe_record_sdk.Recorder` in this process; the vLLM adapter's backend calls its workers
+through ``collective_rpc``. It answers one entry per rank.
+
+The :class:`Controller` adds what every engine needs on top: which mode names are valid, the
+engine's identity (a per-process ``instance_id``) and the ``run_id`` of the current recording,
+so a client can tell that an engine restarted between its start and its dump; merging several
+ranks into one dump; writing dump files, only into the configured directory and with SGLang's
+names; and "nothing recorded" as an error rather than an empty file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ..recorder import Recorder
+from ..schema import MODES, Dump, save_dump, sglang_file_name
+
+log = logging.getLogger(__name__)
+
+
+class ControlError(Exception):
+    """A control request that cannot be served: ``status`` (HTTP code), a stable ``code`` word
+    for programs, and a message for people."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the endpoints drive: the recorders of one engine, one entry per rank.
+
+    Each method may be called concurrently with forward passes; the Controller never calls two
+    of ``start``/``stop``/``dump`` at once.
+    """
+
+    async def start(self, mode: str | None) -> None:
+        """Clear and start recording on every rank (``None``: the recorder's current mode)."""
+
+    async def stop(self) -> None:
+        """Stop recording on every rank."""
+
+    async def dump(self) -> list[Dump]:
+        """Every rank's dump of the current window (then each rank starts a new window)."""
+        ...
+
+    async def status(self) -> list[dict[str, Any]]:
+        """Every rank's ``Recorder.status().to_dict()``, plus ``rank``."""
+        ...
+
+
+class LocalBackend:
+    """A backend over recorders in this process (one per rank; usually one).
+
+    Recorder calls run in a worker thread: a dump copies device buffers and must not stall the
+    event loop that serves the engine.
+
+    >>> backend = LocalBackend(Recorder(num_layers=2, num_experts=8, top_k=2))
+    """
+
+    def __init__(self, *recorders: Recorder) -> None:
+        if not recorders:
+            raise ValueError("LocalBackend needs at least one Recorder")
+        self.recorders = recorders
+
+    async def _each(self, fn: Any) -> list[Any]:
+        return await asyncio.to_thread(lambda: [fn(r) for r in self.recorders])
+
+    async def start(self, mode: str | None) -> None:
+        await self._each(lambda r: r.start(mode))
+
+    async def stop(self) -> None:
+        await self._each(lambda r: r.stop())
+
+    async def dump(self) -> list[Dump]:
+        return await self._each(lambda r: r.dump())
+
+    async def status(self) -> list[dict[str, Any]]:
+        return await self._each(lambda r: {"rank": r.topology.rank, **r.status().to_dict()})
+
+
+@dataclass
+class DumpOutcome:
+    """What one dump produced: the ranks' dumps, their merge, and the files written."""
+
+    dumps: list[Dump]
+    merged: Dump
+    files: list[str] = field(default_factory=list)
+    run_id: str | None = None
+
+
+def merge_ranks(dumps: list[Dump]) -> Dump:
+    """One dump from the ranks of one engine (the dump itself when there is one rank)."""
+    if len(dumps) == 1:
+        return dumps[0]
+    from ..merge import merge_dumps
+
+    return merge_dumps(dumps, sources=[f"rank {d.topology.rank}" for d in dumps])
+
+
+class Controller:
+    """start / stop / dump / status over a backend, with identity, run ids and dump files.
+
+    Parameters
+    ----------
+    backend:
+        The engine's recorders (see :class:`Backend`).
+    dump_dir:
+        The only directory dump files are written to (created when missing). A request never
+        chooses a path.
+    engine:
+        Engine name reported in answers (``torch``, ``vllm``, ``sglang``...).
+
+    Example
+    -------
+    >>> ctl = Controller(LocalBackend(Recorder(2, 8, 2)), dump_dir="/tmp")
+    >>> ctl.identity()["instance_id"] == ctl.instance_id
+    True
+    """
+
+    def __init__(self, backend: Backend, *, dump_dir: str, engine: str = "torch") -> None:
+        self.backend = backend
+        self.dump_dir = os.path.abspath(dump_dir)
+        self.engine = engine
+        # A fresh id per process: a client that sees it change knows the engine restarted and
+        # that whatever it started there is gone.
+        self.instance_id = uuid.uuid4().hex[:16]
+        self.started_at = time.time()
+        self.run_id: str | None = None
+        self.run_started_at: float | None = None
+        self._runs = 0
+        self._pending: DumpOutcome | None = None
+        self._lock: asyncio.Lock | None = None
+
+    def _mutex(self) -> asyncio.Lock:
+        # Created lazily: an asyncio.Lock belongs to the loop it is first used in.
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def identity(self) -> dict[str, Any]:
+        """Engine identity and the current run, as every JSON answer reports them."""
+        return {
+            "engine": self.engine,
+            "instance_id": self.instance_id,
+            "instance_started_at": self.started_at,
+            "run_id": self.run_id,
+            "run_started_at": self.run_started_at,
+        }
+
+    @staticmethod
+    def check_mode(mode: Any) -> str | None:
+        if mode is None or mode == "":
+            return None
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ControlError(400, "unknown_mode", f"mode: {mode!r} is not one of {', '.join(MODES)}")
+        return mode
+
+    async def start(self, mode: str | None = None) -> str:
+        """Clear and start recording; returns the new ``run_id``."""
+        mode = self.check_mode(mode)
+        async with self._mutex():
+            await self.backend.start(mode)
+            self._runs += 1
+            self.run_id = f"{self.instance_id}-{self._runs}"
+            self.run_started_at = time.time()
+            return self.run_id
+
+    async def stop(self) -> None:
+        """Stop recording; what was recorded stays until the next dump or start."""
+        async with self._mutex():
+            await self.backend.stop()
+
+    async def status(self) -> list[dict[str, Any]]:
+        """Each rank's status."""
+        return await self.backend.status()
+
+    async def dump(self, *, write_files: bool = True) -> DumpOutcome:
+        """Collect the window from every rank, merge the ranks, optionally write SGLang's files.
+
+        Raises ``ControlError(409)`` when nothing was ever recorded. If writing fails the
+        collected dumps are kept and the next dump delivers them (the recorders have already
+        started a new window, which stays for the dump after).
+        """
+        async with self._mutex():
+            outcome = self._pending
+            self._pending = None
+            if outcome is None:
+                if self.run_id is None:
+                    ranks = await self.backend.status()
+                    if not any(s.get("recording") or s.get("passes") or s.get("tokens") for s in ranks):
+                        raise ControlError(
+                            409,
+                            "nothing_recorded",
+                            "nothing was recorded: start recording (/start_expert_distribution_record) first",
+                        )
+                dumps = await self.backend.dump()
+                outcome = DumpOutcome(dumps=dumps, merged=merge_ranks(dumps), run_id=self.run_id)
+            if write_files:
+                try:
+                    outcome.files = await asyncio.to_thread(self._write, outcome)
+                except OSError as e:
+                    self._pending = outcome
+                    raise ControlError(
+                        500,
+                        "dump_write_failed",
+                        f"cannot write the dump to {self.dump_dir}: {e.strerror or e}; the recording is kept, "
+                        "retry the dump",
+                    ) from None
+            return outcome
+
+    def _write(self, outcome: DumpOutcome) -> list[str]:
+        """SGLang's files: one for a stat dump (the merge, as rank 0 writes it), else one per rank."""
+        os.makedirs(self.dump_dir, exist_ok=True)
+        todo = [outcome.merged] if outcome.merged.mode == "stat" else outcome.dumps
+        paths = []
+        for dump in todo:
+            now = time.time()
+            path = os.path.join(self.dump_dir, sglang_file_name(dump, now=now))
+            while os.path.exists(path):  # two dumps within one clock tick: never overwrite
+                now += 1e-6
+                path = os.path.join(self.dump_dir, sglang_file_name(dump, now=now))
+            paths.append(save_dump(dump, path))
+            log.info("Write expert distribution to %s", path)
+        return paths

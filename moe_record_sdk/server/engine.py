@@ -1,0 +1,212 @@
+"""The reference engine behind ``moe-record serve``: a raw-PyTorch MoE model, a recorder attached
+through the torch adapter, a small ``/generate`` endpoint and the control endpoints.
+
+The model is ``moe_record_torch.tiny.TinyMoE`` by default, or any transformers MoE model built
+from a ``config.json`` with random weights (nothing is downloaded). Tokens are bytes: a text
+prompt is its UTF-8 bytes, so the vocabulary must hold at least 256 ids.
+
+``/generate`` takes SGLang's request shape, JSON:
+``{"text": "hi" | ["a", "b"]}`` or ``{"input_ids": [1, 2] | [[1, 2], [3]]}``, plus
+``"max_new_tokens": n`` or ``"sampling_params": {"max_new_tokens": n}`` (greedy decoding), and
+answers ``{"text", "output_ids", "meta_info": {"prompt_tokens", "completion_tokens"}}`` (a list
+of those for a batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from typing import Any
+
+import torch
+
+from ..env import DEFAULT_MAX_BODY
+from ..errors import MoeRecordError
+from .app import AppRoute, ControlApp, make_app
+from .control import ControlError, LocalBackend
+from .handler import Response
+
+MAX_NEW_TOKENS = 1024
+MAX_PROMPT_TOKENS = 4096
+
+
+def _torch_adapter() -> Any:
+    try:
+        import moe_record_torch
+    except ImportError:
+        raise MoeRecordError(
+            "the reference engine needs the torch adapter: pip install moe-record-torch (or -e adapters/torch)"
+        ) from None
+    return moe_record_torch
+
+
+class ReferenceEngine:
+    """A MoE model with a recorder attached, generating greedily one request at a time.
+
+    Build one with :meth:`tiny` or :meth:`from_hf_config`; serve it with :meth:`app`.
+
+    Example
+    -------
+    >>> engine = ReferenceEngine.tiny()  # doctest: +SKIP
+    >>> engine.recorder.start()  # doctest: +SKIP
+    >>> engine.generate([[1, 2, 3]], max_new_tokens=4)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, *, name: str, mode: str = "stat", **recorder_kwargs: Any) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.attachment = _torch_adapter().attach(model, mode=mode, **recorder_kwargs)
+        self.recorder = self.attachment.recorder
+        self.vocab_size = int(_vocab_size(model))
+        if self.vocab_size < 256:
+            raise MoeRecordError(f"{name}: vocab_size {self.vocab_size} < 256: byte tokens would not fit")
+        self._lock = threading.Lock()  # one request at a time: the model is the engine's only worker
+        self.requests = 0
+
+    @classmethod
+    def tiny(
+        cls,
+        *,
+        seed: int = 0,
+        num_layers: int = 4,
+        num_experts: int = 16,
+        top_k: int = 2,
+        mode: str = "stat",
+        **recorder_kwargs: Any,
+    ) -> ReferenceEngine:
+        """The built-in ``TinyMoE`` (random weights from ``seed``)."""
+        from moe_record_torch.tiny import TinyMoE, TinyMoEConfig
+
+        _torch_adapter()
+        config = TinyMoEConfig(num_layers=num_layers, num_experts=num_experts, top_k=top_k, seed=seed)
+        return cls(
+            TinyMoE(config), name=f"tiny-moe-{num_layers}x{num_experts}-top{top_k}", mode=mode, **recorder_kwargs
+        )
+
+    @classmethod
+    def from_hf_config(cls, path: str, *, seed: int = 0, mode: str = "stat", **recorder_kwargs: Any) -> ReferenceEngine:
+        """A transformers MoE model built from ``config.json`` (a file, or a folder holding one), random weights."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        folder = os.path.dirname(path) if os.path.isfile(path) else path
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise MoeRecordError(f"{path}: no config.json there")
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        name = getattr(config, "name_or_path", None) or f"{config.model_type} ({folder})"
+        return cls(model, name=name, mode=mode, **recorder_kwargs)
+
+    # -- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 16) -> list[list[int]]:
+        """Greedy decoding of each prompt; returns the new tokens of each."""
+        outputs = []
+        with self._lock:
+            for ids in prompts:
+                x = torch.tensor([ids], dtype=torch.long)
+                if hasattr(self.model, "config") and hasattr(self.model, "generation_config"):
+                    out = self.model.generate(
+                        input_ids=x,
+                        attention_mask=torch.ones_like(x),
+                        max_new_tokens=max_new_tokens,
+                        min_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+                else:
+                    out = self.model.generate(x, max_new_tokens=max_new_tokens)
+                outputs.append(out[0, len(ids) :].tolist())
+            self.requests += len(prompts)
+        return outputs
+
+    def parse_request(self, body: bytes) -> tuple[list[list[int]], int, bool]:
+        """(prompts as ids, max_new_tokens, whether the request was a batch); 400 when malformed."""
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError as e:
+            raise ControlError(400, "bad_body", f"body: not JSON ({e})") from None
+        if not isinstance(req, dict):
+            raise ControlError(400, "bad_body", "body: expected a JSON object")
+        sampling = req.get("sampling_params") or {}
+        n = req.get("max_new_tokens", sampling.get("max_new_tokens", 16) if isinstance(sampling, dict) else 16)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW_TOKENS:
+            raise ControlError(
+                400, "bad_body", f"max_new_tokens: expected an integer in [1, {MAX_NEW_TOKENS}], got {n!r}"
+            )
+        if ("text" in req) == ("input_ids" in req):
+            raise ControlError(400, "bad_body", "body: give exactly one of text, input_ids")
+        if "text" in req:
+            texts, batch = req["text"], isinstance(req["text"], list)
+            texts = texts if batch else [texts]
+            if not texts or not all(isinstance(t, str) and t for t in texts):
+                raise ControlError(400, "bad_body", "text: expected a non-empty string or list of them")
+            prompts = [list(t.encode("utf-8")) for t in texts]
+        else:
+            ids = req["input_ids"]
+            batch = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
+            prompts = ids if batch else [ids]
+            ok = isinstance(prompts, list) and bool(prompts)
+            ok = ok and all(
+                isinstance(p, list) and p and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+                for p in prompts
+            )
+            if not ok:
+                raise ControlError(
+                    400, "bad_body", "input_ids: expected a non-empty list of integers, or a list of them"
+                )
+            bad = [i for p in prompts for i in p if not 0 <= i < self.vocab_size]
+            if bad:
+                raise ControlError(
+                    400, "bad_body", f"input_ids: {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+                )
+        if any(len(p) > MAX_PROMPT_TOKENS for p in prompts):
+            raise ControlError(400, "bad_body", f"prompt longer than {MAX_PROMPT_TOKENS} tokens")
+        return prompts, n, batch
+
+    async def _generate_endpoint(
+        self, method: str, query: dict[str, str], headers: dict[str, str], body: bytes
+    ) -> Response:
+        prompts, n, batch = self.parse_request(body)
+        outputs = await asyncio.to_thread(self.generate, prompts, n)
+        answers = [
+            {
+                "text": bytes(i for i in out if i < 256).decode("utf-8", errors="replace"),
+                "output_ids": out,
+                "meta_info": {"prompt_tokens": len(p), "completion_tokens": len(out)},
+            }
+            for p, out in zip(prompts, outputs)
+        ]
+        doc = answers if batch else answers[0]
+        data = json.dumps(doc).encode()
+        return Response(200, {"content-type": "application/json", "content-length": str(len(data))}, data)
+
+    async def _health(self, method: str, query: dict[str, str], headers: dict[str, str], body: bytes) -> Response:
+        return Response(200, {"content-type": "text/plain; charset=utf-8", "content-length": "3"}, b"ok\n")
+
+    # -- serving ------------------------------------------------------------------------------
+    def app(
+        self, *, dump_dir: str, api_key: str | None = None, enabled: bool = True, max_body: int = DEFAULT_MAX_BODY
+    ) -> ControlApp:
+        """The ASGI app: control endpoints, ``POST /generate`` and ``GET /health``."""
+        extra = [
+            AppRoute("/generate", self._generate_endpoint, ("POST",)),
+            AppRoute("/health", self._health, ("GET",), public=True),
+        ]
+        return make_app(
+            LocalBackend(self.recorder), dump_dir=dump_dir, api_key=api_key, enabled=enabled, max_body=max_body,
+            engine=self.recorder.engine.name, extra=extra,
+        )  # fmt: skip
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if size is None:
+        text = getattr(config, "get_text_config", None)
+        size = getattr(text(), "vocab_size", None) if callable(text) else None
+    if size is None:
+        raise MoeRecordError(f"{type(model).__name__}: cannot tell its vocab_size")
+    return size

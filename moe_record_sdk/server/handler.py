@@ -1,0 +1,353 @@
+"""The endpoints as one framework-free request handler: routes, auth, negotiation, errors.
+
+``ControlHandler.handle(method, path, query, headers, body)`` returns a :class:`Response`
+(status, headers, body). The ASGI app (``app.py``) calls it; so can any framework: the vLLM
+adapter calls it from a FastAPI route. The wire contract is ``spec/http-api.md``.
+
+SGLang's three paths answer exactly as SGLang does by default (200 and one line of plain
+text), so stock clients keep working; the extensions are opt-in per request:
+
+* ``Accept: application/json``: a JSON answer with the engine's identity and run id;
+* ``Accept: application/x-msgpack`` on a dump, or ``?return=bytes&format=msgpack|json|pt``:
+  the dump itself in the body (ranks merged), instead of (``return=bytes``) or as well as
+  (``return=both``) SGLang's file;
+* ``?mode=`` or a JSON body ``{"mode": ...}`` on start;
+* ``/expert_distribution_record_status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, quote
+
+from ..env import DEFAULT_MAX_BODY
+from ..errors import MoeRecordError, RecorderError
+from ..schema import FORMATS, encode
+from .control import Backend, ControlError, Controller
+from .protocol import (
+    DUMP_PATH,
+    DUMP_TEXT,
+    H_DUMP_DIR,
+    H_FILES,
+    H_FORMAT,
+    H_INSTANCE,
+    H_RANKS,
+    H_RUN,
+    MEDIA_TYPES,
+    MSGPACK,
+    RETURNS,
+    START_PATH,
+    START_TEXT,
+    STATUS_PATH,
+    STOP_PATH,
+    STOP_TEXT,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Response(NamedTuple):
+    """An HTTP answer: status code, headers (lower-case names), body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Route(NamedTuple):
+    path: str
+    action: str
+    methods: tuple[str, ...]
+
+
+#: The endpoints: SGLang's three, GET and POST as SGLang registers them, then ours.
+ROUTES: tuple[Route, ...] = (
+    Route(START_PATH, "start", ("GET", "POST")),
+    Route(STOP_PATH, "stop", ("GET", "POST")),
+    Route(DUMP_PATH, "dump", ("GET", "POST")),
+    Route(STATUS_PATH, "status", ("GET", "POST")),
+)
+_BY_PATH = {r.path: r for r in ROUTES}
+
+_OPTIONS = {"start": {"mode"}, "stop": set(), "dump": {"return", "format"}, "status": set()}
+
+
+def _headers(raw: Mapping[str, str] | Iterable[tuple[Any, Any]] | None) -> dict[str, str]:
+    """Lower-case str headers from a mapping or ASGI's list of byte pairs."""
+    if raw is None:
+        return {}
+    items = raw.items() if isinstance(raw, Mapping) else raw
+    out: dict[str, str] = {}
+    for k, v in items:
+        k = k.decode("latin-1") if isinstance(k, bytes) else str(k)
+        v = v.decode("latin-1") if isinstance(v, bytes) else str(v)
+        k = k.lower()
+        out[k] = f"{out[k]}, {v}" if k in out else v
+    return out
+
+
+def _query(raw: str | bytes | Mapping[str, str] | None) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if isinstance(raw, Mapping):
+        return {str(k): str(v) for k, v in raw.items()}
+    if isinstance(raw, bytes):
+        raw = raw.decode("latin-1")
+    return dict(parse_qsl(raw, keep_blank_values=True))
+
+
+def check_bearer(headers: Mapping[str, str], api_key: str | None) -> ControlError | None:
+    """None when the request may pass: no key configured, or ``Authorization: Bearer <key>``.
+
+    The comparison is constant-time (``hmac.compare_digest``) on the whole header value.
+    ``headers`` must have lower-case names.
+    """
+    if not api_key:
+        return None
+    got = headers.get("authorization", "")
+    want = f"Bearer {api_key}"
+    if hmac.compare_digest(got.encode(), want.encode()):
+        return None
+    what = "missing" if not got else "wrong"
+    return ControlError(401, "unauthorized", f"{what} bearer token", {"www-authenticate": "Bearer"})
+
+
+class ControlHandler:
+    """The endpoints over a backend, callable from any web framework.
+
+    Parameters
+    ----------
+    backend:
+        A :class:`~moe_record_sdk.server.control.Backend` (e.g. ``LocalBackend(recorder)``) or a
+        ready :class:`Controller`.
+    dump_dir:
+        The only directory dump files are written to (``moe_record_sdk.env.dump_dir()`` reads
+        SGLang's variable). Ignored when ``backend`` is a Controller.
+    api_key:
+        When set, every request needs ``Authorization: Bearer <api_key>`` (401 otherwise).
+    enabled:
+        False makes every endpoint absent (404), as if not installed.
+    max_body:
+        Largest request body accepted, bytes (413 above).
+    engine:
+        Engine name reported in JSON answers.
+
+    Example
+    -------
+    >>> handler = ControlHandler(LocalBackend(Recorder(2, 8, 2)), dump_dir="/tmp")  # doctest: +SKIP
+    >>> resp = await handler.handle("POST", "/start_expert_distribution_record", "", {}, b"")  # doctest: +SKIP
+    >>> resp.status, resp.body  # doctest: +SKIP
+    (200, b'Start recording the expert distribution.\\n')
+    """
+
+    routes = ROUTES
+
+    def __init__(
+        self,
+        backend: Backend | Controller,
+        *,
+        dump_dir: str | None = None,
+        api_key: str | None = None,
+        enabled: bool = True,
+        max_body: int = DEFAULT_MAX_BODY,
+        engine: str = "torch",
+    ) -> None:
+        if isinstance(backend, Controller):
+            self.controller = backend
+        else:
+            if dump_dir is None:
+                raise ValueError("dump_dir: required with a backend (moe_record_sdk.env.dump_dir() gives SGLang's)")
+            self.controller = Controller(backend, dump_dir=dump_dir, engine=engine)
+        self.api_key = api_key or None
+        self.enabled = enabled
+        self.max_body = max_body
+
+    # -- routing ------------------------------------------------------------------------------
+    def owns(self, path: str) -> bool:
+        """Whether ``path`` is one of the endpoints (and they are enabled)."""
+        return self.enabled and path in _BY_PATH
+
+    def precheck(
+        self, method: str, path: str, headers: Any = None, content_length: int | None = None
+    ) -> Response | None:
+        """The answer due before the body is read (404, 401, 405, 413), or None to go on."""
+        h = _headers(headers)
+        route = _BY_PATH.get(path) if self.enabled else None
+        if route is None:
+            return self.error(ControlError(404, "not_found", f"no endpoint {path}"), h)
+        denied = check_bearer(h, self.api_key)
+        if denied:
+            return self.error(denied, h)
+        if method.upper() not in route.methods:
+            allow = ", ".join(route.methods)
+            return self.error(
+                ControlError(405, "method_not_allowed", f"{method} {path}: use {allow}", {"allow": allow}), h
+            )
+        if content_length is None and h.get("content-length", "").isdigit():
+            content_length = int(h["content-length"])
+        if content_length is not None and content_length > self.max_body:
+            return self.error(self._too_large(), h)
+        return None
+
+    def _too_large(self) -> ControlError:
+        return ControlError(
+            413, "body_too_large", f"request body over {self.max_body} bytes; control requests need none"
+        )
+
+    async def handle(
+        self,
+        method: str,
+        path: str,
+        query: str | bytes | Mapping[str, str] | None,
+        headers: Mapping[str, str] | Iterable[tuple[Any, Any]] | None,
+        body: bytes = b"",
+    ) -> Response:
+        """Serve one request; never raises for a bad request (4xx) or an engine failure (5xx)."""
+        h = _headers(headers)
+        early = self.precheck(method, path, h, len(body))
+        if early is not None:
+            return early
+        action = _BY_PATH[path].action
+        try:
+            options = self._options(action, _query(query), body, h)
+            if action == "start":
+                return await self._start(options, h)
+            if action == "stop":
+                await self.controller.stop()
+                return self._answer(h, "stop", STOP_TEXT, recording=False)
+            if action == "dump":
+                return await self._dump(options, h)
+            return await self._status(h)
+        except ControlError as e:
+            return self.error(e, h)
+        except (RecorderError, MoeRecordError) as e:
+            return self.error(ControlError(400, "bad_request", str(e)), h)
+        except Exception as e:  # an engine failure must answer, not drop the connection
+            log.exception("%s %s failed", method, path)
+            return self.error(ControlError(500, "engine_error", f"{type(e).__name__}: {e}"), h)
+
+    # -- requests -----------------------------------------------------------------------------
+    def _options(self, action: str, query: dict[str, str], body: bytes, h: dict[str, str]) -> dict[str, str]:
+        """Query parameters, overridden by a JSON object body; unknown names are refused."""
+        options = dict(query)
+        if body.strip():
+            try:
+                obj = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ControlError(400, "bad_body", f"body: not JSON ({e}); send none, or a JSON object") from None
+            if not isinstance(obj, dict):
+                raise ControlError(400, "bad_body", f"body: expected a JSON object, got {type(obj).__name__}")
+            for k, v in obj.items():
+                if v is not None and not isinstance(v, str):
+                    raise ControlError(400, "bad_body", f"body.{k}: expected a string, got {type(v).__name__}")
+                options[k] = v
+        unknown = sorted(set(options) - _OPTIONS[action])
+        if unknown:
+            allowed = ", ".join(sorted(_OPTIONS[action])) or "none"
+            raise ControlError(
+                400, "unknown_option", f"{', '.join(unknown)}: not an option of {action} (options: {allowed})"
+            )
+        return {k: v for k, v in options.items() if v is not None}
+
+    async def _start(self, options: dict[str, str], h: dict[str, str]) -> Response:
+        await self.controller.start(options.get("mode"))
+        return self._answer(h, "start", START_TEXT, recording=True, mode=options.get("mode"))
+
+    def _answer(self, h: dict[str, str], action: str, text: str, **extra: Any) -> Response:
+        # No status round trip here: on a multi-rank engine each one costs a call to every rank.
+        if not _accepts_json(h):
+            return self._text(200, text)
+        doc = {"ok": True, "action": action, "message": text.strip(), **self.controller.identity(), **extra}
+        return self._json(200, doc)
+
+    async def _dump(self, options: dict[str, str], h: dict[str, str]) -> Response:
+        ret, fmt = options.get("return"), options.get("format")
+        if ret is not None and ret not in RETURNS:
+            raise ControlError(400, "bad_option", f"return: {ret!r} is not one of {', '.join(RETURNS)}")
+        if fmt is not None and fmt not in FORMATS:
+            raise ControlError(400, "bad_option", f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        accept = h.get("accept", "")
+        if ret is None:
+            ret = "bytes" if (fmt or MSGPACK in accept or "application/msgpack" in accept) else "file"
+        fmt = fmt or "msgpack"
+        t0 = time.perf_counter()
+        outcome = await self.controller.dump(write_files=ret != "bytes")
+        t1 = time.perf_counter()
+        ctl = self.controller
+        files = list(outcome.files)
+        if ret == "file":
+            return self._answer(
+                h, "dump", DUMP_TEXT, files=files, dump_dir=ctl.dump_dir, mode=outcome.merged.mode,
+                num_passes=outcome.merged.window.num_passes, num_ranks=len(outcome.dumps),
+            )  # fmt: skip
+        data = await asyncio.to_thread(encode, outcome.merged, fmt)
+        t2 = time.perf_counter()
+        headers = {
+            "content-type": MEDIA_TYPES[fmt],
+            # W3C Server-Timing: where the engine spent the time (reading the recorders, encoding).
+            "server-timing": f"dump;dur={(t1 - t0) * 1000:.1f}, encode;dur={(t2 - t1) * 1000:.1f}",
+            H_FORMAT: fmt,
+            H_RANKS: str(len(outcome.dumps)),
+            H_DUMP_DIR: quote(ctl.dump_dir),  # percent-encoded: header values are latin-1
+        }
+        if files:
+            headers[H_FILES] = json.dumps(files)
+        return self._finish(Response(200, headers, data))
+
+    async def _status(self, h: dict[str, str]) -> Response:
+        ranks = await self.controller.status()
+        doc = {
+            "ok": True,
+            "action": "status",
+            **self.controller.identity(),
+            "enabled": True,
+            "recording": any(r.get("recording") for r in ranks),
+            "dump_dir": self.controller.dump_dir,
+            "auth": self.api_key is not None,
+            "ranks": ranks,
+        }
+        return self._json(200, doc)
+
+    # -- answers ------------------------------------------------------------------------------
+    def _finish(self, resp: Response) -> Response:
+        ctl = self.controller
+        resp.headers[H_INSTANCE] = ctl.instance_id
+        if ctl.run_id:
+            resp.headers[H_RUN] = ctl.run_id
+        resp.headers["content-length"] = str(len(resp.body))
+        return resp
+
+    def _text(self, status: int, text: str) -> Response:
+        return self._finish(Response(status, {"content-type": "text/plain; charset=utf-8"}, text.encode()))
+
+    def _json(self, status: int, doc: Any) -> Response:
+        return self._finish(Response(status, {"content-type": "application/json"}, json.dumps(doc).encode()))
+
+    def error(self, e: ControlError, headers: Mapping[str, str] | None = None) -> Response:
+        """The answer for an error: JSON for clients that take JSON or dump bytes, else a line."""
+        h = headers or {}
+        if _accepts_json(h) or MSGPACK in h.get("accept", ""):
+            resp = self._json(
+                e.status, {"ok": False, "error": {"status": e.status, "code": e.code, "message": e.message}}
+            )
+        else:
+            resp = self._text(e.status, f"{e.message}\n")
+        resp.headers.update(e.headers)
+        return resp
+
+    def too_large(self, headers: Any = None) -> Response:
+        """The 413 answer, for servers that find the body too large while reading it."""
+        return self.error(self._too_large(), _headers(headers))
+
+
+def _accepts_json(h: Mapping[str, str]) -> bool:
+    return "application/json" in h.get("accept", "")

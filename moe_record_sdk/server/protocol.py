@@ -1,0 +1,33 @@
+"""The wire names of the endpoints (``spec/http-api.md``), shared by the server and the client."""
+
+from __future__ import annotations
+
+START_PATH = "/start_expert_distribution_record"
+STOP_PATH = "/stop_expert_distribution_record"
+DUMP_PATH = "/dump_expert_distribution_record"
+STATUS_PATH = "/expert_distribution_record_status"
+PATHS = {"start": START_PATH, "stop": STOP_PATH, "dump": DUMP_PATH, "status": STATUS_PATH}
+
+#: SGLang 0.5.23's answers (``sglang/srt/entrypoints/http_server.py``), byte for byte.
+START_TEXT = "Start recording the expert distribution.\n"
+STOP_TEXT = "Stop recording the expert distribution.\n"
+DUMP_TEXT = "Dump expert distribution record.\n"
+TEXTS = {"start": START_TEXT, "stop": STOP_TEXT, "dump": DUMP_TEXT}
+
+#: Media types of a dump in a response body, by format.
+MSGPACK = "application/x-msgpack"
+DUMP_JSON = "application/vnd.moe-record.dump+json"
+PT = "application/octet-stream"
+MEDIA_TYPES = {"msgpack": MSGPACK, "json": DUMP_JSON, "pt": PT}
+
+#: Response headers (lower-case). Every control answer, errors included, carries the instance
+#: id, and the run id once recording was started.
+H_INSTANCE = "x-moe-record-instance"
+H_RUN = "x-moe-record-run"
+H_FORMAT = "x-moe-record-format"  # a dump in the body: its format
+H_FILES = "x-moe-record-files"  # files written by this dump: a JSON list of paths on the server
+H_DUMP_DIR = "x-moe-record-dump-dir"  # the server's dump directory, percent-encoded
+H_RANKS = "x-moe-record-ranks"  # how many ranks the dump in the body merges
+
+#: Values of the dump's ``return`` option.
+RETURNS = ("file", "bytes", "both")

@@ -1,0 +1,101 @@
+"""``moe-record start|stop|dump|status|record`` against real local servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import torch
+
+from moe_record_sdk.cli import main
+from moe_record_sdk.schema import load_dump
+
+from ..server.helpers import feed
+
+
+def test_control_commands_exit_status_and_saved_dumps(engines, tmp_path, capsys):
+    rec_a, a = engines.ours()
+    rec_b, b = engines.ours()
+    both = ["--engine", a.url, "-e", b.url]
+    assert main(["start", *both, "--mode", "per_pass"]) == 0
+    assert rec_a.mode == rec_b.mode == "per_pass" and rec_a.recording
+    ea, eb = feed(rec_a, seed=1), feed(rec_b, seed=2)
+    capsys.readouterr()
+    assert main(["status", *both, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] and [e["info"]["ranks"][0]["passes"] for e in doc["engines"]] == [3, 3]
+    assert main(["stop", f"--engine={a.url},{b.url}"]) == 0
+    out = tmp_path / "out"
+    assert main(["dump", *both, "--out", str(out), "--format", "msgpack"]) == 0
+    text = capsys.readouterr().out
+    assert "dump: 2/2 engines ok" in text and "merged ->" in text
+    assert torch.equal(load_dump(str(out / "merged.msgpack")).total_count(), ea + eb)
+    assert len(os.listdir(out)) == 3
+
+
+def test_a_failing_engine_gives_exit_1_and_the_others_work(engines, capsys):
+    rec, a = engines.ours()
+    down = engines.down()
+    assert main(["start", "-e", a.url, "-e", down, "--retries", "0"]) == 1
+    out = capsys.readouterr().out
+    assert f"{down} start: FAILED (connect)" in out and f"{a.url} start: ok" in out and "1/2 engines ok" in out
+    assert rec.recording
+    feed(rec, seed=3)
+    assert main(["dump", "-e", a.url, "-e", down, "--retries", "0"]) == 1  # without --out: files on the engine
+    assert "dump left on the server's disk" in capsys.readouterr().out
+    assert main(["start", "-e", "ftp://x"]) == 2
+
+
+def test_record_saves_validates_and_summarizes(engines, tmp_path, capsys):
+    rec_a, a = engines.ours()
+    rec_b, b = engines.ours()
+    down = engines.down()
+    expected: dict[str, torch.Tensor] = {}
+
+    def traffic() -> None:  # what the engines' users would send while recording runs
+        deadline = time.monotonic() + 10
+        while not (rec_a.recording and rec_b.recording) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        expected["a"], expected["b"] = feed(rec_a, seed=4), feed(rec_b, seed=5)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    out = tmp_path / "rec"
+    status = main(
+        [
+            "record",
+            "-e",
+            a.url,
+            "-e",
+            b.url,
+            "-e",
+            down,
+            "--duration",
+            "0.6",
+            "--interval",
+            "0.2",
+            "--out",
+            str(out),
+            "--retries",
+            "0",
+        ]
+    )
+    t.join()
+    text = capsys.readouterr().out
+    assert status == 1  # one engine failed...
+    assert f"{down} start: FAILED" in text or "start failed" in text
+    # ...and the others' dumps are saved, validated and summarized.
+    assert "validated 3 dump file(s): all valid" in text and "Load over experts, per MoE layer" in text
+    assert sorted(os.listdir(out)) == sorted(
+        ["merged.pt", f"engine-0-127.0.0.1_{a.port}.pt", f"engine-1-127.0.0.1_{b.port}.pt"]
+    )
+    assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected["a"] + expected["b"])
+    assert not rec_a.recording  # stopped
+
+    # All engines healthy: exit 0.
+    t = threading.Thread(target=lambda: (time.sleep(0.2), feed(rec_a, seed=6)))
+    t.start()
+    assert main(["record", "-e", a.url, "--duration", "0.5", "--interval", "0.2", "--out", str(tmp_path / "rec2")]) == 0
+    t.join()

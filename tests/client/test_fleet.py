@@ -1,0 +1,187 @@
+"""The Fleet over real local servers: ours, stock-SGLang-like, down, slow, flaky, restarted."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import httpx
+import pytest
+import torch
+
+from moe_record_sdk import AsyncFleet, EngineError, Fleet
+from moe_record_sdk.client import IN_RESPONSE, ON_SERVER, normalize_engine
+from moe_record_sdk.schema import load_dump, validate_dump
+from moe_record_sdk.server import LocalBackend, make_app
+
+from ..server.helpers import feed, make_recorder
+
+
+def test_fleet_of_five_healthy_saved_failures_reported(engines, tmp_path):
+    """Two of ours, a stock SGLang, one down, one slow past the timeout."""
+    rec_a, a = engines.ours()
+    rec_b, b = engines.ours()
+    rec_s, s, sglang_dir = engines.sglang()
+    rec_slow, slow = engines.slow(delay=2.5)
+    down = engines.down()
+    urls = [a.url, b.url, s.url, down, slow.url]
+    with Fleet(urls, timeout=1.0, retries=2, backoff=0.01) as fleet:
+        started = fleet.start()
+        assert [r.ok for r in started] == [True, True, True, False, True]
+        assert started[down].error_kind == "connect" and started[down].attempts == 3  # refused: safe to retry
+        assert started[s.url].flavor == "sglang" and started[a.url].flavor == "moe-record"
+        assert started[a.url].run_id and started[a.url].instance_id
+        expected = {
+            u: feed(r, seed=i)
+            for i, (u, r) in enumerate([(a.url, rec_a), (b.url, rec_b), (s.url, rec_s), (slow.url, rec_slow)])
+        }
+        assert fleet.stop().ok is False  # the dead engine
+        t0 = time.monotonic()
+        result = fleet.dump()
+        took = time.monotonic() - t0
+
+    assert took < 2.5, "the slow engine must cost the others nothing"
+    ok = {r.engine for r in result if r.ok}
+    assert ok == {a.url, b.url, s.url}
+    assert result[down].error_kind == "connect"
+    assert result[slow.url].error_kind == "timeout" and result[slow.url].attempts == 1  # a dump is never re-sent
+    # Ours: the dump came back, exact.
+    for u in (a.url, b.url):
+        assert result[u].location == IN_RESPONSE and torch.equal(result[u].dump.total_count(), expected[u])
+    # Stock SGLang: plain text; its dump is on its own disk, and the result says so.
+    assert result[s.url].location == ON_SERVER and result[s.url].dump is None and "SGLANG_EXPERT" in result[s.url].note
+    (name,) = os.listdir(sglang_dir)
+    assert torch.equal(load_dump(os.path.join(sglang_dir, name)).total_count(), expected[s.url])
+    # The merge holds exactly the collected engines, once each.
+    assert torch.equal(result.merged.total_count(), expected[a.url] + expected[b.url])
+    assert result.merge_error is None and not result.ok
+    saved = result.save(str(tmp_path / "out"))
+    assert set(saved) == {a.url, b.url, "merged"}
+    for path in saved.values():
+        assert validate_dump(load_dump(path)) == []
+    with pytest.raises(EngineError, match=r"dump failed on 2 of 5 engines.*timeout.*") as e:
+        result.raise_for_errors()
+    assert down in str(e.value) and slow.url in str(e.value)
+
+
+def test_restart_between_start_and_dump_is_detected(engines):
+    rec, server = engines.ours()
+    with Fleet([server.url]) as fleet:
+        assert fleet.start().ok
+        feed(rec, seed=1)
+        server.stop()
+        # A new process on the same port: a new instance, which recorded something of its own.
+        rec2, server2 = engines.ours(port=server.port)
+        rec2.start()
+        feed(rec2, seed=2)
+        result = fleet.dump()
+    (r,) = result.results
+    assert not r.ok and r.error_kind == "restarted" and "lost" in r.error
+    assert r.dump is not None and result.merged is None  # kept for inspection, never merged
+    assert server2.url == server.url
+
+
+def test_another_start_in_between_is_reported(engines, http_client):
+    rec, server = engines.ours()
+    with Fleet([server.url]) as fleet:
+        fleet.start()
+        feed(rec, seed=3)
+        http_client.post(server.url + "/start_expert_distribution_record")  # someone else restarts the window
+        result = fleet.dump()
+    assert result[0].error_kind == "run_changed" and result.merged is None
+
+
+def test_engine_whose_start_failed_is_not_merged(engines):
+    rec_ok, ok = engines.ours()
+    rec_bad, bad, flaky = engines.flaky("/start_expert_distribution_record", n=10)
+    rec_bad.start()  # it holds a recording, but not this fleet's
+    feed(rec_bad, seed=4)
+    with Fleet([ok.url, bad.url], retries=2, backoff=0.01) as fleet:
+        started = fleet.start()
+        assert started[bad.url].error_kind == "http" and "503" in started[bad.url].error
+        assert started[bad.url].attempts == 3 and flaky.seen == 3  # start is idempotent: retried
+        expected = feed(rec_ok, seed=5)
+        result = fleet.dump()
+    assert result[bad.url].error_kind == "not_started"
+    assert torch.equal(result.merged.total_count(), expected)
+
+
+def test_retries_only_where_safe(engines):
+    rec, server, flaky = engines.flaky("/expert_distribution_record_status", n=1)
+    with Fleet([server.url], retries=2, backoff=0.01) as fleet:
+        status = fleet.status()
+        assert status.ok and status[0].attempts == 2 and flaky.seen == 2
+    rec2, server2, flaky2 = engines.flaky("/dump_expert_distribution_record", n=1)
+    rec2.start()
+    feed(rec2, seed=6)
+    with Fleet([server2.url], retries=2, backoff=0.01) as fleet:
+        dump = fleet.dump()
+    assert not dump.ok and dump[0].attempts == 1 and flaky2.seen == 1  # a dump clears: never re-sent
+    assert rec2.status().passes == 3  # and nothing was lost
+
+
+def test_auth_keys_per_engine_and_from_env(engines, monkeypatch):
+    _, a = engines.ours(api_key="ka")
+    _, b = engines.ours(api_key="kb")
+    with Fleet([a.url, b.url], api_key={a.url: "ka", b.url: "nope"}) as fleet:
+        result = fleet.start()
+    assert result[a.url].ok and result[b.url].status_code == 401 and result[b.url].error_kind == "http"
+    assert "unauthorized" in result[b.url].error
+    monkeypatch.setenv("MOE_RECORD_API_KEY", "kb")
+    with Fleet([b.url]) as fleet:
+        assert fleet.start().ok
+    with Fleet([b.url], api_key="") as fleet:
+        assert fleet.status()[0].status_code == 401
+
+
+def test_status_of_a_stock_sglang_says_it_has_none(engines):
+    _, s, _ = engines.sglang()
+    with Fleet([s.url]) as fleet:
+        (r,) = fleet.status().results
+    assert r.status_code == 404 and "stock SGLang" in r.error
+
+
+def test_dump_left_on_servers_when_not_collecting(engines):
+    rec, server = engines.ours()
+    with Fleet([server.url]) as fleet:
+        fleet.start()
+        feed(rec, seed=7)
+        result = fleet.dump(collect=False)
+    (r,) = result.results
+    assert r.ok and r.location == ON_SERVER and len(r.files) == 1 and os.path.exists(r.files[0])
+    assert result.merged is None
+
+
+def test_async_fleet_with_an_asgi_transport_and_sync_fleet_refuses_a_running_loop():
+    rec = make_recorder()
+    app = make_app(LocalBackend(rec), dump_dir="/nonexistent-never-written")
+
+    async def go():
+        with (
+            pytest.raises(RuntimeError, match="AsyncFleet"),
+            Fleet(["http://engine"], transport=httpx.ASGITransport(app)) as sync,
+        ):
+            sync.start()
+        async with AsyncFleet(["http://engine"], transport=httpx.ASGITransport(app)) as fleet:
+            await fleet.start()
+            expected = feed(rec, seed=8)
+            return expected, await fleet.dump()
+
+    expected, result = asyncio.run(go())
+    assert torch.equal(result.merged.total_count(), expected)
+
+
+def test_engine_urls():
+    assert normalize_engine("127.0.0.1:30000/") == "http://127.0.0.1:30000"
+    assert normalize_engine("https://h") == "https://h"
+    with pytest.raises(ValueError, match="more than once"):
+        Fleet(["127.0.0.1:1", "http://127.0.0.1:1"])
+    with pytest.raises(ValueError, match="not an http"):
+        Fleet(["ftp://x"])
+
+
+@pytest.fixture
+def http_client():
+    with httpx.Client(timeout=10, trust_env=False) as c:
+        yield c

@@ -1,0 +1,258 @@
+"""Every endpoint and error path of the control app, over real uvicorn on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from moe_record_sdk.schema import decode, load_dump
+from moe_record_sdk.server import (
+    DUMP_PATH,
+    DUMP_TEXT,
+    START_PATH,
+    START_TEXT,
+    STATUS_PATH,
+    STOP_PATH,
+    STOP_TEXT,
+    ControlHandler,
+    LocalBackend,
+)
+
+from .helpers import K, L, feed, make_recorder
+
+SGLANG_STAT = re.compile(r"^expert_distribution_recorder_\d+\.\d+\.pt$")
+SGLANG_RANKED = re.compile(r"^expert_distribution_recorder_\d+\.\d+_(\d+)\.pt$")
+JSON = {"accept": "application/json"}
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_sglang_answers_and_file(serve, http, tmp_path, method):
+    """Stock-SGLang behaviour: 200 + SGLang's exact lines, and SGLang's .pt file in the dump dir."""
+    rec = make_recorder()
+    server = serve(rec)
+    r = http.request(method, server.url + START_PATH)
+    assert (r.status_code, r.text) == (200, START_TEXT)
+    assert r.headers["content-type"].startswith("text/plain")
+    expected = feed(rec, seed=1)
+    r = http.request(method, server.url + STOP_PATH)
+    assert (r.status_code, r.text) == (200, STOP_TEXT)
+    feed(rec, seed=2)  # stopped: not counted
+    r = http.request(method, server.url + DUMP_PATH)
+    assert (r.status_code, r.text) == (200, DUMP_TEXT)
+    files = os.listdir(tmp_path / "dumps")
+    assert len(files) == 1 and SGLANG_STAT.match(files[0]), files
+    # SGLang's own reader path: torch.load(weights_only=True), its keys, int32 [B, L, E].
+    obj = torch.load(tmp_path / "dumps" / files[0], weights_only=True, map_location="cpu")
+    assert obj["rank"] == 0 and obj["logical_count"].dtype == torch.int32
+    assert torch.equal(obj["logical_count"].sum(0).long(), expected)
+
+
+def test_json_answers_identity_and_run_ids(serve, http):
+    rec = make_recorder()
+    server = serve(rec)
+    a = http.post(server.url + START_PATH, headers=JSON).json()
+    assert a["ok"] and a["action"] == "start" and a["recording"] is True and a["message"] == START_TEXT.strip()
+    assert a["run_id"].startswith(a["instance_id"]) and rec.recording
+    b = http.post(server.url + START_PATH, headers=JSON).json()
+    assert b["instance_id"] == a["instance_id"] and b["run_id"] != a["run_id"]
+    r = http.post(server.url + STOP_PATH, headers=JSON)
+    assert r.json()["recording"] is False and r.headers["x-moe-record-run"] == b["run_id"]
+    st = http.get(server.url + STATUS_PATH).json()
+    assert st["instance_id"] == a["instance_id"] and st["run_id"] == b["run_id"] and st["enabled"] and not st["auth"]
+    assert st["ranks"] == [{**st["ranks"][0], "rank": 0, "recording": False, "mode": "stat"}]
+
+
+def test_start_mode_from_query_and_body(serve, http):
+    rec = make_recorder(buffer_size=4)
+    server = serve(rec)
+    assert http.post(server.url + START_PATH + "?mode=per_pass").status_code == 200
+    assert http.get(server.url + STATUS_PATH).json()["ranks"][0]["mode"] == "per_pass"
+    r = http.post(server.url + START_PATH, json={"mode": "per_token"})
+    assert r.status_code == 200 and rec.mode == "per_token"
+    feed(rec, seed=3, passes=2)
+    r = http.post(server.url + DUMP_PATH, headers={"accept": "application/x-msgpack"})
+    dump = decode(r.content, "msgpack")
+    assert dump.mode == "per_token" and len(dump.records) == 2
+    assert dump.records[0].topk_ids_of_layer.shape == (L, 5, K)
+
+
+@pytest.mark.parametrize(
+    "query, body, code",
+    [
+        ("?mode=fast", None, "unknown_mode"),
+        ("", b'{"mode": "fast"}', "unknown_mode"),
+        ("", b'{"mode": 3}', "bad_body"),
+        ("", b"mode=stat", "bad_body"),
+        ("", b'["stat"]', "bad_body"),
+        ("?mdoe=stat", None, "unknown_option"),
+        ("?path=/etc/passwd", None, "unknown_option"),
+    ],
+)
+def test_bad_start_requests_are_400(serve, http, query, body, code):
+    rec = make_recorder()
+    server = serve(rec)
+    r = http.post(server.url + START_PATH + query, content=body, headers=JSON)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == code
+    assert not rec.recording
+    plain = http.post(server.url + START_PATH + query, content=body)
+    assert plain.status_code == 400 and plain.headers["content-type"].startswith("text/plain") and plain.text.strip()
+
+
+def test_dump_with_nothing_recorded_is_409(serve, http, tmp_path):
+    server = serve(make_recorder())
+    r = http.post(server.url + DUMP_PATH, headers=JSON)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_recorded"
+    assert not (tmp_path / "dumps").exists()
+
+
+def test_wrong_method_is_405_with_allow(serve, http):
+    server = serve(make_recorder())
+    for path in (START_PATH, STOP_PATH, DUMP_PATH, STATUS_PATH):
+        for method in ("PUT", "DELETE", "PATCH"):
+            r = http.request(method, server.url + path)
+            assert r.status_code == 405 and r.headers["allow"] == "GET, POST", (method, path)
+
+
+def test_oversized_body_is_413(serve, http):
+    rec = make_recorder()
+    server = serve(rec, max_body=1024)
+    big = b'{"mode": "stat", "pad": "' + b"x" * 4096 + b'"}'
+    assert http.post(server.url + START_PATH, content=big).status_code == 413
+    # Streamed without a Content-Length: refused while reading, never buffered whole.
+    r = http.post(server.url + START_PATH, content=iter([b"x" * 512] * 64))
+    assert r.status_code == 413
+    assert not rec.recording
+
+
+def test_unknown_path_404_and_disabled_absent(serve, http):
+    on = serve(make_recorder())
+    assert http.get(on.url + "/nope").status_code == 404
+    off = serve(make_recorder(), enabled=False)
+    for path in (START_PATH, STOP_PATH, DUMP_PATH, STATUS_PATH):
+        assert http.post(off.url + path).status_code == 404
+
+
+def test_bearer_token(serve, http):
+    rec = make_recorder()
+    server = serve(rec, api_key="s3cret")
+    for headers in (
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": "s3cret"},
+        {"authorization": "Bearer s3cret2"},
+        {"authorization": "Bearer S3CRET"},
+    ):
+        r = http.post(server.url + START_PATH, headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
+    assert not rec.recording
+    r = http.post(server.url + START_PATH, headers={"authorization": "Bearer s3cret"})
+    assert (r.status_code, r.text) == (200, START_TEXT) and rec.recording
+    assert http.get(server.url + STATUS_PATH, headers={"authorization": "Bearer s3cret"}).json()["auth"] is True
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "json", "pt"])
+def test_dump_bytes_equal_in_process_counts(serve, http, tmp_path, fmt):
+    rec = make_recorder()
+    server = serve(rec)
+    http.post(server.url + START_PATH)
+    expected = feed(rec, seed=4)
+    r = http.post(server.url + DUMP_PATH + f"?return=bytes&format={fmt}")
+    assert r.status_code == 200 and r.headers["x-moe-record-format"] == fmt
+    dump = decode(r.content, fmt)
+    assert torch.equal(dump.total_count(), expected)
+    assert dump.window.num_passes == 3
+    assert not (tmp_path / "dumps").exists()  # return=bytes: no file
+
+
+def test_dump_return_both_writes_the_file_too(serve, http, tmp_path):
+    rec = make_recorder()
+    server = serve(rec)
+    http.post(server.url + START_PATH)
+    expected = feed(rec, seed=5)
+    r = http.post(server.url + DUMP_PATH, params={"return": "both"}, headers={"accept": "application/x-msgpack"})
+    files = json.loads(r.headers["x-moe-record-files"])
+    assert len(files) == 1 and os.path.dirname(files[0]) == str(tmp_path / "dumps")
+    assert torch.equal(load_dump(files[0]).total_count(), expected)
+    assert torch.equal(decode(r.content).total_count(), expected)
+
+
+@pytest.mark.parametrize("query", ["?return=all", "?format=csv", "?return=bytes&format=npz"])
+def test_bad_dump_options_are_400(serve, http, query):
+    rec = make_recorder()
+    server = serve(rec)
+    http.post(server.url + START_PATH)
+    feed(rec, seed=6)
+    r = http.post(server.url + DUMP_PATH + query, headers=JSON)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_option"
+    assert rec.status().passes == 3  # nothing was dumped (a dump clears)
+
+
+def test_dump_json_answer_lists_files_in_dump_dir(serve, http, tmp_path):
+    rec = make_recorder()
+    server = serve(rec)
+    http.post(server.url + START_PATH)
+    feed(rec, seed=7)
+    doc = http.post(server.url + DUMP_PATH, headers=JSON).json()
+    assert doc["dump_dir"] == str(tmp_path / "dumps") and doc["num_passes"] == 3 and doc["mode"] == "stat"
+    assert [os.path.basename(f) for f in doc["files"]] == os.listdir(tmp_path / "dumps")
+
+
+def test_two_ranks_merged_in_bytes_and_one_file_per_rank(serve, http, tmp_path):
+    r0, r1 = make_recorder(0, 2, buffer_size=8), make_recorder(1, 2, buffer_size=8)
+    server = serve(r0, r1)
+    http.post(server.url + START_PATH + "?mode=per_pass")
+    e0, e1 = feed(r0, seed=8, passes=2), feed(r1, seed=9, passes=3)
+    r = http.post(server.url + DUMP_PATH + "?return=both")
+    assert r.headers["x-moe-record-ranks"] == "2"
+    merged = decode(r.content)
+    assert torch.equal(merged.total_count(), e0 + e1) and merged.topology.world_size == 1
+    names = sorted(os.listdir(tmp_path / "dumps"))
+    assert sorted(int(SGLANG_RANKED.match(n).group(1)) for n in names) == [0, 1]  # SGLang: a file per rank
+    # stat: one file, the merge (as SGLang's rank 0 writes the all-reduced counts)
+    http.post(server.url + START_PATH + "?mode=stat")
+    feed(r0, seed=10)
+    feed(r1, seed=11)
+    http.post(server.url + DUMP_PATH)
+    stat_files = [n for n in os.listdir(tmp_path / "dumps") if SGLANG_STAT.match(n)]
+    assert len(stat_files) == 1
+
+
+def test_failed_write_keeps_the_recording_for_a_retry(serve, http, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the dump directory should be")
+    rec = make_recorder()
+    server = serve(rec, dump_dir=str(blocker / "dumps"))
+    http.post(server.url + START_PATH)
+    expected = feed(rec, seed=12)
+    r = http.post(server.url + DUMP_PATH, headers=JSON)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "dump_write_failed"
+    assert "kept" in r.json()["error"]["message"]
+    blocker.unlink()
+    feed(rec, seed=13)  # the next window: stays for the dump after
+    assert http.post(server.url + DUMP_PATH).status_code == 200
+    (path,) = [os.path.join(blocker, "dumps", n) for n in os.listdir(blocker / "dumps")]
+    assert torch.equal(load_dump(path).total_count(), expected)
+
+
+def test_handler_without_any_server(tmp_path):
+    """The handler alone, as a FastAPI (vLLM) route would call it."""
+    rec = make_recorder()
+    handler = ControlHandler(LocalBackend(rec), dump_dir=str(tmp_path))
+
+    async def go():
+        a = await handler.handle("POST", START_PATH, "mode=stat", [(b"accept", b"application/json")], b"")
+        feed(rec, seed=14)
+        b = await handler.handle("GET", DUMP_PATH, {"return": "bytes"}, {}, b"")
+        c = await handler.handle("POST", "/elsewhere", None, None)
+        return a, b, c
+
+    a, b, c = asyncio.run(go())
+    assert a.status == 200 and a.json()["run_id"]
+    assert b.status == 200 and decode(b.body).total_count().sum() == 3 * L * 5 * K
+    assert c.status == 404

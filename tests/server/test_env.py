@@ -1,0 +1,36 @@
+"""The environment variables of ``moe_record_sdk.env``: names, precedence, parsing."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_record_sdk import env
+
+
+def test_dump_dir_precedence():
+    sg, vl, ours = (
+        env.SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR,
+        env.VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR,
+        env.MOE_RECORD_DUMP_DIR,
+    )
+    assert env.dump_dir("sglang", {}) == "/tmp"  # SGLang's default
+    both = {sg: "/s", vl: "/v"}
+    assert env.dump_dir("sglang", both) == "/s" and env.dump_dir("vllm", both) == "/v"
+    assert env.dump_dir("vllm", {sg: "/s"}) == "/s"
+    assert env.dump_dir("sglang", {**both, ours: "/o"}) == env.dump_dir("vllm", {**both, ours: "/o"}) == "/o"
+
+
+def test_switches_and_numbers():
+    assert not env.enabled({}) and not env.enabled({env.MOE_RECORD_ENABLE: "0"})
+    assert all(env.enabled({env.MOE_RECORD_ENABLE: v}) for v in ("1", "true", "YES", " on "))
+    assert env.api_key({}) is None and env.api_key({env.MOE_RECORD_API_KEY: ""}) is None
+    assert env.api_key({env.MOE_RECORD_API_KEY: "k"}) == "k"
+    assert env.mode({}) == "stat" and env.mode({env.MOE_RECORD_MODE: "per_pass"}) == "per_pass"
+    assert env.max_body({}) == 65536 and env.max_body({env.MOE_RECORD_MAX_BODY: "10"}) == 10
+    with pytest.raises(ValueError, match="MOE_RECORD_MAX_BODY"):
+        env.max_body({env.MOE_RECORD_MAX_BODY: "10k"})
+
+
+def test_every_name_is_documented():
+    for name in env.ALL:
+        assert f"``{name}``" in env.__doc__, name
