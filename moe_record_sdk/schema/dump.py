@@ -16,6 +16,7 @@ SCHEMA_VERSION = 1
 
 Mode = Literal["stat", "per_pass", "per_token"]
 MODES: tuple[str, ...] = ("stat", "per_pass", "per_token")
+_NARROW_INTS = (torch.int8, torch.int16, torch.int32, torch.uint8)
 
 
 class Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, omit_defaults=False):
@@ -133,6 +134,14 @@ class DumpV1(Base, tag_field="schema_version", tag=SCHEMA_VERSION):
     """per_pass/per_token: one per row of ``logical_count``, in the same order."""
     average_utilization_rate_over_window: float | None = None
     """SGLang's key, carried through when a source had it."""
+
+    def __post_init__(self) -> None:
+        # Count fields are int64 in memory whatever integer width a file used (SGLang's .pt
+        # and our wire format store int32 when values fit). Other dtypes stay, for validation to name.
+        for name in ("logical_count", "total_logical_count", "physical_count", "physical_to_logical_map"):
+            t = getattr(self, name)
+            if isinstance(t, torch.Tensor) and t.dtype in _NARROW_INTS:
+                setattr(self, name, t.to(torch.int64))
 
     # -- conveniences ---------------------------------------------------------------------
     @property

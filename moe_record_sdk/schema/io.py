@@ -48,11 +48,13 @@ _json_peek = msgspec.json.Decoder(_Peek)
 
 def check_version(version: Any, source: str) -> None:
     """Refuse a dump of a schema version we do not know, naming it."""
-    if version != SCHEMA_VERSION:
+    # An int and nothing else: a .pt may carry any object here (a tensor would not even compare).
+    if isinstance(version, bool) or not isinstance(version, int) or version != SCHEMA_VERSION:
         if version is None:
             raise SchemaVersionError(f"{source}: schema_version: missing")
+        shown = repr(version)[:40] if isinstance(version, (int, float, str)) else f"a {type(version).__name__}"
         raise SchemaVersionError(
-            f"{source}: schema_version: {version!r} is not supported by this release (it reads {SCHEMA_VERSION})"
+            f"{source}: schema_version: {shown} is not supported by this release (it reads {SCHEMA_VERSION})"
         )
 
 
@@ -60,21 +62,28 @@ def _decode(data: bytes, fmt: str, source: str) -> Dump:
     peek, dec = (_msgpack_peek, _msgpack_dec) if fmt == "msgpack" else (_json_peek, _json_dec)
     try:
         head = peek.decode(data)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:  # msgspec lets a bad UTF-8 str through as the latter
         raise DumpFormatError(f"{source}: not a {fmt} dump: {e}") from None
+    except RecursionError:  # msgspec refuses nesting deeper than the interpreter's limit
+        raise DumpFormatError(f"{source}: not a {fmt} dump: nested too deeply") from None
     check_version(head.schema_version, source)
     try:
         return dec.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
         raise DumpFormatError(f"{source}: {e}") from None
+    except RecursionError:
+        raise DumpFormatError(f"{source}: nested too deeply") from None
 
 
 def encode(dump: Dump, fmt: str = "msgpack") -> bytes:
     """Serialize a dump to bytes: ``msgpack``, ``json`` or ``pt`` (SGLang's layout)."""
-    if fmt == "msgpack":
-        return _msgpack_enc.encode(dump)
-    if fmt == "json":
-        return _json_enc.encode(dump)
+    try:
+        if fmt == "msgpack":
+            return _msgpack_enc.encode(dump)
+        if fmt == "json":
+            return _json_enc.encode(dump)
+    except (OverflowError, UnicodeEncodeError, msgspec.EncodeError) as e:  # an int past 64 bits, a str no UTF-8 holds
+        raise DumpFormatError(f"cannot encode the dump as {fmt}: {e}") from None
     if fmt == "pt":
         import io
 
@@ -90,13 +99,9 @@ def decode(data: bytes, fmt: str | None = None, source: str = "<bytes>") -> Dump
     if fmt == "pt":
         import io
 
-        from .sglang import from_sglang_dict
+        from .sglang import from_sglang_dict, torch_load
 
-        try:
-            obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-        except Exception as e:
-            raise DumpFormatError(f"{source}: not a loadable .pt under weights_only=True: {e}") from None
-        return from_sglang_dict(obj, source)
+        return from_sglang_dict(torch_load(io.BytesIO(data), len(data), source), source)
     if fmt == "csv":
         raise DumpFormatError(f"{source}: CSV dumps are read from files only")
     return _decode(data, fmt, source)
@@ -154,16 +159,19 @@ def save_dump(dump: Dump, path: str | os.PathLike[str], *, format: str | None = 
     data = encode(dump, format or format_for_path(path))
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # 0o666 through the umask, like any file the user writes (mkstemp would force 0o600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        # 0o666 through the umask, like any file the user writes (mkstemp would force 0o600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            # Name the file asked for (not the temporary one) and the cause: disk full, read-only...
+            raise OSError(e.errno, f"cannot write the dump: {e.strerror}", path) from e
         raise
     return path

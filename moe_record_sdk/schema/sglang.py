@@ -21,16 +21,22 @@ import io
 import os
 import re
 import time
-from typing import Any
+import zipfile
+from typing import Any, BinaryIO
 
 import msgspec
 import torch
 
 from ..errors import DumpFormatError
 from .dump import SCHEMA_VERSION, Dump, EngineInfo, ModelInfo, Record, Topology, Window
+from .tensors import MAX_EMPTY_SPAN, check_shape
 
 META_KEY = "moe_record"
 INT32_MAX = torch.iinfo(torch.int32).max
+#: SGLang's own files do not name their layers; lists over the L axis are refused past this.
+MAX_LAYERS = 1 << 16
+#: torch.save stores zip entries uncompressed; compressed ones may expand by this much in total.
+ZIP_INFLATE_ALLOWANCE = 1 << 20
 
 _CSV_NAME = re.compile(r"expert_distribution_rank(\d+)_timestamp[\d.]+\.csv$")
 
@@ -124,12 +130,21 @@ def _meta_structs(meta: Any) -> dict[str, Any]:
             "topology": msgspec.convert(meta["topology"], Topology),
             "window": msgspec.convert(meta["window"], Window),
         }
-    except (KeyError, TypeError, msgspec.ValidationError) as e:
+    except (KeyError, TypeError, msgspec.ValidationError, UnicodeEncodeError) as e:  # the last: a str no UTF-8 holds
         raise DumpFormatError(f"{META_KEY}: metadata is not schema v{SCHEMA_VERSION}: {e}") from None
 
 
 def from_sglang_dict(obj: Any, source: str = "<dict>") -> Dump:
     """Read a dict loaded from an SGLang ``.pt`` (theirs or ours) into a Dump."""
+    try:
+        return _from_sglang_dict(obj, source)
+    except DumpFormatError as e:
+        if str(e).startswith(f"{source}: "):
+            raise
+        raise type(e)(f"{source}: {e}") from None  # the field checks below do not know the file
+
+
+def _from_sglang_dict(obj: Any, source: str) -> Dump:
     from .io import check_version
 
     if not isinstance(obj, dict):
@@ -141,7 +156,7 @@ def from_sglang_dict(obj: Any, source: str = "<dict>") -> Dump:
         check_version(meta.get("schema_version"), source)
     if "logical_count" in obj:
         count = _check_tensor(obj["logical_count"], "logical_count", 3).to(torch.int64)
-        util = obj.get("average_utilization_rate_over_window")
+        util = _util(obj.get("average_utilization_rate_over_window"))
         if meta is not None:
             parts = _meta_structs(meta)
             return Dump(
@@ -159,7 +174,7 @@ def from_sglang_dict(obj: Any, source: str = "<dict>") -> Dump:
             topology=_sglang_topology(obj.get("rank", 0)),
             window=Window(mode="stat", buffer_size=B),
             logical_count=count,
-            average_utilization_rate_over_window=util if isinstance(util, (int, float)) else None,
+            average_utilization_rate_over_window=util,
         )
     if "records" in obj:
         return _from_records(obj, meta, source)
@@ -180,7 +195,9 @@ def _sglang_topology(rank: object) -> Topology:
 
 def _observed_layers(count: torch.Tensor) -> list[int]:
     """For SGLang's own files, which do not say: layers with any count (all, if none has)."""
-    seen = [i for i in range(count.shape[1]) if int(count[:, i].sum()) > 0]
+    if count.shape[1] > MAX_LAYERS:
+        raise DumpFormatError(f"logical_count: {count.shape[1]} layers, over the limit of {MAX_LAYERS}")
+    seen = (count.sum(dim=(0, 2)) > 0).nonzero().flatten().tolist()
     return seen or list(range(count.shape[1]))
 
 
@@ -200,7 +217,7 @@ def _from_records(obj: dict[str, Any], meta: Any, source: str) -> Dump:
             count = _check_tensor(rec["global_physical_count"], f"records[{i}].global_physical_count", 2)
         except KeyError as e:
             raise DumpFormatError(f"{source}: records[{i}]: missing key {e}") from None
-        if not isinstance(pass_id, int):
+        if isinstance(pass_id, bool) or not isinstance(pass_id, int):
             raise DumpFormatError(f"{source}: records[{i}].forward_pass_id: expected an integer")
         if list(count.shape) != [L, P]:
             raise DumpFormatError(
@@ -215,18 +232,26 @@ def _from_records(obj: dict[str, Any], meta: Any, source: str) -> Dump:
         records.append(
             Record(
                 forward_pass_id=pass_id,
-                rank=rec.get("rank", 0) if isinstance(rec.get("rank", 0), int) else 0,
-                gatherer_key=str(rec.get("gatherer_key", "primary")),
+                rank=rec.get("rank", 0) if type(rec.get("rank", 0)) is int else 0,
+                gatherer_key=_text(rec.get("gatherer_key", "primary"), f"records[{i}].gatherer_key", source),
                 topk_ids_of_layer=ids,
                 input_ids=_int_list(rec.get("input_ids"), f"records[{i}].input_ids", source),
                 positions=_int_list(rec.get("positions"), f"records[{i}].positions", source),
             )
         )
     physical = torch.stack(rows) if rows else torch.zeros(0, L, P, dtype=torch.int64)
+    if mapping.numel() and int(mapping.min()) < 0:
+        raise DumpFormatError(f"{source}: last_physical_to_logical_map: negative expert id")
     if meta is not None:
         parts = _meta_structs(meta)
         E = parts["model"].num_logical_experts
         has_map = meta.get("physical_to_logical_map") is not None
+        # Checked before summing slots into E experts: an E or an id out of range would allocate or fail there.
+        if has_map and not (1 <= E <= P and (mapping.numel() == 0 or int(mapping.max()) < E)):
+            raise DumpFormatError(
+                f"{source}: last_physical_to_logical_map: ids must lie in [0, num_logical_experts={E}) "
+                f"with num_logical_experts <= {P} physical slots"
+            )
         logical = _logical_from_physical(physical, mapping, E) if has_map else physical
         return Dump(
             **parts,
@@ -235,11 +260,13 @@ def _from_records(obj: dict[str, Any], meta: Any, source: str) -> Dump:
             physical_count=physical if has_map else None,
             physical_to_logical_map=mapping if has_map else None,
             records=records,
-            average_utilization_rate_over_window=meta.get("average_utilization_rate_over_window"),
+            average_utilization_rate_over_window=_util(meta.get("average_utilization_rate_over_window")),
         )
-    if mapping.numel() and int(mapping.min()) < 0:
-        raise DumpFormatError(f"{source}: last_physical_to_logical_map: negative expert id")
     E = int(mapping.max()) + 1 if mapping.numel() else P
+    if E > P:  # SGLang gives every logical expert at least one physical slot
+        raise DumpFormatError(f"{source}: last_physical_to_logical_map: maps to expert {E - 1}, but has only {P} slots")
+    if L > MAX_LAYERS:
+        raise DumpFormatError(f"{source}: last_physical_to_logical_map: {L} layers, over the limit of {MAX_LAYERS}")
     identity = E == P and torch.equal(mapping, _identity_map(L, P))
     logical = physical if identity else _logical_from_physical(physical, mapping, E)
     rank = records[0].rank if records else 0
@@ -261,6 +288,20 @@ def _from_records(obj: dict[str, Any], meta: Any, source: str) -> Dump:
     )
 
 
+def _util(value: Any) -> float | None:
+    """SGLang's utilization rate, a number or None (anything else is dropped, as for SGLang's own files)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _text(value: Any, field: str, source: str) -> str:
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DumpFormatError(f"{source}: {field}: not valid UTF-8 text") from None
+    return text
+
+
 def _int_list(value: Any, field: str, source: str) -> list[int] | None:
     if value is None:
         return None
@@ -273,12 +314,75 @@ def _int_list(value: Any, field: str, source: str) -> list[int] | None:
 
 def load_sglang_pt(path: str) -> Dump:
     """Load a ``.pt`` with ``weights_only=True`` (never runs code), CUDA tensors onto the CPU."""
+    return from_sglang_dict(torch_load(path, os.path.getsize(path), path), source=path)
+
+
+def torch_load(f: str | BinaryIO, size: int, source: str) -> Any:
+    """``torch.load(weights_only=True)`` of a ``size``-byte file whose sizes are checked first.
+
+    A hostile file may not make us allocate more than it holds: zip entries that inflate
+    (torch.save stores them uncompressed) and tensors that view more elements than their
+    storage (stride 0) or storages larger than the file are refused.
+    """
+    _check_zip(f, size, source)
     try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
+        obj = torch.load(f, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises many types for corrupt or hostile pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DumpFormatError(f"{path}: not a loadable .pt under weights_only=True: {first}") from None
-    return from_sglang_dict(obj, source=path)
+        raise DumpFormatError(f"{source}: not a loadable .pt under weights_only=True: {_reason(e)}") from None
+    _check_tensors(obj, size, source)
+    return obj
+
+
+def _reason(e: Exception) -> str:
+    """One line of torch's (long, multi-line) error: the unpickler's own reason when it gives one."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    # torch 2.13 wraps the cause ("Unsupported global: GLOBAL posix.system ...") in advice lines.
+    why = next((line for line in lines if "unsupported" in line.lower()), lines[0] if lines else type(e).__name__)
+    return why.split(". Please use")[0][:300]
+
+
+def _check_zip(f: str | BinaryIO, size: int, source: str) -> None:
+    if isinstance(f, str):
+        with open(f, "rb") as opened:
+            return _check_zip(opened, size, source)
+    try:
+        if f.read(4) != b"PK\x03\x04":
+            return  # a legacy pickle: its storages are checked after loading
+        f.seek(0)
+        try:
+            with zipfile.ZipFile(f) as z:
+                declared = sum(info.file_size for info in z.infolist())
+        except Exception as e:  # zipfile raises several types on a damaged archive
+            raise DumpFormatError(f"{source}: not a readable zip archive: {e}") from None
+    finally:
+        f.seek(0)
+    if declared > size + ZIP_INFLATE_ALLOWANCE:
+        raise DumpFormatError(
+            f"{source}: zip entries inflate to {declared} bytes from a {size}-byte file "
+            "(torch.save stores them uncompressed): refused as a possible zip bomb"
+        )
+
+
+def _check_tensors(obj: Any, size: int, source: str) -> None:
+    """Every tensor of a loaded ``.pt``, before anything copies it: shape, view and storage."""
+    stack: list[tuple[Any, str]] = [(obj, "$")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}" if isinstance(k, str) else f"{path}[{k!r:.20}]") for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+        elif isinstance(node, torch.Tensor):
+            where = f"{source}: {path.removeprefix('$.')}"
+            check_shape(list(node.shape), where)
+            storage = node.untyped_storage().nbytes()
+            if node.numel() * node.element_size() > storage:
+                raise DumpFormatError(
+                    f"{where}: views {node.numel()} elements over a {storage}-byte storage (stride 0 or overlapping)"
+                )
+            if storage > size:
+                raise DumpFormatError(f"{where}: its storage declares {storage} bytes, more than the file's {size}")
 
 
 def save_sglang_pt(dump: Dump, path: str) -> None:
@@ -287,14 +391,25 @@ def save_sglang_pt(dump: Dump, path: str) -> None:
 
 def load_legacy_csv(path: str) -> Dump:
     """SGLang 0.4.5's ``layer_id,expert_id,count`` CSV (seen pairs only) as a stat dump."""
-    with open(path, newline="") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DumpFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     if header is None or [h.strip() for h in header] != ["layer_id", "expert_id", "count"]:
         raise DumpFormatError(f"{path}: line 1: expected the header layer_id,expert_id,count, got {header!r}")
     triples = []
-    for n, row in enumerate(reader, start=2):
+    rows = enumerate(reader, start=2)
+    while True:
+        try:
+            n, row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. a bare carriage return inside a field
+            raise DumpFormatError(f"{path}: line {reader.line_num}: {e}") from None
         if not row:
             continue
         if len(row) != 3:
@@ -309,14 +424,15 @@ def load_legacy_csv(path: str) -> Dump:
         try:
             layer, expert, count = (int(v) for v in row)
         except ValueError:
-            raise DumpFormatError(f"{path}: line {n}: layer_id, expert_id and count must be integers: {row!r}") from None
+            raise DumpFormatError(f"{path}: line {n}: layer_id, expert_id and count must be integers: {row!r:.80}") from None
         for name, v in (("layer_id", layer), ("expert_id", expert), ("count", count)):
             if v < 0:
                 raise DumpFormatError(f"{path}: line {n}: {name} is negative ({v})")
         triples.append((layer, expert, count))
     L = max((t[0] for t in triples), default=-1) + 1
     E = max((t[1] for t in triples), default=-1) + 1
-    if L * E > 1 << 24:
+    # The file lists (layer, expert) pairs; a dense [L, E] from a few bytes is bounded like an empty tensor.
+    if L * E > MAX_EMPTY_SPAN or L > MAX_LAYERS:
         raise DumpFormatError(f"{path}: ids declare {L} layers x {E} experts, too many for a CSV dump")
     count = torch.zeros(1, L, E, dtype=torch.int64)
     for layer, expert, c in triples:

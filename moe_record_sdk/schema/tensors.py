@@ -23,8 +23,23 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 
+_INT32_MIN, _INT32_MAX = torch.iinfo(torch.int32).min, torch.iinfo(torch.int32).max
+
 #: a decoded tensor may not exceed this many elements (4 GiB of int64); guards hostile shapes.
 MAX_ELEMENTS = 1 << 29
+#: an empty tensor carries no data but may name huge axes, which sums and per-layer lists over
+#: it would allocate: its axes (zero-length ones counted as 1) may not span more than this.
+MAX_EMPTY_SPAN = 1 << 20
+
+
+def check_shape(shape: list[int], path: str) -> int:
+    """The element count of ``shape``, refused before anything is allocated when over the limits."""
+    numel = math.prod(shape)
+    if numel > MAX_ELEMENTS:
+        raise DumpFormatError(f"{path}.shape: {shape} declares {numel} elements, over the limit of {MAX_ELEMENTS}")
+    if numel == 0 and math.prod(max(s, 1) for s in shape) > MAX_EMPTY_SPAN:
+        raise DumpFormatError(f"{path}.shape: {shape} is empty but spans more than {MAX_EMPTY_SPAN} elements")
+    return numel
 
 
 def tensor_to_wire(t: torch.Tensor) -> dict[str, Any]:
@@ -32,8 +47,14 @@ def tensor_to_wire(t: torch.Tensor) -> dict[str, Any]:
     name = _NAMES.get(t.dtype)
     if name is None:
         raise DumpFormatError(f"cannot encode a tensor of dtype {t.dtype}")
-    # torch runs on little-endian hosts only, so native order is the wire order.
-    data = t.detach().to("cpu").contiguous().reshape(-1).numpy().tobytes()
+    t = t.detach().to("cpu")
+    if t.dtype == torch.int64 and t.numel() and int(t.min()) >= _INT32_MIN and int(t.max()) <= _INT32_MAX:
+        # Counts nearly always fit int32: half the bytes to write, send and read. Readers
+        # widen count fields back to int64 (DumpV1.__post_init__), so the Dump is unchanged.
+        t, name = t.to(torch.int32), "int32"
+    # torch runs on little-endian hosts only, so native order is the wire order; a memoryview
+    # lets msgspec copy the bytes once, straight into its output.
+    data = memoryview(t.contiguous().reshape(-1).numpy()).cast("B")
     return {"dtype": name, "shape": list(t.shape), "data": data}
 
 
@@ -47,9 +68,7 @@ def tensor_from_wire(obj: Any, path: str = "$") -> torch.Tensor:
     shape = obj["shape"]
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise DumpFormatError(f"{path}.shape: expected a list of non-negative integers, got {shape!r}")
-    numel = math.prod(shape)
-    if numel > MAX_ELEMENTS:
-        raise DumpFormatError(f"{path}.shape: {shape} declares {numel} elements, over the limit of {MAX_ELEMENTS}")
+    numel = check_shape(shape, path)
     data = obj["data"]
     if isinstance(data, str):
         try:

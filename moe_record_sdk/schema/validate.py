@@ -88,8 +88,8 @@ def validate_dump(dump: Dump) -> list[Problem]:
         total = dump.total_logical_count.to(torch.int64)
 
     observed = set(m.moe_layer_ids)
-    for layer in range(L):
-        if layer not in observed and int(total[layer].sum()) != 0:
+    for layer in total.sum(1).nonzero().flatten().tolist():  # layers with counts: work bounded by the data
+        if layer not in observed:
             out.append((f"logical_count[:, {layer}, :]", f"layer {layer} has counts but is not in model.moe_layer_ids"))
 
     if w.num_tokens is not None and w.discarded is not None and m.top_k is not None and len(w.num_tokens) == L == len(w.discarded):
@@ -142,6 +142,8 @@ def _check_records(dump: Dump, B: int, out: list[Problem]) -> None:
     seen: set[tuple[int, int]] = set()
     width = m.num_physical_experts or m.num_logical_experts
     rows = dump.physical_count if dump.physical_count is not None else dump.logical_count
+    # Rows of another shape cannot match the ids (and the declared width may be huge): no sum needed.
+    rows_fit = isinstance(rows, torch.Tensor) and list(rows.shape) == [B, m.num_layers, width]
     for i, rec in enumerate(dump.records):
         key = (rec.rank, rec.forward_pass_id)
         if rec.forward_pass_id < 0:
@@ -166,7 +168,9 @@ def _check_records(dump: Dump, B: int, out: list[Problem]) -> None:
         if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= width):
             out.append((path, f"ids outside [-1, {width})"))
             continue
-        if w.dropped_tokens == 0 and rows is not None:
+        if w.dropped_tokens == 0 and rows is not None and not rows_fit:
+            out.append((path, "ids do not add up to the pass's counts"))
+        elif w.dropped_tokens == 0 and rows is not None:
             # Without drops, the ids of a pass are exactly what its count row counted.
             flat = ids.to(torch.int64)
             valid = flat >= 0
