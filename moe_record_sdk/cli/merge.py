@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ..errors import MoeRecordError
 from ..merge import merge_dumps
 from ..schema import load_dump, save_dump
-from .validate import iter_dump_files
+from .validate import resolve_dump_files
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,13 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    missing = [p for p in args.paths if not os.path.exists(p)]
-    if missing:
-        print(f"moe-record merge: no such file or folder: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    files = list(iter_dump_files(args.paths))
-    if not files:
-        print("moe-record merge: no dump files found under " + ", ".join(args.paths), file=sys.stderr)
+    files = resolve_dump_files("merge", args.paths)
+    if files is None:
         return 2
     try:
         merged = merge_dumps([load_dump(f) for f in files], sources=files, allow_partial=args.allow_partial)

@@ -50,14 +50,23 @@ def check_file(path: str) -> dict:
     return result
 
 
-def run(args: argparse.Namespace) -> int:
-    missing = [p for p in args.paths if not os.path.exists(p)]
+def resolve_dump_files(command: str, paths: list[str]) -> list[str] | None:
+    """The dump files named or found under ``paths``; None (after saying why on stderr) when a
+    path is missing or nothing is found, which the commands answer with exit status 2."""
+    missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        print(f"moe-record validate: no such file or folder: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    files = list(iter_dump_files(args.paths))
+        print(f"moe-record {command}: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return None
+    files = list(iter_dump_files(paths))
     if not files:
-        print("moe-record validate: no dump files found under " + ", ".join(args.paths), file=sys.stderr)
+        print(f"moe-record {command}: no dump files found under " + ", ".join(paths), file=sys.stderr)
+        return None
+    return files
+
+
+def run(args: argparse.Namespace) -> int:
+    files = resolve_dump_files("validate", args.paths)
+    if files is None:
         return 2
     results = [check_file(f) for f in files]
     if args.json:

@@ -26,7 +26,8 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import DumpFormatError
-from ..schema.dump import Dump, EngineInfo, ModelInfo, Record, Window
+from ..schema.dump import Dump
+from .passes import per_pass_dump
 
 _RANK = re.compile(r"rank(\d+)\.jsonl$")
 
@@ -105,21 +106,6 @@ def load_megatron_tpe(paths: Sequence[str], *, ep_size: int = 1, num_layers: int
     if local is None:
         raise DumpFormatError(f"{', '.join(paths)}: no decoder tokens-per-expert lines")
     E = local * ep_size
-    iters = sorted({i for i, _ in counts})
-    layers = sorted({layer for _, layer in counts})
-    L = max(layers) + 1
-    if num_layers is not None:
-        if num_layers < L:
-            raise DumpFormatError(f"layer {L - 1} recorded, but num_layers={num_layers}")
-        L = num_layers
-    row_of = {it: i for i, it in enumerate(iters)}
-    logical = torch.zeros(len(iters), L, E, dtype=torch.int64)
-    for (it, layer), value in counts.items():
-        logical[row_of[it], layer] = value
-    return Dump(
-        engine=EngineInfo(name="megatron"),
-        model=ModelInfo(num_layers=L, moe_layer_ids=layers, num_logical_experts=E, top_k=None),
-        window=Window(mode="per_pass", num_passes=len(iters)),
-        logical_count=logical,
-        records=[Record(forward_pass_id=it) for it in iters],
+    return per_pass_dump(
+        counts, engine="megatron", num_experts=E, top_k=None, num_layers=num_layers, source=", ".join(paths)
     )

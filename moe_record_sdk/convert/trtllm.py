@@ -23,7 +23,8 @@ import re
 import torch
 
 from ..errors import DumpFormatError
-from ..schema.dump import Dump, EngineInfo, ModelInfo, Record, Window
+from ..schema.dump import Dump
+from .passes import per_pass_dump
 from .safetensors import read_safetensors
 
 _KEY = re.compile(r"^(\d+)_(\d+)$")
@@ -77,21 +78,4 @@ def load_trtllm_statistic(folder: str, *, num_layers: int | None = None) -> Dump
                 raise DumpFormatError(f"{path}: {key}: negative count")
             it_layer = (int(m.group(1)), int(m.group(2)))
             counts[it_layer] = counts.get(it_layer, 0) + value.to(torch.int64)
-    iters = sorted({i for i, _ in counts})
-    layers = sorted({layer for _, layer in counts})
-    L = max(layers, default=-1) + 1
-    if num_layers is not None:
-        if num_layers < L:
-            raise DumpFormatError(f"{folder}: layer {L - 1} recorded, but num_layers={num_layers}")
-        L = num_layers
-    row = {it: i for i, it in enumerate(iters)}
-    logical = torch.zeros(len(iters), L, E, dtype=torch.int64)
-    for (it, layer), value in counts.items():
-        logical[row[it], layer] = value
-    return Dump(
-        engine=EngineInfo(name="tensorrt-llm"),
-        model=ModelInfo(num_layers=L, moe_layer_ids=layers, num_logical_experts=E, top_k=top_k),
-        window=Window(mode="per_pass", num_passes=len(iters)),
-        logical_count=logical,
-        records=[Record(forward_pass_id=it) for it in iters],
-    )
+    return per_pass_dump(counts, engine="tensorrt-llm", num_experts=E, top_k=top_k, num_layers=num_layers, source=folder)
