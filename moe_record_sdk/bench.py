@@ -4,6 +4,8 @@ For each expert count E and token count T, the same top-k ids (int32, as routers
 through, in one run and interleaved:
 
 * ``ours``: ``Recorder.record`` in ``stat`` mode (the Triton kernel on CUDA, torch ops on CPU);
+* ``torch``: the same tap through the torch path (``Counter.kernel = "torch"``): the reference
+  the kernel replaces, on CUDA; on CPU it is ``ours``;
 * ``per_token``: ``Recorder.record`` in ``per_token`` mode (counts and the token ring);
 * ``stopped``: ``Recorder.record`` after ``stop()``: what an attached, idle recorder costs;
 * ``sglang``: SGLang's ``stat`` tap (flatten, mask, ``scatter_add_`` of ones into int32 [L, E]);
@@ -36,7 +38,7 @@ from .recorder import Recorder
 TOKENS = (1, 16, 128, 1024, 4096, 16384)
 EXPERTS = (64, 256)
 LAYERS = 8  # layers (and id buffers) the taps cycle over
-METHODS = ("ours", "per_token", "stopped", "sglang", "scatter", "copy")
+METHODS = ("ours", "torch", "per_token", "stopped", "sglang", "scatter", "copy")
 
 
 def _sglang_tap(counts: torch.Tensor, num_experts: int) -> Callable[[int, torch.Tensor], None]:
@@ -57,8 +59,11 @@ def _methods(device: torch.device, E: int, T: int, k: int, dtype: torch.dtype) -
     stat = Recorder(LAYERS, E, k, device, "stat")
     per_token = Recorder(LAYERS, E, k, device, "per_token")
     stopped = Recorder(LAYERS, E, k, device, "stat")
+    reference = Recorder(LAYERS, E, k, device, "stat")
+    reference.counter.kernel = "torch"
     stat.start()
     per_token.start()
+    reference.start()
     sglang = _sglang_tap(torch.zeros(LAYERS, E, dtype=torch.int32, device=device), E)
     scatter_counts = torch.zeros(LAYERS, E, dtype=torch.int32, device=device)
     index = [i.flatten().long() for i in ids]
@@ -66,6 +71,7 @@ def _methods(device: torch.device, E: int, T: int, k: int, dtype: torch.dtype) -
     out = torch.empty_like(ids[0])
     fns = {
         "ours": lambda i: stat.record(i % LAYERS, ids[i % LAYERS]),
+        "torch": lambda i: reference.record(i % LAYERS, ids[i % LAYERS]),
         "per_token": lambda i: per_token.record(i % LAYERS, ids[i % LAYERS]),
         "stopped": lambda i: stopped.record(i % LAYERS, ids[i % LAYERS]),
         "sglang": lambda i: sglang(i % LAYERS, ids[i % LAYERS]),
@@ -188,7 +194,7 @@ def run_bench(
 
 def _check_counts(stat: Recorder, stopped: Recorder) -> None:
     """The timed taps counted something, and the stopped one nothing: the timing is of real work."""
-    if stat.counter.counts.sum().item() == 0 or stopped.counter.counts.sum().item() != 0:
+    if stat.counter.total_counts().sum().item() == 0 or stopped.counter.total_counts().sum().item() != 0:
         raise AssertionError("benchmark sanity: the recording tap counted nothing or the stopped one counted")
 
 
@@ -211,5 +217,7 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
         info["triton"] = None
     from .counter import Counter
 
-    info["kernel"] = Counter([0], 2, 1, device).kernel
+    counter = Counter([0], 2, 1, device)
+    info["kernel"] = counter.kernel
+    info["stripes"] = counter.stripes.shape[0]
     return info

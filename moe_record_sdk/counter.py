@@ -6,9 +6,11 @@ device flag. Counters are monotonic: the host never zeroes them. A dump reads th
 subtracts the previous reading, so each increment lands in exactly one dump even when forward
 passes run concurrently with the dump (see ``Counter.read``).
 
-Column layout of ``counts`` [R, S + 2]: S expert slots, then the discard bin (invalid ids:
+Column layout of the counts [R, S + 2]: S expert slots, then the discard bin (invalid ids:
 -1 padding, negative, >= S), then the padding bin (rows past ``num_valid_tokens``), which is
-never reported.
+never reported. On CUDA the tap adds into ``stripes`` [G, R, S + 2], G copies of those rows, so
+that its programs do not contend on the same addresses; ``total_counts()`` sums them (G = 1
+elsewhere, where it is a view).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Reading:
     passes: int  # passes completed (while enabled)
     rows: torch.Tensor | None  # int32 [B + 1, R, S] per-pass ring
     row_pass: torch.Tensor | None  # int64 [B + 1] pass id held by each ring slot
+    row_tokens: torch.Tensor | None  # int64 [B + 1, 2] token positions [start, end) of each slot's pass
     passes_after: int  # passes counter re-read after the copy: what a concurrent step overwrote
     tokens: int  # token positions committed
     token_ids: torch.Tensor | None  # int32 [N + 1, R, k]
@@ -53,6 +56,7 @@ class Counter:
         *,
         ring_rows: int = 0,
         token_slots: int = 0,
+        stripes: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.layer_ids = list(layer_ids)
@@ -63,7 +67,8 @@ class Counter:
         dev = self.device
         self.enabled = torch.zeros((), dtype=torch.int64, device=dev)
         self.token_enabled = torch.zeros((), dtype=torch.int64, device=dev)
-        self.counts = torch.zeros(R, S + 2, dtype=torch.int64, device=dev)
+        G = counter_triton.stripes_for(dev) if stripes is None else stripes
+        self.stripes = torch.zeros(G, R, S + 2, dtype=torch.int64, device=dev)
         self.passes = torch.zeros((), dtype=torch.int64, device=dev)
         self.ring_rows = ring_rows
         self.rows: torch.Tensor | None = None
@@ -74,7 +79,10 @@ class Counter:
             # than the ``ring_rows`` a dump takes, so a dump never reads a torn row.
             self.rows = torch.zeros(ring_rows + 1, R, S, dtype=torch.int32, device=dev)
             self.row_pass = torch.full((ring_rows + 1,), -1, dtype=torch.int64, device=dev)
-            self.last_counts = torch.zeros_like(self.counts)
+            self.last_counts = torch.zeros(R, S + 2, dtype=torch.int64, device=dev)
+        self.row_tokens: torch.Tensor | None = None
+        if ring_rows and token_slots:
+            self.row_tokens = torch.zeros(ring_rows + 1, 2, dtype=torch.int64, device=dev)
         self.token_slots = N = token_slots
         self.token_ids: torch.Tensor | None = None
         self.token_pass: torch.Tensor | None = None
@@ -88,6 +96,8 @@ class Counter:
             self.token_ids = torch.full((N + 1, R, top_k), -1, dtype=torch.int32, device=dev)
             self.token_pass = torch.full((N + 1,), -1, dtype=torch.int64, device=dev)
             self.token_arange = torch.arange(N + 1, device=dev)
+        self.tap_args = counter_triton.tap_args(self)  # the kernel's fixed arguments
+        self.tap_launches: dict = {}  # compiled kernels, for launches without Triton's dispatcher
 
     # -- sizes ------------------------------------------------------------------------------
     @staticmethod
@@ -95,19 +105,32 @@ class Counter:
         return num_rows * top_k * 4 + 16  # ids, pass id, position
 
     @staticmethod
-    def fixed_bytes(num_rows: int, num_slots: int) -> int:
-        return num_rows * (num_slots + 2) * 8 + 6 * 8
+    def fixed_bytes(num_rows: int, num_slots: int, stripes: int = 1) -> int:
+        return stripes * num_rows * (num_slots + 2) * 8 + 6 * 8
 
     @staticmethod
-    def ring_bytes(ring_rows: int, num_rows: int, num_slots: int) -> int:
-        return (ring_rows + 1) * (num_rows * num_slots * 4 + 8) + num_rows * (num_slots + 2) * 8
+    def ring_bytes(ring_rows: int, num_rows: int, num_slots: int, tokens: bool = False) -> int:
+        per_row = num_rows * num_slots * 4 + 8 + (16 if tokens else 0)  # counts, pass id, token span
+        return (ring_rows + 1) * per_row + num_rows * (num_slots + 2) * 8
 
     def nbytes(self) -> int:
-        tensors = [self.enabled, self.token_enabled, self.counts, self.passes, self.token_cursor, self.pass_tokens]
-        tensors += [t for t in (self.rows, self.row_pass, self.last_counts, self.token_ids, self.token_pass) if t is not None]
+        tensors = [self.enabled, self.token_enabled, self.stripes, self.passes, self.token_cursor, self.pass_tokens]
+        tensors += [
+            t for t in (self.rows, self.row_pass, self.row_tokens, self.last_counts, self.token_ids, self.token_pass) if t is not None
+        ]
         if self.token_slots:
             tensors.append(self.token_arange)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- the counts -------------------------------------------------------------------------
+    def total_counts(self) -> torch.Tensor:
+        """int64 [R, S + 2], monotonic: the stripes summed (a view of the only one when G = 1)."""
+        return self.stripes[0] if self.stripes.shape[0] == 1 else self.stripes.sum(0)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """Read-only alias of :meth:`total_counts` (writes go to ``stripes``)."""
+        return self.total_counts()
 
     # -- the tap ----------------------------------------------------------------------------
     def record(self, layer_id: int, topk_ids: torch.Tensor, num_valid_tokens: int | torch.Tensor | None = None) -> None:
@@ -129,7 +152,7 @@ class Counter:
         if num_valid_tokens is not None:
             row_ok = torch.arange(T, device=ids.device) < num_valid_tokens
             slot = torch.where(row_ok.unsqueeze(1), slot, S + 1)
-        self.counts[row].index_add_(0, slot.reshape(-1), self.enabled.expand(T * k))
+        self.stripes[0, row].index_add_(0, slot.reshape(-1), self.enabled.expand(T * k))
         if self.token_ids is not None:
             self._record_tokens(row, ids, invalid, T, num_valid_tokens)
 
@@ -158,11 +181,17 @@ class Counter:
         if self.rows is not None:
             assert self.row_pass is not None and self.last_counts is not None
             slot = (self.passes % (self.ring_rows + 1)).view(1)
-            delta = (self.counts[:, : self.num_slots] - self.last_counts[:, : self.num_slots]).to(torch.int32)
+            counts = self.total_counts()
+            delta = (counts[:, : self.num_slots] - self.last_counts[:, : self.num_slots]).to(torch.int32)
             # When off, rewrite the slot with what it holds: it may be the oldest live row.
             self.rows.index_copy_(0, slot, torch.where(on, delta.unsqueeze(0), self.rows.index_select(0, slot)))
             self.row_pass.index_copy_(0, slot, torch.where(on, self.passes.view(1), self.row_pass.index_select(0, slot)))
-            self.last_counts.copy_(self.counts)
+            if self.row_tokens is not None:
+                # Where this pass's tokens lie: a dump then takes exactly the tokens of the passes
+                # it takes, however the cursor moved while it read.
+                span = torch.stack([self.token_cursor, self.token_cursor + self.pass_tokens]).view(1, 2)
+                self.row_tokens.index_copy_(0, slot, torch.where(on, span, self.row_tokens.index_select(0, slot)))
+            self.last_counts.copy_(counts)
         if self.token_ids is not None:
             self.token_cursor.add_(self.pass_tokens)
             self.pass_tokens.zero_()
@@ -178,11 +207,12 @@ class Counter:
         a concurrent pass can only make the reading drop rows it names, never tear one."""
         passes = int(self.passes)
         tokens = int(self.token_cursor)
-        counts = self.counts.to("cpu", copy=True)
+        counts = self.total_counts().to("cpu", copy=True)
         rows = None if self.rows is None else self.rows.to("cpu", copy=True)
         row_pass = None if self.row_pass is None else self.row_pass.to("cpu", copy=True)
+        row_tokens = None if self.row_tokens is None else self.row_tokens.to("cpu", copy=True)
         token_ids = None if self.token_ids is None else self.token_ids.to("cpu", copy=True)
         token_pass = None if self.token_pass is None else self.token_pass.to("cpu", copy=True)
         passes_after = int(self.passes)
         tokens_after = int(self.token_cursor) + int(self.pass_tokens)
-        return Reading(counts, passes, rows, row_pass, passes_after, tokens, token_ids, token_pass, tokens_after)
+        return Reading(counts, passes, rows, row_pass, row_tokens, passes_after, tokens, token_ids, token_pass, tokens_after)

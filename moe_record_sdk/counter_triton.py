@@ -1,28 +1,43 @@
-"""The tap as one Triton kernel, for CUDA: block-local histograms, then a few atomics.
+"""The tap as one Triton kernel, for CUDA: counts into striped counters, one launch per tap.
 
 ``Counter.record`` calls :func:`record` for CUDA ids when Triton imports; the torch path in
 ``counter.py`` stays the CPU path and the reference this kernel is tested against.
 
 Why a kernel: SGLang's ``scatter_add_`` issues one global atomic per id, so all the tokens of a
-pass contend on a few hundred addresses and the cost grows with tokens. Here, past
-``DIRECT_MAX`` ids, each program histograms its ids on chip (``tl.histogram``) and issues one
-atomic per nonzero bin; below it (decode batches) one relaxed atomic per id is cheaper than any
-histogram. The same kernel writes the ``per_token`` ring, so every tap is one launch.
+pass contend on a few hundred addresses and the cost grows with tokens. Here the counters are
+``STRIPES`` copies of the count rows (``Counter.stripes`` [G, R, S + 2]; readers sum them with
+``Counter.total_counts``) and each program adds into stripe ``program_id % G``, so programs do
+not queue on the same addresses. Below ``DIRECT_MAX`` ids (decode batches) one relaxed atomic
+per id is cheaper than any histogram; past it each program histograms its ids on chip
+(``tl.histogram``), optionally sends a share of them (``ATOMIC_BLOCK`` per iteration) straight to
+the counters with per-id atomics so the ALU (ballots) and the memory pipe (atomics) work at
+once, and issues one atomic per nonzero bin. The same kernel writes the ``per_token`` ring.
 Everything the host would have to read (``enabled``, ``token_enabled``, a tensor
 ``num_valid_tokens``, the ring cursor) is loaded in-kernel: no sync, and one CUDA graph serves
 recording on and off.
+
+Eager launches skip Triton's Python dispatcher: the compiled kernel is looked up once per
+(counter, dtype, layout, alignment, launch shape) and launched through its launcher
+(:func:`_fast_launch`); under ``torch.compile`` tracing the ordinary ``kernel[grid]`` call is
+used, so Dynamo sees a user-defined Triton kernel.
 
 Notes (H100 80GB HBM3, torch 2.11, Triton 3.6, E=256, k=8, int32 ids, in a CUDA graph, us per
 call; ``moe-record bench`` and ``tests/perf/tune_tap.py`` print these):
 
 * Floor: an empty Triton kernel costs 0.98 us per graph node, a bare copy of the ids 1.10 (T=1)
   to 1.39 (T=16384). The direct path sits at 1.23-1.33 up to T=128.
-* ``tl.histogram`` lowers to ballots: about 90 instructions per id per lane for 256 bins, so
-  ~0.4 us per 1024 ids on one SM, plus its shared-memory passes and barriers. With the
-  cross-program atomics (one per bin per program; 128 programs contend 128-deep per address),
-  the histogram path costs 2.05-2.4 us for T=1024-4096 and 3.4 at T=16384: 1.7-2.3x the copy,
-  5.5x under ``scatter_add_`` alone at T=16384. A shared-memory atomic histogram (not
-  expressible in Triton 3.6) is the next step towards the copy's cost.
+* ``tl.histogram`` lowers to ballots: one ballot per bin bit, then per lane an AND chain and a
+  popcount for each of its S/32 bins, about 90 instructions per id per lane for 256 bins
+  (~0.4 us per 1024 ids on one SM), plus a shared-memory merge and two barriers.
+* Unstriped (G=1), the cross-program atomics (one per bin per program, 128 programs deep per
+  address) cost ~0.85 us at T=16384: the histogram path took 2.0-2.4 us for T=1024-4096 and 3.4
+  at T=16384 (1.65-2.45x the copy). 16 stripes: 2.0 / 2.1 / 2.5 us at T=1024 / 4096 / 16384
+  (64 stripes: the same), so past T=4096 the histogram itself is the cost.
+* With the stripes, one atomic per id (128-id programs of one warp) beats the histogram up to
+  T=4096 (k=8: 32768 ids): 1.46 us at T=1024 (1.2x the copy), 1.88 at T=4096 (1.4x); at T=16384
+  it is 3.8 us (the atomics' throughput), so the histogram stays past ``DIRECT_MAX``. Wider
+  direct programs (512 ids, 4 warps) and a histogram/atomics split per block (``ATOMIC_BLOCK``)
+  were slower; 4 warps per histogram program too (2.75 us at T=16384).
 * ``per_token`` adds ~0.6 us (its flag, cursor and pass loads, the ring index, the writes).
 * Scalar atomics are issued as one-lane block atomics (``_add_lane0``): Triton broadcasts a
   scalar atomic's result through shared memory and a barrier, which made every thread wait for
@@ -46,10 +61,12 @@ if TYPE_CHECKING:
     from .counter import Counter
 
 # Launch shape, tuned on an H100 with tests/perf/tune_tap.py (figures in the module notes).
-DIRECT_MAX = 1024  # up to this many ids: one atomic per id, no histogram (decode batches) ...
+STRIPES = 16  # copies of the count rows on CUDA: programs add into stripe pid % STRIPES
+DIRECT_MAX = 32768  # up to this many ids: one atomic per id into the stripes, no histogram ...
 DIRECT_BLOCK = 128  # ... in programs of this many ids
 DIRECT_WARPS = 1
 HIST_BLOCKS = (512, 1024)  # more ids: the smallest block whose grid fits MAX_PROGRAMS, else the last
+ATOMIC_BLOCK = 0  # ids per iteration sent to per-id atomics next to each histogram block (0: none)
 MAX_PROGRAMS = 132  # a grid-stride loop beyond this many programs (each adds up to S atomics)
 NUM_WARPS = 8
 
@@ -74,7 +91,8 @@ if triton is not None:
         nv_int,  # ... or as an int (T when None)
         row,  # the layer's row in the counters
         enabled_ptr,  # int64 scalar: 0 = count nothing
-        counts_ptr,  # int64 [R, S + 2]: Counter.counts
+        counts_ptr,  # int64 [G, R, S + 2]: Counter.stripes
+        stripe_stride,  # R * (S + 2)
         tok_ids_ptr,  # int32 [N + 1, R, K]: Counter.token_ids
         tok_pass_ptr,  # int64 [N + 1]
         R,
@@ -85,8 +103,10 @@ if triton is not None:
         N,  # token slots in the ring
         S: tl.constexpr,  # expert slots; S is the discard bin, S + 1 the padding bin
         K: tl.constexpr,
+        G: tl.constexpr,  # stripes
         NB: tl.constexpr,  # histogram bins: next power of two >= S (>= 32)
         BLOCK: tl.constexpr,
+        ABLOCK: tl.constexpr,  # histogram path: ids per iteration counted by per-id atomics
         DIRECT: tl.constexpr,  # one block per program, one atomic per id
         CONTIG: tl.constexpr,  # ids are one dense [T * K] run: plain offsets, wide loads
         NV_PTR: tl.constexpr,
@@ -94,12 +114,13 @@ if triton is not None:
     ):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
-        counts_ptr += row * (S + 2)
+        counts_ptr += (pid % G) * stripe_stride + row * (S + 2)
         numel = T * K
+        CHUNK: tl.constexpr = BLOCK + ABLOCK
         # The first block's ids are loaded before the flags are known, so the two loads overlap:
         # the longest chain is one load, the counting, then the atomics (as a copy: load, store).
         lane = tl.arange(0, BLOCK)
-        e = pid * BLOCK + lane
+        e = pid * CHUNK + lane
         x = _load_ids(ids_ptr, e, numel, stride_t, stride_k, K, CONTIG)
         on = tl.load(enabled_ptr) != 0
         if NV_PTR:
@@ -135,20 +156,34 @@ if triton is not None:
                 _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, R, K)
         elif active:  # disabled: no program reads more than its first block
             hist = tl.zeros([NB], dtype=tl.int32)
-            in_rows = 0  # ids this program saw in rows < num_valid_tokens
+            in_rows = 0  # ids the histogram saw in rows < num_valid_tokens
             padding = 0
-            for b in range(pid, tl.cdiv(numel, BLOCK), nprog):
-                # Load the next block while this one is counted.
-                e_next = e + nprog * BLOCK
+            if ABLOCK > 0:
+                alane = tl.arange(0, ABLOCK)
+                ea = pid * CHUNK + BLOCK + alane
+                y = _load_ids(ids_ptr, ea, numel, stride_t, stride_k, K, CONTIG)
+            for b in range(pid, tl.cdiv(numel, CHUNK), nprog):
+                # Load the next chunk while this one is counted.
+                e_next = e + nprog * CHUNK
                 x_next = _load_ids(ids_ptr, e_next, numel, stride_t, stride_k, K, CONTIG)
+                if ABLOCK > 0:
+                    ea_next = ea + nprog * CHUNK
+                    y_next = _load_ids(ids_ptr, ea_next, numel, stride_t, stride_k, K, CONTIG)
+                    # This share goes straight to the counters (invalid ids to the discard bin).
+                    ok_a = (y >= 0) & (y < S)
+                    tl.atomic_add(counts_ptr + tl.where(ok_a, y, S), 1, mask=on & (ea < valid_el), sem="relaxed")
+                    if TOKENS:
+                        _store_tokens(tok_ids_ptr, tok_pass_ptr, y, ok_a, ea, valid_el, nv, base, pass_id, tok_on, N, R, K)
+                    ea = ea_next
+                    y = y_next
                 ok = (x >= 0) & (x < S)
                 counted = (e < valid_el) & ok
                 hist += tl.histogram(tl.where(counted, x, 0).to(tl.int32), NB, mask=counted)
-                lo = b * BLOCK
-                hi = tl.minimum(lo + BLOCK, numel)
-                rows = tl.maximum(tl.minimum(valid_el, hi) - lo, 0)
-                in_rows += rows
-                padding += hi - lo - rows
+                lo = b * CHUNK
+                hi_h = tl.minimum(lo + BLOCK, numel)
+                hi = tl.minimum(lo + CHUNK, numel)
+                in_rows += tl.maximum(tl.minimum(valid_el, hi_h) - lo, 0)
+                padding += hi - tl.maximum(tl.minimum(valid_el, hi), lo)
                 if TOKENS:
                     _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, R, K)
                 e = e_next
@@ -189,52 +224,87 @@ if triton is not None:
         tl.store(tok_pass_ptr + slot, pass_id, mask=keep & (e % K == 0))
 
 
+def stripes_for(device: torch.device) -> int:
+    """How many copies of the count rows a counter on ``device`` keeps (1 off CUDA)."""
+    return STRIPES if device.type == "cuda" and available() else 1
+
+
+def _shape(n: int) -> tuple[bool, int, int, int, int]:
+    """(direct, block, atomic block, warps, programs) for ``n`` ids: few compiled variants."""
+    if n <= DIRECT_MAX:
+        return True, DIRECT_BLOCK, 0, DIRECT_WARPS, triton.cdiv(n, DIRECT_BLOCK)
+    block = next((b for b in HIST_BLOCKS if triton.cdiv(n, b + ATOMIC_BLOCK) <= MAX_PROGRAMS), HIST_BLOCKS[-1])
+    return False, block, ATOMIC_BLOCK, NUM_WARPS, min(triton.cdiv(n, block + ATOMIC_BLOCK), MAX_PROGRAMS)
+
+
 def record(counter: Counter, row: int, ids: torch.Tensor, num_valid: int | torch.Tensor | None) -> None:
-    """Count ``ids`` [T, k] into ``counter.counts[row]`` (and its token ring): one launch.
+    """Count ``ids`` [T, k] into ``counter.stripes[:, row]`` (and its token ring): one launch.
 
     Same contract and same results as the torch path in ``Counter.record``.
     """
     T, K = ids.shape
     if T == 0:
         return  # nothing to count; the torch path's updates are all no-ops too
-    if T * K >= 2**31:
-        raise ValueError(f"topk_ids: {T} x {K} ids exceed the kernel's int32 indexing")
+    if T * K >= 2**31 or (T - 1) * ids.stride(0) + (K - 1) * ids.stride(1) >= 2**31:
+        raise ValueError(f"topk_ids: {T} x {K} ids (strides {ids.stride()}) exceed the kernel's int32 indexing")
     dev = ids.device
-    if dev.index != torch.cuda.current_device():  # Triton launches on the current device
+    if dev.type == "cuda" and dev.index != torch.cuda.current_device():  # Triton launches on the current device
         with torch.cuda.device(dev):
             return record(counter, row, ids, num_valid)
     if isinstance(num_valid, torch.Tensor) and num_valid.device != dev:
         # A host scalar is read as an int (no device sync); another GPU's is copied over.
         num_valid = num_valid.to(dev) if num_valid.is_cuda else int(num_valid)
-    S = counter.num_slots
-    nv_ptr, nv_int = (num_valid, 0) if isinstance(num_valid, torch.Tensor) else (counter.enabled, T)
+    nv_is_ptr = isinstance(num_valid, torch.Tensor)
+    nv_ptr, nv_int = (num_valid, 0) if nv_is_ptr else (counter.enabled, T)
     if isinstance(num_valid, int):
         nv_int = max(min(num_valid, T), -1)  # clamped so Triton's int specialization stays small
-    # Few block sizes (each is a compiled variant): direct for decode, else a histogram block
-    # per program per iteration of a grid-stride loop.
-    n = T * K
-    if n <= DIRECT_MAX:
-        direct, block, warps = True, DIRECT_BLOCK, DIRECT_WARPS
-        grid = (triton.cdiv(n, block),)
-    else:
-        direct, warps = False, NUM_WARPS
-        block = next((b for b in HIST_BLOCKS if triton.cdiv(n, b) <= MAX_PROGRAMS), HIST_BLOCKS[-1])
-        grid = (min(triton.cdiv(n, block), MAX_PROGRAMS),)
+    direct, block, ablock, warps, programs = _shape(T * K)
+    contig = ids.is_contiguous()
+    fixed = counter.tap_args  # the counter's buffers and sizes, in the kernel's order
+    args = (ids, ids.stride(0), ids.stride(1), T, nv_ptr, nv_int, row, *fixed)
+    # Under torch.compile the ordinary launch is traced (Dynamo knows user-defined Triton kernels).
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        # Everything Triton specializes a compiled kernel on that can change from call to call.
+        key = (ids.dtype, contig, ids.data_ptr() % 16 == 0, nv_ptr.dtype, nv_ptr.data_ptr() % 16 == 0, nv_is_ptr)
+        key += (direct, block, ablock, warps, dev.index)
+        launch = counter.tap_launches.get(key)
+        if launch is not None:
+            kernel, constexprs = launch
+            try:
+                kernel[(programs, 1, 1)](*args, *constexprs, stream=_stream(dev))
+                return
+            except TypeError:  # a Triton whose launcher takes other arguments: its dispatcher only
+                _disable_fast(counter)
+    constexprs = dict(
+        S=counter.num_slots,
+        K=K,
+        G=counter.stripes.shape[0],
+        NB=max(32, triton.next_power_of_2(counter.num_slots)),
+        BLOCK=block,
+        ABLOCK=ablock,
+        DIRECT=direct,
+        CONTIG=contig,
+        NV_PTR=nv_is_ptr,
+        TOKENS=counter.token_ids is not None,
+    )
+    kernel = _tap_kernel[(programs,)](*args, **constexprs, num_warps=warps)
+    if _FAST and not compiling and dev.type == "cuda" and hasattr(kernel, "run"):
+        counter.tap_launches[key] = (kernel, tuple(constexprs.values()))
+
+
+def tap_args(counter: Counter) -> tuple:
+    """The kernel arguments that stay fixed for a counter (its buffers never move)."""
     tokens = counter.token_ids is not None
     if tokens:
         tok_ids, tok_pass, N = counter.token_ids, counter.token_pass, counter.token_slots
     else:  # unused pointers: any int64 tensor
         tok_ids, tok_pass, N = counter.enabled, counter.enabled, 1
-    _tap_kernel[grid](
-        ids,
-        ids.stride(0),
-        ids.stride(1),
-        T,
-        nv_ptr,
-        nv_int,
-        row,
+    stripes = counter.stripes
+    return (
         counter.enabled,
-        counter.counts,
+        stripes,
+        stripes.stride(0),
         tok_ids,
         tok_pass,
         len(counter.layer_ids),
@@ -243,13 +313,35 @@ def record(counter: Counter, row: int, ids: torch.Tensor, num_valid: int | torch
         counter.pass_tokens,
         counter.passes,
         N,
-        S=S,
-        K=K,
-        NB=max(32, triton.next_power_of_2(S)),
-        BLOCK=block,
-        DIRECT=direct,
-        CONTIG=ids.is_contiguous(),
-        NV_PTR=isinstance(num_valid, torch.Tensor),
-        TOKENS=tokens,
-        num_warps=warps,
     )
+
+
+def _triton_version() -> tuple[int, int]:
+    if triton is None:
+        return (0, 0)
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+# Eager launches through the compiled kernel's own launcher (``CompiledKernel[grid](*args)``),
+# which takes every bound argument, constexprs included, from Triton 3.3 on.
+_FAST = _triton_version() >= (3, 3)
+
+
+
+def _disable_fast(counter: Counter) -> None:
+    global _FAST
+    _FAST = False
+    counter.tap_launches.clear()
+
+
+try:
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # pragma: no cover - torch builds without CUDA
+    _raw_stream = None
+
+
+def _stream(device: torch.device) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream

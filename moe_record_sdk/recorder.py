@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import torch
 
+from . import counter_triton
 from ._version import __version__
 from .counter import Counter, Reading
 from .errors import RecorderError
@@ -156,7 +157,8 @@ class Recorder:
         tokens = 0
         R = len(self.layer_ids)
         if mode == "per_token":
-            room = self.max_bytes - Counter.ring_bytes(ring, R, self.num_slots) - Counter.fixed_bytes(R, self.num_slots)
+            fixed = Counter.fixed_bytes(R, self.num_slots, counter_triton.stripes_for(self.device))
+            room = self.max_bytes - Counter.ring_bytes(ring, R, self.num_slots, tokens=True) - fixed
             tokens = room // Counter.token_slot_bytes(R, self.top_k) - 1
             if tokens < 1:
                 raise RecorderError(
@@ -219,6 +221,7 @@ class Recorder:
 
     def _reset_window(self) -> None:
         self._base = self.counter.read()
+        self._token_base = self._base.tokens  # token position where this window's passes begin
         self._start_time = time.time()
         self._stop_time: float | None = None
         self._dropped_passes = 0
@@ -229,7 +232,7 @@ class Recorder:
         with self._lock:
             base = self._base
             passes = int(self.counter.passes) - (base.passes if base else 0)
-            tokens = self._tokens_per_layer(self.counter.counts.to("cpu"), base)
+            tokens = self._tokens_per_layer(self.counter.total_counts().to("cpu"), base)
             dropped_passes, dropped_tokens = self._pending_drops()
             return Status(
                 recording=self._recording,
@@ -258,7 +261,7 @@ class Recorder:
         """The window's counts so far, int64 [L, E] (``physical``: [L, P] slots), without ending
         the window: what live metrics read between dumps."""
         with self._lock:
-            counts = self.counter.counts.to("cpu")
+            counts = self.counter.total_counts().to("cpu")
             base = self._base
             delta = counts if base is None else counts - base.counts
             slots = self._expand(delta[:, : self.num_slots])
@@ -281,6 +284,7 @@ class Recorder:
                 path = os.path.join(destination, sglang_file_name(dump)) if os.path.isdir(destination) else destination
                 save_dump(dump, path)
             self._base = reading
+            self._token_base = self._built_token_end
             self._start_time = time.time()
             self._dropped_passes = self._dropped_tokens = 0
             return dump
@@ -300,6 +304,7 @@ class Recorder:
         return out.scatter_add_(-1, index, physical)
 
     def _build(self, r: Reading) -> Dump:
+        self._built_token_end = r.tokens
         base = self._base
         assert base is not None, "the window starts at construction"
         S, c = self.num_slots, self.counter
@@ -327,7 +332,7 @@ class Recorder:
             if mode != "stat":
                 records = [Record(forward_pass_id=p, rank=self.topology.rank) for p in taken]
             if mode == "per_token":
-                dropped_tokens += self._attach_tokens(r, base, records)
+                dropped_tokens += self._attach_tokens(r, records, taken)
         else:
             phys_rows = total_phys.unsqueeze(0)
         logical_rows = self._to_logical(phys_rows)
@@ -363,12 +368,20 @@ class Recorder:
             records=records,
         )
 
-    def _attach_tokens(self, r: Reading, base: Reading, records: list[Record]) -> int:
-        """Give each record its tokens' ids; return how many window tokens have no ids in it."""
-        assert r.token_ids is not None and r.token_pass is not None
-        N = self.counter.token_slots
-        lo = max(base.tokens, r.tokens_after - N)
-        positions = torch.arange(lo, r.tokens) if r.tokens > lo else torch.zeros(0, dtype=torch.int64)
+    def _attach_tokens(self, r: Reading, records: list[Record], taken: list[int]) -> int:
+        """Give each record its tokens' ids; return how many of the window's tokens have none.
+
+        The tokens taken are those of the passes taken (their spans are in the ring), so a pass
+        that completes while the dump reads is left whole to the next dump.
+        """
+        assert r.token_ids is not None and r.token_pass is not None and r.row_tokens is not None
+        N, B1 = self.counter.token_slots, self.counter.ring_rows + 1
+        start = end = self._token_base
+        if taken:
+            start, end = int(r.row_tokens[taken[0] % B1, 0]), int(r.row_tokens[taken[-1] % B1, 1])
+        self._built_token_end = end
+        lo = max(start, r.tokens_after - N)  # older positions may have been overwritten
+        positions = torch.arange(lo, end) if end > lo else torch.zeros(0, dtype=torch.int64)
         slots = positions % N
         pass_of = r.token_pass[slots]
         ids = r.token_ids[slots]  # [n, R, k]
@@ -379,7 +392,7 @@ class Recorder:
             full[self.layer_ids] = mine.permute(1, 0, 2)
             rec.topk_ids_of_layer = full
             kept += mine.shape[0]
-        return (r.tokens - base.tokens) - kept
+        return (end - self._token_base) - kept
 
 
 def _check_mode(mode: str) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_record_sdk import Recorder
+from moe_record_sdk import Recorder, counter_triton
 from moe_record_sdk.counter import Counter
 
 pytestmark = pytest.mark.gpu
@@ -17,7 +17,7 @@ MODES = ["stat", "per_pass", "per_token"]
 
 def _state(c: Counter) -> list[torch.Tensor]:
     """Everything the tap and step write, minus the token ring's trash row."""
-    out = [c.counts, c.passes, c.token_cursor, c.pass_tokens]
+    out = [c.total_counts(), c.passes, c.token_cursor, c.pass_tokens]
     if c.rows is not None:
         out += [c.rows, c.row_pass]
     if c.token_ids is not None:
@@ -73,6 +73,47 @@ def test_triton_equals_torch_path(request):
         for a, b in zip(_state(pair[0]), _state(pair[1])):
             assert torch.equal(a, b), f"S={S} k={k} tokens={tokens} on={on}"
     assert batches >= 1000, batches
+    if counter_triton._FAST:  # the later launches went through the cached compiled kernels
+        assert pair[1].tap_launches
+
+
+# Launch shapes the tuner compares (tests/perf/tune_tap.py): each must count exactly. Small
+# blocks and program caps make the grid-stride loop, the stripes and the atomic share all run.
+SHAPES = {
+    "stripes": {"STRIPES": 5, "DIRECT_MAX": 64, "HIST_BLOCKS": (64, 128), "MAX_PROGRAMS": 7},
+    "direct": {"STRIPES": 3, "DIRECT_MAX": 1 << 62, "DIRECT_BLOCK": 512, "DIRECT_WARPS": 4},
+    "split": {"STRIPES": 4, "DIRECT_MAX": 64, "HIST_BLOCKS": (128,), "ATOMIC_BLOCK": 64, "MAX_PROGRAMS": 5},
+    "one_stripe": {"STRIPES": 1, "DIRECT_MAX": 64, "HIST_BLOCKS": (256,), "NUM_WARPS": 4},
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_launch_shapes_equal_torch_path(shape, monkeypatch):
+    pytest.importorskip("triton")
+    for knob, value in SHAPES[shape].items():
+        monkeypatch.setattr(counter_triton, knob, value)
+    gen = torch.Generator().manual_seed(7)
+    rng = np.random.default_rng(7)
+    S, k = 256, 8
+    for tokens in (0, 300):
+        ref = Counter([0, 1], S, k, "cuda", ring_rows=3, token_slots=tokens)
+        ref.kernel = "torch"
+        tri = Counter([0, 1], S, k, "cuda", ring_rows=3, token_slots=tokens)
+        assert tri.stripes.shape[0] == SHAPES[shape].get("STRIPES", 1) and tri.kernel == "triton"
+        for c in (ref, tri):
+            c.set_enabled(True, tokens > 0)
+        for _ in range(3):
+            for row in (0, 1):
+                T = int(rng.choice([1, 7, 100, 1000, 5000]))
+                ids = _random_ids(gen, T, k, S, torch.int32, rng.random() < 0.5)
+                form = int(rng.integers(3))
+                nv = [None, int(rng.integers(0, T + 2)), torch.tensor(int(rng.integers(0, T + 2))).cuda()][form]
+                for c in (ref, tri):
+                    c.record(row, ids, nv)
+            for c in (ref, tri):
+                c.step()
+        for a, b in zip(_state(ref), _state(tri)):
+            assert torch.equal(a, b), shape
 
 
 def test_counts_equal_numpy_on_gpu():
@@ -93,7 +134,7 @@ def test_counts_equal_numpy_on_gpu():
         np.add.at(ref, head[ok], 1)
         ref[S] += int((~ok).sum())
         ref[S + 1] += tail.size
-    assert c.counts[0].cpu().numpy().tolist() == ref.tolist()
+    assert c.total_counts()[0].cpu().numpy().tolist() == ref.tolist()
 
 
 @pytest.mark.parametrize("kernel", ["triton", "torch"])
@@ -131,7 +172,7 @@ def test_no_host_sync_while_recording(mode, kernel):
 
 def _buffers(rec: Recorder) -> list[int]:
     c = rec.counter
-    names = ["enabled", "token_enabled", "counts", "passes", "rows", "row_pass", "last_counts"]
+    names = ["enabled", "token_enabled", "stripes", "passes", "rows", "row_pass", "last_counts"]
     names += ["token_ids", "token_pass", "token_cursor", "pass_tokens"]
     return [getattr(c, n).data_ptr() for n in names if getattr(c, n) is not None]
 
@@ -162,7 +203,7 @@ def test_cuda_graph_replays_exactly_with_recording_toggled(mode, request):
 
     gen = torch.Generator().manual_seed(11)
     rng = np.random.default_rng(11)
-    raw_before = counter.counts.cpu().numpy().copy()
+    raw_before = counter.total_counts().cpu().numpy().copy()
     expect_raw = np.zeros((L, E + 2), dtype=np.int64)  # every on-replay since the capture
     window: list[tuple[np.ndarray, int]] = []  # (ids, valid) of the on-replays since the last start
     recording = True
@@ -192,7 +233,7 @@ def test_cuda_graph_replays_exactly_with_recording_toggled(mode, request):
                 expect_raw[layer, E] += int((~ok).sum())
                 expect_raw[layer, E + 1] += (T - valid) * k
     torch.cuda.synchronize()
-    assert np.array_equal(counter.counts.cpu().numpy() - raw_before, expect_raw)
+    assert np.array_equal(counter.total_counts().cpu().numpy() - raw_before, expect_raw)
 
     dump = rec.dump()
     assert dump.window.num_passes == len(window)

@@ -1,4 +1,4 @@
-"""``moe-record bench``: the tap's cost per layer next to SGLang's ``scatter_add_`` and a bare copy."""
+"""``moe-record bench``: the tap's cost per layer next to its torch path, SGLang's ``scatter_add_`` and a copy."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def print_tables(rows: list[dict], env: dict) -> None:
             table.add_column("T", justify="right")
             for name in METHODS:
                 table.add_column(name, justify="right")
-            for ratio in ("ours/copy", "per_token/copy", "sglang/ours", "scatter/ours"):
+            for ratio in ("ours/copy", "per_token/copy", "torch/ours", "sglang/ours", "scatter/ours"):
                 table.add_column(ratio, justify="right", style="bold")
             for r in sel:
                 table.add_row(
@@ -101,6 +101,7 @@ def print_tables(rows: list[dict], env: dict) -> None:
                     *(f"{r[n]:.2f}" for n in METHODS),
                     f"{r['ours'] / r['copy']:.2f}",
                     f"{r['per_token'] / r['copy']:.2f}",
+                    f"{r['torch'] / r['ours']:.1f}",
                     f"{r['sglang'] / r['ours']:.1f}",
                     f"{r['scatter'] / r['ours']:.1f}",
                 )

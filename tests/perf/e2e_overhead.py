@@ -18,7 +18,7 @@ recorder never started: the hooks run, the kernel sees the flag off), ``stat``, 
 ``per_token``. The table gives milliseconds per step and the overhead against ``off``.
 After timing, the ``stat`` recorder's counts are checked against the number of tokens replayed.
 
-    python tests/perf/e2e_overhead.py [--layers 8] [--trials 15] [--json out.json]
+    python tests/perf/e2e_overhead.py [--layers 8] [--trials 15] [--eager-reps 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _capture(model, ids: torch.Tensor) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32768)
@@ -122,8 +122,9 @@ def main() -> int:
     p.add_argument("--prefill", default="4096,16384")
     p.add_argument("--trials", type=int, default=15)
     p.add_argument("--reps", type=int, default=20, help="graph replays per timing")
+    p.add_argument("--eager-reps", type=int, default=3, help="eager decode steps per timing")
     p.add_argument("--json", default=None, help="also write the results here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("e2e_overhead: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -159,7 +160,7 @@ def main() -> int:
                         replayed[n] += a.reps if name == "stat" else 0
                     elif where == "eager":
                         with s:
-                            ms = _events_ms(lambda n=n: model(input_ids=decode_ids[n], use_cache=False), 3)
+                            ms = _events_ms(lambda n=n: model(input_ids=decode_ids[n], use_cache=False), a.eager_reps)
                     else:
                         with s:
                             ms = _events_ms(lambda n=n: model(input_ids=prefill_ids[n], use_cache=False, logits_to_keep=1), 1)
@@ -170,7 +171,7 @@ def main() -> int:
     # The stat recorder saw every stat graph replay, eager step and prefill: check the counts.
     stat = setups["stat"].recorder
     total = stat.dump().total_count()
-    expect = sum(B * r for B, r in replayed.items()) + (a.trials + 1) * (3 * sum(batches) + sum(prefills))
+    expect = sum(B * r for B, r in replayed.items()) + (a.trials + 1) * (a.eager_reps * sum(batches) + sum(prefills))
     per_layer = total.sum(1)[stat.layer_ids] // 8
     assert per_layer.tolist() == [expect] * len(stat.layer_ids), (per_layer.tolist(), expect)
 
@@ -186,6 +187,8 @@ def main() -> int:
         "layers": a.layers,
         "vocab": a.vocab,
         "trials": a.trials,
+        "eager_reps": a.eager_reps,
+        "stripes": stat.counter.stripes.shape[0],
         "date": time.strftime("%Y-%m-%d"),
         "tokens_checked": expect,
     }

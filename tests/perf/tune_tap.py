@@ -1,11 +1,13 @@
 """Tune the Triton tap's launch shape in a CUDA graph, and measure the floor it sits on.
 
 Prints microseconds per layer call (medians, interleaved) of the stat tap, the per_token tap
-and a bare torch copy of the same ids, for each launch shape of ``counter_triton``; then the
-floor: an empty Triton kernel (loads the flag, writes nothing) and a Triton copy of the ids.
-Used to pick the defaults in ``counter_triton``; the notes there cite its figures.
+and a bare torch copy of the same ids, for each launch shape of ``counter_triton`` (``SHAPES``:
+stripes, direct atomics at every T, a histogram/atomics split, warps), and the best shape (the
+lowest worst-case ratio to the copy); with ``--floor``, an empty Triton kernel (loads the flag,
+writes nothing) and a Triton copy of the ids. Used to pick the defaults in ``counter_triton``;
+the notes there cite its figures.
 
-    python tests/perf/tune_tap.py [--experts 256] [--tokens 1,16,128,1024,4096,16384]
+    python tests/perf/tune_tap.py [--experts 256] [--tokens 1,16,128,1024,4096,16384] [--floor]
 """
 
 from __future__ import annotations
@@ -20,17 +22,31 @@ import triton.language as tl
 from moe_record_sdk import counter_triton
 from moe_record_sdk.bench import _graph_timer, _methods
 
-# name -> counter_triton settings; "direct" forces one atomic per id at every T.
-SHAPES = {
-    "default": {},
-    "d256": {"DIRECT_MAX": 256},
-    "d2048": {"DIRECT_MAX": 2048},
-    "db256w2": {"DIRECT_BLOCK": 256, "DIRECT_WARPS": 2},
-    "hb1024": {"HIST_BLOCKS": (1024,)},
-    "hb256": {"HIST_BLOCKS": (256, 512, 1024)},
-    "p64": {"MAX_PROGRAMS": 64},
-    "w4": {"NUM_WARPS": 4},
+# name -> counter_triton settings, over the defaults of ``BEFORE`` (the tap as first shipped:
+# one copy of the counters). "before" is the baseline every other shape is compared with.
+BEFORE = {
+    "STRIPES": 1,
+    "DIRECT_MAX": 1024,
+    "DIRECT_BLOCK": 128,
+    "DIRECT_WARPS": 1,
+    "HIST_BLOCKS": (512, 1024),
+    "ATOMIC_BLOCK": 0,
+    "MAX_PROGRAMS": 132,
+    "NUM_WARPS": 8,
 }
+ALL = 1 << 62  # DIRECT_MAX: one atomic per id at every T
+SHAPES = {
+    "before": {},
+    "s16": {"STRIPES": 16},
+    "s64": {"STRIPES": 64},
+    "s16-d128": {"STRIPES": 16, "DIRECT_MAX": ALL},
+    "s16-d512": {"STRIPES": 16, "DIRECT_MAX": ALL, "DIRECT_BLOCK": 512, "DIRECT_WARPS": 4},
+    "s64-d512": {"STRIPES": 64, "DIRECT_MAX": ALL, "DIRECT_BLOCK": 512, "DIRECT_WARPS": 4},
+    "s16-hyb": {"STRIPES": 16, "HIST_BLOCKS": (512,), "ATOMIC_BLOCK": 512},
+    "s16-w4": {"STRIPES": 16, "NUM_WARPS": 4},
+    "s16-d32k": {"STRIPES": 16, "DIRECT_MAX": 32768},  # the shipped default: direct up to T=4096 (k=8)
+}
+KNOBS = tuple(BEFORE)
 
 
 @triton.jit
@@ -53,36 +69,48 @@ def _median(timers: dict, trials: int) -> dict[str, float]:
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--experts", default="256")
-    p.add_argument("--tokens", default="1,16,128,1024,4096,16384")
-    p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--trials", type=int, default=15)
-    a = p.parse_args()
-    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    knobs = ("DIRECT_MAX", "DIRECT_BLOCK", "DIRECT_WARPS", "HIST_BLOCKS", "MAX_PROGRAMS", "NUM_WARPS")
-    defaults = {k: getattr(counter_triton, k) for k in knobs}
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, defaults)
-    print(f"{'E':>4} {'T':>6} {'shape':>12} {'ours':>7} {'tok':>7} {'copy':>7} {'o/c':>5} {'t/c':>5}")
-    for E in ints(a.experts):
-        for T in ints(a.tokens):
-            fns, _ = _methods(torch.device("cuda"), E, T, 8, torch.int32)
-            for shape in a.shapes.split(","):
-                for k, v in (defaults | SHAPES[shape]).items():
-                    setattr(counter_triton, k, v)
+def apply(shape: str) -> None:
+    """Set ``counter_triton``'s launch knobs to a named shape (recorders built after see it)."""
+    for k, v in (BEFORE | SHAPES[shape]).items():
+        setattr(counter_triton, k, v)
+
+
+def tune(experts: list[int], tokens: list[int], shapes: list[str], trials: int) -> dict:
+    """Time every shape; return {shape: {(E, T): {"ours", "per_token", "copy"}}} in us per call."""
+    out: dict = {}
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+    print(f"{'E':>4} {'T':>6} {'shape':>10} {'ours':>7} {'tok':>7} {'copy':>7} {'o/c':>5} {'t/c':>5}")
+    for E in experts:
+        for T in tokens:
+            for shape in shapes:
+                apply(shape)  # before building the recorders: the stripes are allocated with them
+                fns, _ = _methods(torch.device("cuda"), E, T, 8, torch.int32)
                 timers = {n: _graph_timer(fns[n], 64, 5) for n in ("ours", "per_token", "copy")}
-                m = _median(timers, a.trials)
+                m = _median(timers, trials)
+                out.setdefault(shape, {})[E, T] = m
                 print(
-                    f"{E:>4} {T:>6} {shape:>12} {m['ours']:7.2f} {m['per_token']:7.2f} {m['copy']:7.2f} "
+                    f"{E:>4} {T:>6} {shape:>10} {m['ours']:7.2f} {m['per_token']:7.2f} {m['copy']:7.2f} "
                     f"{m['ours'] / m['copy']:5.2f} {m['per_token'] / m['copy']:5.2f}",
                     flush=True,
                 )
-            for k, v in defaults.items():
-                setattr(counter_triton, k, v)
+                del fns, timers
+    return out
+
+
+def best(results: dict) -> str:
+    """The shape whose worst ``ours / copy`` ratio over all (E, T) is lowest (then the mean)."""
+
+    def score(shape: str) -> tuple[float, float]:
+        r = [m["ours"] / m["copy"] for m in results[shape].values()]
+        return max(r), sum(r) / len(r)
+
+    return min(results, key=score)
+
+
+def floor(tokens: list[int], trials: int) -> None:
     print("floor: empty Triton kernel, Triton copy, torch copy (us per call in a graph)")
     flag = torch.ones((), dtype=torch.int64, device="cuda")
-    for T in ints(a.tokens):
+    for T in tokens:
         src = torch.randint(0, 256, (T * 8,), dtype=torch.int32, device="cuda")
         dst = torch.empty_like(src)
         grid = (triton.cdiv(src.numel(), 1024),)
@@ -91,8 +119,28 @@ def main() -> None:
             "tcopy": _graph_timer(lambda i, s=src, d=dst, g=grid: _copy[g](s, d, s.numel(), BLOCK=1024), 64, 5),
             "copy": _graph_timer(lambda i, s=src, d=dst: d.copy_(s), 64, 5),
         }
-        m = _median(timers, a.trials)
+        m = _median(timers, trials)
         print(f"T={T:>6} empty {m['empty']:.2f}  triton copy {m['tcopy']:.2f}  torch copy {m['copy']:.2f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--experts", default="256")
+    p.add_argument("--tokens", default="1,16,128,1024,4096,16384")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--trials", type=int, default=15)
+    p.add_argument("--floor", action="store_true", help="also time the floor (empty kernel, copies)")
+    a = p.parse_args(argv)
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    defaults = {k: getattr(counter_triton, k) for k in KNOBS}
+    results = tune(ints(a.experts), ints(a.tokens), a.shapes.split(","), a.trials)
+    for k, v in defaults.items():
+        setattr(counter_triton, k, v)
+    if a.floor:
+        floor(ints(a.tokens), a.trials)
+    winner = best(results)
+    print(f"best shape: {winner} = {BEFORE | SHAPES[winner]}")
+    return winner
 
 
 if __name__ == "__main__":
