@@ -167,7 +167,9 @@ class Recorder:
                 )
         return Counter(self.layer_ids, self.num_slots, self.top_k, self.device, ring_rows=ring, token_slots=tokens)
 
-    def _supports(self, mode: str) -> bool:
+    def supports(self, mode: str) -> bool:
+        """Whether ``start(mode)`` can run on the buffers allocated now (no reallocation, so a
+        captured CUDA graph or a traced forward keeps recording)."""
         c = self.counter
         return mode == "stat" or (c.ring_rows > 0 and (mode == "per_pass" or c.token_slots > 0))
 
@@ -197,7 +199,7 @@ class Recorder:
         with self._lock:
             mode = mode or self._mode
             _check_mode(mode)
-            if not self._supports(mode):
+            if not self.supports(mode):
                 # New buffers: a CUDA graph captured before must be captured again.
                 log.warning("mode %s needs buffers this recorder did not allocate; allocating them now", mode)
                 self.counter = self._make_counter(mode, self._buffer_size)

