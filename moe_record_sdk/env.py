@@ -52,6 +52,13 @@ MOE_RECORD_MODE = "MOE_RECORD_MODE"
 MOE_RECORD_MAX_BODY = "MOE_RECORD_MAX_BODY"
 """Largest control request body accepted, in bytes."""
 
+MOE_RECORD_SGLANG_PORT = "MOE_RECORD_SGLANG_PORT"
+"""SGLang adapter: base port of the opt-in per-rank side server (our HTTP extensions); rank r
+listens on base + r."""
+
+MOE_RECORD_SGLANG_HOST = "MOE_RECORD_SGLANG_HOST"
+"""SGLang adapter: address the per-rank side servers listen on (default 127.0.0.1)."""
+
 #: SGLang's default dump directory (``EnvStr("/tmp")`` in sglang 0.5.23).
 DEFAULT_DUMP_DIR = "/tmp"
 #: Control requests carry at most ``{"mode": ...}``: 64 KiB is generous.

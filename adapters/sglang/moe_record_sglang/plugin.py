@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from moe_record_sdk import EngineInfo, Recorder, Topology
+from moe_record_sdk import EngineInfo, Recorder
 
 from .compat import check_sglang_version, sglang_version
 from .recorder import SGLangRecorder
+from .topology import sglang_topology, stage_layers
 from .version import __version__
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ def _around_init_new(original: Any, expert_location_metadata: Any, rank: int, *a
         log.warning("moe-record: %s; SGLang's own expert distribution recorder stays in charge", reason)
         return original(expert_location_metadata, rank, *args, **kwargs)
     rec = build_recorder(expert_location_metadata, rank, mode=mode, top_k=top_k)
+    from .side_server import maybe_serve
+
+    maybe_serve(rec)  # MOE_RECORD_SGLANG_PORT: our endpoints for this rank, opt-in
     log.info(
         "moe-record: recording expert distribution (mode %s, rank %d) with moe-record-sglang %s",
         mode,
@@ -135,15 +139,16 @@ def model_top_k() -> int | None:
 
 
 def build_recorder(metadata: Any, rank: int, *, mode: str, top_k: int) -> SGLangRecorder:
-    """Our recorder sized from SGLang's ``ExpertLocationMetadata`` and published flags."""
+    """Our recorder sized from SGLang's ``ExpertLocationMetadata`` and published flags, with this
+    rank's ``Topology`` and pipeline stage read from SGLang's parallel state
+    (:mod:`moe_record_sglang.topology`)."""
     from sglang.srt.runtime_context import get_exec
 
     buffer_size = get_exec().moe.expert_distribution_recorder_buffer_size
-    if buffer_size is not None and buffer_size < 0:
-        # SGLang's unbounded buffer: ours stays bounded, one exact cumulative row for stat.
-        buffer_size = 0 if mode == "stat" else None
-    if mode != "stat" and not buffer_size:
-        buffer_size = None  # our per-pass ring's default
+    if buffer_size is not None and buffer_size <= 0:
+        # SGLang's unbounded buffer (-1): ours stays bounded. None: stat keeps one exact
+        # cumulative row, per_pass/per_token our default ring (also after a switch of mode).
+        buffer_size = None
     mapping = metadata.physical_to_logical_map_cpu.to("cpu", torch.int64)
     identity = mapping.shape[1] == metadata.num_logical_experts and torch.equal(
         mapping, torch.arange(mapping.shape[1]).expand_as(mapping)
@@ -152,41 +157,12 @@ def build_recorder(metadata: Any, rank: int, *, mode: str, top_k: int) -> SGLang
         num_layers=metadata.num_layers,
         num_experts=metadata.num_logical_experts,
         top_k=top_k,
+        layer_ids=stage_layers(metadata.num_layers),
         device=metadata.physical_to_logical_map.device,
         mode=mode,
         buffer_size=buffer_size,
         physical_to_logical_map=None if identity else mapping,
         engine=EngineInfo(name="sglang", version=sglang_version(), adapter="moe-record-sglang"),
-        topology=_topology(rank, metadata.ep_size),
+        topology=sglang_topology(rank, metadata.ep_size),
     )
     return SGLangRecorder(recorder, rank=rank)
-
-
-def _topology(rank: int, ep_size: int) -> Topology:
-    """Ranks that route the same tokens share a token shard: attention-TP peers do, data
-    parallel attention ranks do not (SGLang's ``attn_dp_rank``)."""
-    from sglang.srt.runtime_context import get_parallel
-
-    def read(name: str, default: int) -> int:
-        try:
-            value = getattr(get_parallel(), name)
-        except Exception:  # not written in this process (function-level use)
-            return default
-        return value if isinstance(value, int) else default
-
-    ep_size = max(ep_size, rank + 1)
-    tp_size = read("tp_size", 1)
-    dp_size = max(read("attn_dp_size", 1), 1)
-    dp_rank = read("attn_dp_rank", 0)
-    return Topology(
-        rank=rank,
-        world_size=ep_size,
-        tp_rank=min(read("tp_rank", 0), tp_size - 1),
-        tp_size=tp_size,
-        dp_rank=min(dp_rank, dp_size - 1),
-        dp_size=dp_size,
-        ep_rank=rank,
-        ep_size=ep_size,
-        token_shard=min(dp_rank, dp_size - 1),
-        num_token_shards=dp_size,
-    )

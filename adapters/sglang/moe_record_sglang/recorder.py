@@ -15,6 +15,10 @@ Differences from SGLang's own recorder (on purpose):
 * a ``stat`` dump's ring rows are the passes recorded, in time order, not the whole
   zero-padded ring; with several ranks it is one cumulative row (rings may differ in length,
   so rows cannot be summed across ranks safely);
+* with several ranks, a ``stat`` dump merges the ranks by their ``Topology``
+  (``moe_record_sdk.merge.merge_distributed``) instead of summing the world: ranks that routed
+  the same tokens (tensor-parallel replicas, see :mod:`moe_record_sglang.topology`) count
+  once, so rank 0's file and ``EPLBManager``'s counts are the true counts;
 * ``per_token`` records carry the ids per layer, not ``input_ids``/``positions`` (those cost
   a host sync at every pass start).
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,8 +36,10 @@ from typing import Any
 import msgspec
 import torch
 
-from moe_record_sdk import Dump, Recorder, Topology
+from moe_record_sdk import Dump, Recorder
 from moe_record_sdk import env as moe_env
+from moe_record_sdk.errors import MergeError
+from moe_record_sdk.merge import merge_distributed
 from moe_record_sdk.schema.sglang import sglang_file_name
 
 log = logging.getLogger(__name__)
@@ -47,7 +54,8 @@ class SGLangRecorder:
         Our Recorder, sized for SGLang's layout: ``num_layers`` = ``num_hidden_layers``, slots =
         physical experts (``physical_to_logical_map`` from SGLang's expert location metadata).
     rank:
-        SGLang's recorder rank (``moe_ep_rank``): names per-rank files and records.
+        SGLang's recorder rank (``moe_ep_rank``), echoed in ``dump_record(output_mode="object")``.
+        Files and records are named by the world rank of ``recorder.topology``.
     dump_dir:
         Where ``dump_record()`` writes; default ``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR``
         (``MOE_RECORD_DUMP_DIR`` wins), read at each dump as SGLang does.
@@ -71,11 +79,13 @@ class SGLangRecorder:
         self._layer: int | None = None
         self._disabled = False
         self._warned: set[str] = set()
-        # SGLang's forward_pass_id of each pass recorded, by our pass index; host only. Passes
-        # are recorded on the scheduler thread that also runs start/stop, so the host knows
-        # exactly which steps the device counted.
+        # SGLang's forward_pass_id of each pass recorded, by our pass index (the counter's
+        # pass number); host only, no sync. The lock makes "step, then was it counted?" atomic
+        # against start/stop, which a side server (``side_server``) calls from its own thread;
+        # uncontended on SGLang's path, where the scheduler thread does both.
+        self._pass_lock = threading.Lock()
         self._pass_index = 0
-        self._pass_ids: deque[tuple[int, int]] = deque(maxlen=max(recorder.counter.ring_rows, 0) + 2)
+        self._pass_ids: deque[tuple[int, int]] = deque(maxlen=recorder.counter.ring_rows + 2)
 
     # -- context SGLang sets around the hooks ---------------------------------------------
     @contextmanager
@@ -105,10 +115,11 @@ class SGLangRecorder:
         try:
             yield outputs
         finally:
-            self.recorder.step()  # tensor ops only: commits the pass on the device
-            if self.recorder.recording:  # the device counted this step exactly when this holds
-                self._pass_ids.append((self._pass_index, forward_pass_id))
-                self._pass_index += 1
+            with self._pass_lock:
+                self.recorder.step()  # tensor ops only: commits the pass on the device
+                if self.recorder.recording:  # the device counted this step exactly when this holds
+                    self._pass_ids.append((self._pass_index, forward_pass_id))
+                    self._pass_index += 1
 
     # -- the hooks ------------------------------------------------------------------------
     def on_select_experts(self, topk_ids: torch.Tensor) -> None:
@@ -142,41 +153,59 @@ class SGLangRecorder:
     def recording(self) -> bool:
         return self.recorder.recording
 
-    def start_record(self) -> None:
-        """Clear and record (SGLang: a second start warns and restarts)."""
+    def start_record(self, mode: str | None = None) -> None:
+        """Clear and record (SGLang: a second start warns and restarts); ``mode``: ours, for the
+        side server (default: the current mode)."""
         if self.recorder.recording:
             log.warning("moe-record: already recording expert ids; restarting the window (SGLang semantics)")
-        self.recorder.start()
-        self._pass_ids.clear()
+        with self._pass_lock:
+            self.recorder.start(mode)
+            # A new mode may bring a new counter, numbering passes from 0: follow it (start
+            # has read the device already, this costs no extra sync).
+            self._pass_index = int(self.recorder.counter.passes)
+            self._pass_ids = deque(maxlen=self.recorder.counter.ring_rows + 2)  # the ring's passes
 
     def stop_record(self) -> None:
         if not self.recorder.recording:
             log.warning("moe-record: stop_record while not recording")
-        self.recorder.stop()
+        with self._pass_lock:
+            self.recorder.stop()
+
+    def dump_local(self) -> Dump:
+        """This rank's dump of the window (forward pass ids SGLang's), then a new window; no
+        collective: what the side server serves. Passes keep running meanwhile."""
+        dump = self.recorder.dump()
+        with self._pass_lock:  # after the dump: every pass it holds has its id by now
+            ids = dict(self._pass_ids)
+        for rec in dump.records:
+            rec.forward_pass_id = ids.get(rec.forward_pass_id, rec.forward_pass_id)
+        return dump
 
     def dump_record(self, output_mode: str = "file") -> dict[str, Any] | None:
-        """Dump, then start a new window (SGLang semantics).
+        """Dump, then start a new window (SGLang semantics). Every rank must call it (SGLang's
+        scheduler fans the request out to all): a ``stat`` dump is merged across ranks.
 
-        ``file``: SGLang's files in the dump directory (stat: rank 0 only; per_pass/per_token:
-        every rank). ``object``: SGLang's stat dict, for its ``EPLBManager``.
+        ``file``: SGLang's files in the dump directory (stat: the merge, written by world rank
+        0 only; per_pass/per_token: every rank its own, topology inside for ``moe-record
+        merge``). ``object``: SGLang's stat dict, the merge on every rank, for its ``EPLBManager``.
         """
-        dump = self._with_sglang_pass_ids(self.recorder.dump())
-        self._pass_ids.clear()
+        if output_mode not in ("file", "object"):
+            raise NotImplementedError(f"output_mode {output_mode!r}")
+        if output_mode == "object" and self.recorder.mode != "stat":
+            raise ValueError("dump_record(output_mode='object') needs mode stat (as SGLang)")
+        dump: Dump | None = self.dump_local()
         if dump.window.mode == "stat":
-            dump = _all_reduce_stat(dump, self.recorder.device)
+            dump = _merge_stat(dump, everywhere=output_mode == "object")
         self.last_dump = dump
         if output_mode == "object":
-            if dump.window.mode != "stat":
-                raise ValueError("dump_record(output_mode='object') needs mode stat (as SGLang)")
+            assert dump is not None
             return {
                 "rank": self.rank,
                 "logical_count": dump.logical_count.to(self.recorder.device, torch.int32),
                 "average_utilization_rate_over_window": None,
             }
-        if output_mode != "file":
-            raise NotImplementedError(f"output_mode {output_mode!r}")
         self.last_paths = []
-        if dump.window.mode != "stat" or self.rank == 0:
+        if dump is not None and (dump.window.mode != "stat" or self.recorder.topology.rank == 0):
             directory = self.dump_dir or moe_env.dump_dir("sglang")
             os.makedirs(directory, exist_ok=True)
             path = os.path.join(directory, sglang_file_name(dump))
@@ -190,12 +219,6 @@ class SGLangRecorder:
         return {**self.recorder.status().to_dict(), "rank": self.rank, "last_paths": list(self.last_paths)}
 
     # -- helpers --------------------------------------------------------------------------
-    def _with_sglang_pass_ids(self, dump: Dump) -> Dump:
-        ids = dict(self._pass_ids)
-        for rec in dump.records:
-            rec.forward_pass_id = ids.get(rec.forward_pass_id, rec.forward_pass_id)
-        return dump
-
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -206,36 +229,58 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _all_reduce_stat(dump: Dump, device: torch.device) -> Dump:
-    """Sum a stat dump over the world, as SGLang's ``_StatAccumulator`` does (every rank must
-    call: the scheduler fans the dump request out to all). One cumulative row, so ranks whose
-    rings hold different numbers of passes still reduce tensors of one shape."""
+def _world() -> tuple[int, Any]:
+    """(world size, the group to merge over): SGLang's gloo world group where its launcher
+    built one (no device memory, no NCCL object collectives), else the default group."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, None
+    from .topology import _parallel
+
+    coordinator = _parallel("world_group", None)
+    group = getattr(coordinator, "cpu_group", None)
+    return dist.get_world_size(group), group
+
+
+def _merge_stat(dump: Dump, *, everywhere: bool) -> Dump | None:
+    """The ranks' stat dumps merged by topology (``merge_distributed``: replicas once, shards
+    summed); None on ranks other than world rank 0 unless ``everywhere``. Each rank sends
+    one cumulative row: rings may hold different passes, and the rows stay small."""
+    world, group = _world()
+    if world == 1:
         return dump
-    L = dump.model.num_layers
-    w = dump.window
-    total = dump.total_count()
-    tokens = torch.tensor(w.num_tokens or [0] * L, dtype=torch.int64)
-    discarded = torch.tensor(w.discarded or [0] * L, dtype=torch.int64)
-    packed = torch.cat([total.flatten(), tokens, discarded]).to(device)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-    packed = packed.cpu()
-    n = total.numel()
+    mine = _one_row(dump)
+    try:
+        return merge_distributed(mine, group, dst=None if everywhere else 0)
+    except MergeError as e:
+        # Ranks marked as replicas disagree: a topology this adapter misread. Never take the
+        # engine down over it. Every rank that merged hit the same error: with ``everywhere``
+        # that is all of them, so all can fall back to SGLang's sum together.
+        log.error("moe-record: cannot merge the ranks' stat dumps (%s)", e)
+        if not everywhere:
+            log.error("moe-record: no stat file written; per_pass dumps keep every rank's counts")
+            return None
+        import torch.distributed as dist
+
+        log.error("moe-record: EPLB gets SGLang's world sum instead, which counts replicas once per rank")
+        total = mine.total_count().to(torch.int64)
+        dist.all_reduce(total, group=group)
+        return msgspec.structs.replace(mine, logical_count=total.unsqueeze(0), physical_count=None)
+
+
+def _one_row(dump: Dump) -> Dump:
+    if dump.logical_count.shape[0] == 1 and dump.total_logical_count is None:
+        return dump
+    phys = None
+    if dump.physical_count is not None and dump.total_logical_count is None:  # rows hold every pass
+        phys = dump.physical_count.sum(0, keepdim=True)
     return msgspec.structs.replace(
         dump,
-        logical_count=packed[:n].view_as(total).unsqueeze(0).clone(),
+        logical_count=dump.total_count().unsqueeze(0),
         total_logical_count=None,
-        physical_count=None,
-        physical_to_logical_map=None,
-        topology=Topology(world_size=1),  # the sum covers every rank
-        window=msgspec.structs.replace(
-            w,
-            num_tokens=packed[n : n + L].tolist(),
-            discarded=packed[n + L :].tolist(),
-            buffer_size=0,
-            num_passes=w.num_passes,
-        ),
-        model=msgspec.structs.replace(dump.model, num_physical_experts=None),
+        physical_count=phys,
+        physical_to_logical_map=dump.physical_to_logical_map if phys is not None else None,
+        model=dump.model if phys is not None else msgspec.structs.replace(dump.model, num_physical_experts=None),
+        window=msgspec.structs.replace(dump.window, buffer_size=0),
     )

@@ -66,3 +66,33 @@ def reference_counts(logits_per_layer: dict[int, list[torch.Tensor]], valid_rows
             for e in ids.flatten().tolist():
                 out[layer, e] += 1
     return out
+
+
+PASSES = [(0, 9, None), (1, 5, 3), (2, 12, None), (3, 7, 6)]  # (pass id, tokens, non-padded rows)
+
+
+def new_recorder(model_dir: str, rank: int = 0):
+    """What ``ModelRunner.maybe_init_expert_location_metadata`` does, with SGLang's own functions
+    (under published server args): the recorder SGLang builds, made global."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder, set_global_expert_distribution_recorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=rank)
+    rec = ExpertDistributionRecorder.init_new(meta, rank=rank)
+    set_global_expert_distribution_recorder(rec)
+    return rec
+
+
+def run_passes(model: TinyMoE, rec, passes=PASSES) -> list[int]:
+    """Run forward passes the way ModelRunner.forward brackets them; return each pass's valid rows."""
+    g = torch.Generator().manual_seed(1)
+    valid = []
+    for pass_id, tokens, non_padded in passes:
+        ids = torch.randint(0, 128, (tokens,), generator=g)
+        batch = Batch(input_ids=ids, positions=torch.arange(tokens), extend_seq_lens_cpu=[tokens])
+        n = torch.tensor(non_padded) if non_padded is not None else None
+        with rec.with_forward_pass(pass_id, batch):
+            model(ids, num_token_non_padded=n)
+        valid.append(tokens if non_padded is None else non_padded)
+    return valid

@@ -8,37 +8,19 @@ import glob
 import os
 
 import torch
-from sglang_tiny import MOE_LAYERS, NUM_EXPERTS, NUM_LAYERS, TOP_K, Batch, TinyMoE, reference_counts
+from sglang_tiny import (
+    MOE_LAYERS,
+    NUM_EXPERTS,
+    NUM_LAYERS,
+    PASSES,
+    TOP_K,
+    TinyMoE,
+    new_recorder,
+    reference_counts,
+    run_passes,
+)
 
 from moe_record_sdk import load_dump, validate_dump
-
-PASSES = [(0, 9, None), (1, 5, 3), (2, 12, None), (3, 7, 6)]  # (pass id, tokens, non-padded rows)
-
-
-def _new_recorder(model_dir):
-    """What ModelRunner.maybe_init_expert_location_metadata does, with SGLang's own functions."""
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder, set_global_expert_distribution_recorder
-    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
-
-    meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
-    rec = ExpertDistributionRecorder.init_new(meta, rank=0)
-    set_global_expert_distribution_recorder(rec)
-    return rec
-
-
-def _run(model: TinyMoE, rec, passes=PASSES) -> list[int]:
-    """Run forward passes the way ModelRunner.forward brackets them; return each pass's valid rows."""
-    g = torch.Generator().manual_seed(1)
-    valid = []
-    for pass_id, tokens, non_padded in passes:
-        ids = torch.randint(0, 128, (tokens,), generator=g)
-        batch = Batch(input_ids=ids, positions=torch.arange(tokens), extend_seq_lens_cpu=[tokens])
-        n = torch.tensor(non_padded) if non_padded is not None else None
-        with rec.with_forward_pass(pass_id, batch):
-            model(ids, num_token_non_padded=n)
-        valid.append(tokens if non_padded is None else non_padded)
-    return valid
 
 
 def test_select_experts_counts_exactly(sglang_config, model_dir, dump_dir):
@@ -47,16 +29,16 @@ def test_select_experts_counts_exactly(sglang_config, model_dir, dump_dir):
     install()
     try:
         with sglang_config("per_pass"):
-            rec = _new_recorder(model_dir)
+            rec = new_recorder(model_dir)
             assert isinstance(rec, SGLangRecorder)
             model = TinyMoE(seed=3)
-            _run(model, rec, [(100, 4, None)])  # not recording: nothing counted
+            run_passes(model, rec, [(100, 4, None)])  # not recording: nothing counted
             model.logits.clear()
             rec.start_record()
-            valid = _run(model, rec)
+            valid = run_passes(model, rec)
             recorded = {layer: list(calls) for layer, calls in model.logits.items()}
             rec.stop_record()
-            _run(model, rec, [(200, 4, None)])  # stopped: nothing counted
+            run_passes(model, rec, [(200, 4, None)])  # stopped: nothing counted
             rec.dump_record()
     finally:
         uninstall()
@@ -86,9 +68,9 @@ def test_same_counts_as_sglangs_own_recorder(sglang_config, model_dir, dump_dir,
             install()
         try:
             with sglang_config("per_pass"):
-                rec = _new_recorder(model_dir)
+                rec = new_recorder(model_dir)
                 rec.start_record()
-                _run(model, rec)
+                run_passes(model, rec)
                 rec.dump_record()
         finally:
             uninstall()
@@ -113,7 +95,7 @@ def test_by_name_import_before_the_plugin_still_counts(sglang_config, model_dir,
     install()
     try:
         with sglang_config("stat"):
-            rec = _new_recorder(model_dir)
+            rec = new_recorder(model_dir)
             rec.start_record()
             logits = torch.randn(6, NUM_EXPERTS, generator=torch.Generator().manual_seed(0))
             with rec.with_forward_pass(0, None), rec.with_current_layer(2):
@@ -139,11 +121,11 @@ def test_scheduler_handler_drives_our_recorder(sglang_config, model_dir, dump_di
     install()
     try:
         with sglang_config("stat"):
-            rec = _new_recorder(model_dir)
+            rec = new_recorder(model_dir)
             model = TinyMoE(seed=7)
             handle(ExpertDistributionReqType.START_RECORD)
             assert rec.recording
-            valid = _run(model, rec)
+            valid = run_passes(model, rec)
             handle(ExpertDistributionReqType.STOP_RECORD)
             assert not rec.recording
             handle(ExpertDistributionReqType.DUMP_RECORD)

@@ -181,7 +181,9 @@ def test_eplb_plan_binds_to_sglang_init_by_mapping(tmp_path):
     data = torch.load(plan.save_sglang(tmp_path / "init.pt"), weights_only=True, map_location="cpu")
     inspect.signature(ExpertLocationMetadata.init_by_mapping).bind(None, **data, moe_ep_rank=0)
     ref = torch.as_tensor(
-        _compute_logical_to_all_physical_map(data["physical_to_logical_map"], num_logical_experts=16, ep_size=8, moe_ep_rank=None)
+        _compute_logical_to_all_physical_map(
+            data["physical_to_logical_map"], num_logical_experts=16, ep_size=8, moe_ep_rank=None
+        )
     )
     width = plan.log2phy.shape[-1]
     assert torch.equal(ref[..., :width], plan.log2phy)

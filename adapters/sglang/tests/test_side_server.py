@@ -1,0 +1,197 @@
+"""The opt-in per-rank side server (``MOE_RECORD_SGLANG_PORT``): our endpoints for a recorder
+SGLang built, on real uvicorn on 127.0.0.1, driven by ``moe_record_sdk.Fleet``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import pytest
+import torch
+from sglang_tiny import PASSES, TinyMoE, new_recorder, reference_counts, run_passes
+
+from moe_record_sdk import Fleet, load_dump, validate_dump
+
+KEY = "side-server-key"
+
+
+def _free_ports(n: int) -> int:
+    """A base port with ``n`` consecutive ports free right now."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n >= 65536:
+            continue
+        socks = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError("no run of free ports")
+
+
+@pytest.fixture
+def side_servers():
+    from moe_record_sglang import side_server
+
+    yield side_server
+    side_server.stop()
+
+
+def test_side_server_serves_the_recorder_sglang_built(sglang_config, model_dir, dump_dir, monkeypatch, side_servers):
+    from moe_record_sglang import SGLangRecorder, install, uninstall
+
+    base = _free_ports(1)
+    monkeypatch.setenv("MOE_RECORD_SGLANG_PORT", str(base))
+    monkeypatch.setenv("MOE_RECORD_API_KEY", KEY)
+    install()
+    try:
+        # SGLang's unbounded stat buffer (-1): our stat keeps no ring; per_pass below brings one.
+        with sglang_config("stat", expert_distribution_recorder_buffer_size=-1):
+            rec = new_recorder(model_dir)  # SGLang's init_new: our plugin builds and serves
+            assert isinstance(rec, SGLangRecorder)
+            engine = f"127.0.0.1:{base}"  # base + world rank 0
+            with Fleet([engine], api_key="", retries=0) as anonymous:
+                denied = anonymous.status().results[0]
+                assert not denied.ok and denied.status_code == 401
+            with Fleet([engine], api_key=KEY, retries=0) as fleet:
+                started = fleet.start(mode="per_pass").results[0]
+                assert started.ok and started.flavor == "moe-record", started.describe()
+                assert rec.recording and rec.recorder.mode == "per_pass"
+                model = TinyMoE(seed=11)
+                valid = run_passes(model, rec)  # SGLang's select_experts on its scheduler thread
+                status = fleet.status().results[0]
+                assert status.ok, status.describe()
+                (ranks,) = status.info["ranks"]
+                assert ranks["recording"] and ranks["mode"] == "per_pass" and ranks["passes"] == len(PASSES)
+                assert status.info["engine"] == "sglang" and status.info["dump_dir"] == dump_dir
+                assert fleet.stop().results[0].ok and not rec.recording
+                result = fleet.dump(keep_files=True)
+    finally:
+        uninstall()
+    r = result.results[0]
+    assert r.ok and r.location == "response", r.describe()
+    want = reference_counts(model.logits, valid)
+    assert torch.equal(r.dump.total_count(), want)
+    assert torch.equal(result.merged.total_count(), want)
+    assert [x.forward_pass_id for x in r.dump.records] == [p[0] for p in PASSES]  # SGLang's pass ids
+    assert r.dump.engine.name == "sglang" and r.dump.topology.rank == 0
+    (path,) = r.files  # written as well, into SGLang's dump directory
+    assert os.path.dirname(path) == dump_dir and path.endswith("_0.pt")
+    on_disk = load_dump(path)
+    assert validate_dump(on_disk) == []
+    assert torch.equal(on_disk.total_count(), want)
+
+
+def test_side_servers_of_tensor_parallel_ranks_merge_once(sglang_config, model_dir, dump_dir, side_servers):
+    """Two TP ranks (same tokens), each its own side server on base + rank: the Fleet merges
+    them by topology and counts the tokens once."""
+    from moe_record_sglang import build_recorder
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_distribution import set_global_expert_distribution_recorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+    from sglang.srt.runtime_context import get_parallel
+
+    base = _free_ports(2)
+    recs, servers = [], []
+    with sglang_config("stat", tp_size=2):
+        meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
+        for rank in (0, 1):
+            with get_parallel().override(launch_world_rank=rank, tp_rank=rank, attn_tp_rank=rank, moe_ep_rank=0):
+                rec = build_recorder(meta, 0, mode="stat", top_k=2)
+            server = side_servers.maybe_serve(rec, {"MOE_RECORD_SGLANG_PORT": str(base)})
+            assert server is not None and server.port == base + rank
+            recs.append(rec)
+            servers.append(server)
+    assert [r.recorder.topology.tp_rank for r in recs] == [0, 1]
+    with Fleet([s.url for s in servers], api_key="", retries=0) as fleet:
+        assert fleet.start().ok
+        models = [TinyMoE(seed=4), TinyMoE(seed=4)]  # replicas: same weights, same tokens
+        valid = []
+        for m, r in zip(models, recs):  # each rank's process has its recorder as SGLang's global one
+            set_global_expert_distribution_recorder(r)
+            valid.append(run_passes(m, r))
+        result = fleet.dump()
+    assert result.ok, [r.describe() for r in result.results]
+    want = reference_counts(models[0].logits, valid[0])
+    assert all(torch.equal(r.dump.total_count(), want) for r in result.results)  # each rank saw it all
+    assert torch.equal(result.merged.total_count(), want)  # counted once, not twice
+    assert result.merged.window.num_tokens == result.results[0].dump.window.num_tokens
+
+
+def test_side_server_that_cannot_start_leaves_sglang_running(sglang_config, model_dir, caplog, side_servers):
+    from moe_record_sglang import build_recorder
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    with sglang_config("stat"):
+        meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
+        rec = build_recorder(meta, 0, mode="stat", top_k=2)
+    assert side_servers.maybe_serve(rec, {}) is None  # not asked for
+    with caplog.at_level(logging.ERROR):
+        assert side_servers.maybe_serve(rec, {"MOE_RECORD_SGLANG_PORT": "thirty"}) is None
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            assert side_servers.maybe_serve(rec, {"MOE_RECORD_SGLANG_PORT": str(port)}) is None
+    assert "MOE_RECORD_SGLANG_PORT='thirty' is not a port number" in caplog.text
+    assert f"cannot serve rank endpoints on 127.0.0.1:{port}" in caplog.text
+
+
+def test_dumps_while_sglang_runs_passes_lose_and_repeat_nothing(sglang_config, model_dir, dump_dir, side_servers):
+    """The side server's thread dumps while the scheduler thread runs forward passes: across all
+    the dumps every pass appears once, with SGLang's id, and the counts add up exactly."""
+    import threading
+    import time
+
+    from moe_record_sglang import build_recorder
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_distribution import set_global_expert_distribution_recorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    with sglang_config("per_pass"):
+        meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
+        rec = build_recorder(meta, 0, mode="per_pass", top_k=2)
+    set_global_expert_distribution_recorder(rec)
+    server = side_servers.serve(rec, _free_ports(1))
+    passes = [(1000 + i, 3 + i % 5, None) for i in range(60)]
+    dumps, done = [], threading.Event()
+    with Fleet([server.url], api_key="", retries=0) as fleet:
+        assert fleet.start().ok
+
+        def dump_repeatedly() -> None:
+            deadline = time.monotonic() + 60
+            while not done.is_set() and time.monotonic() < deadline:
+                r = fleet.dump().results[0]
+                assert r.ok, r.describe()
+                dumps.append(r.dump)
+
+        model = TinyMoE(seed=8)
+        with sglang_config("per_pass"):
+            dumper = threading.Thread(target=dump_repeatedly)
+            dumper.start()
+            try:
+                valid = run_passes(model, rec, passes)
+            finally:
+                done.set()
+                dumper.join(90)
+        assert not dumper.is_alive()
+        last = fleet.dump().results[0]
+        assert last.ok
+        dumps.append(last.dump)
+    assert len(dumps) > 2  # dumps did interleave with the passes
+    ids = [r.forward_pass_id for d in dumps for r in d.records]
+    assert sorted(ids) == [p[0] for p in passes]  # each pass once, by SGLang's id
+    assert all(d.window.dropped_passes == 0 for d in dumps)
+    total = sum(d.total_count() for d in dumps)
+    assert torch.equal(total, reference_counts(model.logits, valid))
