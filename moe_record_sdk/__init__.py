@@ -12,11 +12,14 @@ from .errors import (
     RecorderError,
     SchemaVersionError,
 )
+from .merge import merge_distributed, merge_dumps
+from .plugins import AdapterRegistry, hookimpl
 from .recorder import Recorder, Status
 from .schema import Dump, EngineInfo, ModelInfo, Record, Topology, Window, load_dump, save_dump, validate_dump
 
 __all__ = [
     "AdapterError",
+    "AdapterRegistry",
     "AsyncFleet",
     "Dump",
     "DumpFormatError",
@@ -35,7 +38,10 @@ __all__ = [
     "Topology",
     "Window",
     "__version__",
+    "hookimpl",
     "load_dump",
+    "merge_distributed",
+    "merge_dumps",
     "save_dump",
     "validate_dump",
 ]
