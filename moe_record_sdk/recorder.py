@@ -15,6 +15,7 @@ Dump semantics (what "one consistent snapshot" means here):
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from .counter import Counter, Reading
 from .errors import RecorderError
 from .schema.dump import MODES, Dump, EngineInfo, ModelInfo, Record, Topology, Window
 from .schema.io import save_dump
+from .schema.sglang import sglang_file_name
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +139,6 @@ class Recorder:
         self._start_time: float | None = None
         self._buffer_size = buffer_size
         self.counter = self._make_counter(mode, buffer_size)
-        self._base: Reading | None = None  # the reading the current window counts from
-        self._dropped_passes = 0
-        self._dropped_tokens = 0
         self._reset_window()
 
     # -- buffers ----------------------------------------------------------------------------
@@ -222,19 +221,21 @@ class Recorder:
             self._reset_window()
 
     def _reset_window(self) -> None:
-        self._base = self.counter.read()
-        self._token_base = self._base.tokens  # token position where this window's passes begin
-        self._start_time = time.time()
+        self._begin_window(self.counter.read(), token_base=None)
         self._stop_time: float | None = None
-        self._dropped_passes = 0
-        self._dropped_tokens = 0
+
+    def _begin_window(self, base: Reading, token_base: int | None) -> None:
+        """Count from ``base`` on: the reading the window subtracts, and the token position where
+        its passes begin (``base.tokens`` when nothing else is known)."""
+        self._base = base
+        self._token_base = base.tokens if token_base is None else token_base
+        self._start_time = time.time()
 
     def status(self) -> Status:
         """Recording?, mode, passes, tokens, bytes used, drops (reads a few device scalars)."""
         with self._lock:
-            base = self._base
-            passes = int(self.counter.passes) - (base.passes if base else 0)
-            tokens = self._tokens_per_layer(self.counter.total_counts().to("cpu"), base)
+            passes = int(self.counter.passes) - self._base.passes
+            tokens = self._tokens_per_layer(self._window_counts(self.counter.total_counts().to("cpu")))
             dropped_passes, dropped_tokens = self._pending_drops()
             return Status(
                 recording=self._recording,
@@ -242,30 +243,31 @@ class Recorder:
                 passes=passes,
                 tokens=max(tokens, default=0),
                 bytes_used=self.counter.nbytes(),
-                dropped_passes=self._dropped_passes + dropped_passes,
-                dropped_tokens=self._dropped_tokens + dropped_tokens,
+                dropped_passes=dropped_passes,
+                dropped_tokens=dropped_tokens,
                 unobserved_layers=list(self.unobserved_layers),
             )
 
     def _pending_drops(self) -> tuple[int, int]:
         c, base = self.counter, self._base
         passes, cursor = int(c.passes), int(c.token_cursor)
-        dp = max(0, passes - (base.passes if base else 0) - c.ring_rows) if c.ring_rows else 0
-        dt = max(0, cursor - (base.tokens if base else 0) - c.token_slots) if c.token_slots else 0
+        dp = max(0, passes - base.passes - c.ring_rows) if c.ring_rows else 0
+        dt = max(0, cursor - base.tokens - c.token_slots) if c.token_slots else 0
         return dp, dt
 
-    def _tokens_per_layer(self, counts: torch.Tensor, base: Reading | None) -> list[int]:
-        S = self.num_slots
-        delta = counts if base is None else counts - base.counts
-        return [int(v) // self.top_k for v in delta[:, : S + 1].sum(1)]
+    def _window_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Monotonic counts read now, less the window's base: what the window recorded."""
+        return counts - self._base.counts
+
+    def _tokens_per_layer(self, delta: torch.Tensor) -> list[int]:
+        """Valid tokens per observed layer: every token fills top_k slots, counted or discarded."""
+        return [int(v) // self.top_k for v in delta[:, : self.num_slots + 1].sum(1)]
 
     def peek(self, *, physical: bool = False) -> torch.Tensor:
         """The window's counts so far, int64 [L, E] (``physical``: [L, P] slots), without ending
         the window: what live metrics read between dumps."""
         with self._lock:
-            counts = self.counter.total_counts().to("cpu")
-            base = self._base
-            delta = counts if base is None else counts - base.counts
+            delta = self._window_counts(self.counter.total_counts().to("cpu"))
             slots = self._expand(delta[:, : self.num_slots])
             return slots if physical else self._to_logical(slots)
 
@@ -277,18 +279,11 @@ class Recorder:
         """
         with self._lock:
             reading = self.counter.read()
-            dump = self._build(reading)
+            dump, token_end = self._build(reading)
             if destination is not None:
-                import os
-
-                from .schema.sglang import sglang_file_name
-
                 path = os.path.join(destination, sglang_file_name(dump)) if os.path.isdir(destination) else destination
                 save_dump(dump, path)
-            self._base = reading
-            self._token_base = self._built_token_end
-            self._start_time = time.time()
-            self._dropped_passes = self._dropped_tokens = 0
+            self._begin_window(reading, token_base=token_end)
             return dump
 
     # -- building the dump ------------------------------------------------------------------
@@ -305,42 +300,40 @@ class Recorder:
         out = torch.zeros(*physical.shape[:-1], self.num_experts, dtype=torch.int64)
         return out.scatter_add_(-1, index, physical)
 
-    def _build(self, r: Reading) -> Dump:
-        self._built_token_end = r.tokens
-        base = self._base
-        assert base is not None, "the window starts at construction"
+    def _build(self, r: Reading) -> tuple[Dump, int]:
+        """The window as of reading ``r``, and the token position the next window begins at."""
+        base, token_end = self._base, r.tokens
         S, c = self.num_slots, self.counter
-        delta = r.counts - base.counts
+        delta = self._window_counts(r.counts)
         total_phys = self._expand(delta[:, :S])
         discarded = self._expand(delta[:, S : S + 1])[:, 0].tolist()
-        num_tokens = self._tokens_per_layer(r.counts, base)
+        num_tokens = self._tokens_per_layer(delta)
         tokens_full = [0] * self.num_layers
         for row, layer in enumerate(self.layer_ids):
             tokens_full[layer] = num_tokens[row]
 
         records: list[Record] = []
         phys_rows: torch.Tensor
-        dropped_passes = self._dropped_passes
-        dropped_tokens = self._dropped_tokens
+        dropped_passes = dropped_tokens = 0
         mode = self._mode
         if mode != "stat" or c.ring_rows:
             assert r.rows is not None and r.row_pass is not None
             # Passes a concurrent step may have overwritten while we copied are not taken.
             first = max(base.passes, r.passes_after - c.ring_rows)
             taken = list(range(first, r.passes))
-            dropped_passes += first - base.passes if first > base.passes else 0
+            dropped_passes = first - base.passes
             slots = [p % (c.ring_rows + 1) for p in taken]
             phys_rows = self._expand(r.rows[slots]) if taken else torch.zeros(0, self.num_layers, S, dtype=torch.int64)
             if mode != "stat":
                 records = [Record(forward_pass_id=p, rank=self.topology.rank) for p in taken]
             if mode == "per_token":
-                dropped_tokens += self._attach_tokens(r, records, taken)
+                dropped_tokens, token_end = self._attach_tokens(r, records, taken)
         else:
             phys_rows = total_phys.unsqueeze(0)
         logical_rows = self._to_logical(phys_rows)
         total_logical = self._to_logical(total_phys)
         now = time.time()
-        return Dump(
+        dump = Dump(
             engine=self.engine,
             model=ModelInfo(
                 num_layers=self.num_layers,
@@ -369,9 +362,11 @@ class Recorder:
             physical_to_logical_map=None if self.mapping is None else self.mapping.clone(),
             records=records,
         )
+        return dump, token_end
 
-    def _attach_tokens(self, r: Reading, records: list[Record], taken: list[int]) -> int:
-        """Give each record its tokens' ids; return how many of the window's tokens have none.
+    def _attach_tokens(self, r: Reading, records: list[Record], taken: list[int]) -> tuple[int, int]:
+        """Give each record its tokens' ids; return how many of the window's tokens have none,
+        and the token position after the last pass taken.
 
         The tokens taken are those of the passes taken (their spans are in the ring), so a pass
         that completes while the dump reads is left whole to the next dump.
@@ -381,7 +376,6 @@ class Recorder:
         start = end = self._token_base
         if taken:
             start, end = int(r.row_tokens[taken[0] % B1, 0]), int(r.row_tokens[taken[-1] % B1, 1])
-        self._built_token_end = end
         lo = max(start, r.tokens_after - N)  # older positions may have been overwritten
         positions = torch.arange(lo, end) if end > lo else torch.zeros(0, dtype=torch.int64)
         slots = positions % N
@@ -394,7 +388,7 @@ class Recorder:
             full[self.layer_ids] = mine.permute(1, 0, 2)
             rec.topk_ids_of_layer = full
             kept += mine.shape[0]
-        return (end - self._token_base) - kept
+        return (end - self._token_base) - kept, end
 
 
 def _check_mode(mode: str) -> None:
