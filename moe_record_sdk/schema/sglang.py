@@ -41,10 +41,14 @@ ZIP_INFLATE_ALLOWANCE = 1 << 20
 _CSV_NAME = re.compile(r"expert_distribution_rank(\d+)_timestamp[\d.]+\.csv$")
 
 
-def sglang_file_name(dump: Dump, now: float | None = None) -> str:
-    """SGLang's file name for this dump: stat files have no rank suffix (rank 0 writes them)."""
+def sglang_file_name(dump: Dump, now: float | None = None, *, per_rank: bool | None = None) -> str:
+    """SGLang's file name for this dump: stat files have no rank suffix (rank 0 writes them).
+
+    ``per_rank=True`` names a stat file by rank too, for engines where every rank writes its own.
+    """
     stamp = time.time() if now is None else now
-    if dump.window.mode == "stat":
+    with_rank = dump.window.mode != "stat" if per_rank is None else per_rank
+    if not with_rank:
         return f"expert_distribution_recorder_{stamp}.pt"
     return f"expert_distribution_recorder_{stamp}_{dump.topology.rank}.pt"
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any
 
 import torch
 
 from moe_record_sdk import Dump, EngineInfo, Recorder, Topology, env
 from moe_record_sdk.errors import RecorderError
-from moe_record_sdk.schema import encode, save_dump
+from moe_record_sdk.schema import encode, save_dump, sglang_file_name
 
 from .layers import build_layer_map, moe_runners
 from .tap import attach, is_tapped
@@ -177,7 +176,7 @@ class WorkerRecording:
         """Save this rank's dump as SGLang's ``.pt`` into the configured directory (per-rank name)."""
         directory = env.dump_dir("vllm")
         os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, f"expert_distribution_recorder_{time.time()}_{self.topology.rank}.pt")
+        path = os.path.join(directory, sglang_file_name(dump, per_rank=True))
         return save_dump(dump, path)
 
     def status(self) -> dict[str, Any]:
