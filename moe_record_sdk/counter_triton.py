@@ -38,7 +38,22 @@ call; ``moe-record bench`` and ``tests/perf/tune_tap.py`` print these):
   it is 3.8 us (the atomics' throughput), so the histogram stays past ``DIRECT_MAX``. Wider
   direct programs (512 ids, 4 warps) and a histogram/atomics split per block (``ATOMIC_BLOCK``)
   were slower; 4 warps per histogram program too (2.75 us at T=16384).
-* ``per_token`` adds ~0.6 us (its flag, cursor and pass loads, the ring index, the writes).
+* ``per_token`` adds ~0.25 us (its flag, cursor and pass loads, the ring index, the writes). The
+  ring's size N is a compile-time constant: with N a runtime argument, ``cursor % N`` (done as a
+  float64 division) cost 0.33 us per call (per_token / copy 1.65-1.81 at T = 1-4096, now
+  1.36-1.55; 2026-11-28).
+* Two programs per SM (``MAX_PROGRAMS`` 264, 512-id blocks) beat one (132, 1024-id blocks) by
+  ~3% at T = 16384 (2.48 vs 2.55 us); bigger programs (2048-4096 ids, 16 warps) were slower
+  (2.7-4.4 us): the histogram's ballots, not the per-bin atomics, set the cost there. 64 stripes
+  took T = 4096 from 1.41x to 1.32x the copy (direct path), but 4x the counters' memory and a
+  4x larger sum in every ``per_pass`` step: not taken.
+* A CUDA C++ tap (NVRTC, loaded through the driver with ctypes: a shared-memory histogram with one
+  shared atomic per id and one global atomic per nonzero bin, or one global atomic per id below
+  1024 ids) was measured against this kernel in the same runs (2026-11-28): 1.53 / 2.24 / 2.28 /
+  2.49 us at T = 1 / 1024 / 4096 / 16384 against this kernel's 1.27 / 1.46 / 1.94 / 2.54, and with
+  both its shared and its global atomics removed (loads and barriers only) it still took 2.20 /
+  2.43 us at T = 1024 / 16384: at large T the histogram is not where the time goes, and this
+  kernel is within 5% of a kernel that only reads the ids. Not adopted.
 * Scalar atomics are issued as one-lane block atomics (``_add_lane0``): Triton broadcasts a
   scalar atomic's result through shared memory and a barrier, which made every thread wait for
   its round trip (+0.5 us per atomic).
@@ -65,9 +80,9 @@ STRIPES = 16  # copies of the count rows on CUDA: programs add into stripe pid %
 DIRECT_MAX = 32768  # up to this many ids: one atomic per id into the stripes, no histogram ...
 DIRECT_BLOCK = 128  # ... in programs of this many ids
 DIRECT_WARPS = 1
-HIST_BLOCKS = (512, 1024)  # more ids: the smallest block whose grid fits MAX_PROGRAMS, else the last
+HIST_BLOCKS = (512,)  # more ids: the smallest block whose grid fits MAX_PROGRAMS, else the last
 ATOMIC_BLOCK = 0  # ids per iteration sent to per-id atomics next to each histogram block (0: none)
-MAX_PROGRAMS = 132  # a grid-stride loop beyond this many programs (each adds up to S atomics)
+MAX_PROGRAMS = 264  # a grid-stride loop beyond this many programs (each adds up to S atomics)
 NUM_WARPS = 8
 
 
@@ -78,10 +93,9 @@ def available() -> bool:
 
 
 if triton is not None:
-
     # Sizes, strides and the row vary from call to call: not specializing on them (== 1, % 16)
     # keeps one compiled kernel per (dtype, layout, mode) instead of dozens.
-    @triton.jit(do_not_specialize=["stride_t", "stride_k", "T", "nv_int", "row", "N"])
+    @triton.jit(do_not_specialize=["stride_t", "stride_k", "T", "nv_int", "row"])
     def _tap_kernel(
         ids_ptr,  # [T, K] int32 or int64, any strides
         stride_t,
@@ -100,7 +114,7 @@ if triton is not None:
         cursor_ptr,  # int64 scalar: ring position of this pass's first token
         pass_tokens_ptr,  # int64 scalar: tokens this pass announced so far
         passes_ptr,  # int64 scalar: this pass's id
-        N,  # token slots in the ring
+        N: tl.constexpr,  # token slots in the ring: a constant, so % N is a multiply, not a division
         S: tl.constexpr,  # expert slots; S is the discard bin, S + 1 the padding bin
         K: tl.constexpr,
         G: tl.constexpr,  # stripes
@@ -135,9 +149,7 @@ if triton is not None:
             cursor = tl.load(cursor_ptr)
             pass_id = tl.load(passes_ptr)
             tok_ids_ptr += row * K
-            # cursor % N without a 64-bit integer division (slow on GPUs): exact for cursor < 2**53.
-            base = cursor - (cursor.to(tl.float64) / N).to(tl.int64) * N
-            base = tl.where(base < 0, base + N, tl.where(base >= N, base - N, base)).to(tl.int32)
+            base = (cursor % N).to(tl.int32)  # the cursor only grows from 0
             # Announce the pass's tokens before writing any: a dump that re-reads pass_tokens
             # after copying the ring knows which slots these writes may have overwritten. The
             # copy is a DMA no fence orders against this kernel, so this is ordering in time:
@@ -173,7 +185,9 @@ if triton is not None:
                     ok_a = (y >= 0) & (y < S)
                     tl.atomic_add(counts_ptr + tl.where(ok_a, y, S), 1, mask=on & (ea < valid_el), sem="relaxed")
                     if TOKENS:
-                        _store_tokens(tok_ids_ptr, tok_pass_ptr, y, ok_a, ea, valid_el, nv, base, pass_id, tok_on, N, R, K)
+                        _store_tokens(
+                            tok_ids_ptr, tok_pass_ptr, y, ok_a, ea, valid_el, nv, base, pass_id, tok_on, N, R, K
+                        )
                     ea = ea_next
                     y = y_next
                 ok = (x >= 0) & (x < S)
@@ -215,7 +229,9 @@ if triton is not None:
         return tl.load(ids_ptr + off, mask=e < numel, other=-1)
 
     @triton.jit
-    def _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, R, K: tl.constexpr):
+    def _store_tokens(
+        tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N: tl.constexpr, R, K: tl.constexpr
+    ):
         t = e // K
         # Only the pass's last N valid tokens fit in the ring; earlier ones would collide.
         keep = (e < valid_el) & (t >= nv - N) & tok_on
@@ -276,7 +292,8 @@ def record(counter: Counter, row: int, ids: torch.Tensor, num_valid: int | torch
                 return
             except TypeError:  # a Triton whose launcher takes other arguments: its dispatcher only
                 _disable_fast(counter)
-    constexprs = dict(
+    constexprs = dict(  # in the kernel's signature order: the fast launch passes them by position
+        N=counter.token_slots if counter.token_ids is not None else 1,
         S=counter.num_slots,
         K=K,
         G=counter.stripes.shape[0],
@@ -297,9 +314,9 @@ def tap_args(counter: Counter) -> tuple:
     """The kernel arguments that stay fixed for a counter (its buffers never move)."""
     tokens = counter.token_ids is not None
     if tokens:
-        tok_ids, tok_pass, N = counter.token_ids, counter.token_pass, counter.token_slots
+        tok_ids, tok_pass = counter.token_ids, counter.token_pass
     else:  # unused pointers: any int64 tensor
-        tok_ids, tok_pass, N = counter.enabled, counter.enabled, 1
+        tok_ids, tok_pass = counter.enabled, counter.enabled
     stripes = counter.stripes
     return (
         counter.enabled,
@@ -312,7 +329,6 @@ def tap_args(counter: Counter) -> tuple:
         counter.token_cursor,
         counter.pass_tokens,
         counter.passes,
-        N,
     )
 
 
@@ -326,7 +342,6 @@ def _triton_version() -> tuple[int, int]:
 # Eager launches through the compiled kernel's own launcher (``CompiledKernel[grid](*args)``),
 # which takes every bound argument, constexprs included, from Triton 3.3 on.
 _FAST = _triton_version() >= (3, 3)
-
 
 
 def _disable_fast(counter: Counter) -> None:

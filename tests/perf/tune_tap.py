@@ -44,7 +44,22 @@ SHAPES = {
     "s64-d512": {"STRIPES": 64, "DIRECT_MAX": ALL, "DIRECT_BLOCK": 512, "DIRECT_WARPS": 4},
     "s16-hyb": {"STRIPES": 16, "HIST_BLOCKS": (512,), "ATOMIC_BLOCK": 512},
     "s16-w4": {"STRIPES": 16, "NUM_WARPS": 4},
-    "s16-d32k": {"STRIPES": 16, "DIRECT_MAX": 32768},  # the shipped default: direct up to T=4096 (k=8)
+    "s16-d32k": {"STRIPES": 16, "DIRECT_MAX": 32768},  # direct up to T=4096 (k=8): shipped until 2026-11-28
+    # Bigger histogram programs: fewer of them, so fewer per-bin atomics when they add their bins.
+    "b1k-w16": {"STRIPES": 16, "DIRECT_MAX": 32768, "HIST_BLOCKS": (1024,), "NUM_WARPS": 16},
+    "b2k-w8": {"STRIPES": 16, "DIRECT_MAX": 32768, "HIST_BLOCKS": (2048,)},
+    "b2k-w16": {"STRIPES": 16, "DIRECT_MAX": 32768, "HIST_BLOCKS": (2048,), "NUM_WARPS": 16},
+    "b4k-w16": {"STRIPES": 16, "DIRECT_MAX": 32768, "HIST_BLOCKS": (4096,), "NUM_WARPS": 16},
+    "h16k-b2k-w16": {"STRIPES": 16, "DIRECT_MAX": 16384, "HIST_BLOCKS": (2048,), "NUM_WARPS": 16},
+    # More, smaller histogram programs: less histogram work each, more per-bin atomics.
+    "p264": {"STRIPES": 16, "DIRECT_MAX": 32768, "HIST_BLOCKS": (512,), "MAX_PROGRAMS": 264},  # shipped
+    "p264-w4": {"STRIPES": 16, "DIRECT_MAX": 32768, "HIST_BLOCKS": (512,), "MAX_PROGRAMS": 264, "NUM_WARPS": 4},
+    "p528": {"STRIPES": 16, "DIRECT_MAX": 32768, "HIST_BLOCKS": (256,), "MAX_PROGRAMS": 528},
+    "p528-s64": {"STRIPES": 64, "DIRECT_MAX": 32768, "HIST_BLOCKS": (256,), "MAX_PROGRAMS": 528},
+    "h16k-p264": {"STRIPES": 16, "DIRECT_MAX": 16384, "HIST_BLOCKS": (256,), "MAX_PROGRAMS": 264},
+    # More stripes: fewer per-id atomics queue on one address on the direct path at T=4096.
+    "s32-p264": {"STRIPES": 32, "DIRECT_MAX": 32768, "HIST_BLOCKS": (512,), "MAX_PROGRAMS": 264},
+    "s64-p264": {"STRIPES": 64, "DIRECT_MAX": 32768, "HIST_BLOCKS": (512,), "MAX_PROGRAMS": 264},
 }
 KNOBS = tuple(BEFORE)
 
