@@ -29,7 +29,7 @@ from . import counter_triton
 from ._version import __version__
 from .counter import Counter, Reading
 from .errors import RecorderError
-from .schema.dump import MODES, Dump, EngineInfo, ModelInfo, Record, Topology, Window
+from .schema.dump import MODES, Dump, EngineInfo, ModelInfo, Record, Topology, Window, row_sum
 from .schema.io import save_dump
 from .schema.sglang import sglang_file_name
 
@@ -288,16 +288,22 @@ class Recorder:
 
     # -- building the dump ------------------------------------------------------------------
     def _expand(self, per_row: torch.Tensor) -> torch.Tensor:
-        """[..., R, S] over observed layers -> [..., num_layers, S], zeros for other layers."""
-        out = torch.zeros(*per_row.shape[:-2], self.num_layers, per_row.shape[-1], dtype=torch.int64)
-        out[..., self.layer_ids, :] = per_row.to(torch.int64)
+        """[..., R, S] over observed layers -> [..., num_layers, S], zeros for other layers.
+
+        The dtype stays: the per-pass ring's int32 rows are not widened (62 MB for SGLang's
+        default ring on a DeepSeek-V3-sized model, 125 MB as int64); totals are int64 already.
+        """
+        if len(self.layer_ids) == self.num_layers:  # every layer observed: rows already in layer order
+            return per_row.contiguous()
+        out = torch.zeros(*per_row.shape[:-2], self.num_layers, per_row.shape[-1], dtype=per_row.dtype)
+        out[..., self.layer_ids, :] = per_row
         return out
 
     def _to_logical(self, physical: torch.Tensor) -> torch.Tensor:
         if self.mapping is None:
             return physical
         index = self.mapping.expand(*physical.shape[:-2], *self.mapping.shape)
-        out = torch.zeros(*physical.shape[:-1], self.num_experts, dtype=torch.int64)
+        out = torch.zeros(*physical.shape[:-1], self.num_experts, dtype=physical.dtype)
         return out.scatter_add_(-1, index, physical)
 
     def _build(self, r: Reading) -> tuple[Dump, int]:
@@ -323,7 +329,7 @@ class Recorder:
             taken = list(range(first, r.passes))
             dropped_passes = first - base.passes
             slots = [p % (c.ring_rows + 1) for p in taken]
-            phys_rows = self._expand(r.rows[slots]) if taken else torch.zeros(0, self.num_layers, S, dtype=torch.int64)
+            phys_rows = self._expand(r.rows[slots]) if taken else torch.zeros(0, self.num_layers, S, dtype=r.rows.dtype)
             if mode != "stat":
                 records = [Record(forward_pass_id=p, rank=self.topology.rank) for p in taken]
             if mode == "per_token":
@@ -357,7 +363,7 @@ class Recorder:
                 unobserved_layers=list(self.unobserved_layers),
             ),
             logical_count=logical_rows,
-            total_logical_count=None if torch.equal(logical_rows.sum(0), total_logical) else total_logical,
+            total_logical_count=None if torch.equal(row_sum(logical_rows), total_logical) else total_logical,
             physical_count=None if self.mapping is None else phys_rows,
             physical_to_logical_map=None if self.mapping is None else self.mapping.clone(),
             records=records,

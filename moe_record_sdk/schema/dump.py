@@ -17,6 +17,29 @@ SCHEMA_VERSION = 1
 Mode = Literal["stat", "per_pass", "per_token"]
 MODES: tuple[str, ...] = ("stat", "per_pass", "per_token")
 _NARROW_INTS = (torch.int8, torch.int16, torch.int32, torch.uint8)
+#: Per-row count fields [B, L, *]: int32 stays int32 (the device ring, SGLang's .pt and our wire
+#: format store int32), so a 62 MB ring is not widened to 125 MB and narrowed back on the way
+#: out. Sums promote to int64 (``total_count()``); merges add into int64.
+_ROW_FIELDS = ("logical_count", "physical_count")
+
+_INT32_MAX = torch.iinfo(torch.int32).max
+
+
+def row_sum(rows: torch.Tensor) -> torch.Tensor:
+    """``rows.sum(0)`` of integer rows as int64, exactly, fast for int32 rows.
+
+    torch's promoting int32 -> int64 sum runs ~8x slower than an int32 or an int64 sum (90 ms
+    against 12 ms for a [1000, 61, 256] ring on one core), so int32 rows are summed in int32 in
+    runs of rows short enough that no partial sum can overflow, and the runs added in int64.
+    """
+    if rows.dtype != torch.int32 or rows.shape[0] < 2 or rows.numel() == 0:
+        return rows.sum(0)
+    lo, hi = (int(v) for v in torch.aminmax(rows))
+    run = max(1, _INT32_MAX // max(abs(lo), abs(hi), 1))
+    total = torch.zeros(rows.shape[1:], dtype=torch.int64)
+    for part in rows.split(run):
+        total += part.sum(0, dtype=torch.int32)
+    return total
 
 
 class Base(msgspec.Struct, kw_only=True, forbid_unknown_fields=False, omit_defaults=False):
@@ -114,20 +137,20 @@ class Record(Base):
 
 
 class DumpV1(Base, tag_field="schema_version", tag=SCHEMA_VERSION):
-    """A recorder's dump, schema v1. Counts are int64 tensors on the CPU."""
+    """A recorder's dump, schema v1. Tensors are on the CPU: row counts int32 or int64, the rest int64."""
 
     engine: EngineInfo
     model: ModelInfo
     window: Window
     logical_count: torch.Tensor
-    """int64 [B, L, E]: SGLang's ``logical_count``. ``stat``: one cumulative row, or the ring's rows
+    """int32 or int64 [B, L, E]: SGLang's ``logical_count``. ``stat``: one cumulative row, or the ring's rows
     in time order; ``per_pass``/``per_token``: one row per record."""
     topology: Topology = msgspec.field(default_factory=Topology)
     total_logical_count: torch.Tensor | None = None
     """int64 [L, E]: the window's exact totals, present only where they differ from
     ``logical_count.sum(0)`` (rows dropped from the ring, or a pass still running at the dump)."""
     physical_count: torch.Tensor | None = None
-    """int64 [B, L, P]: counts per physical expert slot, when the engine replicates experts."""
+    """int32 or int64 [B, L, P]: counts per physical expert slot, when the engine replicates experts."""
     physical_to_logical_map: torch.Tensor | None = None
     """int64 [L, P]: logical expert of each physical slot (SGLang's ``last_physical_to_logical_map``)."""
     records: list[Record] = []
@@ -136,11 +159,12 @@ class DumpV1(Base, tag_field="schema_version", tag=SCHEMA_VERSION):
     """SGLang's key, carried through when a source had it."""
 
     def __post_init__(self) -> None:
-        # Count fields are int64 in memory whatever integer width a file used (SGLang's .pt
-        # and our wire format store int32 when values fit). Other dtypes stay, for validation to name.
+        # Narrower integers widen to int64 (int32 rows stay: see _ROW_FIELDS). Other dtypes
+        # stay, for validation to name.
         for name in ("logical_count", "total_logical_count", "physical_count", "physical_to_logical_map"):
             t = getattr(self, name)
-            if isinstance(t, torch.Tensor) and t.dtype in _NARROW_INTS:
+            narrow = isinstance(t, torch.Tensor) and t.dtype in _NARROW_INTS
+            if narrow and not (t.dtype == torch.int32 and name in _ROW_FIELDS):
                 setattr(self, name, t.to(torch.int64))
 
     # -- conveniences ---------------------------------------------------------------------
@@ -152,7 +176,7 @@ class DumpV1(Base, tag_field="schema_version", tag=SCHEMA_VERSION):
         """The window's exact logical counts per layer and expert, int64 [L, E]."""
         if self.total_logical_count is not None:
             return self.total_logical_count
-        return self.logical_count.sum(0)
+        return row_sum(self.logical_count)
 
     def save(self, path: str, *, format: str | None = None) -> str:
         """Write the dump; the format comes from the suffix (``.pt``, ``.msgpack``, ``.json``)."""

@@ -54,6 +54,8 @@ def sglang_file_name(dump: Dump, now: float | None = None, *, per_rank: bool | N
 
 
 def _int32(t: torch.Tensor, field: str) -> torch.Tensor:
+    if t.dtype == torch.int32:
+        return t  # already SGLang's width (a recorder's ring): no scan, no copy
     if t.numel() and int(t.max()) > INT32_MAX:
         raise DumpFormatError(f"{field}: a count exceeds int32, which SGLang's .pt layout uses")
     return t.to(torch.int32)
@@ -159,7 +161,7 @@ def _from_sglang_dict(obj: Any, source: str) -> Dump:
             raise DumpFormatError(f"{source}: {META_KEY}: expected a dict")
         check_version(meta.get("schema_version"), source)
     if "logical_count" in obj:
-        count = _check_tensor(obj["logical_count"], "logical_count", 3).to(torch.int64)
+        count = _rows(_check_tensor(obj["logical_count"], "logical_count", 3))
         util = _util(obj.get("average_utilization_rate_over_window"))
         if meta is not None:
             parts = _meta_structs(meta)
@@ -167,7 +169,7 @@ def _from_sglang_dict(obj: Any, source: str) -> Dump:
                 **parts,
                 logical_count=count,
                 total_logical_count=_opt(meta, "total_logical_count", 2),
-                physical_count=_opt(meta, "physical_count", 3),
+                physical_count=_opt(meta, "physical_count", 3, _rows),
                 physical_to_logical_map=_opt(meta, "physical_to_logical_map", 2),
                 average_utilization_rate_over_window=util,
             )
@@ -185,9 +187,17 @@ def _from_sglang_dict(obj: Any, source: str) -> Dump:
     raise DumpFormatError(f"{source}: neither 'logical_count' nor 'records': not an SGLang expert-distribution dump")
 
 
-def _opt(meta: dict[str, Any], key: str, ndim: int) -> torch.Tensor | None:
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """Per-row counts keep SGLang's int32 (as DumpV1 does); other integer widths become int64."""
+    return t if t.dtype == torch.int32 else t.to(torch.int64)
+
+
+def _opt(meta: dict[str, Any], key: str, ndim: int, fix: Any = None) -> torch.Tensor | None:
     value = meta.get(key)
-    return None if value is None else _check_tensor(value, f"{META_KEY}.{key}", ndim).to(torch.int64)
+    if value is None:
+        return None
+    t = _check_tensor(value, f"{META_KEY}.{key}", ndim)
+    return fix(t) if fix else t.to(torch.int64)
 
 
 def _sglang_topology(rank: object) -> Topology:

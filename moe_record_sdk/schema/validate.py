@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .dump import MODES, Dump
+from .dump import MODES, Dump, row_sum
 
 Problem = tuple[str, str]
 
@@ -81,7 +81,7 @@ def validate_dump(dump: Dump) -> list[Problem]:
     if not _counts(dump.logical_count, "logical_count", [None, L, E], out):
         return out
     B = dump.logical_count.shape[0]
-    total = dump.logical_count.sum(0)
+    total = row_sum(dump.logical_count)
     if dump.total_logical_count is not None and _counts(dump.total_logical_count, "total_logical_count", [L, E], out):
         if bool((dump.total_logical_count < total).any()):
             out.append(("total_logical_count", "is below the sum of logical_count's rows"))
