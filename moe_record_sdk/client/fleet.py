@@ -22,9 +22,11 @@ from urllib.parse import urlsplit
 import httpx
 
 from .. import env
+from .._version import __version__
 from ..errors import MoeRecordError
 from ..schema import FORMATS, Dump, decode
 from ..server.protocol import DUMP_JSON, H_FILES, H_FORMAT, H_INSTANCE, H_RUN, MSGPACK, PATHS, PT, TEXTS
+from ._http import Http11Transport
 from ._models import IN_RESPONSE, ON_SERVER, EngineResult, FleetResult
 
 T = TypeVar("T")
@@ -110,19 +112,18 @@ class AsyncFleet:
         self.timeout = timeout
         self.retries = max(0, retries)
         self.backoff = backoff
-        # One client (one connection pool) per engine: httpcore rescans a whole pool on every
-        # request event, which costs O(engines^2) per fan-out in one shared pool (57 ms of CPU
-        # for 32 engines here, against about 1 ms with a pool each).
-        self._clients = {
-            e: httpx.AsyncClient(
-                transport=transport,
-                timeout=httpx.Timeout(timeout),
-                headers=dict(headers or {}),
-                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-                trust_env=False,  # an engine on 127.0.0.1 must not go through a proxy from the environment
-            )
+        # One transport per engine, driven directly with requests built once: the client's CPU
+        # per request bounds a fan-out (one event loop sends them all), and httpx.AsyncClient's
+        # per-request work (URL parsing, cookies, auth and redirect flows) is none we need.
+        # Plain-http engines get the lean transport (_http.py); https ones httpx's own.
+        self._transports: dict[str, httpx.AsyncBaseTransport] = {
+            e: transport or (Http11Transport() if e.startswith("http://") else httpx.AsyncHTTPTransport(retries=0))
             for e in self.engines
         }
+        self._extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
+        self._headers = {"user-agent": f"moe-record-sdk/{__version__}", **dict(headers or {})}
+        self._requests: dict[tuple[Any, ...], httpx.Request] = {}
+        self._shared = transport is not None  # one transport for every engine: closed once
         self._sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         # engine -> (instance_id, run_id) of this fleet's last successful start there, or None
         # when that start failed: a dump checks it to catch restarts.
@@ -130,7 +131,8 @@ class AsyncFleet:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def aclose(self) -> None:
-        await asyncio.gather(*(c.aclose() for c in self._clients.values()))
+        transports = list(self._transports.values())
+        await asyncio.gather(*(t.aclose() for t in (transports[:1] if self._shared else transports)))
 
     async def __aenter__(self) -> AsyncFleet:
         return self
@@ -216,18 +218,38 @@ class AsyncFleet:
         async with self._sem:
             return await self._attempts(engine, action, params, accept)
 
+    def _request(self, engine: str, action: str, params: dict[str, str] | None, accept: str) -> httpx.Request:
+        """The request for this call, built once per engine and kind of call."""
+        key = (engine, action, tuple(sorted(params.items())) if params else (), accept)
+        request = self._requests.get(key)
+        if request is None:
+            headers = {**self._headers, "accept": accept}
+            token = self._keys.get(engine)
+            if token:
+                headers["authorization"] = f"Bearer {token}"
+            request = httpx.Request(
+                "POST", engine + PATHS[action], params=params, headers=headers, extensions=self._extensions
+            )
+            self._requests[key] = request
+        return request
+
+    async def _send(self, engine: str, request: httpx.Request) -> tuple[httpx.Response, bytes]:
+        """One answer and its whole body (as the transport gave it: no join for one chunk)."""
+        resp = await self._transports[engine].handle_async_request(request)
+        try:
+            chunks = [chunk async for chunk in resp.stream]  # type: ignore[union-attr]
+        finally:
+            await resp.aclose()
+        return resp, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     async def _attempts(self, engine: str, action: str, params: dict[str, str] | None, accept: str) -> EngineResult:
-        headers = {"accept": accept}
-        key = self._keys.get(engine)
-        if key:
-            headers["authorization"] = f"Bearer {key}"
-        url = engine + PATHS[action]
+        request = self._request(engine, action, params, accept)
         t0 = time.perf_counter()
         attempt = 0
         while True:
             attempt += 1
             try:
-                resp = await self._clients[engine].post(url, params=params, headers=headers)
+                resp, body = await self._send(engine, request)
             except httpx.HTTPError as e:
                 kind, message, retry = _transport_failure(e, action, self.timeout)
                 if retry and attempt <= self.retries:
@@ -245,7 +267,7 @@ class AsyncFleet:
             if resp.status_code in _RETRY_STATUS and action in IDEMPOTENT and attempt <= self.retries:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
                 continue
-            result = await _interpret(engine, action, resp)
+            result = await _interpret(engine, action, resp, body)
             result.elapsed, result.attempts = time.perf_counter() - t0, attempt
             return result
 
@@ -261,14 +283,14 @@ def _transport_failure(e: httpx.HTTPError, action: str, timeout: float) -> tuple
     return "connection", f"connection failed: {type(e).__name__}: {e}", action in IDEMPOTENT
 
 
-async def _interpret(engine: str, action: str, resp: httpx.Response) -> EngineResult:
-    """Turn one HTTP answer into an EngineResult (ours, stock SGLang's, or an error)."""
+async def _interpret(engine: str, action: str, resp: httpx.Response, body: bytes) -> EngineResult:
+    """Turn one HTTP answer (``body``: its content) into an EngineResult (ours, stock SGLang's, or an error)."""
     r = EngineResult(engine, action, False, status_code=resp.status_code)
     r.instance_id, r.run_id = resp.headers.get(H_INSTANCE), resp.headers.get(H_RUN)
     r.server_timing = _server_timing(resp.headers.get("server-timing", ""))
     ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
     if resp.status_code != 200:
-        r.error_kind, r.error = "http", f"HTTP {resp.status_code}: {_error_message(resp, ctype)}"
+        r.error_kind, r.error = "http", f"HTTP {resp.status_code}: {_error_message(resp, body, ctype)}"
         if resp.status_code == 404 and action == "status":
             r.error += " (no status endpoint: a stock SGLang server has none)"
         elif resp.status_code == 404:
@@ -280,10 +302,10 @@ async def _interpret(engine: str, action: str, resp: httpx.Response) -> EngineRe
         fmt = fmt or ("msgpack" if ctype == MSGPACK else "json")
         try:
             # Large dumps decode on a worker thread; a small one costs less than the thread hop.
-            if len(resp.content) > _INLINE_DECODE:
-                r.dump = await asyncio.to_thread(decode, resp.content, fmt, engine)
+            if len(body) > _INLINE_DECODE:
+                r.dump = await asyncio.to_thread(decode, body, fmt, engine)
             else:
-                r.dump = decode(resp.content, fmt, engine)
+                r.dump = decode(body, fmt, engine)
         except MoeRecordError as e:
             r.error_kind, r.error = "bad_dump", f"the dump in the answer does not decode: {e}"
             return r
@@ -293,8 +315,8 @@ async def _interpret(engine: str, action: str, resp: httpx.Response) -> EngineRe
         return r
     if ctype == "application/json":
         try:
-            info = resp.json()
-        except ValueError as e:
+            info = json.loads(body)
+        except ValueError as e:  # UnicodeDecodeError included
             r.error_kind, r.error = "protocol", f"answer says JSON but does not parse: {e}"
             return r
         if not isinstance(info, dict):
@@ -307,9 +329,9 @@ async def _interpret(engine: str, action: str, resp: httpx.Response) -> EngineRe
             r.location, r.files = ON_SERVER, [str(f) for f in info.get("files") or []]
         r.ok = bool(info.get("ok", True))
         if not r.ok:
-            r.error_kind, r.error = "http", _error_message(resp, ctype)
+            r.error_kind, r.error = "http", _error_message(resp, body, ctype)
         return r
-    text = resp.text
+    text = _text(resp, body)
     if action in TEXTS and text.strip() == TEXTS[action].strip():
         r.flavor, r.ok = "sglang", True
         if action == "dump":
@@ -319,10 +341,14 @@ async def _interpret(engine: str, action: str, resp: httpx.Response) -> EngineRe
     return r
 
 
-def _error_message(resp: httpx.Response, ctype: str) -> str:
+def _text(resp: httpx.Response, body: bytes) -> str:
+    return bytes(body).decode(resp.charset_encoding or "utf-8", errors="replace")
+
+
+def _error_message(resp: httpx.Response, body: bytes, ctype: str) -> str:
     if ctype == "application/json":
         try:
-            doc = resp.json()
+            doc = json.loads(body)
             err = doc.get("error") if isinstance(doc, dict) else None
             if isinstance(err, dict) and err.get("message"):
                 return f"{err.get('code', 'error')}: {err['message']}"
@@ -330,7 +356,7 @@ def _error_message(resp: httpx.Response, ctype: str) -> str:
                 return str(doc["detail"])
         except ValueError:
             pass
-    return resp.text.strip()[:300] or resp.reason_phrase
+    return _text(resp, body[:4096]).strip()[:300] or resp.reason_phrase
 
 
 def _server_timing(raw: str) -> dict[str, float]:

@@ -2,19 +2,24 @@
 
 1. **Fan-out.** ``--engines`` engines (each a real Recorder of a DeepSeek-V3-sized model, 61
    layers x 256 experts, top-8, behind the real endpoint app on uvicorn), hosted by ``--hosts``
-   processes. For start, stop, dump (bytes collected) and status: the median time of one
+   processes: by default one process per engine, as a fleet's engines are separate processes
+   (or machines). Fewer hosts put several engines on one event loop, where their work queues
+   behind each other: that measures the host, not the fan-out; it needs fewer processes where
+   CPUs are few. For start, stop, dump (bytes collected) and status: the median time of one
    ``AsyncFleet`` call over all engines, next to the slowest engine's median single call (each
-   engine called alone). Target: fleet <= 1.5x the slowest single call.
+   engine called alone). Target: fleet <= 1.5x the slowest single call. The client's CPU per
+   request bounds this (one event loop sends every request); so do the host's CPUs, which the
+   engine processes and the client share here: with fewer cores than engines they take turns.
 2. **Transfer.** One engine holding a full stat ring of 1000 passes (``[1000, 61, 256]``, SGLang's
-   default buffer for that model: 62.5 MB as int32, SGLang's ``.pt`` layout; 125 MB as our int64
-   msgpack). Times a dump collected over HTTP, end to end (server reads the recorder, encodes,
+   default buffer for that model: 62.5 MB as int32, in SGLang's ``.pt`` layout and in our msgpack
+   alike). Times a dump collected over HTTP, end to end (server reads the recorder, encodes,
    sends; client receives and decodes), per format. Target: >= 200 MB/s.
 
 ``--engine-latency-ms X`` adds X ms inside each engine's handling (what a real engine's
 scheduler round trip costs, e.g. SGLang's tokenizer manager -> scheduler -> ranks), labelled as
 such: it shows the fan-out overlaps engine time, which the loopback engines here have little of.
 
-    python tests/perf/bench_http.py [--engines 32] [--hosts 4] [--repeat 15] [--skip-transfer]
+    python tests/perf/bench_http.py [--engines 32] [--hosts 32] [--repeat 15] [--skip-transfer]
 """
 
 from __future__ import annotations
@@ -250,7 +255,9 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engines", type=int, default=32)
-    p.add_argument("--hosts", type=int, default=4, help="processes hosting the engines (engines split evenly)")
+    p.add_argument(
+        "--hosts", type=int, default=None, help="processes hosting the engines, split evenly (default: one per engine)"
+    )
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--engine-latency-ms", type=float, default=0.0, help="simulated engine round trip per call")
     p.add_argument("--ring", type=int, default=1000, help="transfer: passes in the stat ring")
@@ -265,7 +272,7 @@ def main() -> None:
     }
     print(report["machine"])
     if not args.skip_fanout:
-        h = max(1, min(args.hosts, args.engines))
+        h = max(1, min(args.hosts or args.engines, args.engines))
         counts = [args.engines // h + (i < args.engines % h) for i in range(h)]
         procs, urls = spawn_hosts(counts, args.engine_latency_ms, 0, args.dump_dir)
         try:
