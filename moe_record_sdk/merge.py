@@ -204,13 +204,14 @@ def _reduce_group(name: str, members: list[_Member], mode: str) -> _Part:
                     f"{name}: ranks {members[0].rank} ({members[0].source}) and {m.rank} ({m.source}) hold different "
                     f"forward passes; replicas must record the same passes"
                 )
+    totals = {id(m): m.dump.total_count() for m in members}  # each a sum over all rows: once per dump
     # Replicas that observed the same layer must have counted the same routing.
     for m in members:
         for layer in m.dump.model.moe_layer_ids:
             o = owner_of[layer]
             if o is m:
                 continue
-            same = torch.equal(o.dump.total_count()[layer], m.dump.total_count()[layer])
+            same = torch.equal(totals[id(o)][layer], totals[id(m)][layer])
             if same and use_rows:
                 same = torch.equal(o.dump.logical_count[:, layer], m.dump.logical_count[:, layer])
             if not same:
@@ -229,7 +230,7 @@ def _reduce_group(name: str, members: list[_Member], mode: str) -> _Part:
         if use_rows:
             phys_rows = torch.zeros(first.physical_count.shape[0], L, P, dtype=torch.int64)
     for layer, m in owner_of.items():
-        total[layer] = m.dump.total_count()[layer]
+        total[layer] = totals[id(m)][layer]
         if rows is not None:
             rows[:, layer] = m.dump.logical_count[:, layer]
         if phys_total is not None and m.dump.physical_count is not None:
