@@ -227,9 +227,9 @@ def _reduce_group(name: str, members: list[_Member], mode: str) -> _Part:
                 )
     E = first.model.num_logical_experts
     total = torch.zeros(L, E, dtype=torch.int64)
-    # A group's rows are copied from each layer's owner, never added: int32 rows stay int32.
-    rows = torch.zeros(first.logical_count.shape[0], L, E, dtype=_row_dtype(m.dump.logical_count for m in members))
-    rows = rows if use_rows else None
+    rows = None
+    if use_rows:  # a group's rows are copied from each layer's owner, never added: int32 rows stay int32
+        rows = torch.zeros(first.logical_count.shape[0], L, E, dtype=_row_dtype(m.dump.logical_count for m in members))
     phys_rows = phys_total = None
     if first.physical_count is not None:  # only kept when every dump has it, with one map
         P = first.physical_count.shape[2]
