@@ -161,7 +161,7 @@ def _from_sglang_dict(obj: Any, source: str) -> Dump:
             raise DumpFormatError(f"{source}: {META_KEY}: expected a dict")
         check_version(meta.get("schema_version"), source)
     if "logical_count" in obj:
-        count = _rows(_check_tensor(obj["logical_count"], "logical_count", 3))
+        count = _counts(obj["logical_count"], "logical_count", 3)
         util = _util(obj.get("average_utilization_rate_over_window"))
         if meta is not None:
             parts = _meta_structs(meta)
@@ -169,7 +169,7 @@ def _from_sglang_dict(obj: Any, source: str) -> Dump:
                 **parts,
                 logical_count=count,
                 total_logical_count=_opt(meta, "total_logical_count", 2),
-                physical_count=_opt(meta, "physical_count", 3, _rows),
+                physical_count=_opt(meta, "physical_count", 3),
                 physical_to_logical_map=_opt(meta, "physical_to_logical_map", 2),
                 average_utilization_rate_over_window=util,
             )
@@ -187,17 +187,16 @@ def _from_sglang_dict(obj: Any, source: str) -> Dump:
     raise DumpFormatError(f"{source}: neither 'logical_count' nor 'records': not an SGLang expert-distribution dump")
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """Per-row counts keep SGLang's int32 (as DumpV1 does); other integer widths become int64."""
-    return t if t.dtype == torch.int32 else t.to(torch.int64)
+def _counts(value: Any, field: str, ndim: int) -> torch.Tensor:
+    """An integer tensor on the CPU: int32 and int64 as stored (``Dump`` decides which fields
+    keep int32: the per-pass rows), any other integer width as int64."""
+    t = _check_tensor(value, field, ndim)
+    return t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int64)
 
 
-def _opt(meta: dict[str, Any], key: str, ndim: int, fix: Any = None) -> torch.Tensor | None:
+def _opt(meta: dict[str, Any], key: str, ndim: int) -> torch.Tensor | None:
     value = meta.get(key)
-    if value is None:
-        return None
-    t = _check_tensor(value, f"{META_KEY}.{key}", ndim)
-    return fix(t) if fix else t.to(torch.int64)
+    return None if value is None else _counts(value, f"{META_KEY}.{key}", ndim)
 
 
 def _sglang_topology(rank: object) -> Topology:
