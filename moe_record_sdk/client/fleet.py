@@ -123,7 +123,6 @@ class AsyncFleet:
         self._extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
         self._headers = {"user-agent": f"moe-record-sdk/{__version__}", **dict(headers or {})}
         self._requests: dict[tuple[Any, ...], httpx.Request] = {}
-        self._shared = transport is not None  # one transport for every engine: closed once
         self._sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         # engine -> (instance_id, run_id) of this fleet's last successful start there, or None
         # when that start failed: a dump checks it to catch restarts.
@@ -131,8 +130,8 @@ class AsyncFleet:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def aclose(self) -> None:
-        transports = list(self._transports.values())
-        await asyncio.gather(*(t.aclose() for t in (transports[:1] if self._shared else transports)))
+        unique = {id(t): t for t in self._transports.values()}  # a transport passed in serves every engine
+        await asyncio.gather(*(t.aclose() for t in unique.values()))
 
     async def __aenter__(self) -> AsyncFleet:
         return self
