@@ -54,6 +54,21 @@ call; ``moe-record bench`` and ``tests/perf/tune_tap.py`` print these):
   both its shared and its global atomics removed (loads and barriers only) it still took 2.20 /
   2.43 us at T = 1024 / 16384: at large T the histogram is not where the time goes, and this
   kernel is within 5% of a kernel that only reads the ids. Not adopted.
+* Where the histogram path's cost lies (2026-11-28, same runs; ``tune_tap.py --floor`` prints the
+  bare kernel): a bare ``tl.histogram`` kernel (same launch shape, no flags, no padding or discard
+  bins) already takes 1.36x / 1.57x the copy at T = 4096 / 16384 (1.32x / 1.47x without its
+  per-bin atomics), so no tap built on ``tl.histogram`` reaches 1.2x there. The rest of this
+  kernel adds 0.25-0.3 us at T=16384: the branch on the enabled flag ~0.1 (computing the
+  histogram unconditionally saves it, but an idle recorder would then pay the whole histogram)
+  and the discard bin's block reduction ~0.15 (deferring it to read time saved <= 0.05 with the
+  other extras present). Neither was taken.
+* A histogram on tensor cores (two one-hot factors of the id, hi x lo, multiplied by ``tl.dot``,
+  fp16 or int8) was 1.4-3x slower than ``tl.histogram`` at every T: building and converting the
+  one-hot operands costs more than the ballots.
+* Noise floor of these figures: two kernels with identical SASS timed 0.17 us apart at T=16 with
+  differently placed buffers (the latency of L2's near and far partitions), so differences below
+  ~0.15 us at T <= 1024 are not attributable to code. Reading the four per_token scalars in one
+  load (a packed [4] tensor) measured 0.00-0.08 us faster, inside that noise: not taken.
 * Scalar atomics are issued as one-lane block atomics (``_add_lane0``): Triton broadcasts a
   scalar atomic's result through shared memory and a barrier, which made every thread wait for
   its round trip (+0.5 us per atomic).

@@ -4,8 +4,9 @@ Prints microseconds per layer call (medians, interleaved) of the stat tap, the p
 and a bare torch copy of the same ids, for each launch shape of ``counter_triton`` (``SHAPES``:
 stripes, direct atomics at every T, a histogram/atomics split, warps), and the best shape (the
 lowest worst-case ratio to the copy); with ``--floor``, an empty Triton kernel (loads the flag,
-writes nothing) and a Triton copy of the ids. Used to pick the defaults in ``counter_triton``;
-the notes there cite its figures.
+writes nothing), a Triton copy of the ids and a bare ``tl.histogram`` kernel (the least any tap
+built on it pays). Used to pick the defaults in ``counter_triton``; the notes there cite its
+figures.
 
     python tests/perf/tune_tap.py [--experts 256] [--tokens 1,16,128,1024,4096,16384] [--floor]
 """
@@ -71,6 +72,25 @@ def _empty(flag_ptr, out_ptr):
 
 
 @triton.jit
+def _bare_histogram(
+    ids_ptr, n, counts_ptr, S: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr, ATOMICS: tl.constexpr
+):
+    # tl.histogram per program and one atomic per nonzero bin into stripe pid % G: the tap's
+    # histogram path without its flags, padding and discard bins, i.e. what any tap built on
+    # tl.histogram pays at least.
+    pid = tl.program_id(0)
+    hist = tl.zeros([S], dtype=tl.int32)
+    for b in range(pid, tl.cdiv(n, BLOCK), tl.num_programs(0)):
+        e = b * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(ids_ptr + e, mask=e < n, other=-1)
+        ok = (x >= 0) & (x < S)
+        hist += tl.histogram(tl.where(ok, x, 0), S, mask=ok)
+    bins = tl.arange(0, S)
+    ptr = counts_ptr + (pid % G) * S + bins
+    tl.atomic_add(ptr, hist.to(tl.int64), mask=(hist > 0) & ATOMICS, sem="relaxed")
+
+
+@triton.jit
 def _copy(src, dst, n, BLOCK: tl.constexpr):
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(dst + e, tl.load(src + e, mask=e < n), mask=e < n)
@@ -123,19 +143,37 @@ def best(results: dict) -> str:
 
 
 def floor(tokens: list[int], trials: int) -> None:
-    print("floor: empty Triton kernel, Triton copy, torch copy (us per call in a graph)")
+    print("floor (us per call in a graph, E=256, k=8): empty Triton kernel, Triton copy, torch copy;")
+    print("a bare tl.histogram kernel (512-id programs, 16 stripes) with and without its per-bin atomics")
     flag = torch.ones((), dtype=torch.int64, device="cuda")
+    counts = torch.zeros(16, 256, dtype=torch.int64, device="cuda")
     for T in tokens:
         src = torch.randint(0, 256, (T * 8,), dtype=torch.int32, device="cuda")
         dst = torch.empty_like(src)
-        grid = (triton.cdiv(src.numel(), 1024),)
+        n = src.numel()
+        grid = (triton.cdiv(n, 1024),)
+        hgrid = (min(triton.cdiv(n, 512), counter_triton.MAX_PROGRAMS),)
+
+        def hist(i: int, s: torch.Tensor = src, n: int = n, g: tuple = hgrid, atomics: bool = True) -> None:
+            _bare_histogram[g](s, n, counts, S=256, G=16, BLOCK=512, ATOMICS=atomics, num_warps=8)
+
+        counts.zero_()
+        hist(0)
+        assert torch.equal(counts.sum(0), torch.bincount(src.long(), minlength=256)), "bare histogram: wrong counts"
         timers = {
             "empty": _graph_timer(lambda i, d=dst: _empty[(1,)](flag, d), 64, 5),
-            "tcopy": _graph_timer(lambda i, s=src, d=dst, g=grid: _copy[g](s, d, s.numel(), BLOCK=1024), 64, 5),
+            "tcopy": _graph_timer(lambda i, s=src, d=dst, g=grid, n=n: _copy[g](s, d, n, BLOCK=1024), 64, 5),
             "copy": _graph_timer(lambda i, s=src, d=dst: d.copy_(s), 64, 5),
+            "hist": _graph_timer(hist, 64, 5),
+            "hist0": _graph_timer(lambda i: hist(i, atomics=False), 64, 5),
         }
         m = _median(timers, trials)
-        print(f"T={T:>6} empty {m['empty']:.2f}  triton copy {m['tcopy']:.2f}  torch copy {m['copy']:.2f}", flush=True)
+        print(
+            f"T={T:>6} empty {m['empty']:.2f}  triton copy {m['tcopy']:.2f}  torch copy {m['copy']:.2f}  "
+            f"bare histogram {m['hist']:.2f} ({m['hist'] / m['copy']:.2f}x the copy), "
+            f"without atomics {m['hist0']:.2f} ({m['hist0'] / m['copy']:.2f}x)",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> str:
