@@ -65,6 +65,17 @@ call; ``moe-record bench`` and ``tests/perf/tune_tap.py`` print these):
 * A histogram on tensor cores (two one-hot factors of the id, hi x lo, multiplied by ``tl.dot``,
   fp16 or int8) was 1.4-3x slower than ``tl.histogram`` at every T: building and converting the
   one-hot operands costs more than the ballots.
+* A shared-memory histogram in CUDA C++ (``tests/perf/smem_histogram.py``: NVRTC through torch's
+  private ``torch.cuda._compile_kernel``, 4 ids per thread, one shared atomic per id, one global
+  atomic per nonzero bin) measured against this kernel in the same runs (2026-11-28): 1.63 / 1.65
+  / 1.70 / 1.81 us at T = 1 / 1024 / 4096 / 16384 (512 threads) against 1.28 / 1.47 / 1.87 / 2.49,
+  i.e. 1.25x / 1.29x the copy at T = 4096 / 16384 against 1.39x / 1.77x. Its launch path alone
+  costs 0.14 us more than Triton's (empty kernels: 1.13 vs 0.99 us), so it loses below T = 4096.
+  Not adopted: it still misses 1.2x; it rests on a private torch API and NVRTC at run time; its
+  ctypes launch builds the argument array in Python on every eager call (prefill, where large T
+  occurs, mostly runs eagerly); and what it saves, ~0.7 us per layer at T = 16384, is small next
+  to that layer's expert GEMMs over 16384 tokens (milliseconds for a DeepSeek-V3 layer: an
+  estimate, not measured here).
 * Noise floor of these figures: two kernels with identical SASS timed 0.17 us apart at T=16 with
   differently placed buffers (the latency of L2's near and far partitions), so differences below
   ~0.15 us at T <= 1024 are not attributable to code. Reading the four per_token scalars in one
