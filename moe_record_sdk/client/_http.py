@@ -7,8 +7,14 @@ This transport writes the request in one ``write`` and parses the answer in an
 ``asyncio.BufferedProtocol``, which also receives a large dump straight into one buffer of the
 announced length (no 64 KB chunk list joined afterwards).
 
+Two ways in: ``handle_async_request`` (httpx's seam: one request, an ``httpx.Response``), and
+``send_all``, the fleet's: requests prepared once (``prepare``), all written before any answer
+is awaited, their answers returned as :class:`Answer` tuples. A fan-out through ``send_all``
+costs one future and one read timer in all, not a task, a future, a timer and a response
+object per engine.
+
 It speaks what the engines speak: HTTP/1.1 keep-alive, bodies framed by ``Content-Length``,
-``chunked`` or the connection's end. Failures raise httpx's exceptions (``ConnectError``,
+``chunked`` or the connection's end. Failures are httpx's exceptions (``ConnectError``,
 ``ConnectTimeout``, ``ReadTimeout``, ``RemoteProtocolError``, ``ReadError``), so callers
 treat them as they treat httpx's own transport. ``https://`` is not handled here.
 """
@@ -17,12 +23,37 @@ from __future__ import annotations
 
 import asyncio
 import select
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, NamedTuple
 
 import httpx
 
 _HEAD_LIMIT = 64 << 10  # status line and headers: plenty for our answers and SGLang's
+_BUF = 64 << 10  # a connection's receive buffer, reused by every exchange on it
+
+
+class Answer(NamedTuple):
+    """An HTTP answer as ``send_all`` returns it."""
+
+    status: int
+    headers: dict[str, str]
+    """Lower-case names; a header sent more than once has its values joined by ``", "`` (as
+    ``httpx.Headers.get`` gives them)."""
+    body: bytes | bytearray
+    received: float
+    """``time.perf_counter()`` when its last byte arrived."""
+
+
+class Prepared(NamedTuple):
+    """A request ready to send again and again (a fleet repeats the same few)."""
+
+    request: httpx.Request  # named by the errors raised for it
+    key: tuple[str, int]  # host and port
+    data: bytes  # the whole request, as written
+    method: str
+    connect_timeout: float | None
+    read_timeout: float | None
 
 
 class _Body(httpx.AsyncByteStream):
@@ -37,162 +68,179 @@ class _Body(httpx.AsyncByteStream):
 
 
 class _Conn(asyncio.BufferedProtocol):
-    """One keep-alive connection; one request at a time."""
+    """One keep-alive connection; one exchange at a time, begun by ``begin``."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.fd = -1
         self.closed = False
-        self._done: asyncio.Future[None] | None = None
-        self._last = 0.0
+        # Set while an exchange is in flight; called once, with this connection, when the
+        # answer is complete or the exchange failed (then ``error`` says why).
+        self.on_done: Callable[[_Conn], None] | None = None
+        self.error: BaseException | None = None
+        self.done_at = 0.0  # time.perf_counter() when the exchange ended
+        self.last = 0.0  # loop time of the last bytes sent or received: the read timeout counts from it
+        self.read_timeout: float | None = None
+        self._raw = bytearray(_BUF)
         self._spare = bytearray(256)
 
     # -- asyncio callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._done is not None and not self._done.done():
-            if self._length is None and not self._chunked and self._head_done:
-                self._body = self._raw[self._start : self._used]  # the body ran to the connection's end
-                self._finish()
-            elif exc is not None:
-                self._done.set_exception(exc)
-            elif self._head_done:
-                got = self._got if self._length is not None else "part"
-                self._done.set_exception(EOFError(f"server closed the connection after {got} of the body's bytes"))
-            else:
-                self._done.set_exception(EOFError("Server disconnected without sending a response."))
+        if self.on_done is None:
+            return
+        if self._length is None and not self._chunked and self._head_done:
+            self._body = self._raw[self._start : self._used]  # the body ran to the connection's end
+            self._complete(None)
+        elif exc is not None:
+            self._complete(exc)
+        elif self._head_done:
+            got = "part" if self._length is None else self._got if self._direct else self._used - self._start
+            self._complete(EOFError(f"server closed the connection after {got} of the body's bytes"))
+        else:
+            self._complete(EOFError("Server disconnected without sending a response."))
 
     def eof_received(self) -> bool:
         self.closed = True
         return False  # close our side too; connection_lost finishes or fails the exchange
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._done is None or self._done.done():  # idle: asyncio asks before it reads even a close
+        if self.on_done is None:  # idle: asyncio asks before it reads even a close
             return memoryview(self._spare)
-        if self._head_done and self._length is not None:
+        if self._direct:
             return memoryview(self._body)[self._got :]
-        if len(self._raw) - self._used < 65536:
-            self._raw.extend(bytes(65536))
+        if self._used == len(self._raw):  # full: a long chunked or to-the-end body (or head)
+            self._raw.extend(bytes(len(self._raw)))
         return memoryview(self._raw)[self._used :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._done is None or self._done.done():  # bytes nobody asked for: the connection is unusable
+        if self.on_done is None:  # bytes nobody asked for: the connection is unusable
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
             return
-        self._last = self._loop.time()
-        if self._head_done and self._length is not None:
+        self.last = self._loop.time()
+        if self._direct:
             self._got += nbytes
             if self._got == self._length:
-                self._finish()
+                self._complete(None)
             return
         self._used += nbytes
         try:
             self._parse()
         except httpx.RemoteProtocolError as e:
             self.closed = True
-            if self._done is not None and not self._done.done():
-                self._done.set_exception(e)
+            self._complete(e)
 
     # -- one exchange --------------------------------------------------------------------------
-    async def exchange(self, data: bytes, method: str, read_timeout: float | None) -> tuple[int, list[Any], Any, bool]:
-        """Send ``data`` (a whole request); (status, headers, body, keep-alive) of the answer."""
-        loop = self._loop = asyncio.get_running_loop()
-        self._raw = bytearray()
-        self._used = self._start = 0
-        self._head_done = self._chunked = False
+    def begin(self, data: bytes, method: str, read_timeout: float | None, on_done: Callable[[_Conn], None]) -> None:
+        """Write ``data`` (a whole request); ``on_done(self)`` runs once the answer is in or failed."""
+        if len(self._raw) > _BUF:  # grown by a long body: back to the usual size
+            self._raw = bytearray(_BUF)
+        self._used = self._start = self._got = self._status = 0
+        self._head_done = self._chunked = self._direct = False
         self._no_body = method == "HEAD"
         self._length: int | None = None
-        self._body: Any = bytearray()
-        self._got = 0
-        self._status = 0
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: Any = b""
+        self._headers: dict[str, str] = {}
         self._keep = True
-        self._done = loop.create_future()
+        self.error = None
+        self.read_timeout = read_timeout
+        self.on_done = on_done
         assert self.transport is not None
         self.transport.write(data)
-        self._last = loop.time()
-        timer = None
-        if read_timeout is not None:
-            # httpx's read timeout: the longest wait for the next bytes, not for the whole body.
-            def check() -> None:
-                nonlocal timer
-                if self._done is None or self._done.done():
-                    return
-                idle = loop.time() - self._last
-                if idle >= read_timeout:
-                    self._done.set_exception(TimeoutError())
-                else:
-                    timer = loop.call_later(read_timeout - idle, check)
+        self.last = self._loop.time()
 
-            timer = loop.call_later(read_timeout, check)
-        try:
-            await self._done
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._done = None
+    def answer(self) -> tuple[int, dict[str, str], Any, bool]:
+        """(status, headers, body, keep-alive) of the exchange just completed without error."""
         return self._status, self._headers, self._body, self._keep and not self.closed
 
-    def _finish(self) -> None:
-        if self._done is not None and not self._done.done():
-            self._done.set_result(None)
+    async def exchange(self, data: bytes, method: str, read_timeout: float | None) -> None:
+        """``begin`` and wait until the answer is in or ``error`` says why not."""
+        done = self._loop.create_future()
+        self.begin(data, method, read_timeout, lambda _: done.done() or done.set_result(None))
+        watch = _ReadTimer(self._loop, [self])
+        try:
+            await done
+        finally:
+            watch.cancel()
+
+    def fail(self, exc: BaseException) -> None:
+        """Close the connection; an exchange in flight ends with ``exc``."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        self._complete(exc)
+
+    def _complete(self, exc: BaseException | None) -> None:
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            self.error, self.done_at = exc, time.perf_counter()
+            on_done(self)
 
     def _parse(self) -> None:
         if not self._head_done:
-            end = self._raw.find(b"\r\n\r\n", 0, self._used)
+            end = self._raw.find(b"\r\n\r\n", max(0, self._start - 3), self._used)
             if end < 0:
                 if self._used > _HEAD_LIMIT:
                     raise httpx.RemoteProtocolError("response head over 64 KB")
+                self._start = self._used  # where to look again (a split head is rare)
                 return
-            self._read_head(bytes(self._raw[:end]))
+            self._read_head(self._raw[:end].decode("latin-1"))
             self._start = end + 4
-            if self._length is not None:  # the rest goes straight into a buffer of that size
-                extra = self._raw[self._start : self._used]
-                if len(extra) > self._length:
-                    raise httpx.RemoteProtocolError("more bytes than Content-Length")
+        if self._length is not None:
+            have = self._used - self._start
+            if have > self._length:
+                raise httpx.RemoteProtocolError("more bytes than Content-Length")
+            if have == self._length:
+                self._body = bytes(memoryview(self._raw)[self._start : self._used])
+                self._complete(None)
+            else:  # the rest goes straight into a buffer of the body's size (one copy, even of a dump)
                 self._body = bytearray(self._length)
-                self._body[: len(extra)] = extra
-                self._got = len(extra)
-                self._raw = bytearray()
-                if self._got == self._length:
-                    self._finish()
-                return
-        if self._chunked:
+                self._body[:have] = memoryview(self._raw)[self._start : self._used]
+                self._got, self._direct = have, True
+        elif self._chunked:
             self._parse_chunks()
         # else: to the connection's end (connection_lost finishes)
 
-    def _read_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise httpx.RemoteProtocolError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    def _read_head(self, head: str) -> None:
+        status_line, _, fields = head.partition("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdecimal():
+            raise httpx.RemoteProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
         self._status = int(parts[1])
-        if parts[0] == b"HTTP/1.0":
+        if parts[0] == "HTTP/1.0":
             self._keep = False
-        length = None
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
+        headers = self._headers  # (isdecimal: ASCII digits only, in latin-1 text)
+        for line in fields.split("\r\n") if fields else ():
+            name, sep, value = line.partition(":")
             if not sep:
                 raise httpx.RemoteProtocolError(f"malformed header line: {line[:80]!r}")
             name, value = name.strip().lower(), value.strip()
-            self._headers.append((name, value))
-            if name == b"content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
-                    raise httpx.RemoteProtocolError(f"bad Content-Length: {value[:40]!r}")
-                length = int(value)
-            elif name == b"transfer-encoding":
-                self._chunked = value.lower().endswith(b"chunked")
-            elif name == b"connection":
-                self._keep = self._keep and b"close" not in value.lower()
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        length = headers.get("content-length")
+        if length is not None and not length.isdecimal():
+            values = [v.strip() for v in length.split(",")]  # sent more than once: must agree
+            if not all(v.isdecimal() for v in values) or len({int(v) for v in values}) > 1:
+                raise httpx.RemoteProtocolError(f"bad Content-Length: {length[:40]!r}")
+            headers["content-length"] = length = values[0]
+        self._chunked = headers.get("transfer-encoding", "").lower().endswith("chunked")
+        if "close" in headers.get("connection", "").lower():
+            self._keep = False
+        length = None if length is None else int(length)
         if self._no_body or self._status in (204, 304) or 100 <= self._status < 200:
             length = 0
         self._length = None if self._chunked else length
         self._head_done = True
-        if self._length is None and not self._chunked:
+        if self._chunked:
+            self._body = bytearray()
+        elif self._length is None:
             self._keep = False  # framed by the connection's end
 
     def _parse_chunks(self) -> None:
@@ -208,7 +256,7 @@ class _Conn(asyncio.BufferedProtocol):
                 raise httpx.RemoteProtocolError(f"bad chunk size {size_field[:20]!r}") from None
             if size == 0:  # last chunk; trailers (ignored) end with an empty line
                 if raw.find(b"\r\n\r\n", eol, self._used) >= 0:
-                    self._finish()
+                    self._complete(None)
                 break
             if self._used < eol + 2 + size + 2:
                 break
@@ -217,45 +265,153 @@ class _Conn(asyncio.BufferedProtocol):
         self._start = pos
 
 
+class _ReadTimer:
+    """httpx's read timeout for exchanges in flight: the longest wait for each one's next bytes,
+    not for the whole body. One timer for them all: a fan-out arms one, not one per engine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, conns: Sequence[_Conn]) -> None:
+        self._loop, self._conns = loop, conns
+        timeouts = [c.read_timeout for c in conns if c.read_timeout is not None]
+        self._timer = loop.call_later(min(timeouts), self._check) if timeouts else None
+
+    def _check(self) -> None:
+        now, soonest = self._loop.time(), None
+        for c in self._conns:
+            if c.on_done is None or c.read_timeout is None:
+                continue
+            left = c.read_timeout - (now - c.last)
+            if left <= 0:
+                c.fail(TimeoutError())
+            elif soonest is None or left < soonest:
+                soonest = left
+        self._timer = self._loop.call_later(soonest, self._check) if soonest is not None else None
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 class Http11Transport(httpx.AsyncBaseTransport):
-    """Plain HTTP/1.1 with keep-alive connections kept per host and port (see the module)."""
+    """Plain HTTP/1.1 with keep-alive connections kept per host and port (see the module).
+
+    One instance may serve many engines: connections are kept per host and port.
+    """
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    def prepare(self, request: httpx.Request) -> Prepared:
+        """``request`` (its body already read) ready for ``send_all``."""
         url = request.url
         if url.scheme != "http":
             raise httpx.UnsupportedProtocol(f"{url.scheme}: this transport speaks plain http only", request=request)
         timeout = request.extensions.get("timeout", {})
-        key = (url.host, url.port or 80)
-        data = _serialize(request, await request.aread())
-        idle = self._idle.setdefault(key, [])
-        conn = None
-        while idle and conn is None:
-            conn = idle.pop()
-            if _stale(conn):  # the server closed it while idle (keep-alive timeout, restart)
-                conn.transport.close()  # type: ignore[union-attr]
-                conn = None
-        if conn is None:
-            conn = await _connect(key, timeout.get("connect"), request)
+        return Prepared(
+            request,
+            (url.host, url.port or 80),
+            _serialize(request, request.content),
+            request.method,
+            timeout.get("connect"),
+            timeout.get("read"),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        answer = await self.send(self.prepare(request))
+        return httpx.Response(
+            answer.status,
+            headers=list(answer.headers.items()),
+            stream=_Body(answer.body),
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def send_all(self, jobs: Sequence[Prepared]) -> list[Answer | httpx.HTTPError]:
+        """Each job's answer, or the httpx error that ended it, in the jobs' order.
+
+        Jobs with an idle connection are written at once, before any answer is awaited, and
+        wait together on one future with one read timer; the others (a first call, a call after
+        a failure) connect in a task of their own, so a slow connect delays no one else.
+        """
+        loop = asyncio.get_running_loop()
+        out: list[Answer | httpx.HTTPError | None] = [None] * len(jobs)
+        conns = self._take_idle([job.key for job in jobs])
+        done = loop.create_future()
+        pending = 0
+
+        def on_done(_: _Conn) -> None:
+            nonlocal pending
+            pending -= 1
+            if pending == 0 and not done.done():
+                done.set_result(None)
+
+        tasks, sent = [], []
+        for i, (job, conn) in enumerate(zip(jobs, conns)):
+            if conn is None:
+                tasks.append((i, loop.create_task(self.send(job))))
+            else:
+                pending += 1
+                sent.append((i, job, conn))
+                conn.begin(job.data, job.method, job.read_timeout, on_done)
+        watch = _ReadTimer(loop, [conn for _, _, conn in sent])
         try:
-            status, headers, body, keep = await conn.exchange(data, request.method, timeout.get("read"))
-        except BaseException as e:
-            conn.closed = True
-            conn.transport.close()  # type: ignore[union-attr]
-            if isinstance(e, TimeoutError):
-                raise httpx.ReadTimeout("timed out waiting for the answer", request=request) from None
-            if isinstance(e, EOFError):
-                raise httpx.RemoteProtocolError(str(e), request=request) from None
-            if isinstance(e, OSError):
-                raise httpx.ReadError(f"{type(e).__name__}: {e}", request=request) from None
+            if pending:
+                await done
+            late = await asyncio.gather(*(t for _, t in tasks), return_exceptions=True) if tasks else []
+        except BaseException as e:  # cancelled: answers still due will never be read
+            for _, _, conn in sent:
+                if conn.on_done is not None:
+                    conn.fail(e)
+            for _, task in tasks:
+                task.cancel()
             raise
+        finally:
+            watch.cancel()
+        for i, job, conn in sent:
+            out[i] = self._settle(job, conn)
+        for (i, _), answer in zip(tasks, late):
+            if isinstance(answer, BaseException) and not isinstance(answer, httpx.HTTPError):
+                raise answer  # a bug, not an engine's failure
+            out[i] = answer
+        return out  # type: ignore[return-value]
+
+    async def send(self, job: Prepared) -> Answer:
+        """One job's answer; raises the httpx error that ended it."""
+        conn = self._take_idle([job.key])[0] or await _connect(job)
+        try:
+            await conn.exchange(job.data, job.method, job.read_timeout)
+        except BaseException as e:  # cancelled mid-exchange: the connection is unusable
+            conn.fail(e)
+            raise
+        answer = self._settle(job, conn)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _settle(self, job: Prepared, conn: _Conn) -> Answer | httpx.HTTPError:
+        """The ended exchange's answer (its connection kept for the next) or its error."""
+        if conn.error is not None:
+            conn.fail(conn.error)  # closes it, if not yet
+            return _http_error(conn.error, job.request)
+        status, headers, body, keep = conn.answer()
         if keep:
-            idle.append(conn)
+            self._idle.setdefault(job.key, []).append(conn)
         else:
             conn.transport.close()  # type: ignore[union-attr]
-        return httpx.Response(status, headers=headers, stream=_Body(body), extensions={"http_version": b"HTTP/1.1"})
+        return Answer(status, headers, body, conn.done_at)
+
+    def _take_idle(self, keys: Sequence[tuple[str, int]]) -> list[_Conn | None]:
+        """An idle, usable connection for each key (None where there is none)."""
+        out: list[_Conn | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        while todo:
+            for i in todo:
+                idle = self._idle.get(keys[i])
+                out[i] = idle.pop() if idle else None
+            stale = _stale([c for c in out if c is not None])
+            for c in stale:
+                c.transport.close()  # type: ignore[union-attr]
+            todo = [i for i in todo if out[i] in stale]  # look again behind a stale one
+        return out
 
     async def aclose(self) -> None:
         for conns in self._idle.values():
@@ -264,29 +420,48 @@ class Http11Transport(httpx.AsyncBaseTransport):
         self._idle.clear()
 
 
-def _stale(conn: _Conn) -> bool:
-    """Whether an idle connection is unusable: closed, or readable (an EOF or stray bytes).
+def _stale(conns: Sequence[_Conn]) -> set[_Conn]:
+    """The idle connections that are unusable: closed, or readable (an EOF or stray bytes).
 
-    The socket is asked directly: between the calls of a synchronous ``Fleet`` no event loop
-    runs, so the callbacks that would set ``closed`` (a server's keep-alive timeout, a restart)
-    have not run yet, and a request written there would fail though the engine is up.
+    The sockets are asked directly, all in one ``poll``: between the calls of a synchronous
+    ``Fleet`` no event loop runs, so the callbacks that would set ``closed`` (a server's
+    keep-alive timeout, a restart) have not run yet, and a request written there would fail
+    though the engine is up.
     """
-    if conn.closed:
-        return True
-    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
-    return sock is not None and bool(select.select([sock], [], [], 0)[0])
+    stale = {c for c in conns if c.closed or c.fd < 0 or c.transport.is_closing()}  # type: ignore[union-attr]
+    live = {c.fd: c for c in conns if c not in stale}
+    if live:
+        poller = select.poll()
+        for fd in live:
+            poller.register(fd, select.POLLIN)
+        stale.update(live[fd] for fd, _ in poller.poll(0))
+    return stale
 
 
-async def _connect(key: tuple[str, int], timeout: float | None, request: httpx.Request) -> _Conn:
+def _http_error(e: BaseException, request: httpx.Request) -> httpx.HTTPError:
+    """httpx's exception for what ended an exchange (the ones httpx's own transport raises)."""
+    if isinstance(e, httpx.HTTPError):
+        return e
+    if isinstance(e, TimeoutError):
+        return httpx.ReadTimeout("timed out waiting for the answer", request=request)
+    if isinstance(e, EOFError):
+        return httpx.RemoteProtocolError(str(e), request=request)
+    if isinstance(e, OSError):
+        return httpx.ReadError(f"{type(e).__name__}: {e}", request=request)
+    raise e  # cancelled, or a bug: not a failure of the engine
+
+
+async def _connect(job: Prepared) -> _Conn:
     loop = asyncio.get_running_loop()
+    (host, port), timeout = job.key, job.connect_timeout
     try:
-        _, conn = await asyncio.wait_for(loop.create_connection(_Conn, key[0], key[1]), timeout)
+        _, conn = await asyncio.wait_for(loop.create_connection(_Conn, host, port), timeout)
     except asyncio.TimeoutError:  # TimeoutError from 3.11 on
         raise httpx.ConnectTimeout(
-            f"no connection to {key[0]}:{key[1]} within {timeout:g} s", request=request
+            f"no connection to {host}:{port} within {timeout:g} s", request=job.request
         ) from None
     except OSError as e:
-        raise httpx.ConnectError(str(e) or type(e).__name__, request=request) from None
+        raise httpx.ConnectError(str(e) or type(e).__name__, request=job.request) from None
     return conn
 
 

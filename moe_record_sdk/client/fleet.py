@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -26,7 +26,7 @@ from .._version import __version__
 from ..errors import MoeRecordError
 from ..schema import FORMATS, Dump, decode
 from ..server.protocol import DUMP_JSON, H_FILES, H_FORMAT, H_INSTANCE, H_RUN, MSGPACK, PATHS, PT, TEXTS
-from ._http import Http11Transport
+from ._http import Answer, Http11Transport, Prepared
 from ._models import IN_RESPONSE, ON_SERVER, EngineResult, FleetResult
 
 T = TypeVar("T")
@@ -38,6 +38,13 @@ IDEMPOTENT = frozenset({"status", "start", "stop"})
 _RETRY_STATUS = (502, 503, 504)
 _INLINE_DECODE = 1 << 20
 _SGLANG_DIR_HINT = "in the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR (SGLang's default: /tmp)"
+
+
+class _Call(NamedTuple):
+    """One engine's request for one kind of call, built once."""
+
+    request: httpx.Request
+    prepared: Prepared | None  # ready for the lean transport; None: the engine has another transport
 
 
 def normalize_engine(url: str) -> str:
@@ -112,17 +119,23 @@ class AsyncFleet:
         self.timeout = timeout
         self.retries = max(0, retries)
         self.backoff = backoff
-        # One transport per engine, driven directly with requests built once: the client's CPU
-        # per request bounds a fan-out (one event loop sends them all), and httpx.AsyncClient's
-        # per-request work (URL parsing, cookies, auth and redirect flows) is none we need.
-        # Plain-http engines get the lean transport (_http.py); https ones httpx's own.
-        self._transports: dict[str, httpx.AsyncBaseTransport] = {
-            e: transport or (Http11Transport() if e.startswith("http://") else httpx.AsyncHTTPTransport(retries=0))
-            for e in self.engines
-        }
+        # Transports driven directly with requests built once: the client's CPU per request
+        # bounds a fan-out (one event loop sends them all), and httpx.AsyncClient's per-request
+        # work (URL parsing, cookies, auth and redirect flows) is none we need. Plain-http
+        # engines share the lean transport (_http.py), which sends a fan-out in one batch;
+        # https ones get httpx's own, one each.
+        self._lean = Http11Transport() if transport is None else None
+        self._transports: dict[str, httpx.AsyncBaseTransport] = {}
+        for e in self.engines:
+            if transport is not None:
+                self._transports[e] = transport
+            elif e.startswith("http://"):
+                self._transports[e] = self._lean  # type: ignore[assignment]
+            else:
+                self._transports[e] = httpx.AsyncHTTPTransport(retries=0)
         self._extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
         self._headers = {"user-agent": f"moe-record-sdk/{__version__}", **dict(headers or {})}
-        self._requests: dict[tuple[Any, ...], httpx.Request] = {}
+        self._calls: dict[tuple[Any, ...], list[_Call]] = {}
         self._sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         # engine -> (instance_id, run_id) of this fleet's last successful start there, or None
         # when that start failed: a dump checks it to catch restarts.
@@ -208,47 +221,101 @@ class AsyncFleet:
 
     async def _fan_out(self, action: str, params: dict[str, str] | None, accept: str) -> FleetResult:
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(self._call(e, action, params, accept) for e in self.engines))
-        return FleetResult(action=action, results=list(results), elapsed=time.perf_counter() - t0)
+        calls = self._calls_for(action, params, accept)
+        results: list[EngineResult | None] = [None] * len(calls)
+        # Engines on the lean transport go out in one batch, all written before any answer is
+        # awaited (Http11Transport.send_all); the others (https, a transport passed in, a
+        # concurrency cap) get a task each.
+        batch = [i for i, c in enumerate(calls) if c.prepared is not None and self._sem is None]
+        in_batch = set(batch)
+        tasks = [
+            (i, asyncio.ensure_future(self._call(e, action, calls[i])))
+            for i, e in enumerate(self.engines)
+            if i not in in_batch
+        ]
+        try:
+            if batch:
+                answers = await self._lean.send_all([calls[i].prepared for i in batch])  # type: ignore[union-attr,misc]
+                for i, answer in zip(batch, answers):
+                    engine = self.engines[i]
+                    if self._final(action, answer):
+                        # Interpreted here, without a task: it never waits (a small answer).
+                        t1 = time.perf_counter()
+                        r = await _interpret(engine, action, answer)  # type: ignore[arg-type]
+                        r.elapsed = answer.received - t0 + time.perf_counter() - t1  # type: ignore[union-attr]
+                        results[i] = r
+                    else:  # an error, a retry, a large dump: may wait, so a task of its own
+                        tasks.append((i, asyncio.ensure_future(self._attempts(engine, action, calls[i], t0, answer))))
+            for (i, _), r in zip(tasks, await asyncio.gather(*(t for _, t in tasks))):
+                results[i] = r
+        except BaseException:
+            for _, t in tasks:
+                t.cancel()
+            raise
+        return FleetResult(action=action, results=results, elapsed=time.perf_counter() - t0)  # type: ignore[arg-type]
 
-    async def _call(self, engine: str, action: str, params: dict[str, str] | None, accept: str) -> EngineResult:
+    def _final(self, action: str, answer: Answer | httpx.HTTPError) -> bool:
+        """Whether this first answer settles the call without waiting (no retry, no big decode)."""
+        if not isinstance(answer, Answer) or len(answer.body) > _INLINE_DECODE:
+            return False
+        return not (answer.status in _RETRY_STATUS and action in IDEMPOTENT and self.retries > 0)
+
+    async def _call(self, engine: str, action: str, call: _Call) -> EngineResult:
         if self._sem is None:
-            return await self._attempts(engine, action, params, accept)
+            return await self._attempts(engine, action, call)
         async with self._sem:
-            return await self._attempts(engine, action, params, accept)
+            return await self._attempts(engine, action, call)
 
-    def _request(self, engine: str, action: str, params: dict[str, str] | None, accept: str) -> httpx.Request:
-        """The request for this call, built once per engine and kind of call."""
-        key = (engine, action, tuple(sorted(params.items())) if params else (), accept)
-        request = self._requests.get(key)
-        if request is None:
-            headers = {**self._headers, "accept": accept}
-            token = self._keys.get(engine)
-            if token:
-                headers["authorization"] = f"Bearer {token}"
-            request = httpx.Request(
-                "POST", engine + PATHS[action], params=params, headers=headers, extensions=self._extensions
-            )
-            self._requests[key] = request
-        return request
+    def _calls_for(self, action: str, params: dict[str, str] | None, accept: str) -> list[_Call]:
+        """Each engine's request for this kind of call (built at its first use, then reused)."""
+        key = (action, tuple(sorted(params.items())) if params else (), accept)
+        calls = self._calls.get(key)
+        if calls is None:
+            calls = self._calls[key] = []
+            for engine in self.engines:
+                headers = {**self._headers, "accept": accept}
+                token = self._keys.get(engine)
+                if token:
+                    headers["authorization"] = f"Bearer {token}"
+                request = httpx.Request(
+                    "POST", engine + PATHS[action], params=params, headers=headers, extensions=self._extensions
+                )
+                lean = self._transports[engine] is self._lean
+                calls.append(_Call(request, self._lean.prepare(request) if lean else None))  # type: ignore[union-attr]
+        return calls
 
-    async def _send(self, engine: str, request: httpx.Request) -> tuple[httpx.Response, bytes]:
+    async def _send(self, engine: str, call: _Call) -> Answer:
         """One answer and its whole body (as the transport gave it: no join for one chunk)."""
-        resp = await self._transports[engine].handle_async_request(request)
+        if call.prepared is not None:
+            return await self._lean.send(call.prepared)  # type: ignore[union-attr]
+        resp = await self._transports[engine].handle_async_request(call.request)
         try:
             chunks = [chunk async for chunk in resp.stream]  # type: ignore[union-attr]
         finally:
             await resp.aclose()
-        return resp, chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return Answer(resp.status_code, dict(resp.headers.items()), body, time.perf_counter())
 
-    async def _attempts(self, engine: str, action: str, params: dict[str, str] | None, accept: str) -> EngineResult:
-        request = self._request(engine, action, params, accept)
-        t0 = time.perf_counter()
+    async def _attempts(
+        self,
+        engine: str,
+        action: str,
+        call: _Call,
+        t0: float | None = None,
+        first: Answer | httpx.HTTPError | None = None,
+    ) -> EngineResult:
+        """The call with its retries; ``first``: the first attempt's outcome, when already sent."""
+        t0 = time.perf_counter() if t0 is None else t0
         attempt = 0
         while True:
             attempt += 1
             try:
-                resp, body = await self._send(engine, request)
+                if first is None:
+                    answer = await self._send(engine, call)
+                else:
+                    answer, first = first, None  # type: ignore[assignment]
+                    if isinstance(answer, httpx.HTTPError):
+                        raise answer
             except httpx.HTTPError as e:
                 kind, message, retry = _transport_failure(e, action, self.timeout)
                 if retry and attempt <= self.retries:
@@ -263,10 +330,10 @@ class AsyncFleet:
                     error=message,
                     error_kind=kind,
                 )
-            if resp.status_code in _RETRY_STATUS and action in IDEMPOTENT and attempt <= self.retries:
+            if answer.status in _RETRY_STATUS and action in IDEMPOTENT and attempt <= self.retries:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
                 continue
-            result = await _interpret(engine, action, resp, body)
+            result = await _interpret(engine, action, answer)
             result.elapsed, result.attempts = time.perf_counter() - t0, attempt
             return result
 
@@ -282,20 +349,26 @@ def _transport_failure(e: httpx.HTTPError, action: str, timeout: float) -> tuple
     return "connection", f"connection failed: {type(e).__name__}: {e}", action in IDEMPOTENT
 
 
-async def _interpret(engine: str, action: str, resp: httpx.Response, body: bytes) -> EngineResult:
-    """Turn one HTTP answer (``body``: its content) into an EngineResult (ours, stock SGLang's, or an error)."""
-    r = EngineResult(engine, action, False, status_code=resp.status_code)
-    r.instance_id, r.run_id = resp.headers.get(H_INSTANCE), resp.headers.get(H_RUN)
-    r.server_timing = _server_timing(resp.headers.get("server-timing", ""))
-    ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
-    if resp.status_code != 200:
-        r.error_kind, r.error = "http", f"HTTP {resp.status_code}: {_error_message(resp, body, ctype)}"
-        if resp.status_code == 404 and action == "status":
+async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
+    """Turn one HTTP answer into an EngineResult (ours, stock SGLang's, or an error).
+
+    Only a dump over ``_INLINE_DECODE`` bytes waits (its decode runs on a thread).
+    """
+    status, headers, body = answer.status, answer.headers, answer.body
+    r = EngineResult(engine, action, False, status_code=status)
+    r.instance_id, r.run_id = headers.get(H_INSTANCE), headers.get(H_RUN)
+    timing = headers.get("server-timing")
+    if timing:
+        r.server_timing = _server_timing(timing)
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if status != 200:
+        r.error_kind, r.error = "http", f"HTTP {status}: {_error_message(answer, ctype)}"
+        if status == 404 and action == "status":
             r.error += " (no status endpoint: a stock SGLang server has none)"
-        elif resp.status_code == 404:
+        elif status == 404:
             r.error += " (endpoints absent: not enabled on this engine?)"
         return r
-    fmt = resp.headers.get(H_FORMAT)
+    fmt = headers.get(H_FORMAT)
     if action == "dump" and (fmt or ctype in (MSGPACK, DUMP_JSON)):
         r.flavor, r.location = "moe-record", IN_RESPONSE
         fmt = fmt or ("msgpack" if ctype == MSGPACK else "json")
@@ -308,8 +381,8 @@ async def _interpret(engine: str, action: str, resp: httpx.Response, body: bytes
         except MoeRecordError as e:
             r.error_kind, r.error = "bad_dump", f"the dump in the answer does not decode: {e}"
             return r
-        if resp.headers.get(H_FILES):
-            r.files = _json_list(resp.headers[H_FILES])
+        if headers.get(H_FILES):
+            r.files = _json_list(headers[H_FILES])
         r.ok = True
         return r
     if ctype == "application/json":
@@ -328,9 +401,9 @@ async def _interpret(engine: str, action: str, resp: httpx.Response, body: bytes
             r.location, r.files = ON_SERVER, [str(f) for f in info.get("files") or []]
         r.ok = bool(info.get("ok", True))
         if not r.ok:
-            r.error_kind, r.error = "http", _error_message(resp, body, ctype)
+            r.error_kind, r.error = "http", _error_message(answer, ctype)
         return r
-    text = _text(resp, body)
+    text = _text(answer, body)
     if action in TEXTS and text.strip() == TEXTS[action].strip():
         r.flavor, r.ok = "sglang", True
         if action == "dump":
@@ -340,11 +413,21 @@ async def _interpret(engine: str, action: str, resp: httpx.Response, body: bytes
     return r
 
 
-def _text(resp: httpx.Response, body: bytes) -> str:
-    return bytes(body).decode(resp.charset_encoding or "utf-8", errors="replace")
+def _text(answer: Answer, body: bytes | bytearray) -> str:
+    """``body`` (the answer's, or a part) as text, in the charset its content type names."""
+    charset = "utf-8"
+    for param in answer.headers.get("content-type", "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"') or charset
+    try:
+        return bytes(body).decode(charset, errors="replace")
+    except LookupError:  # a charset Python does not know
+        return bytes(body).decode("utf-8", errors="replace")
 
 
-def _error_message(resp: httpx.Response, body: bytes, ctype: str) -> str:
+def _error_message(answer: Answer, ctype: str) -> str:
+    body = answer.body
     if ctype == "application/json":
         try:
             doc = json.loads(body)
@@ -355,18 +438,19 @@ def _error_message(resp: httpx.Response, body: bytes, ctype: str) -> str:
                 return str(doc["detail"])
         except ValueError:
             pass
-    return _text(resp, body[:4096]).strip()[:300] or resp.reason_phrase
+    return _text(answer, body[:4096]).strip()[:300] or httpx.codes.get_reason_phrase(answer.status)
 
 
 def _server_timing(raw: str) -> dict[str, float]:
     """``dump;dur=12.5, encode;dur=3`` -> ``{"dump": 12.5, "encode": 3.0}`` (malformed parts skipped)."""
     out = {}
     for part in raw.split(","):
-        name, *params = (p.strip() for p in part.split(";"))
-        for p in params:
+        name, _, params = part.partition(";")
+        for p in params.split(";"):
+            p = p.strip()
             if p.startswith("dur="):
                 with contextlib.suppress(ValueError):
-                    out[name] = float(p[4:])
+                    out[name.strip()] = float(p[4:])
     return out
 
 

@@ -52,8 +52,8 @@ class ControlApp:
                 body = await _read_body(receive, self.handler.max_body)
                 if body is None:
                     resp = self.handler.too_large(h)
-                else:
-                    resp = await self.handler.handle(method, path, scope.get("query_string", b""), h, body)
+                else:  # checked above, body size included (_read_body's limit)
+                    resp = await self.handler.serve(method, path, scope.get("query_string", b""), h, body)
         else:
             resp = await self._extra(route, method, scope, receive, h)
         await _send(send, resp)

@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, quote
 
 from ..env import DEFAULT_MAX_BODY
 from ..errors import MoeRecordError, RecorderError
-from ..schema import FORMATS, encode
+from ..schema import FORMATS, Dump, encode
 from .control import Backend, ControlError, Controller
 from .protocol import (
     DUMP_PATH,
@@ -77,6 +77,10 @@ ROUTES: tuple[Route, ...] = (
     Route(STATUS_PATH, "status", ("GET", "POST")),
 )
 _BY_PATH = {r.path: r for r in ROUTES}
+
+#: Dumps whose tensors hold at most this many bytes are encoded on the event loop (JSON, the
+#: slowest format, takes well under a millisecond for them); larger ones on a worker thread.
+_INLINE_ENCODE = 256 << 10
 
 _OPTIONS = {"start": {"mode"}, "stop": set(), "dump": {"return", "format"}, "status": set()}
 
@@ -216,6 +220,16 @@ class ControlHandler:
         early = self.precheck(method, path, h, len(body))
         if early is not None:
             return early
+        return await self.serve(method, path, query, h, body)
+
+    async def serve(
+        self, method: str, path: str, query: str | bytes | Mapping[str, str] | None, h: dict[str, str], body: bytes
+    ) -> Response:
+        """``handle`` for a request that passed ``precheck`` (body included), headers normalized.
+
+        Why: the ASGI app prechecks before it reads the body; checking and normalizing again
+        would repeat that work on every request.
+        """
         action = _BY_PATH[path].action
         try:
             options = self._options(action, _query(query), body, h)
@@ -289,7 +303,10 @@ class ControlHandler:
                 h, "dump", DUMP_TEXT, files=files, dump_dir=ctl.dump_dir, mode=outcome.merged.mode,
                 num_passes=outcome.merged.window.num_passes, num_ranks=len(outcome.dumps),
             )  # fmt: skip
-        data = await asyncio.to_thread(encode, outcome.merged, fmt)
+        if _tensor_bytes(outcome.merged) > _INLINE_ENCODE:
+            data = await asyncio.to_thread(encode, outcome.merged, fmt)
+        else:  # a small dump encodes in less time than the hop to a worker thread costs
+            data = encode(outcome.merged, fmt)
         t2 = time.perf_counter()
         headers = {
             "content-type": MEDIA_TYPES[fmt],
@@ -347,6 +364,13 @@ class ControlHandler:
     def too_large(self, headers: Any = None) -> Response:
         """The 413 answer, for servers that find the body too large while reading it."""
         return self.error(self._too_large(), _headers(headers))
+
+
+def _tensor_bytes(dump: Dump) -> int:
+    """The bytes a dump's tensors hold: what its encoding costs grows with."""
+    tensors = [dump.logical_count, dump.total_logical_count, dump.physical_count, dump.physical_to_logical_map]
+    tensors += [r.topk_ids_of_layer for r in dump.records]
+    return sum(t.nbytes for t in tensors if t is not None)
 
 
 def _accepts_json(h: Mapping[str, str]) -> bool:

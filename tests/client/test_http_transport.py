@@ -4,12 +4,13 @@ raised as httpx's exceptions (which the fleet turns into error kinds)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
 
 from moe_record_sdk import AsyncFleet
-from moe_record_sdk.client._http import Http11Transport
+from moe_record_sdk.client._http import Answer, Http11Transport
 
 
 async def _serve(answers):
@@ -42,9 +43,16 @@ async def _serve(answers):
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
 
 
+def _request(url, timeout=5.0):
+    return httpx.Request("POST", url + "/x?a=1", extensions={"timeout": httpx.Timeout(timeout).as_dict()})
+
+
 def _get(transport, url, timeout=5.0):
-    request = httpx.Request("POST", url + "/x?a=1", extensions={"timeout": httpx.Timeout(timeout).as_dict()})
-    return transport.handle_async_request(request)
+    return transport.handle_async_request(_request(url, timeout))
+
+
+def _ok(body=b"ok", ctype=b"text/plain"):
+    return b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s" % (ctype, len(body), body)
 
 
 async def _body(resp):
@@ -88,6 +96,12 @@ def test_framings_and_keep_alive():
         (None, httpx.RemoteProtocolError, "disconnected without sending"),
         (b"SSH-2.0-OpenSSH\r\n\r\n", httpx.RemoteProtocolError, "status line"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n", httpx.RemoteProtocolError, "Content-Length"),
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+            httpx.RemoteProtocolError,
+            "Content-Length",
+        ),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", httpx.RemoteProtocolError, "malformed header"),
         ((b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",), httpx.RemoteProtocolError, "after 5 of"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", httpx.RemoteProtocolError, "chunk size"),
         (1.0, httpx.ReadTimeout, "timed out"),
@@ -144,7 +158,6 @@ def test_reconnects_when_the_server_dropped_an_idle_connection_unseen():
     it (between a synchronous Fleet's calls; here a blocked loop): the next request must go out
     on a new connection, not fail on the old one."""
     import threading
-    import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     connections = []
@@ -176,12 +189,132 @@ def test_reconnects_when_the_server_dropped_an_idle_connection_unseen():
             assert await _body(await _get(t, url)) == b"ok"
             time.sleep(0.6)  # blocks the loop: the server's close is not processed before the next request
             assert await _body(await _get(t, url)) == b"ok"
+            time.sleep(0.6)  # and the fleet's batch path checks too
+            (answer,) = await t.send_all([t.prepare(_request(url))])
+            assert answer.body == b"ok"
         finally:
             await t.aclose()
 
     try:
         asyncio.run(go())
-        assert len(connections) == 2
+        assert len(connections) == 3
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_repeated_headers_are_joined_and_equal_lengths_accepted():
+    answer = b"HTTP/1.1 200 OK\r\nX-A: 1\r\ncontent-length: 2\r\nx-a:  2 \r\nContent-Length: 2\r\n\r\nok"
+
+    async def go():
+        server, url, _ = await _serve([answer])
+        t = Http11Transport()
+        try:
+            (got,) = await t.send_all([t.prepare(_request(url))])
+        finally:
+            await t.aclose()
+            server.close()
+        assert got.body == b"ok" and got.headers["x-a"] == "1, 2" and got.headers["content-length"] == "2"
+
+    asyncio.run(go())
+
+
+def test_send_all_maps_each_failure_and_keeps_only_good_connections():
+    """The batch path (kept-alive connections, written together, one read timer): each job's
+    own outcome; a failed connection is dropped and the next call connects anew."""
+    scripts = [
+        [_ok(), _ok(), _ok()],  # healthy: one connection throughout
+        [_ok(), None, _ok()],  # cut instead of the 2nd answer
+        [_ok(), b"SSH-2.0-OpenSSH\r\n\r\n", _ok()],  # not HTTP
+        [_ok(), 5.0, _ok()],  # silent past the read timeout
+    ]
+
+    async def go():
+        servers = [await _serve(script) for script in scripts]
+        t = Http11Transport()
+        jobs = [t.prepare(_request(url, timeout=0.3)) for _, url, _ in servers]
+        try:
+            first = await t.send_all(jobs)  # nothing kept yet: each connects in a task
+            assert [a.body for a in first] == [b"ok"] * 4
+            assert all(len(conns) == 1 for conns in t._idle.values())
+            t0 = time.perf_counter()
+            second = await t.send_all(jobs)  # the kept connections: one batch
+            took = time.perf_counter() - t0
+            assert isinstance(second[0], Answer) and second[0].body == b"ok"
+            assert second[0].received - t0 < 0.3  # its answer came at once, not with the batch's end
+            assert isinstance(second[1], httpx.RemoteProtocolError) and "disconnected" in str(second[1])
+            assert isinstance(second[2], httpx.RemoteProtocolError) and "status line" in str(second[2])
+            assert isinstance(second[3], httpx.ReadTimeout)
+            assert 0.3 <= took < 2.0
+            assert sum(len(conns) for conns in t._idle.values()) == 1  # only the healthy one kept
+            third = await t.send_all(jobs)
+            assert [a.body for a in third] == [b"ok"] * 4
+            assert [seen["connections"] for _, _, seen in servers] == [1, 2, 2, 2]
+        finally:
+            await t.aclose()
+            for server, _, _ in servers:
+                server.close()
+
+    asyncio.run(go())
+
+
+def test_cancelled_send_all_closes_the_connections_it_waited_on():
+    async def go():
+        server, url, _ = await _serve([_ok(), 5.0])
+        t = Http11Transport()
+        job = t.prepare(_request(url))
+        try:
+            await t.send_all([job])
+            (conn,) = t._idle[job.key]
+            task = asyncio.create_task(t.send_all([job]))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert conn.closed and not t._idle[job.key]  # its answer would come to nobody: never reused
+        finally:
+            await t.aclose()
+            server.close()
+
+    asyncio.run(go())
+
+
+def test_fleet_retries_batch_failures_only_where_safe():
+    """Failures on kept-alive connections (the fleet's batch): a cut stop and a 503 stop are
+    retried and succeed; a cut dump is not re-sent."""
+    ok = _ok(b'{"ok": true}', b"application/json")
+    busy = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy"
+
+    async def go():
+        servers = [await _serve(s) for s in ([ok, None, ok], [ok, busy, ok], [ok, ok], [ok, None])]
+        (_, a, _), (_, b, _), (_, c, _), (_, d, _) = servers
+        try:
+            async with AsyncFleet([a, b, c], api_key="", retries=1, backoff=0.0, timeout=2.0) as fleet:
+                assert (await fleet.status()).ok
+                stop = await fleet.stop()
+                assert [r.ok for r in stop] == [True, True, True] and [r.attempts for r in stop] == [2, 2, 1]
+            async with AsyncFleet([d], api_key="", retries=1, backoff=0.0, timeout=2.0) as fleet:
+                assert (await fleet.status()).ok
+                (dump,) = (await fleet.dump()).results
+                assert dump.error_kind == "connection" and dump.attempts == 1
+        finally:
+            for server, _, _ in servers:
+                server.close()
+
+    asyncio.run(go())
+
+
+def test_fleet_with_a_concurrency_cap():
+    async def go():
+        servers = [await _serve([_ok(b'{"ok": true}', b"application/json")] * 2) for _ in range(3)]
+        try:
+            urls = [url for _, url, _ in servers]
+            async with AsyncFleet(urls, api_key="", max_concurrency=1) as fleet:
+                for _ in range(2):
+                    result = await fleet.status()
+                    assert result.ok and [r.engine for r in result] == urls
+        finally:
+            for server, _, _ in servers:
+                server.close()
+
+    asyncio.run(go())

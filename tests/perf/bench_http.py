@@ -8,8 +8,10 @@
    CPUs are few. For start, stop, dump (bytes collected) and status: the median time of one
    ``AsyncFleet`` call over all engines, next to the slowest engine's median single call (each
    engine called alone). Target: fleet <= 1.5x the slowest single call. The client's CPU per
-   request bounds this (one event loop sends every request); so do the host's CPUs, which the
-   engine processes and the client share here: with fewer cores than engines they take turns.
+   request bounds this (one event loop sends every request), so it is printed too (the client
+   process's CPU time in fleet calls over their requests: steadier than wall times on a busy
+   host); so do the host's CPUs, which the engine processes and the client share here: with
+   fewer cores than engines they take turns.
 2. **Transfer.** One engine holding a full stat ring of 1000 passes (``[1000, 61, 256]``, SGLang's
    default buffer for that model: 62.5 MB as int32, in SGLang's ``.pt`` layout and in our msgpack
    alike). Times a dump collected over HTTP, end to end (server reads the recorder, encodes,
@@ -151,13 +153,16 @@ def stop_hosts(procs: list[subprocess.Popen]) -> None:
 
 
 # -- 1. fan-out --------------------------------------------------------------------------------
-async def _cycle(fleet: AsyncFleet) -> dict[str, float]:
-    """One start, stop, dump (collected), status; seconds each, failures raised."""
+async def _cycle(fleet: AsyncFleet, cpu: dict[str, float] | None = None) -> dict[str, float]:
+    """One start, stop, dump (collected), status; seconds each, failures raised. ``cpu``: adds
+    each call's CPU seconds of this (the client's) process."""
     out = {}
     for action in ("start", "stop", "dump", "status"):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         result = await (fleet.dump(merge=False) if action == "dump" else getattr(fleet, action)())
         out[action] = time.perf_counter() - t0
+        if cpu is not None:
+            cpu[action] += time.process_time() - c0
         result.raise_for_errors()
     return out
 
@@ -170,11 +175,12 @@ async def fan_out(urls: list[str], repeat: int) -> dict[str, Any]:
             await _cycle(f)
         per_engine: list[dict[str, list[float]]] = [{a: [] for a in ("start", "stop", "dump", "status")} for _ in urls]
         together: dict[str, list[float]] = {a: [] for a in ("start", "stop", "dump", "status")}
+        cpu = dict.fromkeys(together, 0.0)  # the client's CPU in fleet calls: what bounds the fan-out
         for _ in range(repeat):  # interleaved: every round measures each single engine, then the fleet
             for i, f in enumerate(singles):
                 for a, s in (await _cycle(f)).items():
                     per_engine[i][a].append(s)
-            for a, s in (await _cycle(fleet)).items():
+            for a, s in (await _cycle(fleet, cpu)).items():
                 together[a].append(s)
     finally:
         for f in [*singles, fleet]:
@@ -189,6 +195,7 @@ async def fan_out(urls: list[str], repeat: int) -> dict[str, Any]:
             "median_single_ms": statistics.median(medians) * 1000,
             "sum_single_ms": sum(medians) * 1000,
             "ratio": statistics.median(together[a]) / slowest,
+            "client_cpu_us_per_request": cpu[a] / (repeat * len(urls)) * 1e6,
         }
     return rows
 
@@ -283,10 +290,14 @@ def main() -> None:
         print(
             f"\nfan-out: {args.engines} engines in {h} host processes ({L}x{E} top-{K} stat recorders{lat}), median of {args.repeat}"
         )
-        print(f"{'action':8} {'fleet ms':>9} {'slowest 1':>10} {'median 1':>9} {'sum of 1':>9} {'fleet/slowest':>14}")
+        print(
+            f"{'action':8} {'fleet ms':>9} {'slowest 1':>10} {'median 1':>9} {'sum of 1':>9} {'fleet/slowest':>14}"
+            f" {'client CPU us/req':>18}"
+        )
         for a, r in rows.items():
             print(
                 f"{a:8} {r['fleet_ms']:9.2f} {r['slowest_single_ms']:10.2f} {r['median_single_ms']:9.2f} {r['sum_single_ms']:9.1f} {r['ratio']:13.2f}x"
+                f" {r['client_cpu_us_per_request']:18.0f}"
             )
         report["fan_out"] = {"engines": args.engines, "hosts": h, "latency_ms": args.engine_latency_ms, "rows": rows}
     if not args.skip_transfer:
