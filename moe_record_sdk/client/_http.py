@@ -430,11 +430,13 @@ def _stale(conns: Sequence[_Conn]) -> set[_Conn]:
     """
     stale = {c for c in conns if c.closed or c.fd < 0 or c.transport.is_closing()}  # type: ignore[union-attr]
     live = {c.fd: c for c in conns if c not in stale}
-    if live:
+    if live and hasattr(select, "poll"):  # poll: no limit on descriptor numbers (select's is 1024)
         poller = select.poll()
         for fd in live:
             poller.register(fd, select.POLLIN)
         stale.update(live[fd] for fd, _ in poller.poll(0))
+    elif live:  # Windows has no poll
+        stale.update(live[fd] for fd in select.select(list(live), [], [], 0)[0])
     return stale
 
 

@@ -153,11 +153,17 @@ def test_fleet_reports_transport_failures_by_kind():
     asyncio.run(go())
 
 
-def test_reconnects_when_the_server_dropped_an_idle_connection_unseen():
+@pytest.mark.parametrize("poll", [True, False], ids=["poll", "select"])
+def test_reconnects_when_the_server_dropped_an_idle_connection_unseen(poll, monkeypatch):
     """A server's keep-alive timeout closes an idle connection while no event loop runs to see
     it (between a synchronous Fleet's calls; here a blocked loop): the next request must go out
-    on a new connection, not fail on the old one."""
+    on a new connection, not fail on the old one. Without ``select.poll`` (Windows) the check
+    falls back to ``select.select``."""
+    import select
     import threading
+
+    if not poll:
+        monkeypatch.delattr(select, "poll")
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     connections = []
