@@ -12,12 +12,16 @@ are in the notes of ``moe_record_sdk/counter_triton.py``.
 
 from __future__ import annotations
 
-import statistics
+import os
 import sys
 
 import torch
+import triton
 
 from moe_record_sdk.bench import _graph_timer, _methods
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tune_tap import _copy, _empty, _median  # noqa: E402
 
 SRC = r"""
 extern "C" __global__ void hist_stat(const int* __restrict__ ids, int n, long long* __restrict__ counts,
@@ -70,10 +74,6 @@ extern "C" __global__ void bar_k(const long long* __restrict__ enabled, int* out
 
 
 def floor() -> None:
-    sys.path.insert(0, "tests/perf")
-    import triton
-    from tune_tap import _copy, _empty
-
     empty_k = torch.cuda._compile_kernel(EXTRA, "empty_k")
     copy_k = torch.cuda._compile_kernel(EXTRA, "copy_k")
     bar_k = torch.cuda._compile_kernel(EXTRA, "bar_k")
@@ -83,7 +83,7 @@ def floor() -> None:
         dst = torch.empty_like(src)
         n = src.numel()
         n4 = n // 4
-        s, d = src, dst
+        s, d = src, dst  # bound as defaults: each lambda keeps this T's buffers
         timers = {
             "t_empty": _graph_timer(lambda i, d=d: _empty[(1,)](flag, d), 64, 5),
             "c_empty": _graph_timer(lambda i, d=d: empty_k((1, 1, 1), (32, 1, 1), [flag, d]), 64, 5),
@@ -94,11 +94,8 @@ def floor() -> None:
             ),
             "torch_copy": _graph_timer(lambda i, s=s, d=d: d.copy_(s), 64, 5),
         }
-        samples: dict[str, list[float]] = {k: [] for k in timers}
-        for _ in range(15):
-            for k, once in timers.items():
-                samples[k].append(once())
-        print(f"floor T={T}: " + " ".join(f"{k}={statistics.median(v):.2f}" for k, v in samples.items()), flush=True)
+        m = _median(timers, 15)
+        print(f"floor T={T}: " + " ".join(f"{k}={v:.2f}" for k, v in m.items()), flush=True)
 
 
 def main() -> None:
@@ -130,11 +127,7 @@ def main() -> None:
                 print(f"T={T} t{threads}: WRONG", flush=True)
                 continue
             timers[f"smem{threads}"] = _graph_timer(fn, 64, 5)
-        samples: dict[str, list[float]] = {k: [] for k in timers}
-        for _ in range(15):
-            for k, once in timers.items():
-                samples[k].append(once())
-        m = {k: statistics.median(s) for k, s in samples.items()}
+        m = _median(timers, 15)
         print(f"T={T}: " + " ".join(f"{k}={v:.2f}({v / m['copy']:.2f})" for k, v in m.items()), flush=True)
 
 
