@@ -9,14 +9,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# Flaky downloads: pip resumes a cut download up to this many times (pip >= 25.1; older pips
+# ignore it), and pipq retries a failed install once.
+export PIP_RESUME_RETRIES=${PIP_RESUME_RETRIES:-20}
 
 stamp_of() { cat pyproject.toml adapters/*/pyproject.toml adapters/sglang/requirements-cpu.txt scripts/dev.sh | sha256sum | cut -c1-16; }
 
-make_env() {  # make_env DIR INSTALL-FUNCTION
+make_env() {  # make_env DIR INSTALL-FUNCTION GB (the free disk its build needs)
   local dir=$1 fn=$2 stamp
   stamp="$(stamp_of)-$fn"
   if [[ -f $dir/.stamp && $(cat "$dir/.stamp") == "$stamp" ]]; then return; fi
   echo "== installing $dir" >&2
+  check_disk "$3"
   rm -rf "$dir"
   "$PY" -m venv "$dir"
   "$dir/bin/pip" install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
@@ -24,7 +28,23 @@ make_env() {  # make_env DIR INSTALL-FUNCTION
   echo "$stamp" > "$dir/.stamp"
 }
 
-pipq() { "$@" 2>&1 | grep -v '^WARNING: Location' || true; test "${PIPESTATUS[0]}" -eq 0; }
+pipq() {  # pipq PIP-COMMAND...: quiet but for errors, one retry
+  local try
+  for try in 1 2; do
+    if "$@" 2>&1 | grep -v '^WARNING: Location'; [[ ${PIPESTATUS[0]} -eq 0 ]]; then return 0; fi
+    [[ $try == 1 ]] && echo "== failed, retrying in 10 s: ${*:2}" >&2 && sleep 10
+  done
+  return 1
+}
+
+check_disk() {  # check_disk GB: a full disk fails pip and the tests confusingly, so say so first
+  local free_gb
+  free_gb=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
+  if ((free_gb < $1)); then
+    echo "== WARNING: $free_gb GB free here, this environment needs about $1 GB:" \
+      "'No space left on device' errors below come from that" >&2
+  fi
+}
 
 install_main() {
   pipq "$1" install -q torch==2.13.0   # the CPU build; a plain `torch` would pull a CUDA build
@@ -45,14 +65,14 @@ install_sglang() {
 
 case "${1:-}" in
   demo)
-    make_env .venv install_main
+    make_env .venv install_main 3
     shift
     exec .venv/bin/moe-record demo "$@"
     ;;
   test)
-    make_env .venv install_main
-    make_env .venv-vllm install_vllm
-    make_env .venv-sglang install_sglang
+    make_env .venv install_main 3
+    make_env .venv-vllm install_vllm 6
+    make_env .venv-sglang install_sglang 10
     export CI=${CI:-}
     status=0
     .venv/bin/ruff check . || status=1
