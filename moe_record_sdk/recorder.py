@@ -136,7 +136,6 @@ class Recorder:
         self._lock = threading.RLock()
         self._mode = mode
         self._recording = False
-        self._start_time: float | None = None
         self._buffer_size = buffer_size
         self.counter = self._make_counter(mode, buffer_size)
         self._reset_window()
@@ -222,7 +221,6 @@ class Recorder:
 
     def _reset_window(self) -> None:
         self._begin_window(self.counter.read(), token_base=None)
-        self._stop_time: float | None = None
 
     def _begin_window(self, base: Reading, token_base: int | None) -> None:
         """Count from ``base`` on: the reading the window subtracts, and the token position where
@@ -230,6 +228,9 @@ class Recorder:
         self._base = base
         self._token_base = base.tokens if token_base is None else token_base
         self._start_time = time.time()
+        # A window opened while idle records nothing: it ends where it begins. (It kept the
+        # last stop's time, before its own start, and a second dump after stop was invalid.)
+        self._stop_time = None if self._recording else self._start_time
 
     def status(self) -> Status:
         """Recording?, mode, passes, tokens, bytes used, drops (reads a few device scalars)."""
@@ -353,7 +354,7 @@ class Recorder:
             window=Window(
                 mode=mode,  # type: ignore[arg-type]
                 start_time=self._start_time,
-                stop_time=self._stop_time if not self._recording and self._stop_time else now,
+                stop_time=self._stop_time if not self._recording and self._stop_time is not None else now,
                 num_passes=r.passes - base.passes,
                 num_tokens=tokens_full,
                 discarded=discarded,

@@ -103,8 +103,12 @@ def test_dump_clears_and_stop_keeps():
     rec.record(0, torch.tensor([[1], [1]]))
     rec.stop()
     rec.record(0, torch.tensor([[2]]))  # not recording: not counted
-    assert rec.dump().total_count().tolist() == [[0, 2, 0, 0]]
-    assert rec.dump().total_count().tolist() == [[0, 0, 0, 0]]  # the dump cleared
+    first, second = rec.dump(), rec.dump()
+    assert first.total_count().tolist() == [[0, 2, 0, 0]]
+    assert second.total_count().tolist() == [[0, 0, 0, 0]]  # the dump cleared
+    # The idle window the first dump opened is empty and ends where it begins, after the first.
+    assert second.window.start_time == second.window.stop_time >= first.window.stop_time
+    assert validate_dump(first) == [] and validate_dump(second) == []
     rec.start()
     rec.record(0, torch.tensor([[3]]))
     rec.start()  # start clears, as SGLang's does
