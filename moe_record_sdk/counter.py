@@ -15,6 +15,8 @@ elsewhere, where it is a view).
 
 from __future__ import annotations
 
+import numbers
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +28,8 @@ from .errors import RecorderError
 
 @dataclass
 class Reading:
-    """One host copy of the counters, as of a dump."""
+    """One host copy of the counters, as of a dump. With a ring, ``counts``, ``passes`` and
+    ``tokens`` are as of the last step (see ``Counter.read``)."""
 
     counts: torch.Tensor  # int64 [R, S + 2], monotonic
     passes: int  # passes completed (while enabled)
@@ -74,6 +77,7 @@ class Counter:
         self.rows: torch.Tensor | None = None
         self.row_pass: torch.Tensor | None = None
         self.last_counts: torch.Tensor | None = None
+        self.step_seq = torch.zeros((), dtype=torch.int64, device=dev)  # odd while a step writes the ring
         if ring_rows:
             # One spare slot: the slot a concurrent step may be writing holds a pass older
             # than the ``ring_rows`` a dump takes, so a dump never reads a torn row.
@@ -115,6 +119,7 @@ class Counter:
 
     def nbytes(self) -> int:
         tensors = [self.enabled, self.token_enabled, self.stripes, self.passes, self.token_cursor, self.pass_tokens]
+        tensors.append(self.step_seq)
         tensors += [
             t for t in (self.rows, self.row_pass, self.row_tokens, self.last_counts, self.token_ids, self.token_pass) if t is not None
         ]
@@ -142,6 +147,8 @@ class Counter:
             raise RecorderError(f"topk_ids: expected shape [tokens, top_k={self.top_k}], got {list(topk_ids.shape)}")
         if topk_ids.dtype not in (torch.int32, torch.int64):
             raise RecorderError(f"topk_ids: expected int32 or int64, got {topk_ids.dtype}")
+        if num_valid_tokens is not None:
+            _check_num_valid(num_valid_tokens)
         if self.kernel == "triton":
             counter_triton.record(self, row, topk_ids, num_valid_tokens)
             return
@@ -180,6 +187,7 @@ class Counter:
         on = self.enabled > 0
         if self.rows is not None:
             assert self.row_pass is not None and self.last_counts is not None
+            self.step_seq.add_(1)  # odd until the pass is committed: ``read`` waits it out
             slot = (self.passes % (self.ring_rows + 1)).view(1)
             counts = self.total_counts()
             delta = (counts[:, : self.num_slots] - self.last_counts[:, : self.num_slots]).to(torch.int32)
@@ -196,6 +204,8 @@ class Counter:
             self.token_cursor.add_(self.pass_tokens)
             self.pass_tokens.zero_()
         self.passes.add_(self.enabled)
+        if self.rows is not None:
+            self.step_seq.add_(1)
 
     # -- control (host side, may sync) ------------------------------------------------------
     def set_enabled(self, on: bool, tokens: bool) -> None:
@@ -204,10 +214,17 @@ class Counter:
 
     def read(self) -> Reading:
         """Copy the counters to the host. Scalars are read before and after the big copies so
-        a concurrent pass can only make the reading drop rows it names, never tear one."""
-        passes = int(self.passes)
-        tokens = int(self.token_cursor)
-        counts = self.total_counts().to("cpu", copy=True)
+        a concurrent pass can only make the reading drop rows it names, never tear one.
+
+        With a ring, the counts are those of the last step, so that a window's totals and its
+        rows end at the same pass: counts of a pass in progress go to the next reading, whole.
+        """
+        if self.rows is None:
+            passes = int(self.passes)
+            tokens = int(self.token_cursor)
+            counts = self.total_counts().to("cpu", copy=True)
+        else:
+            counts, passes, tokens = self._settled()
         rows = None if self.rows is None else self.rows.to("cpu", copy=True)
         row_pass = None if self.row_pass is None else self.row_pass.to("cpu", copy=True)
         row_tokens = None if self.row_tokens is None else self.row_tokens.to("cpu", copy=True)
@@ -216,3 +233,31 @@ class Counter:
         passes_after = int(self.passes)
         tokens_after = int(self.token_cursor) + int(self.pass_tokens)
         return Reading(counts, passes, rows, row_pass, row_tokens, passes_after, tokens, token_ids, token_pass, tokens_after)
+
+    def _settled(self, timeout: float = 1.0) -> tuple[torch.Tensor, int, int]:
+        """``last_counts`` with the passes and token position it covers, read between steps (a
+        step writes them one after another; ``step_seq`` is odd meanwhile, and changes)."""
+        assert self.last_counts is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            seq = int(self.step_seq)
+            if seq % 2 == 0:
+                counts = self.last_counts.to("cpu", copy=True)
+                passes, tokens = int(self.passes), int(self.token_cursor)
+                if int(self.step_seq) == seq:
+                    return counts, passes, tokens
+            if time.monotonic() > deadline:
+                raise RecorderError(f"counter: a step() has not finished after {timeout} s; cannot read a whole pass")
+            time.sleep(0)  # let the stepping thread finish
+
+
+def _check_num_valid(n: object) -> None:
+    """``num_valid_tokens``: an integer, or an integer tensor of one element (host metadata only:
+    no sync)."""
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1 or n.dtype == torch.bool or n.dtype.is_floating_point or n.dtype.is_complex:
+            raise RecorderError(
+                f"num_valid_tokens: expected an integer tensor of one element, got {n.dtype} of shape {list(n.shape)}"
+            )
+    elif isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt)):
+        raise RecorderError(f"num_valid_tokens: expected an int or an integer tensor, got {type(n).__name__} {n!r}")

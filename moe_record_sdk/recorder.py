@@ -32,6 +32,7 @@ from .errors import RecorderError
 from .schema.dump import MODES, Dump, EngineInfo, ModelInfo, Record, Topology, Window, row_sum
 from .schema.io import save_dump
 from .schema.sglang import sglang_file_name
+from .schema.validate import topology_problems
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,15 @@ class Recorder:
         if self.engine.sdk_version is None:
             self.engine = msgspec.structs.replace(self.engine, sdk_version=__version__)
         self.topology = topology or Topology()
+        for name, problem in topology_problems(self.topology):
+            raise RecorderError(f"{name}: {problem}")
         self.model_name = model_name
         self.unobserved_layers = sorted(set(unobserved_layers))
+        bad = [i for i in self.unobserved_layers if not 0 <= i < num_layers or i in self.layer_ids]
+        if bad:
+            raise RecorderError(
+                f"unobserved_layers: {bad} must be within [0, {num_layers}) and not among the recorded layer_ids"
+            )
         self.max_bytes = max_bytes
         self._lock = threading.RLock()
         self._mode = mode
@@ -164,6 +172,12 @@ class Recorder:
                     f"{R} layers x top_k={self.top_k}; raise max_bytes or lower buffer_size"
                 )
         return Counter(self.layer_ids, self.num_slots, self.top_k, self.device, ring_rows=ring, token_slots=tokens)
+
+    def _window_ring(self) -> int:
+        """Passes the current window keeps rows of: the counter's ring, except in ``stat`` mode
+        without a buffer (a ring another mode allocated earlier does not turn it on)."""
+        unbuffered = self._mode == "stat" and not self._ring_rows("stat", self._buffer_size)
+        return 0 if unbuffered else self.counter.ring_rows
 
     def supports(self, mode: str) -> bool:
         """Whether ``start(mode)`` can run on the buffers allocated now (no reallocation, so a
@@ -250,10 +264,15 @@ class Recorder:
             )
 
     def _pending_drops(self) -> tuple[int, int]:
-        c, base = self.counter, self._base
-        passes, cursor = int(c.passes), int(c.token_cursor)
-        dp = max(0, passes - base.passes - c.ring_rows) if c.ring_rows else 0
-        dt = max(0, cursor - base.tokens - c.token_slots) if c.token_slots else 0
+        """Passes and tokens the next dump would report dropped, as ``_build`` counts them."""
+        c, base, ring = self.counter, self._base, self._window_ring()
+        dp = max(0, int(c.passes) - base.passes - ring) if ring else 0
+        dt = 0
+        if self._mode == "per_token" and c.row_tokens is not None:
+            kept_from = self._token_base  # where the oldest pass still in the ring begins
+            if dp:
+                kept_from = int(c.row_tokens[(base.passes + dp) % (c.ring_rows + 1), 0])
+            dt = max(0, max(kept_from, int(c.token_cursor) - c.token_slots) - self._token_base)
         return dp, dt
 
     def _window_counts(self, counts: torch.Tensor) -> torch.Tensor:
@@ -322,11 +341,11 @@ class Recorder:
         records: list[Record] = []
         phys_rows: torch.Tensor
         dropped_passes = dropped_tokens = 0
-        mode = self._mode
-        if mode != "stat" or c.ring_rows:
+        mode, ring = self._mode, self._window_ring()
+        if ring:
             assert r.rows is not None and r.row_pass is not None
             # Passes a concurrent step may have overwritten while we copied are not taken.
-            first = max(base.passes, r.passes_after - c.ring_rows)
+            first = max(base.passes, r.passes_after - ring)
             taken = list(range(first, r.passes))
             dropped_passes = first - base.passes
             slots = [p % (c.ring_rows + 1) for p in taken]
@@ -358,7 +377,7 @@ class Recorder:
                 num_passes=r.passes - base.passes,
                 num_tokens=tokens_full,
                 discarded=discarded,
-                buffer_size=c.ring_rows if (mode != "stat" or c.ring_rows) else 0,
+                buffer_size=ring,
                 dropped_passes=dropped_passes,
                 dropped_tokens=dropped_tokens,
                 unobserved_layers=list(self.unobserved_layers),

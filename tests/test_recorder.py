@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_record_sdk import Recorder, RecorderError, validate_dump
+from moe_record_sdk import Recorder, RecorderError, Topology, validate_dump
 
 MODES = ["stat", "per_pass", "per_token"]
 
@@ -154,6 +154,19 @@ def test_bad_inputs_are_named():
         Recorder(num_layers=2, num_experts=4, top_k=2, mode="per_token", max_bytes=100)
     with pytest.raises(RecorderError, match="physical_to_logical_map"):
         Recorder(num_layers=1, num_experts=4, top_k=2, physical_to_logical_map=torch.tensor([[0, 9, 1, 2]]))
+    # Settings that would make every dump invalid are refused up front, by name.
+    with pytest.raises(RecorderError, match=r"topology.rank: 3 is outside \[0, world_size=2\)"):
+        Recorder(num_layers=2, num_experts=4, top_k=2, topology=Topology(rank=3, world_size=2))
+    for unobserved in ([5], [1]):  # out of range; or a layer that is recorded
+        with pytest.raises(RecorderError, match="unobserved_layers"):
+            Recorder(num_layers=2, num_experts=4, top_k=2, layer_ids=[1], unobserved_layers=unobserved)
+    # num_valid_tokens: a row count, so an integer (a float would split counts and ids).
+    ids = torch.zeros(3, 2, dtype=torch.int64)
+    for bad in (1.5, True, torch.tensor(1.5), torch.tensor([1, 2]), "2"):
+        with pytest.raises(RecorderError, match="num_valid_tokens"):
+            rec.record(1, ids, bad)
+    for good in (2, np.int64(2), torch.tensor(2, dtype=torch.int32), torch.tensor([2])):
+        rec.record(1, ids, good)
 
 
 @pytest.mark.parametrize("max_bytes", [4096, 20_000, 1 << 20])
@@ -176,7 +189,7 @@ def test_per_token_memory_bound_and_drops(max_bytes):
     kept = sum(r.topk_ids_of_layer.shape[1] for r in d.records)
     assert kept + d.window.dropped_tokens == total
     assert d.window.dropped_passes == 42 and status.dropped_passes == 42
-    assert status.dropped_tokens <= d.window.dropped_tokens
+    assert status.dropped_tokens == d.window.dropped_tokens  # status foretells the dump's drops
     assert d.total_count().sum() == total * k * L  # the stat counts stay exact regardless
     assert validate_dump(d) == []
 
@@ -191,6 +204,37 @@ def test_status():
     s = rec.status()
     assert (s.recording, s.mode, s.passes, s.tokens, s.dropped_passes) == (True, "per_pass", 5, 10, 2)
     assert s.bytes_used == rec.counter.nbytes() > 0
+
+
+def test_dump_mid_pass_leaves_the_pass_whole_to_the_next():
+    """A dump between two layers of a pass (another thread's, in an engine) takes neither the
+    pass's row nor its counts so far: both go to the next dump, so each dump's totals cover its
+    rows and both dumps validate."""
+    for mode in ("per_pass", "per_token"):
+        rec = Recorder(num_layers=2, num_experts=4, top_k=1, mode=mode, buffer_size=8, max_bytes=1 << 16)
+        rec.start()
+        rec.record(0, torch.tensor([[1]]))
+        first = rec.dump()
+        rec.record(1, torch.tensor([[2]]))
+        rec.step()
+        second = rec.dump()
+        assert first.window.num_passes == 0 and first.total_count().sum() == 0
+        assert second.window.num_passes == 1 and second.total_count().tolist() == [[0, 1, 0, 0], [0, 0, 1, 0]]
+        assert second.logical_count.tolist() == [[[0, 1, 0, 0], [0, 0, 1, 0]]]
+        assert validate_dump(first) == [] and validate_dump(second) == []
+
+
+def test_stat_without_a_buffer_ignores_a_ring_an_earlier_mode_allocated():
+    rec = Recorder(num_layers=1, num_experts=4, top_k=1)  # stat, one cumulative row
+    rec.start("per_pass")  # allocates a ring of passes
+    rec.start("stat")
+    for p in range(5):
+        rec.record(0, torch.tensor([[p % 4]]))
+        rec.step()
+    d = rec.dump()
+    assert d.logical_count.tolist() == [[[2, 1, 1, 1]]]
+    assert (d.window.buffer_size, d.window.dropped_passes, d.total_logical_count) == (0, 0, None)
+    assert rec.status().dropped_passes == 0
 
 
 def test_recording_flag_is_a_device_flag_and_buffers_stay_put():
@@ -259,6 +303,7 @@ def test_concurrent_dumps_lose_nothing_and_count_nothing_twice(mode):
     total = sum(d.total_count() for d in dumps)
     assert np.array_equal(total.numpy(), ref.counts)
     assert sum(d.window.num_passes for d in dumps) == passes
+    assert [p for d in dumps for p in validate_dump(d)] == []  # each dump consistent on its own
     if mode != "stat":
         ids = [r.forward_pass_id for d in dumps for r in d.records]
         assert ids == list(range(passes))  # every completed pass exactly once, in order

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .dump import MODES, Dump, row_sum
+from .dump import MODES, Dump, Topology, row_sum
 
 Problem = tuple[str, str]
 
@@ -31,6 +31,19 @@ def _counts(t: object, path: str, shape: list[int | None], out: list[Problem]) -
     return True
 
 
+def topology_problems(topo: Topology) -> list[Problem]:
+    """Each rank within its size, each size >= 1."""
+    out: list[Problem] = []
+    for name in ("rank", "tp_rank", "dp_rank", "ep_rank", "pp_rank", "token_shard"):
+        size_name = "world_size" if name == "rank" else ("num_token_shards" if name == "token_shard" else name[:-4] + "size")
+        rank, size = getattr(topo, name), getattr(topo, size_name)
+        if size < 1:
+            out.append((f"topology.{size_name}", f"must be >= 1, got {size}"))
+        elif not 0 <= rank < size:
+            out.append((f"topology.{name}", f"{rank} is outside [0, {size_name}={size})"))
+    return out
+
+
 def validate_dump(dump: Dump) -> list[Problem]:
     """All broken invariants of ``dump``; an empty list means it is valid."""
     out: list[Problem] = []
@@ -55,13 +68,7 @@ def validate_dump(dump: Dump) -> list[Problem]:
     if P is not None and P < E:
         out.append(("model.num_physical_experts", f"{P} is fewer than num_logical_experts={E}"))
 
-    for name in ("rank", "tp_rank", "dp_rank", "ep_rank", "pp_rank", "token_shard"):
-        size_name = "world_size" if name == "rank" else ("num_token_shards" if name == "token_shard" else name[:-4] + "size")
-        rank, size = getattr(topo, name), getattr(topo, size_name)
-        if size < 1:
-            out.append((f"topology.{size_name}", f"must be >= 1, got {size}"))
-        elif not 0 <= rank < size:
-            out.append((f"topology.{name}", f"{rank} is outside [0, {size_name}={size})"))
+    out += topology_problems(topo)
 
     if w.mode not in MODES:
         out.append(("window.mode", f"unknown mode {w.mode!r}"))
