@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +24,46 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         help="an engine's base URL (http://host:port, or host:port); repeat it, or separate with commas",
     )  # fmt: skip
     p.add_argument("--api-key", default=None, help=f"bearer token for the engines (default ${env.MOE_RECORD_API_KEY})")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    p.add_argument("--timeout", type=positive, default=60.0, help="seconds per request (default 60)")
     p.add_argument("--retries", type=int, default=2, help="extra attempts where safe (default 2)")
+
+
+def positive(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def check_out(directory: str) -> str | None:
+    """Why ``directory`` cannot take a run's dumps, or None. Checked before any engine is
+    touched: a dump clears the engines, so a folder found unusable after it loses the recording,
+    and dumps of an earlier run beside the new ones would pass for this run's."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        earlier = sorted(f for f in os.listdir(directory) if f.startswith(("engine-", "merged.")))
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        return f"--out {directory}: cannot write there: {e.strerror or e}"
+    if earlier:
+        return f"--out {directory}: holds dumps of an earlier run ({', '.join(earlier[:3])}): choose an empty folder"
+    return None
+
+
+def save_dumps(result: Any, directory: str, fmt: str, echo: Callable[[str], None]) -> dict[str, str]:
+    """``result.save``; where that fails (a full disk), into a new temporary folder instead:
+    the engines cleared their windows when they dumped, so these copies are the only ones."""
+    try:
+        return result.save(directory, format=fmt)
+    except OSError as e:
+        rescue = tempfile.mkdtemp(prefix="moe-record-")
+        echo(f"cannot save into {directory} ({e.strerror or e}); saving into {rescue} instead")
+        return result.save(rescue, format=fmt)
 
 
 def engines_of(args: argparse.Namespace) -> list[str]:
@@ -66,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"moe-record {args.action}: {e}", file=sys.stderr)
         return 2
+    problem = check_out(args.out) if args.action == "dump" and args.out else None
+    if problem:
+        print(f"moe-record dump: {problem}", file=sys.stderr)
+        return 2
     with fleet:
         if args.action == "start":
             result = fleet.start(args.mode)
@@ -75,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
             result = fleet.status()
         else:
             result = fleet.dump(collect=bool(args.out))
-    saved = result.save(args.out, format=args.format) if args.action == "dump" and args.out else {}
+    saved = {}
+    if args.action == "dump" and args.out:
+        saved = save_dumps(result, args.out, args.format, lambda line: print(line, file=sys.stderr))
     if args.json:
         json.dump(result_json(result, saved), sys.stdout, indent=2)
         print()

@@ -110,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     out = os.path.abspath(args.out)
+    if os.path.isdir(out):  # the demo's own folder: the last demo's dumps make way for this one's
+        for name in os.listdir(out):
+            if name.startswith(("engine-", "merged.")):
+                os.remove(os.path.join(out, name))
     t0 = time.monotonic()
     procs: list[subprocess.Popen] = []
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ..schema import FORMATS, MODES, Dump, validate_dump
-from .control import add_engine_options, engines_of, print_result
+from .control import add_engine_options, check_out, engines_of, positive, print_result, save_dumps
 from .validate import check_file
 
 
@@ -31,11 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "engine's dump and the merged one into --out, validate them and print a per-layer summary.",
     )
     add_engine_options(p)
-    p.add_argument("--duration", type=float, default=None, help="seconds to record (default: until Ctrl-C)")
+    p.add_argument("--duration", type=positive, default=None, help="seconds to record (default: until Ctrl-C)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the dumps")
     p.add_argument("--mode", choices=MODES, default=None, help="recording mode (default: the engines')")
     p.add_argument("--format", choices=FORMATS, default="pt", help="file format (default pt, SGLang's)")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between progress updates (default 1)")
+    p.add_argument("--interval", type=positive, default=1.0, help="seconds between progress updates (default 1)")
     p.set_defaults(func=run)
     return p
 
@@ -78,6 +79,10 @@ def record(
     it should return soon after ``stop_event`` is set.
     """
     console = console or Console()
+    problem = check_out(out)
+    if problem:
+        console.print(f"moe-record record: {problem}", style="red", markup=False)
+        return 2
     started = fleet.start(mode)
     for r in started.failed:
         console.print(f"start failed: {r.describe()}", style="red", markup=False)
@@ -94,20 +99,42 @@ def record(
         stop_event.set()
         if worker:
             worker.join(timeout=30)
-    stopped = fleet.stop()
-    for r in stopped.failed:
-        console.print(f"stop failed: {r.describe()}", style="red", markup=False)
-    result = fleet.dump()
-    saved = result.save(out, format=fmt)
-    print_result(result, saved, echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+    echo = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    with _finish_despite_ctrl_c(echo):
+        stopped = fleet.stop()
+        for r in stopped.failed:
+            console.print(f"stop failed: {r.describe()}", style="red", markup=False)
+        result = fleet.dump()
+        saved = save_dumps(result, out, fmt, echo)
+    print_result(result, saved, echo=echo)
     invalid = _validate(result, saved, console)
     if result.merged is not None:
         print_summary(result.merged, console, title=f"merged over {len(result.dumps)} engine(s)")
-    failed = bool(started.failed or stopped.failed or not result.ok or invalid)
-    console.print(
-        f"dumps in {os.path.abspath(out)}" + ("; some engines FAILED (listed above)" if failed else ""), markup=False
-    )
+    failed = [what for what, bad in (
+        ("some engines FAILED (listed above)", started.failed or stopped.failed or not all(r.ok for r in result)),
+        (f"the merge FAILED: {result.merge_error}", result.merge_error),
+        ("some files are INVALID (listed above)", invalid),
+    ) if bad]  # fmt: skip
+    where = os.path.dirname(next(iter(saved.values()))) if saved else os.path.abspath(out)  # saved: maybe rescued
+    console.print(f"dumps in {where}" + "".join(f"; {w}" for w in failed), markup=False)
     return 1 if failed else 0
+
+
+class _finish_despite_ctrl_c:
+    """While stopping, dumping and saving, Ctrl-C only says to wait: the engines clear their
+    windows as they dump, so stopping halfway would lose what was collected."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo, self.installed, self.previous = echo, False, None
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals are the main thread's
+            self.previous = signal.signal(signal.SIGINT, lambda *_: self.echo("finishing the dump; please wait"))
+            self.installed = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous or signal.SIG_DFL)
 
 
 def _progress(fleet: Any, duration: float | None, interval: float, console: Console) -> None:
@@ -129,6 +156,8 @@ def _progress(fleet: Any, duration: float | None, interval: float, console: Cons
         if not console.is_terminal:
             console.print()  # Live leaves a file or pipe without the last newline
     except KeyboardInterrupt:
+        if not console.is_terminal:
+            console.print()
         console.print("stopping (Ctrl-C)")
 
 

@@ -70,13 +70,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        max_body = env.max_body()  # from the environment: a bad value is named before the model is built
         engine = build(args)
     except (MoeRecordError, OSError, ValueError) as e:
         print(f"moe-record serve: {e}", file=sys.stderr)
         return 2
     dump_dir = args.dump_dir or env.dump_dir("sglang")
     api_key = args.api_key if args.api_key is not None else env.api_key()
-    app = engine.app(dump_dir=dump_dir, api_key=api_key, enabled=not args.no_control, max_body=env.max_body())
+    app = engine.app(dump_dir=dump_dir, api_key=api_key, enabled=not args.no_control, max_body=max_body)
     if args.start:
         engine.recorder.start()
     try:

@@ -49,13 +49,22 @@ class _Call(NamedTuple):
 
 def normalize_engine(url: str) -> str:
     """``host:port`` or a URL -> ``http://host:port`` without a trailing slash."""
+    given = url
     url = url.strip()
     if "://" not in url:
         url = "http://" + url
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"engine: {url!r} is not an http(s) URL")
-    return url.rstrip("/")
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"engine: {given!r} is not an http(s) URL")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise ValueError(f"engine: {given!r} has no valid port (0-65535)") from None
+    # Scheme and host are case-insensitive: lowercased, one engine has one spelling (no duplicates).
+    netloc = parts.netloc.rpartition("@")
+    netloc_lower = netloc[0] + netloc[1] + netloc[2].lower()
+    return parts._replace(scheme=scheme, netloc=netloc_lower).geturl().rstrip("/")
 
 
 class AsyncFleet:
@@ -202,20 +211,22 @@ class AsyncFleet:
 
     # -- one engine ---------------------------------------------------------------------------
     def _check_run(self, r: EngineResult) -> None:
-        if r.engine not in self._runs or not r.ok:
+        if r.engine not in self._runs:
             return
         started = self._runs[r.engine]
         if started is None:
-            r.ok, r.error_kind = False, "not_started"
-            r.error = "this fleet's start failed on this engine, so its dump is not a recording of this run"
+            if r.ok:
+                r.ok, r.error_kind = False, "not_started"
+                r.error = "this fleet's start failed on this engine, so its dump is not a recording of this run"
             return
         instance, run = started
+        # Also for error answers: a restarted engine answers "nothing recorded", and the restart is the news.
         if instance and r.instance_id and instance != r.instance_id:
             r.ok, r.error_kind = False, "restarted"
             r.error = (
                 f"engine restarted since start (instance {instance} -> {r.instance_id}): what it recorded was lost"
             )
-        elif run and r.run_id and run != r.run_id:
+        elif r.ok and run and r.run_id and run != r.run_id:
             r.ok, r.error_kind = False, "run_changed"
             r.error = f"recording restarted by another start since this fleet's (run {run} -> {r.run_id}): the dump is partial"
 

@@ -99,3 +99,48 @@ def test_record_saves_validates_and_summarizes(engines, tmp_path, capsys):
     t.start()
     assert main(["record", "-e", a.url, "--duration", "0.5", "--interval", "0.2", "--out", str(tmp_path / "rec2")]) == 0
     t.join()
+
+
+def test_a_bad_out_folder_is_refused_before_any_engine_is_touched(engines, tmp_path, capsys):
+    """A dump clears the engines: an --out found unusable only after it would lose the recording."""
+    rec, a = engines.ours()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["record", "-e", a.url, "--duration", "0.2", "--out", str(a_file)]) == 2
+    assert "--out" in capsys.readouterr().out and not rec.recording  # never started
+    rec.start()
+    expected = feed(rec, seed=7)
+    assert main(["dump", "-e", a.url, "--out", str(a_file)]) == 2
+    # A folder holding an earlier run's dumps: new files beside them would pass for one run.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "merged.pt").write_bytes(b"")
+    assert main(["dump", "-e", a.url, "--out", str(earlier)]) == 2
+    assert "earlier run" in capsys.readouterr().err
+    assert rec.status().passes == 3  # nothing was dumped: the recording is still on the engine
+    assert main(["dump", "-e", a.url, "--out", str(tmp_path / "new")]) == 0
+    assert torch.equal(load_dump(str(tmp_path / "new" / "merged.pt")).total_count(), expected)
+
+
+def test_dumps_that_cannot_be_saved_go_to_a_new_folder(engines, tmp_path, capsys, monkeypatch):
+    """The disk fills between the check and the save (a fault made here by hand): the collected
+    dumps, the only copies once the engines have cleared, are saved elsewhere and said where."""
+    from moe_record_sdk.client import _models
+
+    rec, a = engines.ours()
+    rec.start()
+    expected = feed(rec, seed=8)
+    real_save, failed = _models.save_dump, []
+
+    def save_dump(dump, path, *args, **kwargs):
+        if not failed:
+            failed.append(path)
+            raise OSError(28, "No space left on device")
+        return real_save(dump, path, *args, **kwargs)
+
+    monkeypatch.setattr(_models, "save_dump", save_dump)
+    assert main(["dump", "-e", a.url, "--out", str(tmp_path / "full")]) == 0
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "saving into" in err
+    rescue = err.rsplit("saving into ", 1)[1].split()[0]
+    assert torch.equal(load_dump(os.path.join(rescue, "merged.pt")).total_count(), expected)

@@ -80,6 +80,13 @@ def test_restart_between_start_and_dump_is_detected(engines):
     assert not r.ok and r.error_kind == "restarted" and "lost" in r.error
     assert r.dump is not None and result.merged is None  # kept for inspection, never merged
     assert server2.url == server.url
+    # Restarted and never started there: its "nothing recorded" is reported as the restart it is.
+    with Fleet([server2.url]) as fleet:
+        assert fleet.start().ok
+        server2.stop()
+        engines.ours(port=server.port)
+        (r,) = fleet.dump().results
+    assert r.status_code == 409 and r.error_kind == "restarted" and "lost" in r.error
 
 
 def test_another_start_in_between_is_reported(engines, http_client):
@@ -179,6 +186,13 @@ def test_engine_urls():
         Fleet(["127.0.0.1:1", "http://127.0.0.1:1"])
     with pytest.raises(ValueError, match="not an http"):
         Fleet(["ftp://x"])
+    for bad_port in ("127.0.0.1:99999", "127.0.0.1:abc"):
+        with pytest.raises(ValueError, match="no valid port"):
+            Fleet([bad_port])
+    # Scheme and host are case-insensitive: one engine, however spelled, is one engine.
+    assert normalize_engine("HTTP://LocalHost:1/") == "http://localhost:1"
+    with pytest.raises(ValueError, match="more than once"):
+        Fleet(["HTTP://LOCALHOST:1", "localhost:1"])
 
 
 @pytest.fixture
