@@ -47,6 +47,7 @@ import torch
 from ._version import __version__
 from .errors import MergeError
 from .schema.dump import Dump, EngineInfo, ModelInfo, Record, Topology, Window, row_sum
+from .schema.sglang import is_sglang_file
 
 __all__ = ["merge_distributed", "merge_dumps", "reduce_dump"]
 
@@ -133,6 +134,21 @@ def _check_compatible(members: list[_Member]) -> None:
                 )
 
 
+def _complete_sglang_topologies(members: list[_Member]) -> None:
+    """SGLang's own per-rank files name only their rank. Given together they are one run's
+    ranks, each its own token shard (SGLang's reader sums them): size them so (a missing rank
+    is then a missing shard, refused unless allow_partial)."""
+    own = [m for m in members if is_sglang_file(m.dump)]
+    if len(own) < 2:
+        return
+    size = max(m.dump.topology.rank for m in own) + 1
+    for m in own:
+        r = m.dump.topology.rank
+        m.dump = msgspec.structs.replace(
+            m.dump, topology=Topology(rank=r, world_size=size, token_shard=r, num_token_shards=size)
+        )
+
+
 def _runs(members: list[_Member]) -> list[list[_Member]]:
     runs: dict[tuple, list[_Member]] = {}
     for i, m in enumerate(members):
@@ -158,14 +174,14 @@ def _runs(members: list[_Member]) -> list[list[_Member]]:
 def _groups(run: list[_Member], allow_partial: bool, run_name: str) -> list[tuple[str, list[_Member]]]:
     shards = {m.dump.topology.num_token_shards for m in run}
     if len(shards) > 1:
-        raise MergeError(f"{run_name}: ranks disagree on topology.num_token_shards ({sorted(shards)})")
+        raise MergeError(f"{run_name}ranks disagree on topology.num_token_shards ({sorted(shards)})")
     groups: dict[int, list[_Member]] = {}
     for m in run:
         groups.setdefault(m.dump.topology.token_shard, []).append(m)
     missing = sorted(set(range(shards.pop())) - set(groups))
     if missing and not allow_partial:
         raise MergeError(
-            f"{run_name}: token shards {missing} are missing (present: {sorted(groups)}); their tokens would not be "
+            f"{run_name}token shards {missing} are missing (present: {sorted(groups)}); their tokens would not be "
             "counted. Pass allow_partial=True (--allow-partial) to merge what is there"
         )
     out = []
@@ -328,6 +344,7 @@ def merge_dumps(dumps: Sequence[Dump], *, sources: Sequence[str] | None = None, 
         if not keep_phys:
             m.dump = _strip_physical(m.dump)
 
+    _complete_sglang_topologies(members)
     runs = _runs(members)
     parts: list[_Part] = []
     for r, run in enumerate(runs):
@@ -369,8 +386,9 @@ def _combine(parts: list[_Part], members: list[_Member], mode: str, keep_phys: b
         records = [msgspec.structs.replace(r, rank=g) for g, p in enumerate(parts) for r in p.records]
         buffer_size = max(m.dump.window.buffer_size for m in members)
 
-    engine = first.engine
-    if any(m.dump.engine != engine for m in members):
+    # The merge is ours: its sdk_version says so (and that its topology is complete, see is_sglang_file).
+    engine = msgspec.structs.replace(first.engine, sdk_version=first.engine.sdk_version or __version__)
+    if any(m.dump.engine != first.engine for m in members):
         engine = EngineInfo(name="+".join(sorted({m.dump.engine.name for m in members})), sdk_version=__version__)
     topos = {
         (m.dump.topology.tp_size, m.dump.topology.dp_size, m.dump.topology.ep_size, m.dump.topology.pp_size)

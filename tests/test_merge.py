@@ -250,6 +250,32 @@ def test_cli_merge(tmp_path, capsys) -> None:
     assert main(["merge", paths[0], str(tmp_path / "v99.json"), "-o", str(tmp_path / "z.pt")]) == 1
     assert "schema_version: 99" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "z.pt")]) == 2
+    # A file named twice (here: inside a folder also named) would count twice: refused by name.
+    assert main(["merge", str(tmp_path), paths[0], "-o", str(tmp_path / "z.pt")]) == 2
+    assert "rank0.pt is given twice" in capsys.readouterr().err
+
+
+SGLANG_PER_PASS = Path(__file__).parent.parent / "spec/fixtures/sglang/per_pass/expert_distribution_recorder_1700000001.5_0.pt"
+
+
+def test_sglang_per_rank_files_merge_as_one_run(tmp_path, capsys) -> None:
+    """SGLang writes one per_pass file per rank, each rank's own tokens, and names only the rank:
+    given together they are one run, summed (as SGLang's reader sums them); a missing rank is a
+    missing shard."""
+    obj = torch.load(SGLANG_PER_PASS, weights_only=True, map_location="cpu")
+    for rank in range(3):
+        per_rank = dict(obj, records=[dict(r, rank=rank) for r in obj["records"]])
+        torch.save(per_rank, tmp_path / f"expert_distribution_recorder_1700000001.5_{rank}.pt")
+    one = load_dump(SGLANG_PER_PASS)
+    assert (one.topology.ep_size, one.topology.world_size) == (1, 1)  # no guessed expert-parallel size
+    assert main(["merge", str(tmp_path), "-o", str(tmp_path / "m.msgpack")]) == 0
+    assert "tokens not recorded" in capsys.readouterr().out
+    merged = load_dump(tmp_path / "m.msgpack")
+    assert torch.equal(merged.total_count(), 3 * one.total_count()) and merged.engine.sdk_version  # ours now
+    for name in ("m.msgpack", "expert_distribution_recorder_1700000001.5_1.pt"):
+        (tmp_path / name).unlink()
+    assert main(["merge", str(tmp_path), "-o", str(tmp_path.parent / "m2.msgpack")]) == 1
+    assert "moe-record merge: token shards [1] are missing (present: [0, 2])" in capsys.readouterr().err
 
 
 def test_merge_distributed_in_a_one_process_gloo_group(tmp_path) -> None:

@@ -38,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"moe-record merge: {e}", file=sys.stderr)
         return 1
     w = merged.window
-    tokens = max(w.num_tokens or [0], default=0)
-    print(f"merged {len(files)} dumps -> {path} ({w.mode}, {w.num_passes} passes, {tokens} tokens per layer)")
+    tokens = f"{max(w.num_tokens, default=0)} tokens per layer" if w.num_tokens is not None else "tokens not recorded"
+    print(f"merged {len(files)} dumps -> {path} ({w.mode}, {w.num_passes} passes, {tokens})")
     return 0

@@ -61,6 +61,12 @@ def resolve_dump_files(command: str, paths: list[str]) -> list[str] | None:
     if not files:
         print(f"moe-record {command}: no dump files found under " + ", ".join(paths), file=sys.stderr)
         return None
+    seen: dict[str, str] = {}
+    for f in files:  # a file named twice (or inside a folder also named) would be merged twice
+        first = seen.setdefault(os.path.realpath(f), f)
+        if first is not f:
+            print(f"moe-record {command}: {f} is given twice (also as {first})", file=sys.stderr)
+            return None
     return files
 
 

@@ -201,9 +201,16 @@ def _opt(meta: dict[str, Any], key: str, ndim: int) -> torch.Tensor | None:
 
 def _sglang_topology(rank: object) -> Topology:
     """SGLang's files name only their rank; each rank counted its own tokens (their reader sums
-    ranks), so each is its own token shard. Sizes are lower bounds."""
+    ranks), so each is its own token shard. Sizes are lower bounds (``merge_dumps`` completes
+    them over the files given together); the expert-parallel layout is unknown (size 1)."""
     r = rank if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0 else 0
-    return Topology(rank=r, world_size=r + 1, ep_rank=r, ep_size=r + 1, token_shard=r, num_token_shards=r + 1)
+    return Topology(rank=r, world_size=r + 1, token_shard=r, num_token_shards=r + 1)
+
+
+def is_sglang_file(dump: Dump) -> bool:
+    """Whether ``dump`` was read from SGLang's own files (whose topology is only a lower bound):
+    every dump our recorders make names the SDK version that made it."""
+    return dump.engine.name == "sglang" and dump.engine.sdk_version is None
 
 
 def _observed_layers(count: torch.Tensor) -> list[int]:
