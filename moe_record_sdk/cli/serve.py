@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--buffer-size", type=int, default=None, help="rows of the per-pass ring (SGLang's buffer)")
     p.add_argument(
+        "--max-bytes", type=int, default=None, help="per_token: bound on the token and pass rings (default 256 MiB)"
+    )
+    p.add_argument(
         "--dump-dir",
         default=None,
         help=f"where dump files go (default ${env.SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR} or /tmp)",
@@ -48,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def build(args: argparse.Namespace):  # -> ReferenceEngine
     from ..server.engine import ReferenceEngine
 
-    kwargs = {} if args.buffer_size is None else {"buffer_size": args.buffer_size}
+    kwargs = {k: v for k, v in (("buffer_size", args.buffer_size), ("max_bytes", args.max_bytes)) if v is not None}
     if args.hf_config:
         return ReferenceEngine.from_hf_config(args.hf_config, seed=args.seed, mode=args.mode, **kwargs)
     return ReferenceEngine.tiny(

@@ -128,6 +128,12 @@ def test_serve_command_starts_answers_and_ends(tmp_path):
         "1",
         "--api-key",
         "",
+        "--mode",
+        "per_token",
+        "--max-bytes",
+        "65536",
+        "--buffer-size",
+        "8",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -137,7 +143,8 @@ def test_serve_command_starts_answers_and_ends(tmp_path):
         with httpx.Client(base_url=url, timeout=30, trust_env=False) as http:
             assert http.post(START_PATH).text.startswith("Start recording")
             http.post("/generate", json={"input_ids": [1, 2, 3], "max_new_tokens": 2})
-            assert http.get(STATUS_PATH).json()["ranks"][0]["passes"] == 2
+            status = http.get(STATUS_PATH).json()["ranks"][0]
+            assert status["passes"] == 2 and status["mode"] == "per_token" and 0 < status["bytes_used"] <= 65536
             assert http.post(DUMP_PATH).status_code == 200
         assert len(os.listdir(tmp_path)) == 1
         proc.send_signal(signal.SIGTERM)
