@@ -212,27 +212,31 @@ class Counter:
         self.enabled.fill_(int(on))
         self.token_enabled.fill_(int(on and tokens))
 
-    def read(self) -> Reading:
+    def read(self, *, rows: bool = True, tokens: bool = True) -> Reading:
         """Copy the counters to the host. Scalars are read before and after the big copies so
         a concurrent pass can only make the reading drop rows it names, never tear one.
 
         With a ring, the counts are those of the last step, so that a window's totals and its
         rows end at the same pass: counts of a pass in progress go to the next reading, whole.
+        ``rows`` / ``tokens``: whether to copy the pass ring / the token ring (a window that does
+        not use them skips copies of up to ``max_bytes``).
         """
         if self.rows is None:
             passes = int(self.passes)
-            tokens = int(self.token_cursor)
+            position = int(self.token_cursor)
             counts = self.total_counts().to("cpu", copy=True)
         else:
-            counts, passes, tokens = self._settled()
-        rows = None if self.rows is None else self.rows.to("cpu", copy=True)
-        row_pass = None if self.row_pass is None else self.row_pass.to("cpu", copy=True)
-        row_tokens = None if self.row_tokens is None else self.row_tokens.to("cpu", copy=True)
-        token_ids = None if self.token_ids is None else self.token_ids.to("cpu", copy=True)
-        token_pass = None if self.token_pass is None else self.token_pass.to("cpu", copy=True)
+            counts, passes, position = self._settled()
+
+        def host(t: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
+            return t.to("cpu", copy=True) if t is not None and wanted else None
+
+        ring = host(self.rows, rows)
+        row_pass, row_tokens = host(self.row_pass, rows), host(self.row_tokens, rows and tokens)
+        token_ids, token_pass = host(self.token_ids, tokens), host(self.token_pass, tokens)
         passes_after = int(self.passes)
         tokens_after = int(self.token_cursor) + int(self.pass_tokens)
-        return Reading(counts, passes, rows, row_pass, row_tokens, passes_after, tokens, token_ids, token_pass, tokens_after)
+        return Reading(counts, passes, ring, row_pass, row_tokens, passes_after, position, token_ids, token_pass, tokens_after)
 
     def _settled(self, timeout: float = 1.0) -> tuple[torch.Tensor, int, int]:
         """``last_counts`` with the passes and token position it covers, read between steps (a

@@ -234,7 +234,7 @@ class Recorder:
             self._reset_window()
 
     def _reset_window(self) -> None:
-        self._begin_window(self.counter.read(), token_base=None)
+        self._begin_window(self.counter.read(rows=False, tokens=False), token_base=None)
 
     def _begin_window(self, base: Reading, token_base: int | None) -> None:
         """Count from ``base`` on: the reading the window subtracts, and the token position where
@@ -298,7 +298,7 @@ class Recorder:
         If writing fails, the window is kept so the dump can be retried.
         """
         with self._lock:
-            reading = self.counter.read()
+            reading = self.counter.read(rows=self._window_ring() > 0, tokens=self._mode == "per_token")
             dump, token_end = self._build(reading)
             if destination is not None:
                 path = os.path.join(destination, sglang_file_name(dump)) if os.path.isdir(destination) else destination
