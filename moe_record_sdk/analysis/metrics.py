@@ -102,6 +102,12 @@ def hot_experts(x: torch.Tensor, top: int = 3, factor: float = 1.0) -> list[tupl
     return [(int(i), float(v) / mean) for v, i in zip(values[:top], index[:top]) if float(v) > factor * mean]
 
 
+def _check_num_gpus(num_gpus: int | None) -> None:
+    # A zero or negative count would divide by zero or reach reshape as a bad dimension.
+    if num_gpus is not None and num_gpus < 1:
+        raise ValueError(f"num_gpus: {num_gpus}; expected a GPU count >= 1")
+
+
 def gpu_loads(
     expert_load: torch.Tensor,
     *,
@@ -122,32 +128,51 @@ def gpu_loads(
         (``P/G`` each, SGLang's layout). A replicated expert's load is split evenly over its
         replicas, the model SGLang's static dispatch and TensorRT-LLM's projection use.
 
+    Raises ``ValueError`` where load would be lost: an expert with load but no slot in the map.
+
     >>> gpu_loads(torch.tensor([[4, 0, 2, 2]]), num_gpus=2).tolist()
     [[4.0, 4.0]]
     """
+    _check_num_gpus(num_gpus)
     load = _f(expert_load)
     E = load.shape[-1]
     if physical_to_logical_map is None:
-        if not num_gpus or E % num_gpus:
+        if num_gpus is None or E % num_gpus:
             raise ValueError(f"num_gpus: {num_gpus} must divide the {E} experts for a contiguous placement")
         return load.reshape(*load.shape[:-1], num_gpus, E // num_gpus).sum(-1)
-    m = torch.as_tensor(physical_to_logical_map).to(torch.int64)
+    m = torch.as_tensor(physical_to_logical_map)
+    if m.dtype.is_floating_point or m.dtype.is_complex or m.dtype == torch.bool or m.dim() != 2:
+        raise ValueError(
+            f"physical_to_logical_map: expected an int tensor [layers, physical slots], got {m.dtype} {list(m.shape)}"
+        )
+    m = m.to(torch.int64)
     L, P = m.shape
-    if load.shape[-2] != L:
-        raise ValueError(f"physical_to_logical_map: {L} layers, but the load has {load.shape[-2]}")
+    if load.dim() < 2 or load.shape[-2] != L:
+        raise ValueError(f"physical_to_logical_map: {L} layers, but the load has shape {list(load.shape)}")
     if m.numel() and (int(m.min()) < 0 or int(m.max()) >= E):
         raise ValueError(f"physical_to_logical_map: entries must be in [0, {E})")
     G = num_gpus or 1
     if P % G:
         raise ValueError(f"num_gpus: {G} does not divide the {P} physical slots")
     replicas = torch.zeros(L, E, dtype=torch.float64).scatter_add_(1, m, torch.ones(L, P, dtype=torch.float64))
-    per_replica = _ratio(load, replicas.expand_as(load)).nan_to_num(0.0)  # experts without a slot carry nothing
+    # An expert without a slot would silently drop its load from every GPU: refuse instead.
+    lost = load.reshape(-1, L, E).sum(0) * (replicas == 0)
+    if bool((lost > 0).any()):
+        layer, expert = (int(i) for i in (lost > 0).nonzero()[0])
+        more = int((lost > 0).sum()) - 1
+        raise ValueError(
+            f"physical_to_logical_map: layer {layer} has no slot for expert {expert}, which got"
+            f" {float(lost[layer, expert]):g} token(s): their load would be lost"
+            + (f" ({more} more such (layer, expert) pairs)" if more else "")
+        )
+    per_replica = _ratio(load, replicas.expand_as(load)).nan_to_num(0.0)  # unplaced experts have no load (checked)
     slots = per_replica.gather(-1, m.expand(*load.shape[:-2], L, P))
     return slots.reshape(*slots.shape[:-1], G, P // G).sum(-1)
 
 
 def physical_gpu_loads(physical_load: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """Load per GPU ``[..., L, G]`` from recorded physical-slot loads ``[..., L, P]`` (exact, no model)."""
+    _check_num_gpus(num_gpus)
     x = _f(physical_load)
     P = x.shape[-1]
     if P % num_gpus:

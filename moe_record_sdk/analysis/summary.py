@@ -93,7 +93,9 @@ class Summary(msgspec.Struct, kw_only=True):
     num_passes: int
     ep_size: int | None
     placement: str | None
-    """How GPU loads were obtained: ``contiguous``, ``recorded physical counts`` or ``physical_to_logical_map``."""
+    """How GPU loads were obtained: ``contiguous``, ``recorded physical counts`` (exact), or
+    ``physical_to_logical_map`` (each expert's load split evenly over its slots; the dump's own
+    map reads ``physical_to_logical_map, physical counts incomplete`` where the ring dropped passes)."""
     layers: list[LayerSummary]
     overall: Overall
     passes: list[PassSummary]
@@ -140,16 +142,24 @@ def moe_layers(dump: Dump) -> list[int]:
 
 def _gpu_source(dump: Dump, ep_size: int | None, mapping: torch.Tensor | None) -> tuple[int | None, str | None, Any]:
     """(GPUs, how, fn(logical [.., L, E], physical [.., L, P] | None) -> [.., L, G])."""
-    G = ep_size or (dump.topology.ep_size if dump.topology.ep_size > 1 else None)
+    if ep_size is not None and ep_size < 1:
+        raise ValueError(f"ep_size: {ep_size}; expected a GPU count >= 1")
+    # A topology ep_size of 1 also stands for "not known" (SGLang's own files do not say): no GPU table.
+    G = ep_size if ep_size is not None else (dump.topology.ep_size if dump.topology.ep_size > 1 else None)
     if G is None:
+        if mapping is not None:
+            raise ValueError("physical_to_logical_map: a placement needs the GPU count (ep_size, --ep-size)")
         return None, None, None
     if mapping is not None:
         return G, "physical_to_logical_map", lambda lg, ph: m.gpu_loads(lg, num_gpus=G, physical_to_logical_map=mapping)
-    if dump.physical_to_logical_map is not None:
-        dm = dump.physical_to_logical_map
-        if dump.physical_count is not None:
+    dm = dump.physical_to_logical_map
+    if dm is not None:
+        # The physical rows are exact only when they cover the whole window; where the ring
+        # dropped passes (or a pass was running), only the logical totals are: model from those.
+        if dump.physical_count is not None and dump.total_logical_count is None:
             return G, "recorded physical counts", lambda lg, ph: m.physical_gpu_loads(ph, G)
-        return G, "physical_to_logical_map", lambda lg, ph: m.gpu_loads(lg, num_gpus=G, physical_to_logical_map=dm)
+        how = "physical_to_logical_map" + (", physical counts incomplete" if dump.physical_count is not None else "")
+        return G, how, lambda lg, ph: m.gpu_loads(lg, num_gpus=G, physical_to_logical_map=dm)
     E = dump.model.num_logical_experts
     if E % G:
         raise ValueError(f"ep_size: {G} does not divide the {E} experts; give a physical_to_logical_map")
@@ -171,11 +181,13 @@ def summarize(
     dump:
         Any dump (``load_dump`` reads ours and SGLang's files; ``moe_record_sdk.convert`` the others').
     ep_size:
-        GPUs of the expert-parallel group; default the dump's ``topology.ep_size`` when above 1.
-        Without a map, experts sit contiguously (``E / ep_size`` per GPU).
+        GPUs of the expert-parallel group (>= 1); default the dump's ``topology.ep_size`` when
+        above 1 (1 may mean unknown: no GPU loads then). Without a map, experts sit contiguously
+        (``E / ep_size`` per GPU).
     physical_to_logical_map:
-        int ``[L, P]``: a placement to evaluate instead of the dump's own (e.g. an EPLB plan).
-        With the dump's own map and recorded physical counts, GPU loads are exact.
+        int ``[L, P]``: a placement to evaluate instead of the dump's own (e.g. an EPLB plan);
+        needs a GPU count, and a slot for every expert with load. With the dump's own map and
+        physical counts of the whole window, GPU loads are exact.
     hot:
         How many hot experts to name per layer.
     source:

@@ -20,26 +20,44 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="FILE", help=INPUTS_HELP)
     p.add_argument(
         "--ep-size",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="GPUs of the expert-parallel group (experts contiguous unless a map is known)",
     )
     p.add_argument(
-        "--placement", metavar="PT", help="a .pt with physical_to_logical_map [L, P] (an EPLB plan) to evaluate"
+        "--placement",
+        metavar="PT",
+        help="a .pt with physical_to_logical_map [L, P] (an EPLB plan) to evaluate; needs --ep-size"
+        " unless the dump records its EP size",
     )
     p.add_argument(
         "--merge",
         action="store_true",
         help="merge the inputs first (per-rank dumps of one run; see `moe-record merge`)",
     )
-    p.add_argument("--hot", type=int, default=3, metavar="N", help="hot experts to name per layer (default 3)")
+    p.add_argument("--hot", type=positive_int, default=3, metavar="N", help="hot experts to name per layer (default 3)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="JSON on stdout (a list, one summary per input)")
     out.add_argument("--csv", action="store_true", help="CSV on stdout")
     add_input_options(p)
     p.set_defaults(func=run)
     return p
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _not_int(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex or dtype == torch.bool
 
 
 def load_placement(path: str) -> torch.Tensor:
@@ -49,8 +67,11 @@ def load_placement(path: str) -> torch.Tensor:
     except Exception as e:
         raise MoeRecordError(f"{path}: not a loadable .pt under weights_only=True: {e}") from None
     mapping = obj.get("physical_to_logical_map") if isinstance(obj, dict) else obj
-    if not isinstance(mapping, torch.Tensor) or mapping.dim() != 2:
-        raise MoeRecordError(f"{path}: physical_to_logical_map: expected an int tensor [layers, physical experts]")
+    if not isinstance(mapping, torch.Tensor) or mapping.dim() != 2 or _not_int(mapping.dtype):
+        got = f"{mapping.dtype} {list(mapping.shape)}" if isinstance(mapping, torch.Tensor) else type(mapping).__name__
+        raise MoeRecordError(
+            f"{path}: physical_to_logical_map: expected an int tensor [layers, physical experts], got {got}"
+        )
     return mapping.to(torch.int64)
 
 

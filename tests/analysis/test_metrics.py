@@ -114,3 +114,26 @@ def test_gpu_loads_contiguous_and_through_a_map():
     with pytest.raises(ValueError, match=r"entries must be in \[0, 4\)"):
         m.gpu_loads(load, num_gpus=1, physical_to_logical_map=torch.tensor([[0, 1, 2, 4]]))
     assert m.physical_gpu_loads(torch.tensor([[1, 2, 3, 4, 5, 6]]), 3).tolist() == [[3.0, 7.0, 11.0]]
+
+
+def test_gpu_loads_refuse_what_would_lose_or_invent_load():
+    load = torch.tensor([[8, 0, 2, 2]])
+    mapping = torch.tensor([[0, 1, 2, 3]])
+    for n in (0, -2):
+        with pytest.raises(ValueError, match=f"num_gpus: {n}; expected a GPU count >= 1"):
+            m.gpu_loads(load, num_gpus=n)
+        with pytest.raises(ValueError, match=f"num_gpus: {n}; expected a GPU count >= 1"):
+            m.gpu_loads(load, num_gpus=n, physical_to_logical_map=mapping)
+        with pytest.raises(ValueError, match=f"num_gpus: {n}; expected a GPU count >= 1"):
+            m.physical_gpu_loads(load, n)
+    # expert 3 has no slot: its 2 tokens would vanish from every GPU
+    with pytest.raises(ValueError, match=r"layer 0 has no slot for expert 3, which got 2 token\(s\)"):
+        m.gpu_loads(load, num_gpus=2, physical_to_logical_map=torch.tensor([[0, 1, 2, 2]]))
+    # summed over leading axes (passes): expert 3 is loaded in the second pass only
+    passes = torch.stack([torch.tensor([[8, 0, 2, 0]]), load])
+    with pytest.raises(ValueError, match="expert 3, which got 2 token"):
+        m.gpu_loads(passes, num_gpus=2, physical_to_logical_map=torch.tensor([[0, 1, 2, 2]]))
+    # an expert without a slot but also without load loses nothing
+    assert m.gpu_loads(load, num_gpus=2, physical_to_logical_map=torch.tensor([[0, 0, 2, 3]])).tolist() == [[8.0, 4.0]]
+    with pytest.raises(ValueError, match=r"expected an int tensor \[layers, physical slots\], got torch.float32"):
+        m.gpu_loads(load, num_gpus=2, physical_to_logical_map=mapping.float())

@@ -130,3 +130,89 @@ def test_cli_merges_data_parallel_ranks(tmp_path, capsys):
     assert s["source"].startswith("merged(") and s["layers"][0]["experts"]["max"] == 3.0  # expert 0: 2 + 1
     assert main(["eplb", a, b, "--replicas", "4", "--gpus", "2", "--json"]) == 0  # eplb merges on its own
     assert json.loads(capsys.readouterr().out)["source"].startswith("merged(")
+
+
+def test_cli_refuses_gpu_and_hot_counts_below_one(tmp_path, capsys):
+    path = known_dump().save(str(tmp_path / "d.msgpack"))
+    for flag, value in (("--ep-size", "-2"), ("--ep-size", "0"), ("--hot", "-1"), ("--hot", "x")):
+        assert main(["summary", path, flag, value]) == 2, (flag, value)
+        assert f"argument {flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="ep_size: 0; expected a GPU count >= 1"):
+        summarize(known_dump(), ep_size=0)  # not silently "no ep_size"
+
+
+def test_gpu_load_covers_the_passes_the_ring_dropped(tmp_path, capsys):
+    # expert 0 on slots 0 and 4; GPU 0 holds slots 0-2, GPU 1 slots 3-5. Each of 5 passes sends
+    # two tokens to slot 0 and one to slot 3; the ring keeps the last 2 passes only.
+    rec = Recorder(1, 4, 1, mode="stat", buffer_size=2, physical_to_logical_map=torch.tensor([[0, 1, 2, 3, 0, 1]]))
+    rec.start()
+    for _ in range(5):
+        rec.record(0, torch.tensor([[0], [0], [3]]))
+        rec.step()
+    dump = rec.dump()
+    assert dump.physical_count.sum().item() == 6  # what the old summary counted as exact
+    s = summarize(dump, ep_size=2)
+    assert s.placement == "physical_to_logical_map, physical counts incomplete"
+    g = s.layers[0].gpus
+    # all 15 assignments: expert 0's 10 split over its two slots -> GPU 0: 5, GPU 1: 5 + 5 (expert 3)
+    assert s.layers[0].experts.assignments == 15 and g.assignments == 15 and (g.max, g.mean) == (10, 7.5)
+    path = dump.save(str(tmp_path / "ring.msgpack"))
+    assert main(["summary", path, "--ep-size", "2"]) == 0
+    assert "Load over 2 GPUs (physical_to_logical_map, physical counts incomplete)" in capsys.readouterr().out
+
+
+def placement_dump():
+    """4 layers, 8 experts, top-2: every expert 2 tokens per layer, expert 7 (and 0) one more."""
+    rec = Recorder(4, 8, 2, mode="stat")
+    rec.start()
+    for ids in ([[0, 1], [2, 3], [4, 5], [6, 7]],) * 2 + ([[7, 0]],):
+        for layer in range(4):
+            rec.record(layer, torch.tensor(ids))
+        rec.step()
+    return rec.dump()
+
+
+def test_cli_placement_must_place_every_loaded_expert_and_know_the_gpus(tmp_path, capsys):
+    path = placement_dump().save(str(tmp_path / "d.msgpack"))
+    full, miss, flt = (str(tmp_path / n) for n in ("full.pt", "miss.pt", "float.pt"))
+    torch.save({"physical_to_logical_map": torch.arange(8).expand(4, 8).clone()}, full)
+    torch.save({"physical_to_logical_map": torch.tensor([[0, 1, 2, 3, 4, 5, 6, 6]] * 4)}, miss)
+    torch.save({"physical_to_logical_map": torch.arange(8).expand(4, 8).float()}, flt)
+    assert main(["summary", path, "--placement", full, "--ep-size", "2", "--json"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)
+    assert s["placement"] == "physical_to_logical_map" and s["layers"][0]["gpus"]["mean"] == 9.0  # 18 / 2
+    assert main(["summary", path, "--placement", miss, "--ep-size", "2"]) == 2  # not a mean of 7.5
+    err = capsys.readouterr().err
+    assert "physical_to_logical_map: layer 0 has no slot for expert 7, which got 3 token(s)" in err
+    assert "3 more such (layer, expert) pairs" in err
+    assert main(["summary", path, "--placement", full]) == 2  # the dump does not say its GPUs
+    assert "physical_to_logical_map: a placement needs the GPU count (ep_size, --ep-size)" in capsys.readouterr().err
+    assert main(["summary", path, "--placement", flt, "--ep-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flt}: physical_to_logical_map: expected an int tensor" in err and "got torch.float32 [4, 8]" in err
+    # a dump that knows its EP group needs no --ep-size
+    rec = Recorder(1, 4, 1, topology=Topology(world_size=2, ep_size=2))
+    rec.start()
+    rec.record(0, torch.tensor([[0], [1], [1]]))
+    rec.step()
+    s = summarize(rec.dump(), physical_to_logical_map=torch.tensor([[1, 0, 2, 3]]))
+    assert s.ep_size == 2 and [r.gpus.max for r in s.layers] == [3.0]  # GPU 0: slots of experts 1, 0
+
+
+def test_cli_sglang_file_without_ep_size_has_no_gpu_table(tmp_path, capsys):
+    # SGLang's files name a rank but no EP size; a rank-3 file once read as ep_size 4.
+    fixture = "spec/fixtures/sglang/per_pass/expert_distribution_recorder_1700000001.5_0.pt"
+    obj = torch.load(fixture, weights_only=True, map_location="cpu")
+    obj["records"] = [dict(r, rank=3) for r in obj["records"]]
+    path = str(tmp_path / "expert_distribution_recorder_1700000001.5_3.pt")
+    torch.save(obj, path)
+    assert main(["summary", path, "--json"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)
+    assert s["ep_size"] is None and s["placement"] is None and s["layers"][0]["gpus"] is None
+    assert main(["summary", path]) == 0
+    out = capsys.readouterr().out
+    assert "Load over experts" in out and "GPUs" not in out
+    assert main(["summary", path, "--ep-size", "2", "--json"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)
+    assert s["placement"] == "recorded physical counts"
+    assert s["overall"]["assignments"] == sum(r["gpus"]["assignments"] for r in s["layers"])
