@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..schema.io import save_torch
 from . import metrics as m
 
 
@@ -74,9 +75,7 @@ class EplbPlan:
         key. L must be the model's ``num_hidden_layers`` and R the engine's physical experts
         (``num_logical_experts + --ep-num-redundant-experts``).
         """
-        path = os.fspath(path)
-        torch.save({"physical_to_logical_map": self.phy2log.clone()}, path)
-        return path
+        return save_torch({"physical_to_logical_map": self.phy2log.clone()}, path)
 
 
 def trivial_placement(num_layers: int, num_experts: int, num_replicas: int) -> torch.Tensor:
@@ -318,6 +317,4 @@ def rebalance(
 
 def save_weight(weight: torch.Tensor, path: str | os.PathLike[str]) -> str:
     """Write the ``[L, E]`` weight as a ``.pt`` holding that one tensor (``torch.load(weights_only=True)``)."""
-    path = os.fspath(path)
-    torch.save(weight.detach().to("cpu").clone(), path)
-    return path
+    return save_torch(weight.detach().to("cpu").clone(), path)

@@ -6,12 +6,15 @@ directly, so no GUI backend or global pyplot state is touched.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 from collections.abc import Sequence
 
 import torch
 
 from ..schema.dump import Dump
+from ..schema.io import write_atomic
 from . import metrics as m
 from .optional import require
 from .summary import moe_layers
@@ -41,7 +44,8 @@ def plot_dumps(
     dumps:
         ``(label, dump)`` pairs; one row of panels each.
     path:
-        The PNG to write.
+        The image to write; its suffix picks the format (``.png``, ``.svg``, ``.pdf``...), and
+        ``.png`` is added when it has none. The path written is returned.
     log:
         Colour the heatmap on a log scale (zero counts shown blank).
     ep_size:
@@ -52,6 +56,19 @@ def plot_dumps(
     Figure, FigureCanvasAgg, LogNorm = _matplotlib()
     if not dumps:
         raise ValueError("dumps: nothing to plot")
+    if ep_size is not None and ep_size < 1:
+        raise ValueError(f"ep_size: must be >= 1, got {ep_size}")
+    if dpi < 1:
+        raise ValueError(f"dpi: must be >= 1, got {dpi}")
+    path = os.fspath(path)
+    if os.path.isdir(path):  # else "out/" would become "out/.png", and "out" a sibling "out.png"
+        raise IsADirectoryError(errno.EISDIR, "is a directory; pass an image file name such as load.png", path)
+    suffix = os.path.splitext(path)[1].lower()
+    if not suffix:  # matplotlib would write path + ".png" and we would report the wrong file
+        path, suffix = path + ".png", ".png"
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if suffix[1:] not in formats:
+        raise ValueError(f"{path}: unknown image format {suffix!r}; use one of .{', .'.join(sorted(formats))}")
     with_passes = any(d.logical_count.shape[0] > 1 for _, d in dumps)
     cols = 3 if with_passes else 2
     fig = Figure(figsize=(6.0 * cols, 4.2 * len(dumps)), layout="constrained")
@@ -62,9 +79,9 @@ def plot_dumps(
         _imbalance(axes[row][1], dump, ep_size)
         if with_passes:
             _passes(axes[row][2], dump, ep_size)
-    path = os.fspath(path)
-    fig.savefig(path, dpi=dpi)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format=suffix[1:], dpi=dpi)
+    return write_atomic(path, buf.getvalue(), "the image")
 
 
 def _heatmap(fig, ax, label: str, dump: Dump, log: bool, LogNorm) -> None:

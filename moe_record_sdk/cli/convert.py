@@ -15,14 +15,29 @@ INPUTS_HELP = (
 )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
+    return value
+
+
 def add_input_options(p: argparse.ArgumentParser) -> None:
     """Options every command that reads foreign inputs shares."""
     p.add_argument(
-        "--megatron-ep-size", type=int, default=1, metavar="N", help="Megatron's expert-parallel size (default 1)"
+        "--megatron-ep-size",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="Megatron's expert-parallel size (default 1)",
     )
     p.add_argument(
         "--num-layers",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="L",
         help="decoder layers of the model, for foreign inputs whose last layers recorded nothing",
@@ -42,7 +57,11 @@ def merged(dumps: list[tuple[str, Dump]]) -> tuple[str, Dump]:
 
 
 def fail(command: str, error: Exception) -> int:
-    print(f"moe-record {command}: {error}", file=sys.stderr)
+    message = str(error)
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        # "path: cause" like our other errors, not Python's "[Errno 2] cause: 'path'".
+        message = f"{error.filename}: {error.strerror}"
+    print(f"moe-record {command}: {message}", file=sys.stderr)
     return 2
 
 

@@ -13,6 +13,7 @@ from ..analysis.eplb import EplbPlan, rebalance, save_weight, trivial_placement
 from ..analysis.summary import moe_layers
 from ..errors import MoeRecordError
 from ..schema.dump import Dump
+from ..schema.io import save_torch
 from .convert import INPUTS_HELP, add_input_options, fail, merged, read_args_inputs
 
 
@@ -92,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         if args.weight_out:
             written.append(("weight [L, E]", save_weight(weight, args.weight_out)))
         if args.plan_out:
-            torch.save({"phy2log": plan.phy2log, "log2phy": plan.log2phy, "logcnt": plan.logcnt}, args.plan_out)
-            written.append(("plan", args.plan_out))
+            plan_dict = {"phy2log": plan.phy2log, "log2phy": plan.log2phy, "logcnt": plan.logcnt}
+            written.append(("plan", save_torch(plan_dict, args.plan_out)))
     except (MoeRecordError, OSError, ValueError) as e:
         return fail("eplb", e)
     rows = compare(dump, plan, weight)

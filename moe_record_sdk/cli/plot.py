@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MoeRecordError
-from .convert import INPUTS_HELP, add_input_options, fail, read_args_inputs
+from .convert import INPUTS_HELP, add_input_options, fail, positive_int, read_args_inputs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -14,12 +14,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="draw a layers x experts heatmap, per-layer imbalance and load over passes (needs moe-record-sdk[plot])",
     )
     p.add_argument("paths", nargs="+", metavar="FILE", help=INPUTS_HELP)
-    p.add_argument("-o", "--output", required=True, metavar="PNG", help="the image to write")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="PNG", help="the image to write (.png is added when it has no suffix)"
+    )
     p.add_argument("--log", action="store_true", help="log colour scale for the heatmap")
     p.add_argument(
-        "--ep-size", type=int, default=None, metavar="N", help="also draw balancedness over N GPUs (contiguous experts)"
+        "--ep-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="also draw balancedness over N GPUs (contiguous experts)",
     )
-    p.add_argument("--dpi", type=int, default=110)
+    p.add_argument("--dpi", type=positive_int, default=110, help="image resolution (default 110)")
     add_input_options(p)
     p.set_defaults(func=run)
     return p

@@ -9,7 +9,7 @@ import torch
 
 from ..analysis.summary import print_summary, summarize, to_csv, to_json
 from ..errors import MoeRecordError
-from .convert import INPUTS_HELP, add_input_options, fail, merged, read_args_inputs
+from .convert import INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,17 +43,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_input_options(p)
     p.set_defaults(func=run)
     return p
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _not_int(dtype: torch.dtype) -> bool:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from ..errors import DumpFormatError
-from ..schema import load_dump, save_dump
+from ..schema import load_dump, save_dump, validate_dump
 from ..schema.dump import Dump
+from ..schema.io import save_torch
 from ..schema.sglang import INT32_MAX
 from .megatron import load_megatron_tpe
 from .trtllm import is_trtllm_folder, load_trtllm_statistic
@@ -46,9 +47,13 @@ def read_inputs(
     """
     out: list[tuple[str, Dump]] = []
     jsonl = [p for p in paths if p.endswith(".jsonl")]
+    seen: dict[str, str] = {}
     for path in paths:
         if not os.path.exists(path):
             raise DumpFormatError(f"{path}: no such file or folder")
+        first = seen.setdefault(os.path.realpath(path), path)
+        if first is not path:  # merged, it would count twice
+            raise DumpFormatError(f"{path}: given twice (also as {first})")
         if path.endswith(".jsonl"):
             if path == jsonl[0]:
                 label = jsonl[0] if len(jsonl) == 1 else os.path.dirname(jsonl[0]) or "megatron"
@@ -61,6 +66,12 @@ def read_inputs(
             out.append((path, load_trtllm_statistic(path, num_layers=num_layers)))
         else:
             out.append((path, load_dump(path)))
+    for label, dump in out:  # what validate refuses, no analysis may read
+        problems = validate_dump(dump)
+        if problems:
+            shown = "; ".join(f"{field}: {message}" for field, message in problems[:3])
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise DumpFormatError(f"{label}: not a valid dump: {shown}{more}")
     return out
 
 
@@ -94,9 +105,7 @@ def write(dump: Dump, path: str, to: str | None = None) -> str:
     if to in ("msgpack", "json", "pt"):
         return save_dump(dump, path, format=to)
     if to == "sglang-pt":
-        torch.save(to_sglang_stat_dict(dump), path)
-        return path
+        return save_torch(to_sglang_stat_dict(dump), path)
     if to == "tensor":
-        torch.save(dump.total_count().to(torch.int64).clone(), path)
-        return path
+        return save_torch(dump.total_count().to(torch.int64).clone(), path)
     raise DumpFormatError(f"to: {to!r} is not one of {', '.join(TARGETS)}")

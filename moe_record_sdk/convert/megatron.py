@@ -27,7 +27,7 @@ import torch
 
 from ..errors import DumpFormatError
 from ..schema.dump import Dump
-from .passes import per_pass_dump
+from .passes import INT64_MAX, add_count, per_pass_dump
 
 _RANK = re.compile(r"rank(\d+)\.jsonl$")
 
@@ -99,10 +99,17 @@ def load_megatron_tpe(paths: Sequence[str], *, ep_size: int = 1, num_layers: int
             elif width != local:
                 raise DumpFormatError(f"{where}: tpe: {width} local experts, but earlier lines have {local}")
             values = [_int(v, where, "tpe") for mb in tpe for v in mb]
-            row = torch.tensor(values, dtype=torch.int64).reshape(len(tpe), width).sum(0)
-            full = torch.zeros(width * ep_size, dtype=torch.int64)
-            full[offset_rank * width : (offset_rank + 1) * width] = row
-            counts[(it, layer)] = counts.get((it, layer), 0) + full
+            row = [sum(values[j::width]) for j in range(width)]  # microbatches summed, in Python: no wrap
+            if max(row) > INT64_MAX:
+                raise DumpFormatError(f"{where}: tpe: {max(row)} tokens for one expert exceed int64")
+            add_count(
+                counts,
+                (it, layer),
+                torch.tensor(row, dtype=torch.int64),
+                num_experts=width * ep_size,
+                where=where,
+                offset=offset_rank * width,
+            )
     if local is None:
         raise DumpFormatError(f"{', '.join(paths)}: no decoder tokens-per-expert lines")
     E = local * ep_size

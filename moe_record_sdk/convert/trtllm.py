@@ -24,7 +24,7 @@ import torch
 
 from ..errors import DumpFormatError
 from ..schema.dump import Dump
-from .passes import per_pass_dump
+from .passes import add_count, per_pass_dump
 from .safetensors import read_safetensors
 
 _KEY = re.compile(r"^(\d+)_(\d+)$")
@@ -77,5 +77,7 @@ def load_trtllm_statistic(folder: str, *, num_layers: int | None = None) -> Dump
             if value.numel() and int(value.min()) < 0:
                 raise DumpFormatError(f"{path}: {key}: negative count")
             it_layer = (int(m.group(1)), int(m.group(2)))
-            counts[it_layer] = counts.get(it_layer, 0) + value.to(torch.int64)
-    return per_pass_dump(counts, engine="tensorrt-llm", num_experts=E, top_k=top_k, num_layers=num_layers, source=folder)
+            add_count(counts, it_layer, value.to(torch.int64), num_experts=E, where=f"{path}: key {key!r}")
+    return per_pass_dump(
+        counts, engine="tensorrt-llm", num_experts=E, top_k=top_k, num_layers=num_layers, source=folder
+    )

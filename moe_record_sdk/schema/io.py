@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import secrets
 from typing import Any
@@ -75,6 +77,12 @@ def _decode(data: bytes, fmt: str, source: str) -> Dump:
         raise DumpFormatError(f"{source}: nested too deeply") from None
 
 
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def encode(dump: Dump, fmt: str = "msgpack") -> bytes:
     """Serialize a dump to bytes: ``msgpack``, ``json`` or ``pt`` (SGLang's layout)."""
     try:
@@ -85,11 +93,7 @@ def encode(dump: Dump, fmt: str = "msgpack") -> bytes:
     except (OverflowError, UnicodeEncodeError, msgspec.EncodeError) as e:  # an int past 64 bits, a str no UTF-8 holds
         raise DumpFormatError(f"cannot encode the dump as {fmt}: {e}") from None
     if fmt == "pt":
-        import io
-
-        buf = io.BytesIO()
-        torch.save(to_sglang_dict(dump), buf)
-        return buf.getvalue()
+        return _torch_bytes(to_sglang_dict(dump))
     raise DumpFormatError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -97,8 +101,6 @@ def decode(data: bytes, fmt: str | None = None, source: str = "<bytes>") -> Dump
     """Deserialize bytes produced by :func:`encode` (the format is detected when not given)."""
     fmt = fmt or sniff(data[:16], source)
     if fmt == "pt":
-        import io
-
         from .sglang import from_sglang_dict, torch_load
 
         return from_sglang_dict(torch_load(io.BytesIO(data), len(data), source), source)
@@ -153,13 +155,15 @@ def format_for_path(path: str) -> str:
     return fmt
 
 
-def save_dump(dump: Dump, path: str | os.PathLike[str], *, format: str | None = None) -> str:
-    """Write a dump atomically (temporary file, fsync, rename); the format comes from the suffix."""
+def write_atomic(path: str | os.PathLike[str], data: bytes, what: str = "the file") -> str:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename): a reader never sees
+    half a file, and a failed write leaves no temporary behind. Raises ``OSError`` naming ``path``."""
     path = os.fspath(path)
-    data = encode(dump, format or format_for_path(path))
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
+        if os.path.isdir(path):  # say so before writing a temporary that the rename would refuse
+            raise IsADirectoryError(errno.EISDIR, "is a directory; pass a file name")
         # 0o666 through the umask, like any file the user writes (mkstemp would force 0o600).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
@@ -171,7 +175,19 @@ def save_dump(dump: Dump, path: str | os.PathLike[str], *, format: str | None = 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            # Name the file asked for (not the temporary one) and the cause: disk full, read-only...
-            raise OSError(e.errno, f"cannot write the dump: {e.strerror}", path) from e
+            # Name the file asked for (not the temporary one) and the cause: no such folder, disk full...
+            raise OSError(e.errno, f"cannot write {what}: {e.strerror}", path) from e
         raise
     return path
+
+
+def save_torch(obj: Any, path: str | os.PathLike[str], what: str = "the file") -> str:
+    """``torch.save`` of ``obj`` to ``path``, written through :func:`write_atomic` (torch's own
+    writer is not atomic and fails with a bare RuntimeError on a missing folder)."""
+    return write_atomic(path, _torch_bytes(obj), what)
+
+
+def save_dump(dump: Dump, path: str | os.PathLike[str], *, format: str | None = None) -> str:
+    """Write a dump atomically (temporary file, fsync, rename); the format comes from the suffix."""
+    path = os.fspath(path)
+    return write_atomic(path, encode(dump, format or format_for_path(path)), "the dump")

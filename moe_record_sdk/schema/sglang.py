@@ -405,10 +405,6 @@ def _check_tensors(obj: Any, size: int, source: str) -> None:
                 raise DumpFormatError(f"{where}: its storage declares {storage} bytes, more than the file's {size}")
 
 
-def save_sglang_pt(dump: Dump, path: str) -> None:
-    torch.save(to_sglang_dict(dump), path)
-
-
 def load_legacy_csv(path: str) -> Dump:
     """SGLang 0.4.5's ``layer_id,expert_id,count`` CSV (seen pairs only) as a stat dump."""
     with open(path, "rb") as f:

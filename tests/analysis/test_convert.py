@@ -200,3 +200,21 @@ def test_sglang_stat_dict_uses_exact_totals_when_rows_dropped():
     assert dump.total_logical_count is not None
     d = to_sglang_stat_dict(dump)
     assert d["logical_count"].shape[0] == 1 and torch.equal(d["logical_count"][0].long(), dump.total_count())
+
+
+def test_analyses_refuse_invalid_dumps_and_a_file_given_twice(tmp_path, capsys):
+    """What validate refuses, summary / eplb / convert do not analyse; a file named twice would
+    be merged twice."""
+    path = random_dump(1).save(str(tmp_path / "d.json"))
+    raw = json.loads(open(path).read())
+    raw["model"]["top_k"] = 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(DumpFormatError, match=r"bad.json: not a valid dump: model.top_k: must be in \[1"):
+        read_inputs([str(bad)])
+    for command in (["summary", str(bad)], ["convert", str(bad), "-o", str(tmp_path / "x.pt")]):
+        assert main(command) == 2
+        assert "model.top_k" in capsys.readouterr().err
+    with pytest.raises(DumpFormatError, match="given twice"):
+        read_inputs([path, os.path.join(str(tmp_path), ".", "d.json")])
+    assert len(read_inputs([path])) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -52,3 +53,46 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
     assert main(["plot", src, "-o", str(tmp_path / "x.png")]) == 2
     assert "moe-record-sdk[plot]" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_output_without_suffix_gets_png_and_is_reported(tmp_path, capsys):
+    src = random_dump(1).save(str(tmp_path / "d.msgpack"))
+    out = tmp_path / "load"
+    assert main(["plot", src, "-o", str(out), "--dpi", "30"]) == 0
+    assert capsys.readouterr().out == f"wrote {out}.png\n"  # the file matplotlib really wrote
+    assert not out.exists() and (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = plot_dumps([("one", random_dump(2))], tmp_path / "load.svg", dpi=30)
+    assert svg == str(tmp_path / "load.svg") and (tmp_path / "load.svg").read_text().startswith("<?xml")
+    assert sorted(os.listdir(tmp_path)) == ["d.msgpack", "load.png", "load.svg"]  # no temporaries
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("adir", "adir: is a directory; pass an image file name"),
+        ("load.v2", "load.v2: unknown image format '.v2'; use one of"),
+        ("nodir/load.png", "nodir/load.png: cannot write the image: No such file or directory"),
+    ],
+)
+def test_bad_outputs_are_named(tmp_path, capsys, output, message):
+    src = random_dump(1).save(str(tmp_path / "d.msgpack"))
+    (tmp_path / "adir").mkdir()
+    assert main(["plot", src, "-o", str(tmp_path / output), "--dpi", "30"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"moe-record plot: {tmp_path}/{message}")
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert sorted(os.listdir(tmp_path)) == ["adir", "d.msgpack"] and os.listdir(tmp_path / "adir") == []
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--ep-size", "-2"), ("--ep-size", "0"), ("--dpi", "0"), ("--dpi", "-5"), ("--dpi", "x")]
+)
+def test_non_positive_sizes_are_refused(tmp_path, capsys, option, value):
+    src = random_dump(1).save(str(tmp_path / "d.msgpack"))
+    assert main(["plot", src, "-o", str(tmp_path / "p.png"), option, value]) == 2
+    assert f"argument {option}: expected an integer > 0, got '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+    with pytest.raises(ValueError, match="ep_size: must be >= 1, got -2"):
+        plot_dumps([("x", random_dump(1))], tmp_path / "p.png", ep_size=-2)
+    with pytest.raises(ValueError, match="dpi: must be >= 1, got 0"):
+        plot_dumps([("x", random_dump(1))], tmp_path / "p.png", dpi=0)

@@ -136,7 +136,7 @@ def test_cli_refuses_gpu_and_hot_counts_below_one(tmp_path, capsys):
     path = known_dump().save(str(tmp_path / "d.msgpack"))
     for flag, value in (("--ep-size", "-2"), ("--ep-size", "0"), ("--hot", "-1"), ("--hot", "x")):
         assert main(["summary", path, flag, value]) == 2, (flag, value)
-        assert f"argument {flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+        assert f"argument {flag}: expected an integer > 0, got '{value}'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="ep_size: 0; expected a GPU count >= 1"):
         summarize(known_dump(), ep_size=0)  # not silently "no ep_size"
 

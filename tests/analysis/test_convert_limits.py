@@ -1,0 +1,117 @@
+"""Foreign statistics size the dump from their keys: a key or line that would need more than a
+dump may hold (schema limits MAX_LAYERS, MAX_ELEMENTS) or a count past int64 is refused, naming
+the file and line or key, before anything large is allocated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from moe_record_sdk import DumpFormatError
+from moe_record_sdk.cli import main
+from moe_record_sdk.convert import load_megatron_tpe, load_trtllm_statistic
+from moe_record_sdk.schema.sglang import MAX_LAYERS
+from moe_record_sdk.schema.tensors import MAX_ELEMENTS
+
+INT64_MAX = (1 << 63) - 1
+
+
+def jsonl(path, *lines):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def convert(capsys, *args):
+    rc = main(["convert", *args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") <= 1
+    return rc, err
+
+
+def test_megatron_layer_past_the_limit_names_the_line(tmp_path, capsys):
+    ok = {"iter": 1, "layer": 0, "tpe": [[1, 1]]}
+    src = jsonl(tmp_path / "rank0.jsonl", ok, {"iter": 1, "layer": 100_000_000, "tpe": [[1, 1]]})
+    out = tmp_path / "x.json"
+    rc, err = convert(capsys, src, "-o", str(out))
+    assert rc == 2 and f"{src}: line 2: layer 100000000 is over the limit of {MAX_LAYERS} layers" in err
+    assert not out.exists()
+    # the last layer a dump may hold is still read
+    last = jsonl(tmp_path / "rank0.jsonl", {"iter": 1, "layer": MAX_LAYERS - 1, "tpe": [[1, 1]]})
+    assert load_megatron_tpe([last]).logical_count.shape == (1, MAX_LAYERS, 2)
+
+
+def test_megatron_sizes_past_max_elements(tmp_path, capsys):
+    # 2 iterations x 65536 layers x 8192 experts: each line small, the tensor 2^30 counts (8 GiB)
+    src = jsonl(
+        tmp_path / "rank0.jsonl",
+        {"iter": 1, "layer": MAX_LAYERS - 1, "tpe": [[1, 1]]},
+        {"iter": 2, "layer": 0, "tpe": [[1, 1]]},
+    )
+    rc, err = convert(capsys, src, "-o", str(tmp_path / "x.json"), "--megatron-ep-size", "4096")
+    assert 2 * MAX_LAYERS * 8192 > MAX_ELEMENTS
+    assert rc == 2 and f"{src}: 2 iterations x {MAX_LAYERS} layers x 8192 experts" in err
+    assert f"over the limit of {MAX_ELEMENTS} counts" in err
+    # an expert axis past the limit on its own: refused at the first line, before any allocation
+    rc, err = convert(capsys, src, "-o", str(tmp_path / "x.json"), "--megatron-ep-size", str(10**12))
+    assert rc == 2 and f"{src}: line 1: 1 (iteration, layer) pairs x {2 * 10**12} experts" in err
+    rc, err = convert(capsys, src, "-o", str(tmp_path / "x.json"), "--num-layers", str(MAX_LAYERS + 1))
+    assert rc == 2 and f"{src}: {MAX_LAYERS + 1} layers are over the limit of {MAX_LAYERS}" in err
+    assert main(["convert", src, "-o", str(tmp_path / "x.json"), "--megatron-ep-size", "0"]) == 2
+    assert "argument --megatron-ep-size: expected an integer > 0, got '0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "lines, match",
+    [
+        ([{"iter": 1, "layer": 0, "tpe": [[1 << 63, 1]]}], r"line 1: tpe: 9223372036854775808 tokens .* exceed int64"),
+        ([{"iter": 1, "layer": 0, "tpe": [[INT64_MAX, 1], [1, 0]]}], r"line 1: tpe: .* exceed int64"),  # microbatches
+        ([{"iter": 1, "layer": 0, "tpe": [[1]]}, {"iter": 1, "layer": 0, "tpe": [[INT64_MAX]]}], "line 2: iteration 1"),
+        ([{"iter": 1 << 64, "layer": 0, "tpe": [[1]]}], r"line 1: iteration 18446744073709551616 exceeds int64"),
+    ],
+)
+def test_megatron_counts_past_int64_name_the_line(tmp_path, capsys, lines, match):
+    src = jsonl(tmp_path / "rank0.jsonl", *lines)
+    with pytest.raises(DumpFormatError, match=match) as info:
+        load_megatron_tpe([src])
+    assert str(info.value).startswith(f"{src}: line ")
+    rc, err = convert(capsys, src, "-o", str(tmp_path / "x.json"))
+    assert rc == 2 and src in err
+
+
+def test_megatron_ranks_summed_past_int64(tmp_path):
+    # data-parallel ranks holding the same experts are summed: that sum is checked too
+    a = jsonl(tmp_path / "rank0.jsonl", {"iter": 3, "layer": 1, "tpe": [[INT64_MAX, 0]]})
+    b = jsonl(tmp_path / "rank1.jsonl", {"iter": 3, "layer": 1, "tpe": [[1, 0]]})
+    with pytest.raises(DumpFormatError, match=rf"{b}: line 1: iteration 3, layer 1: a summed count exceeds int64"):
+        load_megatron_tpe([a, b])
+    assert load_megatron_tpe([a, b], ep_size=2).logical_count[0, 1].tolist() == [INT64_MAX, 0, 1, 0]
+
+
+def trtllm_folder(tmp_path, records, num_experts=4):
+    folder = tmp_path / "stat"
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(json.dumps({"num_experts": num_experts, "num_experts_per_token": 1}))
+    safetensors.torch.save_file(records, str(folder / "rank0.safetensors"))
+    return str(folder)
+
+
+def test_trtllm_layer_past_the_limit_names_the_key(tmp_path, capsys):
+    folder = trtllm_folder(
+        tmp_path, {"0_1": torch.ones(4, dtype=torch.int64), "0_99999999": torch.ones(4, dtype=torch.int64)}
+    )
+    with pytest.raises(DumpFormatError, match=r"rank0.safetensors: key '0_99999999': layer 99999999 is over the limit"):
+        load_trtllm_statistic(folder)
+    rc, err = convert(capsys, folder, "-o", str(tmp_path / "x.json"))
+    assert rc == 2 and "key '0_99999999'" in err
+
+
+def test_trtllm_iterations_times_layers_past_max_elements(tmp_path):
+    # 8193 iterations on layer 0 and one on the last layer: 8194 x 65536 x 1 > 2^29 counts
+    records = {f"{it}_0": torch.ones(1, dtype=torch.int64) for it in range(8193)}
+    records[f"9000_{MAX_LAYERS - 1}"] = torch.ones(1, dtype=torch.int64)
+    folder = trtllm_folder(tmp_path, records, num_experts=1)
+    with pytest.raises(DumpFormatError, match=rf"{folder}: 8194 iterations x {MAX_LAYERS} layers x 1 experts"):
+        load_trtllm_statistic(folder)
