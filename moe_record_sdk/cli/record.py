@@ -100,7 +100,7 @@ def record(
         if worker:
             worker.join(timeout=30)
     echo = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    with _finish_despite_ctrl_c(echo):
+    with _WaitOnCtrlC(echo):
         stopped = fleet.stop()
         for r in stopped.failed:
             console.print(f"stop failed: {r.describe()}", style="red", markup=False)
@@ -120,7 +120,7 @@ def record(
     return 1 if failed else 0
 
 
-class _finish_despite_ctrl_c:
+class _WaitOnCtrlC:
     """While stopping, dumping and saving, Ctrl-C only says to wait: the engines clear their
     windows as they dump, so stopping halfway would lose what was collected."""
 
