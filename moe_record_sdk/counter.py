@@ -38,9 +38,6 @@ class Reading:
     row_tokens: torch.Tensor | None  # int64 [B + 1, 2] token positions [start, end) of each slot's pass
     passes_after: int  # passes counter re-read after the copy: what a concurrent step overwrote
     tokens: int  # token positions committed
-    token_ids: torch.Tensor | None  # int32 [N + 1, R, k]
-    token_pass: torch.Tensor | None  # int64 [N + 1]
-    tokens_after: int  # committed + in-flight token positions after the copy
 
 
 class Counter:
@@ -212,14 +209,14 @@ class Counter:
         self.enabled.fill_(int(on))
         self.token_enabled.fill_(int(on and tokens))
 
-    def read(self, *, rows: bool = True, tokens: bool = True) -> Reading:
+    def read(self, *, rows: bool = True) -> Reading:
         """Copy the counters to the host. Scalars are read before and after the big copies so
         a concurrent pass can only make the reading drop rows it names, never tear one.
 
         With a ring, the counts are those of the last step, so that a window's totals and its
         rows end at the same pass: counts of a pass in progress go to the next reading, whole.
-        ``rows`` / ``tokens``: whether to copy the pass ring / the token ring (a window that does
-        not use them skips copies of up to ``max_bytes``).
+        ``rows``: whether to copy the pass ring. The token ring is read by ``read_tokens``, only
+        the slots a window takes.
         """
         if self.rows is None:
             passes = int(self.passes)
@@ -231,12 +228,23 @@ class Counter:
         def host(t: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
             return t.to("cpu", copy=True) if t is not None and wanted else None
 
-        ring = host(self.rows, rows)
-        row_pass, row_tokens = host(self.row_pass, rows), host(self.row_tokens, rows and tokens)
-        token_ids, token_pass = host(self.token_ids, tokens), host(self.token_pass, tokens)
+        ring, row_pass, row_tokens = host(self.rows, rows), host(self.row_pass, rows), host(self.row_tokens, rows)
         passes_after = int(self.passes)
-        tokens_after = int(self.token_cursor) + int(self.pass_tokens)
-        return Reading(counts, passes, ring, row_pass, row_tokens, passes_after, position, token_ids, token_pass, tokens_after)
+        return Reading(counts, passes, ring, row_pass, row_tokens, passes_after, position)
+
+    def read_tokens(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Host copies of the token ring's ids [n, R, k] and pass ids [n] at positions [lo, hi)
+        (n <= ``token_slots``), and the positions written or being written after the copy: a
+        slot whose position is below that less ``token_slots`` may have been overwritten during it."""
+        assert self.token_ids is not None and self.token_pass is not None
+        N = self.token_slots
+        assert 0 <= hi - lo <= N, (lo, hi, N)
+        first, n = lo % N, hi - lo
+        spans = [(first, min(n, N - first))] + ([(0, first + n - N)] if first + n > N else [])
+        ids = torch.cat([self.token_ids[a : a + m].to("cpu", copy=True) for a, m in spans])
+        passes = torch.cat([self.token_pass[a : a + m].to("cpu", copy=True) for a, m in spans])
+        after = int(self.token_cursor) + int(self.pass_tokens)
+        return ids, passes, after
 
     def _settled(self, timeout: float = 1.0) -> tuple[torch.Tensor, int, int]:
         """``last_counts`` with the passes and token position it covers, read between steps (a

@@ -234,7 +234,7 @@ class Recorder:
             self._reset_window()
 
     def _reset_window(self) -> None:
-        self._begin_window(self.counter.read(rows=False, tokens=False), token_base=None)
+        self._begin_window(self.counter.read(rows=False), token_base=None)
 
     def _begin_window(self, base: Reading, token_base: int | None) -> None:
         """Count from ``base`` on: the reading the window subtracts, and the token position where
@@ -298,7 +298,7 @@ class Recorder:
         If writing fails, the window is kept so the dump can be retried.
         """
         with self._lock:
-            reading = self.counter.read(rows=self._window_ring() > 0, tokens=self._mode == "per_token")
+            reading = self.counter.read(rows=self._window_ring() > 0)
             dump, token_end = self._build(reading)
             if destination is not None:
                 path = os.path.join(destination, sglang_file_name(dump)) if os.path.isdir(destination) else destination
@@ -397,16 +397,15 @@ class Recorder:
         The tokens taken are those of the passes taken (their spans are in the ring), so a pass
         that completes while the dump reads is left whole to the next dump.
         """
-        assert r.token_ids is not None and r.token_pass is not None and r.row_tokens is not None
+        assert r.row_tokens is not None
         N, B1 = self.counter.token_slots, self.counter.ring_rows + 1
         start = end = self._token_base
         if taken:
             start, end = int(r.row_tokens[taken[0] % B1, 0]), int(r.row_tokens[taken[-1] % B1, 1])
-        lo = max(start, r.tokens_after - N)  # older positions may have been overwritten
-        positions = torch.arange(lo, end) if end > lo else torch.zeros(0, dtype=torch.int64)
-        slots = positions % N
-        pass_of = r.token_pass[slots]
-        ids = r.token_ids[slots]  # [n, R, k]
+        first = max(start, end - N)  # the ring holds at most the last N positions
+        ids, pass_of, after = self.counter.read_tokens(first, end)  # ids [n, R, k]: only these slots
+        lo = max(first, after - N)  # positions a concurrent pass may have overwritten during the copy
+        ids, pass_of = ids[lo - first :], pass_of[lo - first :]
         kept = 0
         for rec in records:
             mine = ids[pass_of == rec.forward_pass_id]  # tokens in position order

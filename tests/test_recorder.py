@@ -313,3 +313,20 @@ def test_concurrent_dumps_lose_nothing_and_count_nothing_twice(mode):
         kept = sum(r.topk_ids_of_layer.shape[1] for d in dumps for r in d.records)
         assert kept == passes * 7
     assert len(dumps) > 2
+
+
+def test_per_token_dump_copies_only_the_window_s_token_slots():
+    """A dump reads the token ring's slots of its own passes, not the whole ring (256 MiB by
+    default): its cost follows the window, not max_bytes."""
+    rec = Recorder(num_layers=2, num_experts=8, top_k=2, mode="per_token")
+    spans = []
+    read_tokens = rec.counter.read_tokens
+    rec.counter.read_tokens = lambda lo, hi: spans.append((lo, hi)) or read_tokens(lo, hi)
+    rec.start()
+    for p in range(3):
+        for layer in range(2):
+            rec.record(layer, torch.full((5, 2), p))
+        rec.step()
+    d = rec.dump()
+    assert spans == [(0, 15)] and rec.counter.token_slots > 1000
+    assert [r.topk_ids_of_layer[0, :, 0].tolist() for r in d.records] == [[0] * 5, [1] * 5, [2] * 5]
