@@ -36,6 +36,7 @@ class Reading:
     rows: torch.Tensor | None  # int32 [B + 1, R, S] per-pass ring
     row_pass: torch.Tensor | None  # int64 [B + 1] pass id held by each ring slot
     row_tokens: torch.Tensor | None  # int64 [B + 1, 2] token positions [start, end) of each slot's pass
+    row_layer_tokens: torch.Tensor | None  # int64 [B + 1, R] valid tokens each layer recorded in that pass
     passes_after: int  # passes counter re-read after the copy: what a concurrent step overwrote
     tokens: int  # token positions committed
 
@@ -82,8 +83,12 @@ class Counter:
             self.row_pass = torch.full((ring_rows + 1,), -1, dtype=torch.int64, device=dev)
             self.last_counts = torch.zeros(R, S + 2, dtype=torch.int64, device=dev)
         self.row_tokens: torch.Tensor | None = None
+        self.row_layer_tokens: torch.Tensor | None = None
         if ring_rows and token_slots:
             self.row_tokens = torch.zeros(ring_rows + 1, 2, dtype=torch.int64, device=dev)
+            # A layer that routed fewer tokens than the pass's longest did not write the rest of
+            # the pass's slots: a dump must not take what older passes left there for its ids.
+            self.row_layer_tokens = torch.zeros(ring_rows + 1, R, dtype=torch.int64, device=dev)
         self.token_slots = N = token_slots
         self.token_ids: torch.Tensor | None = None
         self.token_pass: torch.Tensor | None = None
@@ -111,14 +116,17 @@ class Counter:
 
     @staticmethod
     def ring_bytes(ring_rows: int, num_rows: int, num_slots: int, tokens: bool = False) -> int:
-        per_row = num_rows * num_slots * 4 + 8 + (16 if tokens else 0)  # counts, pass id, token span
+        per_row = num_rows * num_slots * 4 + 8 + (16 + 8 * num_rows if tokens else 0)  # counts, pass id, tokens
         return (ring_rows + 1) * per_row + num_rows * (num_slots + 2) * 8
 
     def nbytes(self) -> int:
         tensors = [self.enabled, self.token_enabled, self.stripes, self.passes, self.token_cursor, self.pass_tokens]
         tensors.append(self.step_seq)
         tensors += [
-            t for t in (self.rows, self.row_pass, self.row_tokens, self.last_counts, self.token_ids, self.token_pass) if t is not None
+            t
+            for t in (self.rows, self.row_pass, self.row_tokens, self.row_layer_tokens, self.last_counts)
+            + (self.token_ids, self.token_pass)
+            if t is not None
         ]
         if self.token_slots:
             tensors.append(self.token_arange)
@@ -196,6 +204,11 @@ class Counter:
                 # it takes, however the cursor moved while it read.
                 span = torch.stack([self.token_cursor, self.token_cursor + self.pass_tokens]).view(1, 2)
                 self.row_tokens.index_copy_(0, slot, torch.where(on, span, self.row_tokens.index_select(0, slot)))
+                assert self.row_layer_tokens is not None
+                # Each valid token adds top_k ids to its layer's experts or discard bin.
+                per_layer = (counts[:, : self.num_slots + 1] - self.last_counts[:, : self.num_slots + 1]).sum(1)
+                held = self.row_layer_tokens.index_select(0, slot)
+                self.row_layer_tokens.index_copy_(0, slot, torch.where(on, (per_layer // self.top_k).view(1, -1), held))
             self.last_counts.copy_(counts)
         if self.token_ids is not None:
             self.token_cursor.add_(self.pass_tokens)
@@ -229,8 +242,9 @@ class Counter:
             return t.to("cpu", copy=True) if t is not None and wanted else None
 
         ring, row_pass, row_tokens = host(self.rows, rows), host(self.row_pass, rows), host(self.row_tokens, rows)
+        row_layer_tokens = host(self.row_layer_tokens, rows)
         passes_after = int(self.passes)
-        return Reading(counts, passes, ring, row_pass, row_tokens, passes_after, position)
+        return Reading(counts, passes, ring, row_pass, row_tokens, row_layer_tokens, passes_after, position)
 
     def read_tokens(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Host copies of the token ring's ids [n, R, k] and pass ids [n] at positions [lo, hi)

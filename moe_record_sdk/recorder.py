@@ -406,9 +406,16 @@ class Recorder:
         ids, pass_of, after = self.counter.read_tokens(first, end)  # ids [n, R, k]: only these slots
         lo = max(first, after - N)  # positions a concurrent pass may have overwritten during the copy
         ids, pass_of = ids[lo - first :], pass_of[lo - first :]
+        assert r.row_layer_tokens is not None
+        positions = torch.arange(lo, lo + ids.shape[0])
         kept = 0
         for rec in records:
-            mine = ids[pass_of == rec.forward_pass_id]  # tokens in position order
+            of_pass = pass_of == rec.forward_pass_id
+            mine = ids[of_pass]  # tokens in position order
+            # Slots past a layer's own tokens hold what an older pass left there: no id (-1).
+            slot = rec.forward_pass_id % B1
+            t = positions[of_pass] - r.row_tokens[slot, 0]
+            mine[t.unsqueeze(1) >= r.row_layer_tokens[slot].unsqueeze(0)] = -1
             full = torch.full((self.num_layers, mine.shape[0], self.top_k), -1, dtype=torch.int32)
             full[self.layer_ids] = mine.permute(1, 0, 2)
             rec.topk_ids_of_layer = full

@@ -330,3 +330,22 @@ def test_per_token_dump_copies_only_the_window_s_token_slots():
     d = rec.dump()
     assert spans == [(0, 15)] and rec.counter.token_slots > 1000
     assert [r.topk_ids_of_layer[0, :, 0].tolist() for r in d.records] == [[0] * 5, [1] * 5, [2] * 5]
+
+
+def test_per_token_layers_with_fewer_tokens_than_the_pass_read_no_stale_ids():
+    """Layers of one pass may route different token counts (padding told per layer): a layer's
+    slots past its own tokens hold an older pass's ids, which the dump must not report."""
+    rec = Recorder(num_layers=2, num_experts=8, top_k=1, mode="per_token", buffer_size=2, max_bytes=1000)
+    rec.start()
+    N = rec.counter.token_slots
+    for _ in range(3):  # wrap the ring with 7s
+        for layer in range(2):
+            rec.record(layer, torch.full((N, 1), 7))
+        rec.step()
+    rec.dump()
+    rec.record(0, torch.tensor([[1], [5], [5]]), num_valid_tokens=1)
+    rec.record(1, torch.tensor([[2]] * 4))
+    rec.step()
+    d = rec.dump()
+    assert d.records[0].topk_ids_of_layer[:, :, 0].tolist() == [[1, -1, -1, -1], [2, 2, 2, 2]]
+    assert validate_dump(d) == [] and d.window.dropped_tokens == 0
