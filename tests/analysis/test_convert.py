@@ -206,7 +206,8 @@ def test_analyses_refuse_invalid_dumps_and_a_file_given_twice(tmp_path, capsys):
     """What validate refuses, summary / eplb / convert do not analyse; a file named twice would
     be merged twice."""
     path = random_dump(1).save(str(tmp_path / "d.json"))
-    raw = json.loads(open(path).read())
+    with open(path) as f:
+        raw = json.load(f)
     raw["model"]["top_k"] = 0
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(raw))
