@@ -27,6 +27,7 @@ from .rpc import raise_errors
 from .version import check_version
 
 log = logging.getLogger("vllm.moe_record")  # under vLLM's logger: its handlers print it
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD")
 
 
 class VllmBackend:
@@ -95,7 +96,9 @@ class MoeRecordEndpoints:
             return Response(content=resp.body, status_code=resp.status, headers=resp.headers)
 
         for route in handler.routes:
-            app.add_api_route(route.path, endpoint, methods=list(route.methods), include_in_schema=False)
+            # Every method reaches the handler, which answers the others 405 after its auth
+            # check and in its error format (FastAPI's own 405 would skip both).
+            app.add_api_route(route.path, endpoint, methods=list(HTTP_METHODS), include_in_schema=False)
         log.info("moe-record-vllm: endpoints %s, dump dir %s", [r.path for r in handler.routes], handler.controller.dump_dir)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:

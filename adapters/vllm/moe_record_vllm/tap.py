@@ -60,12 +60,24 @@ def attach(model: torch.nn.Module, recorder: Recorder, layer_map: LayerMap, num_
     if any(is_tapped(router) for router in routers):
         raise AdapterError(f"moe-record-vllm: {type(model).__name__} already has a moe-record tap attached")
     for runner in runners:
-        runner.router.set_capture_fn(_capture_fn(recorder, runner.layer_id, num_valid, runner.router.capture_fn))
+        router, layer_id = runner.router, runner.layer_id
+        bind = type(router).set_capture_fn
+        bind(router, _capture_fn(recorder, layer_id, num_valid, router.capture_fn))
+
+        def rebind(
+            fn: Callable[[torch.Tensor], None] | None, router: Any = router, layer_id: int = layer_id, bind: Any = bind
+        ) -> None:
+            # A later binder goes behind our tap, not over it: vLLM binds its routed-experts
+            # capturer at KV-cache init, after load_model attached us (Model Runner V2).
+            bind(router, _capture_fn(recorder, layer_id, num_valid, fn))
+
+        router.set_capture_fn = rebind
 
     def undo() -> None:
         for router in routers:
+            del router.set_capture_fn  # the class's setter again
             if is_tapped(router):
                 router.set_capture_fn(getattr(router.capture_fn, _MARK))
-            # else: someone bound over us; their function may chain ours, so it stays.
+            # else: someone assigned over us; their function may chain ours, so it stays.
 
     return Attachment(adapter=ADAPTER, layer_map=layer_map, undo=undo)

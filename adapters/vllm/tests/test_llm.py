@@ -168,20 +168,20 @@ def test_unobservable_and_displaced_layers_are_reported(llm, monkeypatch: pytest
     rec.start()
     assert rec.status().unobserved_layers == [1] and rec.dump().window.unobserved_layers == [1]
 
-    # Another binder takes layer 1's capture slot after us (vLLM's routed-experts capturer does
-    # so at KV-cache init): the next start reports the layer as unobserved.
+    # Another binder assigns over layer 1's capture slot after us (set_capture_fn would chain
+    # behind us, see below): the next start reports the layer as unobserved.
     recording = _recording(llm)
     router = moe_runners(model)[1].router
     ours = router.capture_fn
     try:
-        router.set_capture_fn(lambda topk_ids: None)
+        router.capture_fn = lambda topk_ids: None
         (status,) = moe_record_vllm.start(llm)
         assert status["unobserved_layers"] == [1]
         (dump,) = moe_record_vllm.dump(llm)
         assert dump.window.unobserved_layers == [1]
     finally:
         moe_record_vllm.stop(llm)
-        router.set_capture_fn(ours)
+        router.capture_fn = ours  # put back as taken (set_capture_fn would chain behind our tap)
         recording.recorder.unobserved_layers = []
 
 
@@ -209,8 +209,17 @@ def test_tap_chains_an_existing_capture_function_and_detach_restores_it(llm) -> 
         _, ids = routers[0].select_experts(torch.randn(5, 64), logits)
         assert len(seen) == 1 and torch.equal(seen[0], ids)  # theirs still runs
         assert rec.dump().total_count()[0].tolist() == torch.bincount(ids.reshape(-1).long(), minlength=8).tolist()
+        # A binder after us (vLLM binds its routed-experts capturer at KV-cache init, after
+        # load_model) goes behind our tap: both see the ids.
+        later: list[torch.Tensor] = []
+        routers[0].set_capture_fn(later.append)
+        _, ids = routers[0].select_experts(torch.randn(5, 64), logits)
+        assert len(later) == 1 and torch.equal(later[0], ids) and len(seen) == 1
+        assert int(rec.dump().total_count()[0].sum()) == ids.numel()
+        routers[0].set_capture_fn(seen.append)
         handle.detach()
         assert [r.capture_fn for r in routers] == [seen.append, seen.append]
+        assert "set_capture_fn" not in vars(routers[0])  # the class's setter again
     finally:
         for r in routers:
             r.set_capture_fn(None)

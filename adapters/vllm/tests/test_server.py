@@ -70,6 +70,9 @@ def test_sglang_endpoints_answer_as_sglang(servers) -> None:
         assert rank["rank"] == 0 and rank["moe_layer_ids"] == [0, 1] and rank["unobserved_layers"] == []
         r = c.get("/dump_expert_distribution_record")  # SGLang's plain answer, file on the server
         assert (r.status_code, r.text) == (200, DUMP_TEXT)
+        # Other methods get our 405 (JSON error, instance header), not FastAPI's.
+        r = c.put("/start_expert_distribution_record", headers={"accept": "application/json"})
+        assert r.status_code == 405 and r.json()["ok"] is False and "x-moe-record-instance" in r.headers
 
 
 def test_fleet_dump_is_exact_valid_and_sglang_readable(servers, tiny_model: str, reference) -> None:
