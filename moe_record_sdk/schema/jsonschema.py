@@ -26,7 +26,6 @@ TENSOR_SCHEMA: dict[str, Any] = {
         "data": {"type": "string", "contentEncoding": "base64"},
     },
     "required": ["dtype", "shape", "data"],
-    "additionalProperties": False,
 }
 
 

@@ -63,8 +63,9 @@ def tensor_to_wire(t: torch.Tensor) -> dict[str, Any]:
 
 
 def tensor_from_wire(obj: Any, path: str = "$") -> torch.Tensor:
-    """Decode ``{"dtype", "shape", "data"}``; ``data`` is bytes (msgpack) or base64 text (JSON)."""
-    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
+    """Decode ``{"dtype", "shape", "data"}``; ``data`` is bytes (msgpack) or base64 text (JSON).
+    Other keys are ignored, as unknown fields are everywhere in v1 (a later v1 writer may add some)."""
+    if not isinstance(obj, dict) or not {"dtype", "shape", "data"} <= set(obj):
         raise DumpFormatError(f"{path}: expected a tensor object with keys dtype, shape, data")
     dtype = WIRE_DTYPES.get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
     if dtype is None:

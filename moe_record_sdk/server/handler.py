@@ -273,8 +273,10 @@ class ControlHandler:
         return {k: v for k, v in options.items() if v is not None}
 
     async def _start(self, options: dict[str, str], h: dict[str, str]) -> Response:
-        await self.controller.start(options.get("mode"))
-        return self._answer(h, "start", START_TEXT, recording=True, mode=options.get("mode"))
+        mode = options.get("mode")
+        await self.controller.start(mode)
+        # The mode asked for; without one, each rank keeps its own (a status call would tell).
+        return self._answer(h, "start", START_TEXT, recording=True, **({"mode": mode} if mode else {}))
 
     def _answer(self, h: dict[str, str], action: str, text: str, **extra: Any) -> Response:
         # No status round trip here: on a multi-rank engine each one costs a call to every rank.
@@ -289,9 +291,8 @@ class ControlHandler:
             raise ControlError(400, "bad_option", f"return: {ret!r} is not one of {', '.join(RETURNS)}")
         if fmt is not None and fmt not in FORMATS:
             raise ControlError(400, "bad_option", f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
-        accept = h.get("accept", "")
         if ret is None:
-            ret = "bytes" if (fmt or MSGPACK in accept or "application/msgpack" in accept) else "file"
+            ret = "bytes" if (fmt or _accepts_msgpack(h)) else "file"
         fmt = fmt or "msgpack"
         t0 = time.perf_counter()
         outcome = await self.controller.dump(write_files=ret != "bytes")
@@ -352,7 +353,7 @@ class ControlHandler:
     def error(self, e: ControlError, headers: Mapping[str, str] | None = None) -> Response:
         """The answer for an error: JSON for clients that take JSON or dump bytes, else a line."""
         h = headers or {}
-        if _accepts_json(h) or MSGPACK in h.get("accept", ""):
+        if _accepts_json(h) or _accepts_msgpack(h):
             resp = self._json(
                 e.status, {"ok": False, "error": {"status": e.status, "code": e.code, "message": e.message}}
             )
@@ -375,3 +376,8 @@ def _tensor_bytes(dump: Dump) -> int:
 
 def _accepts_json(h: Mapping[str, str]) -> bool:
     return "application/json" in h.get("accept", "")
+
+
+def _accepts_msgpack(h: Mapping[str, str]) -> bool:
+    accept = h.get("accept", "")
+    return MSGPACK in accept or "application/msgpack" in accept

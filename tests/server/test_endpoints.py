@@ -57,6 +57,8 @@ def test_json_answers_identity_and_run_ids(serve, http):
     server = serve(rec)
     a = http.post(server.url + START_PATH, headers=JSON).json()
     assert a["ok"] and a["action"] == "start" and a["recording"] is True and a["message"] == START_TEXT.strip()
+    assert "mode" not in a  # none asked for: the engine's own, which status reports (not null)
+    assert http.post(server.url + START_PATH + "?mode=stat", headers=JSON).json()["mode"] == "stat"
     assert a["run_id"].startswith(a["instance_id"]) and rec.recording
     b = http.post(server.url + START_PATH, headers=JSON).json()
     assert b["instance_id"] == a["instance_id"] and b["run_id"] != a["run_id"]
@@ -256,3 +258,10 @@ def test_handler_without_any_server(tmp_path):
     assert a.status == 200 and a.json()["run_id"]
     assert b.status == 200 and decode(b.body).total_count().sum() == 3 * L * 5 * K
     assert c.status == 404
+
+
+def test_errors_are_json_for_either_msgpack_type(serve, http):
+    server = serve(make_recorder())
+    for accept in ("application/x-msgpack", "application/msgpack"):
+        r = http.get(server.url + START_PATH + "?mode=fast", headers={"accept": accept})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_mode"
