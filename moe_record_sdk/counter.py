@@ -147,7 +147,9 @@ class Counter:
         """Count one layer's routing. Tensor ops only: no sync, no data-dependent shapes."""
         row = self.row_of.get(layer_id)
         if row is None:
-            raise RecorderError(f"layer_id {layer_id} is not one of the recorder's layers {self.layer_ids}")
+            raise RecorderError(
+                f"layer_id {layer_id!r} ({type(layer_id).__name__}) is not one of the recorder's layers {self.layer_ids}"
+            )
         if topk_ids.dim() != 2 or topk_ids.shape[1] != self.top_k:
             raise RecorderError(f"topk_ids: expected shape [tokens, top_k={self.top_k}], got {list(topk_ids.shape)}")
         if topk_ids.dtype not in (torch.int32, torch.int64):

@@ -17,6 +17,9 @@ Engines' own names come first: we honour them so a stock setup keeps working.
                                              ``per_token``
 ``MOE_RECORD_MAX_BODY``                      largest control request body accepted, bytes (413
                                              above; default 65536)
+``MOE_RECORD_MAX_BYTES``                     vLLM: ``per_token``'s bound on its rings per rank,
+                                             bytes (default 256 MiB)
+``MOE_RECORD_BUFFER_SIZE``                   vLLM: rows of the per-pass ring (default 1000)
 =========================================  =====================================================
 
 Example
@@ -52,6 +55,13 @@ MOE_RECORD_MODE = "MOE_RECORD_MODE"
 MOE_RECORD_MAX_BODY = "MOE_RECORD_MAX_BODY"
 """Largest control request body accepted, in bytes."""
 
+MOE_RECORD_MAX_BYTES = "MOE_RECORD_MAX_BYTES"
+"""Engines whose recorder we build (vLLM): ``per_token``'s bound on its rings, in bytes, per
+rank (default 256 MiB, on the GPU)."""
+
+MOE_RECORD_BUFFER_SIZE = "MOE_RECORD_BUFFER_SIZE"
+"""Engines whose recorder we build (vLLM): rows of the per-pass ring (SGLang's buffer size)."""
+
 MOE_RECORD_SGLANG_PORT = "MOE_RECORD_SGLANG_PORT"
 """SGLang adapter: base port of the opt-in per-rank side server (our HTTP extensions); rank r
 listens on base + r."""
@@ -72,6 +82,8 @@ ALL: tuple[str, ...] = (
     MOE_RECORD_API_KEY,
     MOE_RECORD_MODE,
     MOE_RECORD_MAX_BODY,
+    MOE_RECORD_MAX_BYTES,
+    MOE_RECORD_BUFFER_SIZE,
 )
 
 _TRUE = ("1", "true", "yes", "on")
@@ -116,10 +128,26 @@ def mode(environ: Mapping[str, str] | None = None, default: str = "stat") -> str
 
 def max_body(environ: Mapping[str, str] | None = None) -> int:
     """``MOE_RECORD_MAX_BODY`` in bytes, or 64 KiB; a value that is not an integer is an error."""
-    raw = _env(environ).get(MOE_RECORD_MAX_BODY)
+    value = _int(MOE_RECORD_MAX_BODY, "a number of bytes", environ)
+    return DEFAULT_MAX_BODY if value is None else value
+
+
+def recorder_options(environ: Mapping[str, str] | None = None) -> dict[str, int]:
+    """``Recorder`` keyword arguments from ``MOE_RECORD_MAX_BYTES`` / ``MOE_RECORD_BUFFER_SIZE``
+    (only those set)."""
+    options = {
+        "max_bytes": _int(MOE_RECORD_MAX_BYTES, "a number of bytes", environ),
+        "buffer_size": _int(MOE_RECORD_BUFFER_SIZE, "a number of rows", environ),
+    }
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _int(name: str, what: str, environ: Mapping[str, str] | None) -> int | None:
+    """The integer in variable ``name``, None when unset or empty; anything else is an error."""
+    raw = _env(environ).get(name)
     if not raw:
-        return DEFAULT_MAX_BODY
+        return None
     try:
         return int(raw)
     except ValueError:
-        raise ValueError(f"{MOE_RECORD_MAX_BODY}: expected a number of bytes, got {raw!r}") from None
+        raise ValueError(f"{name}: expected {what}, got {raw!r}") from None

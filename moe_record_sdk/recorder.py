@@ -108,6 +108,9 @@ class Recorder:
         unobserved_layers: Sequence[int] = (),
     ) -> None:
         _check_mode(mode)
+        for name, value in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RecorderError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
         if num_layers < 1 or num_experts < 1 or not 1 <= top_k <= num_experts:
             raise RecorderError(
                 f"num_layers={num_layers}, num_experts={num_experts}, top_k={top_k}: need layers >= 1, "
@@ -119,6 +122,10 @@ class Recorder:
             raise RecorderError(f"layer_ids: {list(layer_ids or [])} must be non-empty and within [0, {num_layers})")
         self.mapping = None
         if physical_to_logical_map is not None:
+            if physical_to_logical_map.dtype.is_floating_point or physical_to_logical_map.dtype == torch.bool:
+                raise RecorderError(
+                    f"physical_to_logical_map: expected an integer tensor, got {physical_to_logical_map.dtype}"
+                )
             m = physical_to_logical_map.to("cpu", torch.int64)
             if m.dim() != 2 or m.shape[0] != num_layers or m.numel() == 0:
                 raise RecorderError(f"physical_to_logical_map: expected [num_layers={num_layers}, P], got {list(m.shape)}")

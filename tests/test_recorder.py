@@ -154,6 +154,12 @@ def test_bad_inputs_are_named():
         Recorder(num_layers=2, num_experts=4, top_k=2, mode="per_token", max_bytes=100)
     with pytest.raises(RecorderError, match="physical_to_logical_map"):
         Recorder(num_layers=1, num_experts=4, top_k=2, physical_to_logical_map=torch.tensor([[0, 9, 1, 2]]))
+    with pytest.raises(RecorderError, match="physical_to_logical_map: expected an integer tensor"):
+        Recorder(num_layers=1, num_experts=4, top_k=2, physical_to_logical_map=torch.tensor([[0.0, 1.7, 2, 3]]))
+    with pytest.raises(RecorderError, match="num_experts: expected an int, got float 8.0"):
+        Recorder(num_layers=2, num_experts=8.0, top_k=2)
+    with pytest.raises(RecorderError, match=r"layer_id tensor\(1\) \(Tensor\)"):
+        rec.record(torch.tensor(1), torch.zeros(1, 2, dtype=torch.int64))
     # Settings that would make every dump invalid are refused up front, by name.
     with pytest.raises(RecorderError, match=r"topology.rank: 3 is outside \[0, world_size=2\)"):
         Recorder(num_layers=2, num_experts=4, top_k=2, topology=Topology(rank=3, world_size=2))

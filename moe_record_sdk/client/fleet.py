@@ -375,7 +375,7 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
     if status != 200:
         r.error_kind, r.error = "http", f"HTTP {status}: {_error_message(answer, ctype)}"
         if status == 404 and action == "status":
-            r.error += " (no status endpoint: a stock SGLang server has none)"
+            r.error += " (no status endpoint: a stock SGLang server has none, or the endpoints are off)"
         elif status == 404:
             r.error += " (endpoints absent: not enabled on this engine?)"
         return r

@@ -29,6 +29,13 @@ def test_switches_and_numbers():
     assert env.max_body({}) == 65536 and env.max_body({env.MOE_RECORD_MAX_BODY: "10"}) == 10
     with pytest.raises(ValueError, match="MOE_RECORD_MAX_BODY"):
         env.max_body({env.MOE_RECORD_MAX_BODY: "10k"})
+    assert env.recorder_options({}) == {}
+    assert env.recorder_options({env.MOE_RECORD_MAX_BYTES: "65536", env.MOE_RECORD_BUFFER_SIZE: "8"}) == {
+        "max_bytes": 65536,
+        "buffer_size": 8,
+    }
+    with pytest.raises(ValueError, match="MOE_RECORD_BUFFER_SIZE: expected a number of rows, got '8 rows'"):
+        env.recorder_options({env.MOE_RECORD_BUFFER_SIZE: "8 rows"})
 
 
 def test_every_name_is_documented():

@@ -97,6 +97,7 @@ class WorkerRecording:
             engine=EngineInfo(name="vllm", version=vllm.__version__, adapter=DISTRIBUTION),
             topology=self.topology,
             **self.layer_map.recorder_kwargs(),
+            **env.recorder_options(),
         )
         # Real (unpadded) tokens of the pass being run; 0 outside execute_model, so dummy and
         # warm-up forwards (profile run, DP padding batches) count nothing even while recording.

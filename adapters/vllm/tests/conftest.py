@@ -24,6 +24,7 @@ os.environ.update(
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        "MOE_RECORD_MAX_BYTES": str(8 << 20),  # per_token's bound, read by the worker at load
     }
 )
 for name in ("VLLM_PLUGINS", "MOE_RECORD_DUMP_DIR", "MOE_RECORD_API_KEY", "MOE_RECORD_MODE"):

@@ -122,6 +122,16 @@ def test_dump_starts_a_new_window_and_stop_stops(llm) -> None:
     assert moe_record_vllm.status(llm)[0]["recording"] is False
 
 
+def test_per_token_memory_bound_comes_from_the_environment(llm) -> None:
+    if llm.mode_name == "compiled":
+        return  # its graph holds the stat buffers (see the per_pass test)
+    (status,) = moe_record_vllm.start(llm, "per_token")
+    moe_record_vllm.stop(llm)
+    moe_record_vllm.start(llm, "stat")
+    moe_record_vllm.stop(llm)
+    assert 0 < status["bytes_used"] <= 8 << 20  # MOE_RECORD_MAX_BYTES (conftest), not 256 MiB
+
+
 def test_per_pass_rows_are_forward_passes(llm) -> None:
     if llm.mode_name == "compiled":
         # The traced graph holds the stat buffers; new ones would be invisible to it.
