@@ -59,7 +59,10 @@ class EngineResult:
             return head + f"FAILED ({self.error_kind}) {self.error} [{self.elapsed * 1000:.0f} ms]"
         where = ""
         if self.location == IN_RESPONSE and self.dump is not None:
-            where = f", dump collected ({self.dump.window.num_passes} passes)"
+            w = self.dump.window
+            drops = ((w.dropped_passes, "pass", "passes"), (w.dropped_tokens, "token", "tokens"))
+            lost = [f"{n} {one if n == 1 else many} dropped" for n, one, many in drops if n]
+            where = f", dump collected ({', '.join([f'{w.num_passes} passes', *lost])})"
         elif self.location == ON_SERVER:
             where = ", dump left on the server's disk" + (f": {', '.join(self.files)}" if self.files else "")
         note = f" ({self.note})" if self.note else ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
@@ -449,7 +450,9 @@ def _error_message(answer: Answer, ctype: str) -> str:
                 return str(doc["detail"])
         except ValueError:
             pass
-    return _text(answer, body[:4096]).strip()[:300] or httpx.codes.get_reason_phrase(answer.status)
+    # One line, whatever the server sent (an HTML error page from a proxy, say): tags dropped.
+    text = " ".join(re.sub(r"<[^>]*>", " ", _text(answer, body[:4096])).split())
+    return text[:300] or httpx.codes.get_reason_phrase(answer.status)
 
 
 def _server_timing(raw: str) -> dict[str, float]:

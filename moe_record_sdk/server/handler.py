@@ -112,14 +112,14 @@ def _query(raw: str | bytes | Mapping[str, str] | None) -> dict[str, str]:
 def check_bearer(headers: Mapping[str, str], api_key: str | None) -> ControlError | None:
     """None when the request may pass: no key configured, or ``Authorization: Bearer <key>``.
 
-    The comparison is constant-time (``hmac.compare_digest``) on the whole header value.
-    ``headers`` must have lower-case names.
+    The scheme is matched case-insensitively (RFC 7235: ``bearer`` works too), the token in
+    constant time (``hmac.compare_digest``). ``headers`` must have lower-case names.
     """
     if not api_key:
         return None
     got = headers.get("authorization", "")
-    want = f"Bearer {api_key}"
-    if hmac.compare_digest(got.encode(), want.encode()):
+    scheme, _, token = got.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode()):
         return None
     what = "missing" if not got else "wrong"
     return ControlError(401, "unauthorized", f"{what} bearer token", {"www-authenticate": "Bearer"})

@@ -12,7 +12,7 @@ import torch
 from moe_record_sdk.cli import main
 from moe_record_sdk.schema import load_dump
 
-from ..server.helpers import feed
+from ..server.helpers import feed, make_recorder
 
 
 def test_control_commands_exit_status_and_saved_dumps(engines, tmp_path, capsys):
@@ -144,3 +144,11 @@ def test_dumps_that_cannot_be_saved_go_to_a_new_folder(engines, tmp_path, capsys
     assert "No space left on device" in err and "saving into" in err
     rescue = err.rsplit("saving into ", 1)[1].split()[0]
     assert torch.equal(load_dump(os.path.join(rescue, "merged.pt")).total_count(), expected)
+
+
+def test_dump_lines_say_what_the_ring_dropped(engines, tmp_path, capsys):
+    rec, a = engines.ours(make_recorder(mode="per_pass", buffer_size=2))
+    rec.start()
+    feed(rec, seed=9)  # 3 passes into a 2-row ring
+    assert main(["dump", "-e", a.url, "--out", str(tmp_path / "d")]) == 0
+    assert "dump collected (3 passes, 1 pass dropped)" in capsys.readouterr().out

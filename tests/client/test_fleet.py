@@ -199,3 +199,18 @@ def test_engine_urls():
 def http_client():
     with httpx.Client(timeout=10, trust_env=False) as c:
         yield c
+
+
+def test_an_html_error_page_is_reported_on_one_line(engines):
+    """A proxy in front of an engine answers with an HTML page: the error stays one line."""
+    page = b"<html>\n<head><title>502 Bad Gateway</title></head>\n<body>\n<h1>502 Bad Gateway</h1>\n</body></html>\n"
+
+    async def proxy(scope, receive, send):
+        headers = [(b"content-type", b"text/html"), (b"content-length", str(len(page)).encode())]
+        await send({"type": "http.response.start", "status": 502, "headers": headers})
+        await send({"type": "http.response.body", "body": page})
+
+    server = engines._serve(proxy)
+    with Fleet([server.url], retries=0) as fleet:
+        (r,) = fleet.status().results
+    assert not r.ok and r.error == "HTTP 502: 502 Bad Gateway 502 Bad Gateway"

@@ -149,6 +149,8 @@ def test_bearer_token(serve, http):
         {"authorization": "s3cret"},
         {"authorization": "Bearer s3cret2"},
         {"authorization": "Bearer S3CRET"},
+        {"authorization": "Basic s3cret"},
+        {"authorization": "Bearer  s3cret"},
     ):
         r = http.post(server.url + START_PATH, headers=headers)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", headers
@@ -156,6 +158,8 @@ def test_bearer_token(serve, http):
     r = http.post(server.url + START_PATH, headers={"authorization": "Bearer s3cret"})
     assert (r.status_code, r.text) == (200, START_TEXT) and rec.recording
     assert http.get(server.url + STATUS_PATH, headers={"authorization": "Bearer s3cret"}).json()["auth"] is True
+    # The scheme is case-insensitive (RFC 7235); the token is not.
+    assert http.get(server.url + STATUS_PATH, headers={"authorization": "bearer s3cret"}).status_code == 200
 
 
 @pytest.mark.parametrize("fmt", ["msgpack", "json", "pt"])
