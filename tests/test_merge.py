@@ -238,16 +238,16 @@ def test_cli_merge(tmp_path, capsys) -> None:
     assert "merged 2 dumps" in capsys.readouterr().out
     same_counts(load_dump(out), one_process([0, 1]))
     # A folder works too; a missing shard is refused, then allowed.
-    assert main(["merge", str(tmp_path / "rank0.pt"), "-o", str(tmp_path / "x.pt")]) == 1
+    assert main(["merge", str(tmp_path / "rank0.pt"), "-o", str(tmp_path / "x.pt")]) == 2
     assert "token shards [1] are missing" in capsys.readouterr().err
     assert main(["merge", "--allow-partial", str(tmp_path / "rank0.pt"), "-o", str(tmp_path / "x.pt")]) == 0
     other = record(1, Topology(), experts=16).save(str(tmp_path / "other.json"))
-    assert main(["merge", paths[0], other, "-o", str(tmp_path / "y.pt")]) == 1
+    assert main(["merge", paths[0], other, "-o", str(tmp_path / "y.pt")]) == 2
     assert "model.num_logical_experts is 16" in capsys.readouterr().err
     raw = msgspec.json.decode(Path(other).read_bytes())
     raw["schema_version"] = 99
     (tmp_path / "v99.json").write_bytes(msgspec.json.encode(raw))
-    assert main(["merge", paths[0], str(tmp_path / "v99.json"), "-o", str(tmp_path / "z.pt")]) == 1
+    assert main(["merge", paths[0], str(tmp_path / "v99.json"), "-o", str(tmp_path / "z.pt")]) == 2
     assert "schema_version: 99" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "z.pt")]) == 2
     # A file named twice (here: inside a folder also named) would count twice: refused by name.
@@ -274,7 +274,7 @@ def test_sglang_per_rank_files_merge_as_one_run(tmp_path, capsys) -> None:
     assert torch.equal(merged.total_count(), 3 * one.total_count()) and merged.engine.sdk_version  # ours now
     for name in ("m.msgpack", "expert_distribution_recorder_1700000001.5_1.pt"):
         (tmp_path / name).unlink()
-    assert main(["merge", str(tmp_path), "-o", str(tmp_path.parent / "m2.msgpack")]) == 1
+    assert main(["merge", str(tmp_path), "-o", str(tmp_path.parent / "m2.msgpack")]) == 2
     assert "moe-record merge: token shards [1] are missing (present: [0, 2])" in capsys.readouterr().err
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import MoeRecordError
 from ..merge import merge_dumps
 from ..schema import load_dump, save_dump
+from .convert import fail
 from .validate import resolve_dump_files
 
 
@@ -34,9 +34,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         merged = merge_dumps([load_dump(f) for f in files], sources=files, allow_partial=args.allow_partial)
         path = save_dump(merged, args.output)
-    except (MoeRecordError, OSError) as e:
-        print(f"moe-record merge: {e}", file=sys.stderr)
-        return 1
+    except (MoeRecordError, OSError) as e:  # refused inputs exit 2, as in the other offline tools
+        return fail("merge", e)
     w = merged.window
     tokens = f"{max(w.num_tokens, default=0)} tokens per layer" if w.num_tokens is not None else "tokens not recorded"
     print(f"merged {len(files)} dumps -> {path} ({w.mode}, {w.num_passes} passes, {tokens})")
