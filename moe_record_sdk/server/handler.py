@@ -187,7 +187,11 @@ class ControlHandler:
         h = _headers(headers)
         route = _BY_PATH.get(path) if self.enabled else None
         if route is None:
-            return self.error(ControlError(404, "not_found", f"no endpoint {path}"), h)
+            resp = self.error(ControlError(404, "not_found", f"no endpoint {path}"), h)
+            if not self.enabled:  # "as if not installed": nothing names this instance or its run
+                resp.headers.pop(H_INSTANCE, None)
+                resp.headers.pop(H_RUN, None)
+            return resp
         denied = check_bearer(h, self.api_key)
         if denied:
             return self.error(denied, h)

@@ -137,7 +137,9 @@ def test_unknown_path_404_and_disabled_absent(serve, http):
     assert http.get(on.url + "/nope").status_code == 404
     off = serve(make_recorder(), enabled=False)
     for path in (START_PATH, STOP_PATH, DUMP_PATH, STATUS_PATH):
-        assert http.post(off.url + path).status_code == 404
+        r = http.post(off.url + path)
+        assert r.status_code == 404
+        assert not any(k.startswith("x-moe-record") for k in r.headers)  # nothing tells it is there
 
 
 def test_bearer_token(serve, http):
