@@ -80,6 +80,15 @@ call; ``moe-record bench`` and ``tests/perf/tune_tap.py`` print these):
   differently placed buffers (the latency of L2's near and far partitions), so differences below
   ~0.15 us at T <= 1024 are not attributable to code. Reading the four per_token scalars in one
   load (a packed [4] tensor) measured 0.00-0.08 us faster, inside that noise: not taken.
+* Where ``per_token``'s extra goes (H200, Triton 3.6, 2026-11-28, ``tests/perf/per_token_cost.py``:
+  the kernel with one part removed at a time, same run): at T = 1 stat 1.16, per_token 1.40, copy
+  0.94 us. Without its three scalar loads (cursor, pass id, flag as constants) per_token takes
+  1.23; without any one of its three writes (the pass-token announce, the pass-id store, the id
+  store) 1.32-1.34. So ~0.17 us is the loads' latency feeding the ring writes and ~0.07 the
+  writes; stat itself is 1.2x the copy, and per_token does stat's work plus a copy's, so
+  per_token <= 1.2x the copy cannot hold at small T. On a Qwen3-MoE-like model (8 layers, CUDA
+  graph, ``tests/perf/e2e_overhead.py``) per_token costs +5.0% of a batch-1 decode step, +0.8% at
+  batch 8, +1.0% at 64; stat +0.7 / -0.1 / +0.2% (noise ~4% at batch 1).
 * Scalar atomics are issued as one-lane block atomics (``_add_lane0``): Triton broadcasts a
   scalar atomic's result through shared memory and a barrier, which made every thread wait for
   its round trip (+0.5 us per atomic).
