@@ -106,7 +106,12 @@ def _query(raw: str | bytes | Mapping[str, str] | None) -> dict[str, str]:
         return {str(k): str(v) for k, v in raw.items()}
     if isinstance(raw, bytes):
         raw = raw.decode("latin-1")
-    return dict(parse_qsl(raw, keep_blank_values=True))
+    out: dict[str, str] = {}
+    for k, v in parse_qsl(raw, keep_blank_values=True):
+        if k in out:  # which one was meant? (the last silently winning hides a client's bug)
+            raise ControlError(400, "bad_option", f"{k}: given twice in the query ({out[k]!r}, {v!r})")
+        out[k] = v
+    return out
 
 
 def check_bearer(headers: Mapping[str, str], api_key: str | None) -> ControlError | None:
@@ -378,10 +383,28 @@ def _tensor_bytes(dump: Dump) -> int:
     return sum(t.nbytes for t in tensors if t is not None)
 
 
+def _accepted(h: Mapping[str, str]) -> set[str]:
+    """The media types ``Accept`` names with q > 0. Wildcards (curl's ``*/*``) name none, so they
+    keep SGLang's text answers."""
+    out = set()
+    for item in h.get("accept", "").split(","):
+        media, *params = item.split(";")
+        q = 1.0
+        for param in params:
+            name, _, value = param.strip().partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0  # a malformed weight selects nothing rather than guessing
+        if q > 0:
+            out.add(media.strip().lower())
+    return out
+
+
 def _accepts_json(h: Mapping[str, str]) -> bool:
-    return "application/json" in h.get("accept", "")
+    return "application/json" in _accepted(h)
 
 
 def _accepts_msgpack(h: Mapping[str, str]) -> bool:
-    accept = h.get("accept", "")
-    return MSGPACK in accept or "application/msgpack" in accept
+    return not _accepted(h).isdisjoint((MSGPACK, "application/msgpack"))

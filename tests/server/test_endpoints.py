@@ -92,6 +92,7 @@ def test_start_mode_from_query_and_body(serve, http):
         ("", b"mode=stat", "bad_body"),
         ("", b'["stat"]', "bad_body"),
         ("?mdoe=stat", None, "unknown_option"),
+        ("?mode=stat&mode=per_token", None, "bad_option"),
         ("?path=/etc/passwd", None, "unknown_option"),
     ],
 )
@@ -190,7 +191,7 @@ def test_dump_return_both_writes_the_file_too(serve, http, tmp_path):
     assert torch.equal(decode(r.content).total_count(), expected)
 
 
-@pytest.mark.parametrize("query", ["?return=all", "?format=csv", "?return=bytes&format=npz"])
+@pytest.mark.parametrize("query", ["?return=all", "?format=csv", "?return=bytes&format=npz", "?format=json&format=pt"])
 def test_bad_dump_options_are_400(serve, http, query):
     rec = make_recorder()
     server = serve(rec)
@@ -271,3 +272,22 @@ def test_errors_are_json_for_either_msgpack_type(serve, http):
     for accept in ("application/x-msgpack", "application/msgpack"):
         r = http.get(server.url + START_PATH + "?mode=fast", headers={"accept": accept})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_mode"
+
+
+@pytest.mark.parametrize(
+    "accept, kind",
+    [
+        ("*/*", "text"),  # curl's default: SGLang's line
+        ("application/*", "text"),
+        ("application/json;q=0, text/plain", "text"),
+        ("application/json; q=0.5, */*;q=0.1", "json"),
+        ("text/html, Application/JSON", "json"),
+        ("application/json;q=oops", "text"),
+        ("application/msgpack;q=0", "text"),
+    ],
+)
+def test_accept_names_types_with_their_weights(serve, http, accept, kind):
+    server = serve(make_recorder())
+    r = http.post(server.url + START_PATH, headers={"accept": accept})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("application/json" if kind == "json" else "text/plain")
