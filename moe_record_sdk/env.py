@@ -8,9 +8,9 @@ Engines' own names come first: we honour them so a stock setup keeps working.
 ``VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR``    the same for vLLM (its 2025 endpoints, PR 19658);
                                              read first on the vLLM side
 ``MOE_RECORD_DUMP_DIR``                      ours; overrides both for any engine
-``MOE_RECORD_ENABLE``                        ``1``/``true``/``yes``/``on`` turns the HTTP control
-                                             endpoints on in engines (off by default: they are
-                                             absent, 404)
+``MOE_RECORD_ENABLE``                        vLLM: ``1``/``true``/``yes``/``on`` turns recording
+                                             and the HTTP control endpoints on (off by default:
+                                             they are absent, 404)
 ``MOE_RECORD_API_KEY``                       bearer token the endpoints require when set; also
                                              the key the client and CLI send by default
 ``MOE_RECORD_MODE``                          default recording mode: ``stat``, ``per_pass`` or
@@ -20,6 +20,9 @@ Engines' own names come first: we honour them so a stock setup keeps working.
 ``MOE_RECORD_MAX_BYTES``                     vLLM: ``per_token``'s bound on its rings per rank,
                                              bytes (default 256 MiB)
 ``MOE_RECORD_BUFFER_SIZE``                   vLLM: rows of the per-pass ring (default 1000)
+``MOE_RECORD_SGLANG_PORT``                   SGLang: base port of the opt-in per-rank side
+                                             servers (rank r on base + r)
+``MOE_RECORD_SGLANG_HOST``                   SGLang: their address (default ``127.0.0.1``)
 =========================================  =====================================================
 
 Example
@@ -44,7 +47,7 @@ MOE_RECORD_DUMP_DIR = "MOE_RECORD_DUMP_DIR"
 """Our dump directory; wins over the engines' names."""
 
 MOE_RECORD_ENABLE = "MOE_RECORD_ENABLE"
-"""Turns the HTTP control endpoints on inside engines (they are absent otherwise)."""
+"""vLLM: turns recording and the HTTP control endpoints on (they are absent otherwise)."""
 
 MOE_RECORD_API_KEY = "MOE_RECORD_API_KEY"
 """Bearer token required by the endpoints when set, and sent by the client and CLI by default."""
@@ -84,6 +87,8 @@ ALL: tuple[str, ...] = (
     MOE_RECORD_MAX_BODY,
     MOE_RECORD_MAX_BYTES,
     MOE_RECORD_BUFFER_SIZE,
+    MOE_RECORD_SGLANG_PORT,
+    MOE_RECORD_SGLANG_HOST,
 )
 
 _TRUE = ("1", "true", "yes", "on")

@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--dump-dir",
         default=None,
-        help=f"where dump files go (default ${env.SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR} or /tmp)",
+        help=f"where dump files go (default ${env.MOE_RECORD_DUMP_DIR}, else ${env.SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR}, else /tmp)",
     )
     p.add_argument("--api-key", default=None, help=f"require this bearer token (default ${env.MOE_RECORD_API_KEY})")
     p.add_argument("--no-control", action="store_true", help="leave the recording endpoints out (404)")
