@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import msgspec
@@ -253,6 +254,16 @@ def test_cli_merge(tmp_path, capsys) -> None:
     # A file named twice (here: inside a folder also named) would count twice: refused by name.
     assert main(["merge", str(tmp_path), paths[0], "-o", str(tmp_path / "z.pt")]) == 2
     assert "rank0.pt is given twice" in capsys.readouterr().err
+
+
+def test_cli_merge_refuses_records_merge_beside_its_engines(tmp_path, capsys) -> None:
+    """``record --out run`` writes engine-* dumps and merged.pt; ``merge run/*.pt`` would count each engine twice."""
+    engines = [record(s, Topology()).save(str(tmp_path / f"engine-{s}-127.0.0.1_{30000 + s}.pt")) for s in range(2)]
+    assert main(["merge", *engines, "-o", str(tmp_path / "merged.pt")]) == 0
+    capsys.readouterr()
+    assert main(["merge", *sorted(glob.glob(str(tmp_path / "*.pt"))), "-o", str(tmp_path / "m2.pt")]) == 2
+    assert "merged.pt is `moe-record record`'s merge" in capsys.readouterr().err
+    assert not (tmp_path / "m2.pt").exists()
 
 
 SGLANG_PER_PASS = Path(__file__).parent.parent / "spec/fixtures/sglang/per_pass/expert_distribution_recorder_1700000001.5_0.pt"
