@@ -221,16 +221,20 @@ class Controller:
             return outcome
 
     def _write(self, outcome: DumpOutcome) -> list[str]:
-        """SGLang's files: one for a stat dump (the merge, as rank 0 writes it), else one per rank."""
+        """SGLang's files: one for a stat dump (the merge, as rank 0 writes it), else one per rank.
+
+        A stat dump of one rank of a larger world (an SGLang side server's) holds that rank's
+        counts only: it is named by its rank, so nothing takes it for SGLang's global file."""
         os.makedirs(self.dump_dir, exist_ok=True)
         todo = [outcome.merged] if outcome.merged.mode == "stat" else outcome.dumps
         paths = []
         for dump in todo:
             now = time.time()
-            path = os.path.join(self.dump_dir, sglang_file_name(dump, now=now))
+            per_rank = True if dump.topology.world_size > 1 else None
+            path = os.path.join(self.dump_dir, sglang_file_name(dump, now=now, per_rank=per_rank))
             while os.path.exists(path):  # two dumps within one clock tick: never overwrite
                 now += 1e-6
-                path = os.path.join(self.dump_dir, sglang_file_name(dump, now=now))
+                path = os.path.join(self.dump_dir, sglang_file_name(dump, now=now, per_rank=per_rank))
             paths.append(save_dump(dump, path))
             log.info("Write expert distribution to %s", path)
         return paths

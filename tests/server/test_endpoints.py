@@ -212,6 +212,16 @@ def test_dump_json_answer_lists_files_in_dump_dir(serve, http, tmp_path):
     assert [os.path.basename(f) for f in doc["files"]] == os.listdir(tmp_path / "dumps")
 
 
+def test_one_ranks_stat_file_is_named_by_its_rank(serve, http, tmp_path):
+    """A side server holds one rank of a larger world: its stat file is not SGLang's global one."""
+    rec = make_recorder(1, 2)
+    server = serve(rec)
+    http.post(server.url + START_PATH)
+    feed(rec, seed=8)
+    doc = http.post(server.url + DUMP_PATH, headers=JSON).json()
+    assert [os.path.basename(f).endswith("_1.pt") for f in doc["files"]] == [True]
+
+
 def test_two_ranks_merged_in_bytes_and_one_file_per_rank(serve, http, tmp_path):
     r0, r1 = make_recorder(0, 2, buffer_size=8), make_recorder(1, 2, buffer_size=8)
     server = serve(r0, r1)
