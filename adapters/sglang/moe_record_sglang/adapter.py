@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moe_record_sdk.errors import AdapterError
+from moe_record_sdk.errors import AdapterError, MoeRecordError
 from moe_record_sdk.plugins import AdapterInfo, Attachment, LayerMap, hookimpl
 
 from .version import SUPPORTED, __version__
@@ -56,24 +56,69 @@ def moe_record_attach(target: Any, recorder: Any, options: dict[str, Any]) -> At
     )
 
     from .compat import check_sglang_version
+    from .plugin import build_recorder, model_top_k
     from .recorder import SGLangRecorder
 
     check_sglang_version()
     previous = get_global_expert_distribution_recorder()
     if isinstance(previous, SGLangRecorder):
         raise AdapterError("sglang: a moe-record recorder is already attached; detach it first")
-    ours = SGLangRecorder(recorder, rank=int(options.get("rank", recorder.topology.rank)))
+    opts = dict(options)
+    rank = opts.pop("rank", None)
+    try:
+        if recorder is None:  # ours, sized by SGLang's metadata; options are Recorder arguments
+            top_k = opts.pop("top_k", None) or model_top_k()
+            if top_k is None:
+                raise AdapterError("sglang: cannot tell top_k from the served model's config; pass top_k=")
+            ours = build_recorder(target, int(rank or 0), mode=opts.pop("mode", None) or "stat", top_k=top_k, **opts)
+        else:
+            if opts:
+                raise AdapterError(f"sglang: options {sorted(opts)} given with a recorder: pass one or the other")
+            _check_fits(recorder, target, model_top_k())
+            live = target.physical_to_logical_map_cpu if recorder.mapping is not None else None
+            rank = recorder.topology.rank if rank is None else rank
+            ours = SGLangRecorder(recorder, rank=int(rank), live_map=live)
+    except (MoeRecordError, TypeError, ValueError) as e:  # a caller's mistake: not a broken adapter
+        if isinstance(e, AdapterError):
+            raise
+        raise AdapterError(f"sglang: cannot attach: {e}") from None
     set_global_expert_distribution_recorder(ours)
 
     def undo() -> None:
         if get_global_expert_distribution_recorder() is ours:
             set_global_expert_distribution_recorder(previous)
 
+    rec = ours.recorder
     layer_map = LayerMap(
-        num_layers=recorder.num_layers,
-        moe_layer_ids=tuple(recorder.layer_ids),
-        num_experts=recorder.num_experts,
-        top_k=recorder.top_k,
-        physical_to_logical_map=recorder.mapping,
+        num_layers=rec.num_layers,
+        moe_layer_ids=tuple(rec.layer_ids),
+        num_experts=rec.num_experts,
+        top_k=rec.top_k,
+        physical_to_logical_map=rec.mapping,
     )
-    return Attachment(adapter="sglang", layer_map=layer_map, undo=undo)
+    return Attachment(adapter="sglang", layer_map=layer_map, undo=undo, recorder=rec)
+
+
+def _check_fits(recorder: Any, target: Any, top_k: int | None) -> None:
+    """Refuse a recorder that cannot count what SGLang hands its recorder: physical slot ids of
+    every layer (``ExpertLocationMetadata``)."""
+    from .plugin import is_identity
+
+    slots = target.physical_to_logical_map_cpu.shape[1]
+    problems = []
+    if recorder.num_layers != target.num_layers:
+        problems.append(f"num_layers {recorder.num_layers} != {target.num_layers}")
+    if recorder.num_experts != target.num_logical_experts:
+        problems.append(f"num_experts {recorder.num_experts} != {target.num_logical_experts}")
+    if top_k is not None and recorder.top_k != top_k:
+        problems.append(f"top_k {recorder.top_k} != {top_k}")
+    if recorder.num_slots != slots:
+        problems.append(f"{recorder.num_slots} expert slots != SGLang's {slots} physical experts")
+    elif recorder.mapping is None and not is_identity(target):
+        problems.append("no physical_to_logical_map, but SGLang's physical experts are not its logical ones")
+    if problems:
+        raise AdapterError(
+            "sglang: recorder does not fit SGLang's expert layout: "
+            + "; ".join(problems)
+            + " (size it with moe-record's layer map: Recorder(**registry.layer_map(metadata).recorder_kwargs()))"
+        )

@@ -138,10 +138,11 @@ def model_top_k() -> int | None:
     return None
 
 
-def build_recorder(metadata: Any, rank: int, *, mode: str, top_k: int) -> SGLangRecorder:
+def build_recorder(metadata: Any, rank: int, *, mode: str, top_k: int, **recorder_kwargs: Any) -> SGLangRecorder:
     """Our recorder sized from SGLang's ``ExpertLocationMetadata`` and published flags, with this
     rank's ``Topology`` and pipeline stage read from SGLang's parallel state
-    (:mod:`moe_record_sglang.topology`)."""
+    (:mod:`moe_record_sglang.topology`). ``recorder_kwargs`` override ``Recorder`` arguments
+    (``device``, ``buffer_size``, …)."""
     from sglang.srt.runtime_context import get_exec
 
     buffer_size = get_exec().moe.expert_distribution_recorder_buffer_size
@@ -149,20 +150,30 @@ def build_recorder(metadata: Any, rank: int, *, mode: str, top_k: int) -> SGLang
         # SGLang's unbounded buffer (-1): ours stays bounded. None: stat keeps one exact
         # cumulative row, per_pass/per_token our default ring (also after a switch of mode).
         buffer_size = None
-    mapping = metadata.physical_to_logical_map_cpu.to("cpu", torch.int64)
-    identity = mapping.shape[1] == metadata.num_logical_experts and torch.equal(
-        mapping, torch.arange(mapping.shape[1]).expand_as(mapping)
+    live = metadata.physical_to_logical_map_cpu
+    # EPLB rebalances by rewriting this map in place (ExpertLocationMetadata.update), and SGLang
+    # converts counts with the map of dump time: follow it, even from an identity start.
+    follow = get_exec().moe.enable_eplb
+    kwargs: dict[str, Any] = {
+        "num_layers": metadata.num_layers,
+        "num_experts": metadata.num_logical_experts,
+        "top_k": top_k,
+        "layer_ids": stage_layers(metadata.num_layers),
+        "device": metadata.physical_to_logical_map.device,
+        "mode": mode,
+        "buffer_size": buffer_size,
+        "physical_to_logical_map": None if is_identity(metadata) and not follow else live.to("cpu", torch.int64),
+        "engine": EngineInfo(name="sglang", version=sglang_version(), adapter="moe-record-sglang"),
+        "topology": sglang_topology(rank, metadata.ep_size),
+        **recorder_kwargs,
+    }
+    recorder = Recorder(**kwargs)
+    return SGLangRecorder(recorder, rank=rank, live_map=live if recorder.mapping is not None else None, eplb=follow)
+
+
+def is_identity(metadata: Any) -> bool:
+    """Whether SGLang's physical slots are its logical experts (no replicas, none moved)."""
+    mapping = metadata.physical_to_logical_map_cpu
+    return mapping.shape[1] == metadata.num_logical_experts and torch.equal(
+        mapping.to("cpu", torch.int64), torch.arange(mapping.shape[1]).expand_as(mapping)
     )
-    recorder = Recorder(
-        num_layers=metadata.num_layers,
-        num_experts=metadata.num_logical_experts,
-        top_k=top_k,
-        layer_ids=stage_layers(metadata.num_layers),
-        device=metadata.physical_to_logical_map.device,
-        mode=mode,
-        buffer_size=buffer_size,
-        physical_to_logical_map=None if identity else mapping,
-        engine=EngineInfo(name="sglang", version=sglang_version(), adapter="moe-record-sglang"),
-        topology=sglang_topology(rank, metadata.ep_size),
-    )
-    return SGLangRecorder(recorder, rank=rank)

@@ -38,11 +38,16 @@ import torch
 
 from moe_record_sdk import Dump, Recorder
 from moe_record_sdk import env as moe_env
-from moe_record_sdk.errors import MergeError
+from moe_record_sdk.errors import MergeError, RecorderError
 from moe_record_sdk.merge import merge_distributed
+from moe_record_sdk.schema import MODES
 from moe_record_sdk.schema.sglang import sglang_file_name
 
 log = logging.getLogger(__name__)
+
+#: Pass ids kept beyond the ring's rows: passes SGLang completes while a side server's dump
+#: copies the ring (they must not push the dumped passes' ids out). Host tuples, a few KB.
+ID_SLACK = 4096
 
 
 class SGLangRecorder:
@@ -59,6 +64,13 @@ class SGLangRecorder:
     dump_dir:
         Where ``dump_record()`` writes; default ``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR``
         (``MOE_RECORD_DUMP_DIR`` wins), read at each dump as SGLang does.
+    live_map:
+        SGLang's ``physical_to_logical_map_cpu``, which EPLB rewrites in place: each dump maps
+        physical slots to experts with its current value, as SGLang's dump does (``recorder``
+        must then have a ``physical_to_logical_map`` of the same shape).
+    eplb:
+        SGLang's ``EPLBManager`` reads this recorder (``--enable-eplb``): it needs mode ``stat``
+        at every rebalance, so :meth:`start_record` refuses other modes.
 
     Example
     -------
@@ -70,8 +82,20 @@ class SGLangRecorder:
     7
     """
 
-    def __init__(self, recorder: Recorder, rank: int = 0, *, dump_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        rank: int = 0,
+        *,
+        dump_dir: str | None = None,
+        live_map: torch.Tensor | None = None,
+        eplb: bool = False,
+    ) -> None:
+        if live_map is not None and (recorder.mapping is None or recorder.mapping.shape != live_map.shape):
+            raise ValueError("live_map: needs a recorder with a physical_to_logical_map of the same shape")
         self.recorder = recorder
+        self.live_map = live_map
+        self.eplb = eplb
         self.rank = rank
         self.dump_dir = dump_dir
         self.last_dump: Dump | None = None
@@ -85,7 +109,7 @@ class SGLangRecorder:
         # uncontended on SGLang's path, where the scheduler thread does both.
         self._pass_lock = threading.Lock()
         self._pass_index = 0
-        self._pass_ids: deque[tuple[int, int]] = deque(maxlen=recorder.counter.ring_rows + 2)
+        self._pass_ids: deque[tuple[int, int]] = deque(maxlen=recorder.counter.ring_rows + ID_SLACK)
 
     # -- context SGLang sets around the hooks ---------------------------------------------
     @contextmanager
@@ -131,7 +155,8 @@ class SGLangRecorder:
         rec = self.recorder
         if topk_ids.dim() != 2 or topk_ids.shape[1] != rec.top_k or self._layer not in rec.counter.row_of:
             self._warn_once(
-                f"shape{tuple(topk_ids.shape)}-{self._layer}",
+                # Once per width and layer: the token count changes with every batch.
+                f"shape{tuple(topk_ids.shape[1:])}-{self._layer}",
                 f"moe-record: ignoring top-k ids of shape {tuple(topk_ids.shape)} at layer {self._layer} "
                 f"(recorder sized for top_k={rec.top_k}, {rec.num_layers} layers)",
             )
@@ -156,6 +181,10 @@ class SGLangRecorder:
     def start_record(self, mode: str | None = None) -> None:
         """Clear and record (SGLang: a second start warns and restarts); ``mode``: ours, for the
         side server (default: the current mode)."""
+        if self.eplb and mode not in (None, "stat"):
+            # EPLBManager's next rebalance calls dump_record(output_mode="object"), which needs
+            # stat: switching would take the scheduler down there, not here.
+            raise RecorderError(f"mode {mode!r}: SGLang's EPLB (--enable-eplb) reads these counts in mode stat only")
         if self.recorder.recording:
             log.warning("moe-record: already recording expert ids; restarting the window (SGLang semantics)")
         with self._pass_lock:
@@ -163,7 +192,7 @@ class SGLangRecorder:
             # A new mode may bring a new counter, numbering passes from 0: follow it (start
             # has read the device already, this costs no extra sync).
             self._pass_index = int(self.recorder.counter.passes)
-            self._pass_ids = deque(maxlen=self.recorder.counter.ring_rows + 2)  # the ring's passes
+            self._pass_ids = deque(maxlen=self.recorder.counter.ring_rows + ID_SLACK)  # the ring's passes
 
     def stop_record(self) -> None:
         if not self.recorder.recording:
@@ -174,6 +203,8 @@ class SGLangRecorder:
     def dump_local(self) -> Dump:
         """This rank's dump of the window (forward pass ids SGLang's), then a new window; no
         collective: what the side server serves. Passes keep running meanwhile."""
+        if self.live_map is not None and self.recorder.mapping is not None:
+            self.recorder.mapping.copy_(self.live_map)  # EPLB's placement now (copy_: aliases too)
         dump = self.recorder.dump()
         with self._pass_lock:  # after the dump: every pass it holds has its id by now
             ids = dict(self._pass_ids)
@@ -194,7 +225,13 @@ class SGLangRecorder:
         if output_mode == "object" and self.recorder.mode != "stat":
             raise ValueError("dump_record(output_mode='object') needs mode stat (as SGLang)")
         dump: Dump | None = self.dump_local()
-        if dump.window.mode == "stat":
+        alone = output_mode == "file" and not _same_mode_everywhere(dump.window.mode)
+        if alone:
+            log.error(
+                "moe-record: the ranks dump in different modes (a side server's ?mode= reached only some of "
+                "them); each rank writes its own file, named by its rank, unmerged"
+            )
+        elif dump.window.mode == "stat":
             dump = _merge_stat(dump, everywhere=output_mode == "object")
         self.last_dump = dump
         if output_mode == "object":
@@ -205,10 +242,10 @@ class SGLangRecorder:
                 "average_utilization_rate_over_window": None,
             }
         self.last_paths = []
-        if dump is not None and (dump.window.mode != "stat" or self.recorder.topology.rank == 0):
+        if dump is not None and (alone or dump.window.mode != "stat" or self.recorder.topology.rank == 0):
             directory = self.dump_dir or moe_env.dump_dir("sglang")
             os.makedirs(directory, exist_ok=True)
-            path = os.path.join(directory, sglang_file_name(dump))
+            path = os.path.join(directory, sglang_file_name(dump, per_rank=True if alone else None))
             log.info("Write expert distribution to %s", path)
             dump.save(path)
             self.last_paths.append(path)
@@ -241,6 +278,20 @@ def _world() -> tuple[int, Any]:
     coordinator = _parallel("world_group", None)
     group = getattr(coordinator, "cpu_group", None)
     return dist.get_world_size(group), group
+
+
+def _same_mode_everywhere(mode: str) -> bool:
+    """Whether every rank dumps in ``mode`` (the same answer on every rank). A stat merge waits
+    for every rank: ranks a side server moved to another mode would leave the others hanging."""
+    world, group = _world()
+    if world == 1:
+        return True
+    import torch.distributed as dist
+
+    mine = torch.tensor([MODES.index(mode)])
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine, group=group)
+    return all(int(t) == int(mine) for t in every)
 
 
 def _merge_stat(dump: Dump, *, everywhere: bool) -> Dump | None:

@@ -81,6 +81,7 @@ def serve(
     *,
     api_key: str | None = None,
     dump_dir: str | None = None,
+    max_body: int | None = None,
 ) -> Any:
     """Serve our endpoints for ``recorder`` on ``host:port`` in a background thread; returns the
     started ``moe_record_sdk.server.ServerThread`` (``.url``, ``.stop()``). A server already
@@ -95,7 +96,11 @@ def serve(
 
     stop(port)
     app = make_app(
-        RankBackend(recorder), dump_dir=dump_dir or moe_env.dump_dir("sglang"), api_key=api_key, engine="sglang"
+        RankBackend(recorder),
+        dump_dir=dump_dir or moe_env.dump_dir("sglang"),
+        api_key=api_key,
+        engine="sglang",
+        max_body=moe_env.max_body() if max_body is None else max_body,
     )
     server = ServerThread(app, host=host, port=port).start()
     _servers[server.port] = server
@@ -119,8 +124,18 @@ def maybe_serve(recorder: SGLangRecorder, environ: dict[str, str] | None = None)
         return None
     host = e.get(HOST_ENV) or "127.0.0.1"
     port = rank_port(base, recorder)
+    if port > 65535:  # a base near the top, and this rank's port past it
+        log.error("moe-record: %s=%d puts this rank on port %d, past 65535; no side server", PORT_ENV, base, port)
+        return None
     try:
-        return serve(recorder, port, host, api_key=moe_env.api_key(e), dump_dir=moe_env.dump_dir("sglang", e))
+        max_body = moe_env.max_body(e)
+    except ValueError as err:
+        log.error("moe-record: no rank endpoints: %s", err)
+        return None
+    try:
+        return serve(
+            recorder, port, host, api_key=moe_env.api_key(e), dump_dir=moe_env.dump_dir("sglang", e), max_body=max_body
+        )
     except (OSError, RuntimeError, TimeoutError) as err:
         log.error("moe-record: cannot serve rank endpoints on %s:%d: %s", host, port, err)
         return None

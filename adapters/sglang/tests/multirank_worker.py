@@ -41,6 +41,7 @@ class Scenario:
     shard_of_rank: list[int]  # which tokens each world rank routes (replicas share a shard)
     expect_shards: int  # topology.num_token_shards the adapter must find
     misrouted: bool = False
+    switch_rank: int | None = None  # a side server's ?mode=per_pass reached this rank alone (stat dump only)
 
 
 SCENARIOS = {
@@ -51,6 +52,8 @@ SCENARIOS = {
         # A fault: ranks SGLang's config makes replicas route different tokens (as if the
         # adapter had misread the topology). The merge refuses; SGLang keeps running.
         Scenario("tp2_misrouted", 2, {"tp_size": 2}, [0, 1], 1, misrouted=True),
+        # A misuse: one rank switched to per_pass, the other still in stat, then SGLang's dump.
+        Scenario("tp2_mixed_modes", 2, {"tp_size": 2}, [0, 0], 1, switch_rank=1),
         Scenario(
             "dp_attn2_mooncake",
             2,
@@ -144,7 +147,7 @@ def run_scenario(sc: Scenario, rank: int, model_dir: str, out: str) -> dict:
     logging.getLogger("moe_record_sglang").addHandler(handler)
     install()
     try:
-        for mode in ("stat", "per_pass"):
+        for mode in ("stat", "per_pass") if sc.switch_rank is None else ("stat",):
             dump_dir = os.path.join(out, sc.name, mode)
             with get_context().override_server_args(
                 model_path=model_dir,
@@ -175,11 +178,11 @@ def run_scenario(sc: Scenario, rank: int, model_dir: str, out: str) -> dict:
                             "num_token_shards",
                         )
                     }
-                    rec.start_record()
+                    rec.start_record("per_pass" if rank == sc.switch_rank else None)
                     _route(rec, shard)
                     rec.stop_record()
                     rec.dump_record()  # stat: every rank merges, rank 0 writes
-                    if mode == "stat":
+                    if mode == "stat" and sc.switch_rank is None:
                         rec.start_record()
                         _route(rec, shard)
                         obj = rec.dump_record(output_mode="object")  # EPLBManager's call

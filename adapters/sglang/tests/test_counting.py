@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import os
 
+import pytest
 import torch
 from sglang_tiny import (
     MOE_LAYERS,
@@ -139,3 +140,44 @@ def test_scheduler_handler_drives_our_recorder(sglang_config, model_dir, dump_di
     assert validate_dump(dump) == []
     assert torch.equal(dump.total_count(), reference_counts(model.logits, valid))
     assert rec.status()["last_paths"] == [path]
+
+
+@pytest.mark.parametrize("redundant", [0, 2], ids=lambda r: f"redundant{r}")
+def test_counts_follow_an_eplb_rebalance_as_sglangs_own(sglang_config, model_dir, gloo_world, sglang_on_cpu, redundant):
+    """EPLBManager rewrites the expert placement in place (``ExpertLocationMetadata.update``);
+    SGLang's recorder maps physical slots with the placement of dump time, and so must ours,
+    also when EPLB starts from the identity placement (no redundant experts)."""
+    from moe_record_sglang import SGLangRecorder, install, uninstall
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    skew = torch.zeros(1, NUM_LAYERS, NUM_EXPERTS, dtype=torch.int32)
+    skew[..., 0] = 1000
+    skew[..., 1:] = torch.arange(1, NUM_EXPERTS, dtype=torch.int32)
+    got = {}
+    for who in ("sglang", "ours"):
+        if who == "ours":
+            install()
+        try:
+            with sglang_config("stat", enable_eplb=True, ep_num_redundant_experts=redundant):
+                model_config = ModelConfig(model_path=model_dir)
+                meta = ExpertLocationMetadata.init_trivial(model_config, moe_ep_rank=0)
+                rec = ExpertDistributionRecorder.init_new(meta, rank=0)
+                assert isinstance(rec, SGLangRecorder) == (who == "ours")
+                before = meta.physical_to_logical_map_cpu.clone()
+                rebalanced = ExpertLocationMetadata.init_by_eplb(model_config, logical_count=skew)
+                meta.update(rebalanced, update_layer_ids=list(range(NUM_LAYERS)))
+                assert not torch.equal(meta.physical_to_logical_map_cpu, before)  # experts moved
+                rec.start_record()
+                g = torch.Generator().manual_seed(0)
+                with rec.with_forward_pass(0, None):
+                    for layer in MOE_LAYERS:
+                        with rec.with_current_layer(layer):
+                            slots = torch.randint(0, NUM_EXPERTS + redundant, (40, TOP_K), generator=g)
+                            rec.on_select_experts(topk_ids=slots)
+                got[who] = rec.dump_record(output_mode="object")["logical_count"].sum(0).long()
+        finally:
+            uninstall()
+    assert int(got["sglang"].sum()) == 40 * TOP_K * len(MOE_LAYERS)
+    assert torch.equal(got["ours"], got["sglang"])

@@ -109,8 +109,46 @@ def test_wrong_width_ids_are_skipped_not_fatal(sglang_config, caplog):
     rec.start_record()
     with caplog.at_level(logging.WARNING), rec.with_forward_pass(0, None), rec.with_current_layer(1):
         rec.on_select_experts(topk_ids=torch.tensor([[0, 1, 2]]))  # 3 columns: not this model's top_k
+        rec.on_select_experts(topk_ids=torch.tensor([[0, 1, 2], [3, 2, 1]]))  # again, another batch size
         rec.on_select_experts(topk_ids=torch.tensor([[0, 1]]))
     with rec.with_forward_pass(1, None):
         rec.on_select_experts(topk_ids=torch.tensor([[3, 3]]))  # outside any layer: SGLang has no layer either
     assert "ignoring top-k ids of shape (1, 3)" in caplog.text
+    assert caplog.text.count("ignoring top-k ids") == 1  # once, not once per batch size
     assert rec.recorder.dump().total_count()[1].tolist() == [1, 1, 0, 0]
+
+
+def test_registry_attach_builds_or_checks_the_recorder(sglang_config, model_dir):
+    """``AdapterRegistry.attach(metadata)`` (the ``moe_record_attach`` hook): with no recorder
+    the adapter builds one sized for SGLang's physical slots; a recorder that cannot count
+    them is refused naming why; neither mistake marks the adapter broken."""
+    from moe_record_sglang import SGLangRecorder
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    from moe_record_sdk import Recorder
+    from moe_record_sdk.plugins import AdapterRegistry
+
+    registry = AdapterRegistry()
+    with sglang_config("stat", ep_num_redundant_experts=2):
+        meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
+        before = get_global_expert_distribution_recorder()
+        with registry.attach(meta, mode="per_pass") as att:  # no recorder: the adapter builds one
+            rec = get_global_expert_distribution_recorder()
+            assert isinstance(rec, SGLangRecorder) and rec.recorder is att.recorder
+            assert att.recorder.mode == "per_pass" and att.recorder.num_slots == 10  # 8 experts + 2 replicas
+            rec.start_record()
+            with rec.with_forward_pass(0, None), rec.with_current_layer(1):
+                rec.on_select_experts(topk_ids=torch.tensor([[8, 9], [0, 1]]))  # replica slots of experts 0, 1
+            assert att.recorder.dump().total_count()[1].tolist() == [2, 2, 0, 0, 0, 0, 0, 0]
+        assert get_global_expert_distribution_recorder() is before
+        logical_only = Recorder(num_layers=4, num_experts=8, top_k=2)  # replica slots 8, 9 would be lost
+        with pytest.raises(AdapterError, match="8 expert slots != SGLang's 10 physical experts"):
+            registry.attach(meta, logical_only)
+        with pytest.raises(AdapterError, match="mode: 'bogus'"):
+            registry.attach(meta, mode="bogus")
+        assert [r.status for r in registry.adapters() if r.name == "sglang"] == ["ok"]
+        with registry.attach(meta, Recorder(**registry.layer_map(meta).recorder_kwargs())) as att:
+            assert att.layer_map.num_experts == 8
+        assert get_global_expert_distribution_recorder() is before

@@ -129,9 +129,11 @@ def test_side_servers_of_tensor_parallel_ranks_merge_once(sglang_config, model_d
 
 
 def test_side_server_that_cannot_start_leaves_sglang_running(sglang_config, model_dir, caplog, side_servers):
-    from moe_record_sglang import build_recorder
+    from moe_record_sglang import SGLangRecorder, build_recorder
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    from moe_record_sdk import Recorder, Topology
 
     with sglang_config("stat"):
         meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
@@ -144,7 +146,13 @@ def test_side_server_that_cannot_start_leaves_sglang_running(sglang_config, mode
             taken.listen()
             port = taken.getsockname()[1]
             assert side_servers.maybe_serve(rec, {"MOE_RECORD_SGLANG_PORT": str(port)}) is None
+        # Rank 1 of a base at the top of the range: its port does not exist.
+        rank1 = SGLangRecorder(Recorder(num_layers=2, num_experts=4, top_k=2, topology=Topology(rank=1, world_size=2)))
+        assert side_servers.maybe_serve(rank1, {"MOE_RECORD_SGLANG_PORT": "65535"}) is None
+        assert side_servers.maybe_serve(rec, {"MOE_RECORD_SGLANG_PORT": "31000", "MOE_RECORD_MAX_BODY": "1 KB"}) is None
+    assert "MOE_RECORD_MAX_BODY" in caplog.text
     assert "MOE_RECORD_SGLANG_PORT='thirty' is not a port number" in caplog.text
+    assert "MOE_RECORD_SGLANG_PORT=65535 puts this rank on port 65536, past 65535" in caplog.text
     assert f"cannot serve rank endpoints on 127.0.0.1:{port}" in caplog.text
 
 
@@ -195,3 +203,79 @@ def test_dumps_while_sglang_runs_passes_lose_and_repeat_nothing(sglang_config, m
     assert all(d.window.dropped_passes == 0 for d in dumps)
     total = sum(d.total_count() for d in dumps)
     assert torch.equal(total, reference_counts(model.logits, valid))
+
+
+def test_eplb_recorder_refuses_a_mode_switch(sglang_config, model_dir, gloo_world, side_servers):
+    """With ``--enable-eplb``, EPLBManager calls ``dump_record(output_mode="object")`` at every
+    rebalance, which needs stat: a side server's ``?mode=per_pass`` is refused (400) and the
+    recording EPLB started goes on, instead of the scheduler failing at the next rebalance."""
+    from moe_record_sglang import install, uninstall
+
+    install()
+    try:
+        with sglang_config("stat", enable_eplb=True):
+            rec = new_recorder(model_dir)
+            rec.start_record()  # as EPLBManager does
+            server = side_servers.serve(rec, _free_ports(1))
+            with Fleet([server.url], api_key="", retries=0) as fleet:
+                refused = fleet.start(mode="per_pass").results[0]
+                assert not refused.ok and refused.status_code == 400
+                assert "--enable-eplb" in refused.describe()
+                assert fleet.start(mode="stat").ok
+            assert rec.recording and rec.recorder.mode == "stat"
+            run_passes(TinyMoE(seed=2), rec)
+            out = rec.dump_record(output_mode="object")  # EPLBManager's rebalance
+    finally:
+        uninstall()
+    assert int(out["logical_count"].sum()) > 0
+
+
+def test_passes_during_a_dump_keep_the_dumped_passes_ids(sglang_config, model_dir, dump_dir, side_servers):
+    """SGLang runs passes while a side server's dump copies a full ring: the dumped records keep
+    SGLang's forward pass ids, and the passes run meanwhile go whole to the next dump."""
+    from moe_record_sglang import build_recorder
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_distribution import set_global_expert_distribution_recorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    with sglang_config("per_pass", expert_distribution_recorder_buffer_size=3):
+        meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
+        rec = build_recorder(meta, 0, mode="per_pass", top_k=2)
+    set_global_expert_distribution_recorder(rec)
+    model = TinyMoE(seed=6)
+    read_ring = rec.recorder.dump
+
+    def dump_while_sglang_runs(*args, **kwargs):
+        dump = read_ring(*args, **kwargs)
+        run_passes(model, rec, [(2000 + i, 3, None) for i in range(4)])  # the scheduler thread, meanwhile
+        return dump
+
+    rec.recorder.dump = dump_while_sglang_runs
+    server = side_servers.serve(rec, _free_ports(1))
+    with Fleet([server.url], api_key="", retries=0) as fleet:
+        assert fleet.start().ok
+        run_passes(model, rec, [(1000 + i, 3, None) for i in range(3)])  # fills the 3-row ring
+        first = fleet.dump().results[0]
+        rec.recorder.dump = read_ring
+        second = fleet.dump().results[0]
+    assert first.ok and second.ok
+    assert [r.forward_pass_id for r in first.dump.records] == [1000, 1001, 1002]
+    assert [r.forward_pass_id for r in second.dump.records] == [2001, 2002, 2003]  # 2000 left the 3-row ring
+    assert second.dump.window.dropped_passes == 1
+
+
+def test_side_server_takes_the_body_limit_from_the_environment(sglang_config, model_dir, side_servers):
+    """``MOE_RECORD_MAX_BODY`` bounds the side servers' bodies as it does every other server's."""
+    import httpx
+    from moe_record_sglang import build_recorder
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    with sglang_config("stat"):
+        meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
+        rec = build_recorder(meta, 0, mode="stat", top_k=2)
+    server = side_servers.maybe_serve(rec, {"MOE_RECORD_SGLANG_PORT": str(_free_ports(1)), "MOE_RECORD_MAX_BODY": "16"})
+    assert server is not None
+    body = b'{"mode": "stat", "pad": "' + b"x" * 40 + b'"}'
+    r = httpx.post(server.url + "/start_expert_distribution_record", content=body)
+    assert r.status_code == 413
