@@ -178,7 +178,7 @@ def _from_sglang_dict(obj: Any, source: str) -> Dump:
         return Dump(
             engine=EngineInfo(name="sglang"),
             model=ModelInfo(num_layers=L, moe_layer_ids=_observed_layers(count), num_logical_experts=E, top_k=None),
-            topology=_sglang_topology(obj.get("rank", 0)),
+            topology=_sglang_topology(_rank(obj.get("rank", 0), "rank", source)),
             window=Window(mode="stat", buffer_size=B),
             logical_count=count,
             average_utilization_rate_over_window=util,
@@ -198,6 +198,17 @@ def _counts(value: Any, field: str, ndim: int) -> torch.Tensor:
 def _opt(meta: dict[str, Any], key: str, ndim: int) -> torch.Tensor | None:
     value = meta.get(key)
     return None if value is None else _counts(value, f"{META_KEY}.{key}", ndim)
+
+
+def _rank(value: object, field: str, source: str) -> int:
+    """A rank as SGLang writes it (an int, or a 0-d integer tensor); anything else is refused by
+    name rather than read as rank 0."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        got = repr(value) if isinstance(value, (int, float, str)) and len(repr(value)) < 40 else type(value).__name__
+        raise DumpFormatError(f"{source}: {field}: expected a rank (an integer >= 0), got {got}")
+    return value
 
 
 def _sglang_topology(rank: object) -> Topology:
@@ -253,7 +264,7 @@ def _from_records(obj: dict[str, Any], meta: Any, source: str) -> Dump:
         records.append(
             Record(
                 forward_pass_id=pass_id,
-                rank=rec.get("rank", 0) if type(rec.get("rank", 0)) is int else 0,
+                rank=_rank(rec.get("rank", 0), f"records[{i}].rank", source),
                 gatherer_key=_text(rec.get("gatherer_key", "primary"), f"records[{i}].gatherer_key", source),
                 topk_ids_of_layer=ids,
                 input_ids=_int_list(rec.get("input_ids"), f"records[{i}].input_ids", source),

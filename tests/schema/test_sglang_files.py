@@ -125,3 +125,20 @@ def test_legacy_csv_with_unknown_layer_is_refused_by_name(tmp_path):
     path.write_text("layer_id,expert_id,count\nUNKNOWN,3,7\n")
     with pytest.raises(DumpFormatError, match="line 2: layer_id is UNKNOWN"):
         load_dump(path)
+
+
+@pytest.mark.parametrize("rank", ["1", 1.0, -1, True])
+def test_a_rank_that_is_not_one_is_refused_by_name(tmp_path, rank):
+    """A record's rank read as 0 would merge the file as another rank's: refused, naming the field."""
+    from moe_record_sdk.errors import DumpFormatError
+
+    record = {"forward_pass_id": 0, "rank": rank, "gatherer_key": "primary",
+              "global_physical_count": torch.zeros(2, 4, dtype=torch.int32)}  # fmt: skip
+    path = tmp_path / "expert_distribution_recorder_1700000000.0_1.pt"
+    torch.save({"records": [record], "last_physical_to_logical_map": torch.arange(4).repeat(2, 1)}, path)
+    with pytest.raises(DumpFormatError, match=r"records\[0\]\.rank: expected a rank"):
+        load_dump(path)
+    stat = tmp_path / "expert_distribution_recorder_1700000000.0.pt"
+    torch.save({"rank": rank, "logical_count": torch.zeros(1, 2, 4, dtype=torch.int32)}, stat)
+    with pytest.raises(DumpFormatError, match="rank: expected a rank"):
+        load_dump(stat)
