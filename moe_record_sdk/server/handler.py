@@ -192,11 +192,7 @@ class ControlHandler:
         h = _headers(headers)
         route = _BY_PATH.get(path) if self.enabled else None
         if route is None:
-            resp = self.error(ControlError(404, "not_found", f"no endpoint {path}"), h)
-            if not self.enabled:  # "as if not installed": nothing names this instance or its run
-                resp.headers.pop(H_INSTANCE, None)
-                resp.headers.pop(H_RUN, None)
-            return resp
+            return self.error(ControlError(404, "not_found", f"no endpoint {path}"), h)
         denied = check_bearer(h, self.api_key)
         if denied:
             return self.error(denied, h)
@@ -347,9 +343,10 @@ class ControlHandler:
     # -- answers ------------------------------------------------------------------------------
     def _finish(self, resp: Response) -> Response:
         ctl = self.controller
-        resp.headers[H_INSTANCE] = ctl.instance_id
-        if ctl.run_id:
-            resp.headers[H_RUN] = ctl.run_id
+        if self.enabled:  # disabled, "as if not installed": no answer names this instance or its run
+            resp.headers[H_INSTANCE] = ctl.instance_id
+            if ctl.run_id:
+                resp.headers[H_RUN] = ctl.run_id
         resp.headers["content-length"] = str(len(resp.body))
         return resp
 

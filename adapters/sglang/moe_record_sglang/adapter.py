@@ -78,9 +78,9 @@ def moe_record_attach(target: Any, recorder: Any, options: dict[str, Any]) -> At
             live = target.physical_to_logical_map_cpu if recorder.mapping is not None else None
             rank = recorder.topology.rank if rank is None else rank
             ours = SGLangRecorder(recorder, rank=int(rank), live_map=live)
+    except AdapterError:
+        raise
     except (MoeRecordError, TypeError, ValueError) as e:  # a caller's mistake: not a broken adapter
-        if isinstance(e, AdapterError):
-            raise
         raise AdapterError(f"sglang: cannot attach: {e}") from None
     set_global_expert_distribution_recorder(ours)
 

@@ -203,7 +203,7 @@ class SGLangRecorder:
     def dump_local(self) -> Dump:
         """This rank's dump of the window (forward pass ids SGLang's), then a new window; no
         collective: what the side server serves. Passes keep running meanwhile."""
-        if self.live_map is not None and self.recorder.mapping is not None:
+        if self.live_map is not None:  # __init__ checked the recorder has a map of its shape
             self.recorder.mapping.copy_(self.live_map)  # EPLB's placement now (copy_: aliases too)
         dump = self.recorder.dump()
         with self._pass_lock:  # after the dump: every pass it holds has its id by now
