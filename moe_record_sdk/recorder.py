@@ -15,6 +15,7 @@ Dump semantics (what "one consistent snapshot" means here):
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 import time
@@ -108,9 +109,27 @@ class Recorder:
         unobserved_layers: Sequence[int] = (),
     ) -> None:
         _check_mode(mode)
-        for name, value in (("num_layers", num_layers), ("num_experts", num_experts), ("top_k", top_k)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise RecorderError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+        num_layers, num_experts, top_k, max_bytes = (
+            _as_int(name, v)
+            for name, v in (
+                ("num_layers", num_layers),
+                ("num_experts", num_experts),
+                ("top_k", top_k),
+                ("max_bytes", max_bytes),
+            )
+        )
+        buffer_size = None if buffer_size is None else _as_int("buffer_size", buffer_size)
+        if layer_ids is not None:
+            layer_ids = [_as_int(f"layer_ids[{i}]", v) for i, v in enumerate(layer_ids)]
+        unobserved_layers = [_as_int(f"unobserved_layers[{i}]", v) for i, v in enumerate(unobserved_layers)]
+        for name, value, kind in (
+            ("physical_to_logical_map", physical_to_logical_map, torch.Tensor),
+            ("engine", engine, EngineInfo),
+            ("topology", topology, Topology),
+            ("model_name", model_name, str),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise RecorderError(f"{name}: expected {kind.__name__} or None, got {type(value).__name__} {value!r}")
         if num_layers < 1 or num_experts < 1 or not 1 <= top_k <= num_experts:
             raise RecorderError(
                 f"num_layers={num_layers}, num_experts={num_experts}, top_k={top_k}: need layers >= 1, "
@@ -128,12 +147,19 @@ class Recorder:
                 )
             m = physical_to_logical_map.to("cpu", torch.int64)
             if m.dim() != 2 or m.shape[0] != num_layers or m.numel() == 0:
-                raise RecorderError(f"physical_to_logical_map: expected [num_layers={num_layers}, P], got {list(m.shape)}")
+                raise RecorderError(
+                    f"physical_to_logical_map: expected [num_layers={num_layers}, P], got {list(m.shape)}"
+                )
             if int(m.min()) < 0 or int(m.max()) >= num_experts or m.shape[1] < num_experts:
-                raise RecorderError("physical_to_logical_map: entries must be in [0, num_experts) with P >= num_experts")
+                raise RecorderError(
+                    "physical_to_logical_map: entries must be in [0, num_experts) with P >= num_experts"
+                )
             self.mapping = m
         self.num_slots = num_experts if self.mapping is None else self.mapping.shape[1]
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise RecorderError(f"device: {device!r} is not a device ({str(e).splitlines()[0]})") from None
         self.engine = engine or EngineInfo(name="torch", version=str(torch.__version__))
         if self.engine.sdk_version is None:
             self.engine = msgspec.structs.replace(self.engine, sdk_version=__version__)
@@ -428,6 +454,16 @@ class Recorder:
             rec.topk_ids_of_layer = full
             kept += mine.shape[0]
         return (end - self._token_base) - kept, end
+
+
+def _as_int(name: str, value: Any) -> int:
+    """``value`` as an int (numpy and 0-d tensor ints too), or a RecorderError naming ``name``."""
+    try:
+        if not isinstance(value, bool):
+            return operator.index(value)
+    except TypeError:
+        pass
+    raise RecorderError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
 
 
 def _check_mode(mode: str) -> None:

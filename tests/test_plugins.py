@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from moe_record_sdk.cli import main
-from moe_record_sdk.errors import AdapterError
-from moe_record_sdk.plugins import AdapterRegistry
+from moe_record_sdk.errors import AdapterError, RecorderError
+from moe_record_sdk.plugins import AdapterRegistry, hookimpl
 
 PKG = "acme_moe_adapter"
 
@@ -46,7 +46,7 @@ class AcmeEngine:
 
 ADAPTER = """
 from moe_record_sdk import Recorder
-from moe_record_sdk.errors import AdapterError
+from moe_record_sdk.errors import AdapterError, RecorderError
 from moe_record_sdk.plugins import AdapterInfo, Attachment, LayerMap, hookimpl
 
 from .engine import AcmeEngine
@@ -262,3 +262,36 @@ def test_register_without_entry_point() -> None:
     assert registry.layer_map(Inline()).num_experts == 2
     with pytest.raises(AdapterError, match="no adapter serves int"):
         registry.layer_map(3)
+
+
+def test_a_callers_mistake_leaves_the_adapter_working() -> None:
+    """A bad option is the caller's to fix: it is named, and the adapter serves the next call."""
+    from moe_record_torch.tiny import TinyMoE, TinyMoEConfig
+
+    model = TinyMoE(TinyMoEConfig(num_layers=2))
+    registry = AdapterRegistry()
+    with pytest.raises(RecorderError, match="mode: 'sometimes' is not one of"):
+        registry.attach(model, mode="sometimes")
+    with pytest.raises(AdapterError, match=r"unknown options \['bufer_size'\]; Recorder options are .*'buffer_size'"):
+        registry.attach(model, bufer_size=8)
+    with pytest.raises(RecorderError, match="buffer_size: expected an int, got str"):
+        registry.attach(model, buffer_size="8")
+    assert {r.name: r.status for r in registry.adapters()}["torch"] == "ok"
+    att = registry.attach(model, buffer_size=8)
+    assert att.adapter == "torch" and att.recorder.num_layers == 2
+    att.detach()
+
+
+def test_what_a_broken_adapter_raised_reaches_the_caller() -> None:
+    class Buggy:
+        @hookimpl
+        def moe_record_layer_map(self, target):
+            return target.no_such_attribute
+
+    registry = AdapterRegistry(entry_points=False)
+    registry.register(Buggy(), "buggy")
+    with pytest.raises(
+        AdapterError, match="no adapter serves int .*buggy's moe_record_layer_map raised AttributeError"
+    ):
+        registry.layer_map(3)
+    assert {r.name: r.status for r in registry.adapters()}["buggy"] == "broken"

@@ -47,7 +47,9 @@ def test_counts_equal_numpy_reference(mode, dtype):
     rng = np.random.default_rng(1234 + MODES.index(mode))
     L, E, k = 4, 11, 3
     ring = None if mode == "stat" else 4096
-    rec = Recorder(num_layers=L, num_experts=E, top_k=k, mode=mode, layer_ids=[0, 2, 3], buffer_size=ring, max_bytes=8 << 20)
+    rec = Recorder(
+        num_layers=L, num_experts=E, top_k=k, mode=mode, layer_ids=[0, 2, 3], buffer_size=ring, max_bytes=8 << 20
+    )
     rec.start()
     ref = Reference(L, E)
     tokens_in_order: list[list[np.ndarray]] = []  # per pass, per layer row, the valid ids
@@ -173,6 +175,36 @@ def test_bad_inputs_are_named():
             rec.record(1, ids, bad)
     for good in (2, np.int64(2), torch.tensor(2, dtype=torch.int32), torch.tensor([2])):
         rec.record(1, ids, good)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("buffer_size", "8", "buffer_size: expected an int, got str '8'"),
+        ("max_bytes", 1.5e6, "max_bytes: expected an int, got float"),
+        ("layer_ids", [0, 1.0], r"layer_ids\[1\]: expected an int, got float 1.0"),
+        ("unobserved_layers", [True], r"unobserved_layers\[0\]: expected an int, got bool"),
+        ("device", "gpu0", "device: 'gpu0' is not a device"),
+        ("topology", {"rank": 0}, "topology: expected Topology or None, got dict"),
+        ("engine", "vllm", "engine: expected EngineInfo or None, got str"),
+        ("physical_to_logical_map", [[0, 1, 2, 3]], "physical_to_logical_map: expected Tensor or None, got list"),
+    ],
+)
+def test_bad_constructor_options_are_named(option, value, message):
+    # Each would otherwise fail later, far from the mistake (a TypeError at start, an
+    # AttributeError at dump) or, for max_bytes, not at all until per_token was asked for.
+    with pytest.raises(RecorderError, match=message):
+        Recorder(num_layers=2, num_experts=4, top_k=2, **{option: value})
+
+
+def test_integer_like_options_are_taken_as_ints():
+    rec = Recorder(num_layers=np.int64(2), num_experts=4, top_k=2, layer_ids=torch.tensor([1]), buffer_size=np.int32(3))
+    assert rec.layer_ids == [1] and type(rec.layer_ids[0]) is int and type(rec.num_layers) is int
+    rec.start()
+    rec.record(1, torch.tensor([[0, 3]]))
+    rec.step()
+    assert rec.counter.ring_rows == 3
+    assert rec.dump().logical_count[:, 1].tolist() == [[1, 0, 0, 1]]
 
 
 @pytest.mark.parametrize("max_bytes", [4096, 20_000, 1 << 20])

@@ -3,7 +3,9 @@
 Adapters load one by one. One that fails to import, whose info hook raises, or whose engine is
 missing or outside its declared range is reported (``adapters()``) and left out; the others keep
 working. A hook that raises while serving a target is reported the same way and its adapter is
-unregistered. ``AdapterError`` raised on purpose (a refused attach) goes to the caller.
+unregistered; when no other adapter serves the target, the error the caller gets says what it
+raised. Errors raised on purpose (``MoeRecordError``: a refused attach, a bad option) go to the
+caller and leave the adapter working.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import attrs
 import pluggy
 
-from ..errors import AdapterError
+from ..errors import AdapterError, MoeRecordError
 from . import hookspecs
 from .hookspecs import PROJECT
 from .types import AdapterInfo, Attachment, LayerMap
@@ -207,12 +209,14 @@ class AdapterRegistry:
         if adapter is not None:
             self.get(adapter)
             impls = [i for i in impls if i.plugin_name == adapter]
+        failed = []
         for impl in impls:
             try:
                 result = impl.function(*[kwargs[a] for a in impl.argnames])
-            except AdapterError:
-                raise
+            except MoeRecordError:
+                raise  # refused on purpose (a second attach, a bad option): the caller's to fix
             except Exception as e:
+                failed.append(f"{impl.plugin_name}'s {hook} raised {_describe(e)}")
                 self.pm.unregister(name=impl.plugin_name)
                 old = self._reports.get(impl.plugin_name)
                 self._report(
@@ -231,6 +235,7 @@ class AdapterRegistry:
         raise AdapterError(
             f"no adapter serves {type(kwargs['target']).__name__}"
             + (f" (asked {adapter!r})" if adapter else f" (working adapters: {', '.join(working) or 'none'})")
+            + "".join(f"; {f}, so it is now left out" for f in failed)
         )
 
     def which(self, target: Any) -> str | None:

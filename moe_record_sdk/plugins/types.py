@@ -52,6 +52,22 @@ class LayerMap:
             "model_name": self.model_name,
         }
 
+    def fit_problems(self, recorder: Any) -> list[str]:
+        """Why ``recorder`` cannot count this model's layers and experts (empty: it can)."""
+        problems = [
+            f"{name} {mine} != {want}"
+            for name, mine, want in (
+                ("num_layers", recorder.num_layers, self.num_layers),
+                ("num_experts", recorder.num_experts, self.num_experts),
+                ("top_k", recorder.top_k, self.top_k),
+            )
+            if mine != want
+        ]
+        missing = sorted(set(self.moe_layer_ids) - set(recorder.layer_ids))
+        if missing:
+            problems.append(f"layer_ids lack MoE layers {missing}")
+        return problems
+
 
 @attrs.define
 class Attachment:

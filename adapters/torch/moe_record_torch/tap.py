@@ -19,6 +19,7 @@ In a captured CUDA graph the tap replays with the graph; ``recorder.stop()`` gat
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -200,6 +201,11 @@ def attach(
             f"{type(model).__name__}: already attached at {', '.join(busy)}; detach that attachment first"
         )
     if recorder is None:
+        unknown = sorted(set(recorder_kwargs) - _RECORDER_OPTIONS)
+        if unknown:
+            raise AdapterError(
+                f"attach: unknown options {unknown}; Recorder options are {sorted(_RECORDER_OPTIONS - {'mode'})}"
+            )
         kwargs = lm.recorder_kwargs()
         kwargs.setdefault("engine", _engine(model))
         kwargs.update(recorder_kwargs)
@@ -248,17 +254,11 @@ def attach(
     return Attachment(adapter=ADAPTER, layer_map=lm, undo=undo, recorder=recorder)
 
 
+_RECORDER_OPTIONS = set(inspect.signature(Recorder).parameters)
+
+
 def _check_fits(recorder: Recorder, lm: LayerMap) -> None:
     """Refuse a recorder that cannot count this model's layers and experts."""
-    problems = []
-    if recorder.num_layers != lm.num_layers:
-        problems.append(f"num_layers {recorder.num_layers} != {lm.num_layers}")
-    if recorder.num_experts != lm.num_experts:
-        problems.append(f"num_experts {recorder.num_experts} != {lm.num_experts}")
-    if recorder.top_k != lm.top_k:
-        problems.append(f"top_k {recorder.top_k} != {lm.top_k}")
-    missing = sorted(set(lm.moe_layer_ids) - set(recorder.layer_ids))
-    if missing:
-        problems.append(f"layer_ids lack MoE layers {missing}")
+    problems = lm.fit_problems(recorder)
     if problems:
         raise AdapterError("recorder does not fit the model: " + "; ".join(problems))

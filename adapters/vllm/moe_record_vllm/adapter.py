@@ -1,5 +1,6 @@
 """The pluggy side (entry-point group ``moe_record_sdk.adapters``): ``moe-record adapters`` lists
-it, and ``moe_record_attach`` puts a caller's Recorder on a vLLM model's MoE routers.
+it, and ``moe_record_attach`` puts a Recorder (the caller's, or one it builds) on a vLLM model's MoE
+routers.
 
 Targets are vLLM models: ``nn.Module`` trees holding ``MoERunner`` layers (in a worker:
 ``worker.model_runner.get_model()``). Nothing here imports vLLM unless it is already imported.
@@ -7,6 +8,7 @@ Targets are vLLM models: ``nn.Module`` trees holding ``MoERunner`` layers (in a 
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -29,7 +31,13 @@ def _is_vllm_model(target: Any) -> bool:
 
 @hookimpl
 def moe_record_adapter_info() -> AdapterInfo:
-    return AdapterInfo(name="vllm", engine=" / ".join(ENGINE_DISTRIBUTIONS), version=__version__, engine_versions=SUPPORTED, distribution=DISTRIBUTION)
+    return AdapterInfo(
+        name="vllm",
+        engine=" / ".join(ENGINE_DISTRIBUTIONS),
+        version=__version__,
+        engine_versions=SUPPORTED,
+        distribution=DISTRIBUTION,
+    )
 
 
 @hookimpl
@@ -43,12 +51,32 @@ def moe_record_layer_map(target: Any) -> LayerMap | None:
 
 @hookimpl
 def moe_record_attach(target: Any, recorder: Any, options: dict[str, Any]) -> Attachment | None:
-    """``options["num_valid"]``: a 0-dim tensor of real tokens per pass (see ``tap.attach``)."""
+    """``options["num_valid"]``: a 0-dim tensor of real tokens per pass (see ``tap.attach``); with
+    no ``recorder``, the others are ``Recorder`` arguments (``mode``, ``buffer_size``, ...) for
+    one built here, sized by the layer map, on the model's device."""
     if not _is_vllm_model(target):
         return None
+    from moe_record_sdk import Recorder
+    from moe_record_sdk.errors import AdapterError
+
     from .layers import build_layer_map
     from .tap import attach
     from .version import check_version
 
     check_version()
-    return attach(target, recorder, build_layer_map(target), options.get("num_valid"))
+    opts = dict(options)
+    num_valid = opts.pop("num_valid", None)
+    lm = build_layer_map(target)
+    if recorder is None:
+        unknown = sorted(set(opts) - set(inspect.signature(Recorder).parameters))
+        if unknown:
+            raise AdapterError(f"vllm: unknown options {unknown}: give Recorder arguments or num_valid")
+        device = next((p.device for p in target.parameters()), "cpu")
+        recorder = Recorder(**{"device": device, **lm.recorder_kwargs(), **opts})
+    else:
+        if opts:
+            raise AdapterError(f"vllm: options {sorted(opts)} given with a recorder: pass one or the other")
+        problems = lm.fit_problems(recorder)
+        if problems:
+            raise AdapterError("vllm: recorder does not fit the model: " + "; ".join(problems))
+    return attach(target, recorder, lm, num_valid)

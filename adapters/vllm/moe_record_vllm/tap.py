@@ -41,7 +41,9 @@ def is_tapped(router: Any) -> bool:
     return hasattr(getattr(router, "capture_fn", None), _MARK)
 
 
-def attach(model: torch.nn.Module, recorder: Recorder, layer_map: LayerMap, num_valid: torch.Tensor | None = None) -> Attachment:
+def attach(
+    model: torch.nn.Module, recorder: Recorder, layer_map: LayerMap, num_valid: torch.Tensor | None = None
+) -> Attachment:
     """Put ``recorder``'s tap on every observable MoE layer of ``model``.
 
     ``num_valid``: a 0-dim int64 tensor on the recorder's device holding the number of real
@@ -80,4 +82,4 @@ def attach(model: torch.nn.Module, recorder: Recorder, layer_map: LayerMap, num_
                 router.set_capture_fn(getattr(router.capture_fn, _MARK))
             # else: someone assigned over us; their function may chain ours, so it stays.
 
-    return Attachment(adapter=ADAPTER, layer_map=layer_map, undo=undo)
+    return Attachment(adapter=ADAPTER, layer_map=layer_map, undo=undo, recorder=recorder)

@@ -99,7 +99,9 @@ def test_counts_equal_tokens_run_and_an_independent_reference(llm, reference, du
 
     expected, margin = reference(sequences)
     assert margin > 1e-3, f"router logits too close to compare kernels ({margin}); rebuild the model with another seed"
-    assert torch.equal(total, expected), f"vLLM ({llm.mode_name}) counts\n{total}\n!= transformers reference\n{expected}"
+    assert torch.equal(total, expected), (
+        f"vLLM ({llm.mode_name}) counts\n{total}\n!= transformers reference\n{expected}"
+    )
 
     # This rank's file: SGLang's stat keys, readable with weights_only=True.
     (name,) = set(os.listdir(dump_dir)) - before
@@ -234,3 +236,36 @@ def test_tap_chains_an_existing_capture_function_and_detach_restores_it(llm) -> 
         for r in routers:
             r.set_capture_fn(None)
         recording.attachment = attach(model, recording.recorder, recording.layer_map, recording.num_valid)
+
+
+def test_the_registry_attaches_a_recorder_it_builds_or_one_that_fits(llm) -> None:
+    from moe_record_vllm.layers import moe_runners
+    from moe_record_vllm.tap import attach
+
+    from moe_record_sdk import Recorder
+    from moe_record_sdk.errors import AdapterError
+    from moe_record_sdk.plugins import AdapterRegistry
+
+    recording = _recording(llm)
+    model, lm = recording.model, recording.layer_map
+    router = moe_runners(model)[0].router
+    registry = AdapterRegistry()
+    with pytest.raises(AdapterError, match="vllm: recorder does not fit the model: num_experts 9 != 8"):
+        registry.attach(model, Recorder(**{**lm.recorder_kwargs(), "num_experts": 9}))
+    with pytest.raises(AdapterError, match=r"vllm: unknown options \['moed'\]"):
+        registry.attach(model, moed="per_pass")
+    recording.attachment.detach()
+    try:
+        handle = registry.attach(model, mode="per_pass", buffer_size=4)
+        rec = handle.recorder
+        assert handle.adapter == "vllm" and rec.mode == "per_pass" and rec.counter.ring_rows == 4
+        assert (rec.num_layers, rec.num_experts, rec.top_k) == (lm.num_layers, lm.num_experts, lm.top_k)
+        rec.start()
+        _, ids = router.select_experts(torch.randn(5, 64), torch.randn(5, 8))
+        rec.step()
+        counts = rec.dump().total_count()[moe_runners(model)[0].layer_id]
+        assert counts.tolist() == torch.bincount(ids.reshape(-1).long(), minlength=8).tolist()
+        handle.detach()
+    finally:
+        recording.attachment = attach(model, recording.recorder, recording.layer_map, recording.num_valid)
+    assert {r.name: r.status for r in registry.adapters()}["vllm"] == "ok"
