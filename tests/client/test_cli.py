@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 import time
 
@@ -139,10 +140,12 @@ def test_dumps_that_cannot_be_saved_go_to_a_new_folder(engines, tmp_path, capsys
         return real_save(dump, path, *args, **kwargs)
 
     monkeypatch.setattr(_models, "save_dump", save_dump)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the new folder goes there, not in /tmp
     assert main(["dump", "-e", a.url, "--out", str(tmp_path / "full")]) == 0
     err = capsys.readouterr().err
     assert "No space left on device" in err and "saving into" in err
     rescue = err.rsplit("saving into ", 1)[1].split()[0]
+    assert os.path.dirname(rescue) == str(tmp_path)
     assert torch.equal(load_dump(os.path.join(rescue, "merged.pt")).total_count(), expected)
 
 

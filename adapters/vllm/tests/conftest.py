@@ -16,9 +16,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-DUMP_DIR = tempfile.mkdtemp(prefix="moe-record-vllm-dumps-")
+# vLLM leaves files in the temporary folder (its IPC sockets, torch.distributed init files):
+# this session's go into one folder, removed at the end, as do the dumps.
+SESSION_TMP = tempfile.mkdtemp(prefix="moe-record-vllm-tests-")
+DUMP_DIR = os.path.join(SESSION_TMP, "dumps")
+os.mkdir(DUMP_DIR)
+tempfile.tempdir = None  # read TMPDIR again
 os.environ.update(
     {
+        "TMPDIR": SESSION_TMP,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR": DUMP_DIR,
         "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -53,5 +59,5 @@ def reference(tiny_model: str):
     return ReferenceRouter(tiny_model)
 
 
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    shutil.rmtree(DUMP_DIR, ignore_errors=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
