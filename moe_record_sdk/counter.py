@@ -179,7 +179,9 @@ class Counter:
         if isinstance(num_valid, torch.Tensor):
             valid = torch.clamp(num_valid.to(ids.device), max=T).to(torch.int64)
         else:  # a fill, not as_tensor: copying a host int to a GPU would sync
-            valid = torch.full((), T if num_valid is None else min(int(num_valid), T), dtype=torch.int64, device=ids.device)
+            valid = torch.full(
+                (), T if num_valid is None else min(int(num_valid), T), dtype=torch.int64, device=ids.device
+            )
         # Announce the pass's tokens before writing them: a dump that reads pass_tokens after its
         # copy then knows which older slots these writes may have overwritten.
         torch.maximum(self.pass_tokens, valid * self.token_enabled, out=self.pass_tokens)
@@ -200,7 +202,9 @@ class Counter:
             delta = (counts[:, : self.num_slots] - self.last_counts[:, : self.num_slots]).to(torch.int32)
             # When off, rewrite the slot with what it holds: it may be the oldest live row.
             self.rows.index_copy_(0, slot, torch.where(on, delta.unsqueeze(0), self.rows.index_select(0, slot)))
-            self.row_pass.index_copy_(0, slot, torch.where(on, self.passes.view(1), self.row_pass.index_select(0, slot)))
+            self.row_pass.index_copy_(
+                0, slot, torch.where(on, self.passes.view(1), self.row_pass.index_select(0, slot))
+            )
             if self.row_tokens is not None:
                 # Where this pass's tokens lie: a dump then takes exactly the tokens of the passes
                 # it takes, however the cursor moved while it read.

@@ -75,7 +75,7 @@ case "${1:-}" in
     make_env .venv-sglang install_sglang 10
     export CI=${CI:-}
     status=0
-    .venv/bin/ruff check . || status=1
+    .venv/bin/ruff check . && .venv/bin/ruff format --check . || status=1
     .venv/bin/python -m pytest tests --ignore=tests/kernel adapters/torch/tests || status=1
     # tests/kernel: the Triton kernel under Triton's interpreter, where Triton is installed.
     .venv-vllm/bin/python -m pytest tests/kernel adapters/vllm/tests || status=1

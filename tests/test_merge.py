@@ -266,7 +266,9 @@ def test_cli_merge_refuses_records_merge_beside_its_engines(tmp_path, capsys) ->
     assert not (tmp_path / "m2.pt").exists()
 
 
-SGLANG_PER_PASS = Path(__file__).parent.parent / "spec/fixtures/sglang/per_pass/expert_distribution_recorder_1700000001.5_0.pt"
+SGLANG_PER_PASS = (
+    Path(__file__).parent.parent / "spec/fixtures/sglang/per_pass/expert_distribution_recorder_1700000001.5_0.pt"
+)
 
 
 def test_sglang_per_rank_files_merge_as_one_run(tmp_path, capsys) -> None:

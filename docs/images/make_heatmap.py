@@ -22,7 +22,9 @@ L, E, K, PASSES, TOKENS = 12, 64, 8, 60, 256
 def run() -> str:
     g = torch.Generator().manual_seed(0)
     rec = Recorder(num_layers=L, num_experts=E, top_k=K, mode="per_pass", buffer_size=PASSES)
-    popularity = [1.0 / torch.arange(1, E + 1)[torch.randperm(E, generator=g)] ** (0.3 + 0.1 * layer) for layer in range(L)]
+    popularity = [
+        1.0 / torch.arange(1, E + 1)[torch.randperm(E, generator=g)] ** (0.3 + 0.1 * layer) for layer in range(L)
+    ]
     rec.start()
     for p in range(PASSES):
         for layer in range(L):

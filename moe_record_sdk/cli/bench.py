@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tokens", type=_ints, default=None, metavar="T,...", help=f"token counts (default {TOKENS})")
-    p.add_argument("--experts", type=_ints, default=list(EXPERTS), metavar="E,...", help=f"expert counts (default {EXPERTS})")
+    p.add_argument(
+        "--experts", type=_ints, default=list(EXPERTS), metavar="E,...", help=f"expert counts (default {EXPERTS})"
+    )
     p.add_argument("--top-k", type=int, default=8, help="experts per token (default 8)")
     p.add_argument("--dtype", choices=["int32", "int64"], default="int32", help="top-k ids dtype (default int32)")
     p.add_argument("--no-graph", action="store_true", help="eager only, no CUDA graph")
@@ -89,7 +91,9 @@ def print_tables(rows: list[dict], env: dict) -> None:
             sel = [r for r in rows if r["where"] == where and r["E"] == E]
             if not sel:
                 continue
-            table = Table(title=f"{where}, E={E}: microseconds per layer call", title_justify="left", box=box.SIMPLE_HEAD)
+            table = Table(
+                title=f"{where}, E={E}: microseconds per layer call", title_justify="left", box=box.SIMPLE_HEAD
+            )
             table.add_column("T", justify="right")
             for name in METHODS:
                 table.add_column(name, justify="right")

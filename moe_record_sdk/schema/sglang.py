@@ -454,7 +454,9 @@ def load_legacy_csv(path: str) -> Dump:
         try:
             layer, expert, count = (int(v) for v in row)
         except ValueError:
-            raise DumpFormatError(f"{path}: line {n}: layer_id, expert_id and count must be integers: {row!r:.80}") from None
+            raise DumpFormatError(
+                f"{path}: line {n}: layer_id, expert_id and count must be integers: {row!r:.80}"
+            ) from None
         for name, v in (("layer_id", layer), ("expert_id", expert), ("count", count)):
             if v < 0:
                 raise DumpFormatError(f"{path}: line {n}: {name} is negative ({v})")

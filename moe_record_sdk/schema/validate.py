@@ -35,7 +35,9 @@ def topology_problems(topo: Topology) -> list[Problem]:
     """Each rank within its size, each size >= 1."""
     out: list[Problem] = []
     for name in ("rank", "tp_rank", "dp_rank", "ep_rank", "pp_rank", "token_shard"):
-        size_name = "world_size" if name == "rank" else ("num_token_shards" if name == "token_shard" else name[:-4] + "size")
+        size_name = (
+            "world_size" if name == "rank" else ("num_token_shards" if name == "token_shard" else name[:-4] + "size")
+        )
         rank, size = getattr(topo, name), getattr(topo, size_name)
         if size < 1:
             out.append((f"topology.{size_name}", f"must be >= 1, got {size}"))
@@ -99,7 +101,12 @@ def validate_dump(dump: Dump) -> list[Problem]:
         if layer not in observed:
             out.append((f"logical_count[:, {layer}, :]", f"layer {layer} has counts but is not in model.moe_layer_ids"))
 
-    if w.num_tokens is not None and w.discarded is not None and m.top_k is not None and len(w.num_tokens) == L == len(w.discarded):
+    if (
+        w.num_tokens is not None
+        and w.discarded is not None
+        and m.top_k is not None
+        and len(w.num_tokens) == L == len(w.discarded)
+    ):
         for layer in range(L):
             got = int(total[layer].sum()) + w.discarded[layer]
             want = w.num_tokens[layer] * m.top_k
@@ -182,6 +189,10 @@ def _check_records(dump: Dump, B: int, out: list[Problem]) -> None:
             flat = ids.to(torch.int64)
             valid = flat >= 0
             from_ids = torch.zeros(m.num_layers, width + 1, dtype=torch.int64)
-            from_ids.scatter_add_(1, torch.where(valid, flat, width).reshape(m.num_layers, -1), valid.reshape(m.num_layers, -1).to(torch.int64))
+            from_ids.scatter_add_(
+                1,
+                torch.where(valid, flat, width).reshape(m.num_layers, -1),
+                valid.reshape(m.num_layers, -1).to(torch.int64),
+            )
             if not torch.equal(from_ids[:, :width], rows[i].to(torch.int64)):
                 out.append((path, "ids do not add up to the pass's counts"))

@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                             ms = _events_ms(lambda n=n: model(input_ids=decode_ids[n], use_cache=False), a.eager_reps)
                     else:
                         with s:
-                            ms = _events_ms(lambda n=n: model(input_ids=prefill_ids[n], use_cache=False, logits_to_keep=1), 1)
+                            ms = _events_ms(
+                                lambda n=n: model(input_ids=prefill_ids[n], use_cache=False, logits_to_keep=1), 1
+                            )
                     if trial:
                         samples[where, n, name].append(ms)
     torch.cuda.synchronize()
@@ -216,7 +218,11 @@ def print_table(rows: list[dict], env: dict) -> None:
         table.add_column(c, justify="right")
     for c in CONFIGS[1:]:
         table.add_column(f"{c} %", justify="right", style="bold")
-    names = {"graph": "decode B={} (CUDA graph)", "eager": "decode B={} (eager)", "prefill": "prefill {} tokens (eager)"}
+    names = {
+        "graph": "decode B={} (CUDA graph)",
+        "eager": "decode B={} (eager)",
+        "prefill": "prefill {} tokens (eager)",
+    }
     for r in rows:
         off = r["off"]
         table.add_row(

@@ -85,7 +85,9 @@ def _worker(rank: int, world: int, port: int, a: argparse.Namespace, out: str) -
         report = {"world": world, "card": card, "torch": torch.__version__}
         # Expert-parallel style: disjoint tokens, per_pass.
         ids = _ids(world, a.passes, a.tokens, seed=1).to(dev)
-        topo = Topology(rank=rank, world_size=world, dp_rank=rank, dp_size=world, token_shard=rank, num_token_shards=world)
+        topo = Topology(
+            rank=rank, world_size=world, dp_rank=rank, dp_size=world, token_shard=rank, num_token_shards=world
+        )
         rec = Recorder(L, E, K, dev, "per_pass", buffer_size=a.passes, topology=topo)
         dump, dump_ms = _run(rec, ids[rank])
         merged, merge_ms = _time_merge(dump, max(1, a.reps // 3))
@@ -140,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(out) as f:
         r = json.load(f)
     print(f"merge over NCCL: {world} x {r['card']}, torch {r['torch']}, {L} layers x {E} experts, top-{K}")
-    for name, what in (("ep", "expert-parallel (disjoint tokens), per_pass"), ("tp", "tensor-parallel (same tokens), stat")):
+    for name, what in (
+        ("ep", "expert-parallel (disjoint tokens), per_pass"),
+        ("tp", "tensor-parallel (same tokens), stat"),
+    ):
         m = r[name]
         size = f"{m['passes_per_rank']} passes/rank" if name == "ep" else f"dump {m['shape']}"
         print(

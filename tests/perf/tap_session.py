@@ -138,7 +138,14 @@ def main() -> int:
 
     with _log(os.path.join(a.out, "e2e.log"), echo=False):
         e2e_overhead.main(
-            ["--trials", str(a.e2e_trials), "--eager-reps", str(a.eager_reps), "--json", os.path.join(a.out, "e2e.json")]
+            [
+                "--trials",
+                str(a.e2e_trials),
+                "--eager-reps",
+                str(a.eager_reps),
+                "--json",
+                os.path.join(a.out, "e2e.json"),
+            ]
         )
     print(f"[{time.time() - t0:.0f}s] e2e done", flush=True)
 

@@ -25,5 +25,7 @@ def test_fixture_loads_and_validates(path):
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_fixture_is_what_we_write_today(name):
     stored, fresh = load_dump(OURS / name), make(name)
-    assert encode(stored, "msgpack") == encode(fresh, "msgpack"), f"{name}: regenerate with python -m tests.schema.make_fixtures"
+    assert encode(stored, "msgpack") == encode(fresh, "msgpack"), (
+        f"{name}: regenerate with python -m tests.schema.make_fixtures"
+    )
     assert torch.equal(stored.total_count(), fresh.total_count())

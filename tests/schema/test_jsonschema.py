@@ -10,7 +10,9 @@ SPEC = Path(__file__).resolve().parents[2] / "spec" / "dump-schema-v1.json"
 
 
 def test_generated_json_schema_is_fresh():
-    assert SPEC.read_text() == render(), "stale: run `python -m moe_record_sdk.schema.jsonschema > spec/dump-schema-v1.json`"
+    assert SPEC.read_text() == render(), (
+        "stale: run `python -m moe_record_sdk.schema.jsonschema > spec/dump-schema-v1.json`"
+    )
     doc = json.loads(SPEC.read_text())
     assert "GENERATED" in doc["$comment"]
 

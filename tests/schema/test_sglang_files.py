@@ -58,8 +58,12 @@ def test_reads_sglang_per_pass_files_with_replicas(tmp_path):
     # _DetailAccumulator.dump: each rank writes {records: [...], last_physical_to_logical_map}
     mapping = torch.tensor([[0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 3, 2]])
     records = [
-        {"forward_pass_id": p, "rank": 1, "gatherer_key": "primary",
-         "global_physical_count": torch.randint(0, 9, (2, 6), dtype=torch.int32)}
+        {
+            "forward_pass_id": p,
+            "rank": 1,
+            "gatherer_key": "primary",
+            "global_physical_count": torch.randint(0, 9, (2, 6), dtype=torch.int32),
+        }
         for p in (10, 11, 12)
     ]
     path = tmp_path / "expert_distribution_recorder_1700000000.0_1.pt"
@@ -81,9 +85,18 @@ def test_reads_sglang_per_token_file(tmp_path):
     for layer in range(2):
         for e in ids[layer][ids[layer] >= 0].tolist():
             count[layer, e] += 1
-    rec = {"forward_pass_id": 0, "rank": 0, "gatherer_key": "primary", "input_ids": [5, 6, 7],
-           "positions": [0, 1, 2], "extend_seq_lens": [3], "forward_mode": 1,
-           "topk_ids_of_layer": ids, "global_physical_count": count, "misc_objects": []}
+    rec = {
+        "forward_pass_id": 0,
+        "rank": 0,
+        "gatherer_key": "primary",
+        "input_ids": [5, 6, 7],
+        "positions": [0, 1, 2],
+        "extend_seq_lens": [3],
+        "forward_mode": 1,
+        "topk_ids_of_layer": ids,
+        "global_physical_count": count,
+        "misc_objects": [],
+    }
     path = tmp_path / "expert_distribution_recorder_1700000000.0_0.pt"
     torch.save({"records": [rec], "last_physical_to_logical_map": torch.arange(4).expand(2, 4).clone()}, path)
     dump = load_dump(path)
@@ -113,7 +126,9 @@ def test_convert_sglang_file_to_msgpack_via_cli(tmp_path):
     back = load_dump(out)
     assert torch.equal(back.logical_count, count.long())
     assert back.average_utilization_rate_over_window == 0.5
-    run = subprocess.run([sys.executable, "-m", "moe_record_sdk", "validate", str(src), str(out)], capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "moe_record_sdk", "validate", str(src), str(out)], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("OK") == 2
 

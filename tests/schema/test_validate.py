@@ -45,9 +45,17 @@ def test_valid_files_and_folders(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("mutate", "field", "words"),
     [
-        (lambda r: r.update(logical_count=tensor_to_wire(-torch.ones(1, 3, 8, dtype=torch.int64))), "logical_count", "negative"),
+        (
+            lambda r: r.update(logical_count=tensor_to_wire(-torch.ones(1, 3, 8, dtype=torch.int64))),
+            "logical_count",
+            "negative",
+        ),
         (lambda r: r.update(logical_count=tensor_to_wire(torch.ones(1, 3, 8))), "logical_count", "integers"),
-        (lambda r: r.update(logical_count=tensor_to_wire(torch.ones(1, 3, 5, dtype=torch.int64))), "logical_count", "shape"),
+        (
+            lambda r: r.update(logical_count=tensor_to_wire(torch.ones(1, 3, 5, dtype=torch.int64))),
+            "logical_count",
+            "shape",
+        ),
         (lambda r: r["model"].update(moe_layer_ids=[0, 7]), "model.moe_layer_ids[1]", "outside"),
         (lambda r: r["window"].update(num_tokens=[1, 2, 3]), "logical_count[:, 0, :]", "num_tokens x top_k"),
         (lambda r: r["topology"].update(rank=4), "topology.rank", "outside"),

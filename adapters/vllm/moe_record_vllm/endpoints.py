@@ -60,7 +60,9 @@ class VllmBackend:
 
     async def dump(self) -> list[Dump]:
         # The API process writes SGLang's files (the Controller); workers only send their bytes.
-        return [decode(raw, "msgpack", source=f"vLLM worker {i}") for i, raw in enumerate(await self._rpc(RPC_DUMP, False))]
+        return [
+            decode(raw, "msgpack", source=f"vLLM worker {i}") for i, raw in enumerate(await self._rpc(RPC_DUMP, False))
+        ]
 
     async def status(self) -> list[dict[str, Any]]:
         return await self._rpc(RPC_STATUS)
@@ -99,7 +101,9 @@ class MoeRecordEndpoints:
             # Every method reaches the handler, which answers the others 405 after its auth
             # check and in its error format (FastAPI's own 405 would skip both).
             app.add_api_route(route.path, endpoint, methods=list(HTTP_METHODS), include_in_schema=False)
-        log.info("moe-record-vllm: endpoints %s, dump dir %s", [r.path for r in handler.routes], handler.controller.dump_dir)
+        log.info(
+            "moe-record-vllm: endpoints %s, dump dir %s", [r.path for r in handler.routes], handler.controller.dump_dir
+        )
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         self.backend.engine_client = engine_client

@@ -30,7 +30,12 @@ from .version import __version__, check_version
 log = logging.getLogger("vllm.moe_record")  # under vLLM's logger: its handlers print it
 
 #: The control methods added to every worker, by the name ``collective_rpc`` calls.
-RPC_START, RPC_STOP, RPC_DUMP, RPC_STATUS = "moe_record_start", "moe_record_stop", "moe_record_dump", "moe_record_status"
+RPC_START, RPC_STOP, RPC_DUMP, RPC_STATUS = (
+    "moe_record_start",
+    "moe_record_stop",
+    "moe_record_dump",
+    "moe_record_status",
+)
 
 _installed = False
 
@@ -109,7 +114,9 @@ def _install() -> None:
 
     clash = [name for name in _METHODS if name in vars(WorkerWrapperBase)]
     if clash:  # 0.32 defines none of them on the wrapper: a newer layout needs a new look
-        raise AdapterError(f"moe-record-vllm: vLLM's WorkerWrapperBase already defines {clash}; refusing to replace them")
+        raise AdapterError(
+            f"moe-record-vllm: vLLM's WorkerWrapperBase already defines {clash}; refusing to replace them"
+        )
     for name, fn in _METHODS.items():
         setattr(WorkerWrapperBase, name, fn)
 

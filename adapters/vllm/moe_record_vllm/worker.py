@@ -111,7 +111,9 @@ class WorkerRecording:
             self.layer_map.num_experts,
             self.layer_map.top_k,
             self.topology.rank,
-            f"; unobserved layers {list(self.layer_map.unobserved_layer_ids)}" if self.layer_map.unobserved_layer_ids else "",
+            f"; unobserved layers {list(self.layer_map.unobserved_layer_ids)}"
+            if self.layer_map.unobserved_layer_ids
+            else "",
         )
 
     @staticmethod
@@ -146,7 +148,11 @@ class WorkerRecording:
     # -- control (called through collective_rpc by string name) -----------------------------
     def _check_tap(self) -> None:
         """Layers whose capture slot another binder took after us are unobserved from now on."""
-        lost = [r.layer_id for r in moe_runners(self.model) if r.layer_id in self.layer_map.moe_layer_ids and not is_tapped(r.router)]
+        lost = [
+            r.layer_id
+            for r in moe_runners(self.model)
+            if r.layer_id in self.layer_map.moe_layer_ids and not is_tapped(r.router)
+        ]
         new = sorted(set(lost) - set(self.recorder.unobserved_layers))
         if new:
             log.warning("moe-record-vllm: the capture slot of MoE layers %s was replaced after attach", new)

@@ -23,14 +23,18 @@ def free_port() -> int:
 class Server:
     """A subprocess writing its output to ``log``; ``url`` once it answers ``ready_path``."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, url: str, ready_path: str, timeout: float) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], log: Path, url: str, ready_path: str, timeout: float
+    ) -> None:
         self.argv, self.env, self.log, self.url = argv, env, log, url
         self.ready_path, self.timeout = ready_path, timeout
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Server:
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return self
 
     def wait_ready(self) -> Server:
@@ -75,5 +79,16 @@ def vllm_server(model: str, log: Path, env: dict[str, str], *extra: str, timeout
 def moe_record_serve(hf_config: str, log: Path, env: dict[str, str], timeout: float = 120) -> Server:
     """The core's reference engine on the same model config (random weights of its own)."""
     port = free_port()
-    argv = [sys.executable, "-m", "moe_record_sdk", "serve", "--hf-config", hf_config, "--port", str(port), "--threads", "1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "moe_record_sdk",
+        "serve",
+        "--hf-config",
+        hf_config,
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+    ]
     return Server(argv, env, log, f"http://127.0.0.1:{port}", "/health", timeout)

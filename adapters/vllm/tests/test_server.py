@@ -43,7 +43,14 @@ def _complete(url: str, model: str, prompts: list[list[int]]) -> list[list[int]]
     ran = []
     with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
         for prompt in prompts:
-            body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+            body = {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": MAX_TOKENS,
+                "temperature": 0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            }
             r = client.post("/v1/completions", json=body)
             r.raise_for_status()
             out = r.json()["choices"][0]["token_ids"]
@@ -108,7 +115,12 @@ def test_one_fleet_over_vllm_and_moe_record_serve(servers, tiny_model: str) -> N
     with Fleet([vllm.url, serve.url]) as fleet:
         fleet.start().raise_for_errors()
         ran = _complete(vllm.url, tiny_model, _prompts(seed=12, lengths=(9, 4)))
-        r = httpx.post(serve.url + "/generate", json={"input_ids": _prompts(seed=13, lengths=(6, 11)), "max_new_tokens": 5}, timeout=60, trust_env=False)
+        r = httpx.post(
+            serve.url + "/generate",
+            json={"input_ids": _prompts(seed=13, lengths=(6, 11)), "max_new_tokens": 5},
+            timeout=60,
+            trust_env=False,
+        )
         r.raise_for_status()
         serve_tokens = sum(a["meta_info"]["prompt_tokens"] + a["meta_info"]["completion_tokens"] - 1 for a in r.json())
         fleet.stop().raise_for_errors()

@@ -51,7 +51,10 @@ def child(args: argparse.Namespace) -> None:
         max_num_seqs=args.prompts, enable_prefix_caching=False, seed=0,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    prompts = [{"prompt_token_ids": torch.randint(1, 1000, (int(n),), generator=g).tolist()} for n in torch.randint(16, 128, (args.prompts,), generator=g)]
+    prompts = [
+        {"prompt_token_ids": torch.randint(1, 1000, (int(n),), generator=g).tolist()}
+        for n in torch.randint(16, 128, (args.prompts,), generator=g)
+    ]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
     if args.config == "on":
@@ -92,9 +95,22 @@ def parent(args: argparse.Namespace) -> None:
     from tiny_model import build_tiny_moe
 
     model = args.model or build_tiny_moe(
-        tempfile.mkdtemp(prefix="bench-moe-"), num_layers=args.layers, num_experts=args.experts, top_k=args.top_k, hidden_size=args.hidden
+        tempfile.mkdtemp(prefix="bench-moe-"),
+        num_layers=args.layers,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        hidden_size=args.hidden,
     )
-    common = ["--model", model, "--prompts", str(args.prompts), "--max-tokens", str(args.max_tokens), "--iters", str(args.iters)]
+    common = [
+        "--model",
+        model,
+        "--prompts",
+        str(args.prompts),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--iters",
+        str(args.iters),
+    ]
     if args.compiled:
         common.append("--compiled")
     if args.paired:
@@ -112,11 +128,15 @@ def parent(args: argparse.Namespace) -> None:
         f"{args.prompts} prompts x {args.max_tokens} tokens x {args.iters} iters"
     )
     off, on = statistics.median(wall["off"]), statistics.median(wall["on"])
-    print(f"median generated tokens/s: plugin not loaded {off:.1f}, recording {on:.1f}; ratio recording/off = {on / off:.3f}")
+    print(
+        f"median generated tokens/s: plugin not loaded {off:.1f}, recording {on:.1f}; ratio recording/off = {on / off:.3f}"
+    )
 
 
 def _run_child(config: str, common: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", "--config", config, *common], capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", "--config", config, *common], capture_output=True, text=True, check=False
+    )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if out.returncode or line is None:
         raise SystemExit(f"{config} run failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -136,7 +156,9 @@ def paired(args: argparse.Namespace, common: list[str]) -> None:
         f"vLLM CPU (eager), {args.layers} layers x {args.experts} experts top-{args.top_k}, hidden {args.hidden}; "
         f"{args.prompts} prompts x {args.max_tokens} tokens x {args.iters} pairs"
     )
-    print(f"median generated tokens/s: detached {off:.1f}, recording {on:.1f}; median paired ratio recording/detached = {statistics.median(ratios):.3f}")
+    print(
+        f"median generated tokens/s: detached {off:.1f}, recording {on:.1f}; median paired ratio recording/detached = {statistics.median(ratios):.3f}"
+    )
 
 
 def main() -> None:
@@ -146,7 +168,9 @@ def main() -> None:
     p.add_argument("--model", help="a model directory (default: build a tiny Qwen3-MoE)")
     p.add_argument("--compiled", action="store_true", help="vLLM's default torch.compile instead of --enforce-eager")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--paired", action="store_true", help="eager only: one process, recording and detached iterations back to back")
+    p.add_argument(
+        "--paired", action="store_true", help="eager only: one process, recording and detached iterations back to back"
+    )
     p.add_argument("--iters", type=int, default=5, help="timed generate calls per run")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
