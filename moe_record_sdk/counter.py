@@ -145,10 +145,14 @@ class Counter:
     # -- the tap ----------------------------------------------------------------------------
     def record(self, layer_id: int, topk_ids: torch.Tensor, num_valid_tokens: int | torch.Tensor | None = None) -> None:
         """Count one layer's routing. Tensor ops only: no sync, no data-dependent shapes."""
-        row = self.row_of.get(layer_id)
+        row = None if isinstance(layer_id, (bool, float)) else self.row_of.get(layer_id)  # True == 1.0 == 1
         if row is None:
             raise RecorderError(
                 f"layer_id {layer_id!r} ({type(layer_id).__name__}) is not one of the recorder's layers {self.layer_ids}"
+            )
+        if not isinstance(topk_ids, torch.Tensor):
+            raise RecorderError(
+                f"topk_ids: expected a tensor [tokens, top_k={self.top_k}], got {type(topk_ids).__name__}"
             )
         if topk_ids.dim() != 2 or topk_ids.shape[1] != self.top_k:
             raise RecorderError(f"topk_ids: expected shape [tokens, top_k={self.top_k}], got {list(topk_ids.shape)}")
@@ -156,6 +160,8 @@ class Counter:
             raise RecorderError(f"topk_ids: expected int32 or int64, got {topk_ids.dtype}")
         if num_valid_tokens is not None:
             _check_num_valid(num_valid_tokens)
+            if isinstance(num_valid_tokens, torch.Tensor) and num_valid_tokens.dim():
+                num_valid_tokens = num_valid_tokens.reshape(())  # [1] or [[n]] would broadcast over ids
         if self.kernel == "triton":
             counter_triton.record(self, row, topk_ids, num_valid_tokens)
             return

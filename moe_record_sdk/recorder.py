@@ -8,6 +8,10 @@ Dump semantics (what "one consistent snapshot" means here):
   layers in this dump and the rest in the next (``total_logical_count`` then says so).
 * rows and records (``per_pass``, ``per_token``): every completed pass appears in exactly one dump,
   unless the ring overwrote it first, in which case ``window.dropped_passes`` counts it.
+* with a ring (``buffer_size``), windows begin and end at pass boundaries: a pass in progress when
+  ``start()``, ``clear()`` or ``dump()`` runs (layers recorded, ``step()`` not yet called) goes
+  whole to the new window, its earlier layers included. Without a ring a window is counts only
+  and begins exactly at the call.
 * per_token ids: every token's ids appear in at most one dump; the rest are counted in
   ``window.dropped_tokens``.
 """
@@ -258,8 +262,9 @@ class Recorder:
         """Stop recording; what was recorded stays until the next dump or start."""
         with self._lock:
             self.counter.set_enabled(False, False)
+            if self._recording:  # a second stop does not move the window's end
+                self._stop_time = time.time()
             self._recording = False
-            self._stop_time = time.time()
 
     def clear(self) -> None:
         """Forget what was recorded so far, recording or not."""
@@ -377,8 +382,9 @@ class Recorder:
         mode, ring = self._mode, self._window_ring()
         if ring:
             assert r.rows is not None and r.row_pass is not None
-            # Passes a concurrent step may have overwritten while we copied are not taken.
-            first = max(base.passes, r.passes_after - ring)
+            # Passes a concurrent step may have overwritten while we copied are not taken; passes
+            # completed after the reading belong to the next window, dropped or not.
+            first = min(r.passes, max(base.passes, r.passes_after - ring))
             taken = list(range(first, r.passes))
             dropped_passes = first - base.passes
             slots = [p % (c.ring_rows + 1) for p in taken]
@@ -432,7 +438,9 @@ class Recorder:
         """
         assert r.row_tokens is not None
         N, B1 = self.counter.token_slots, self.counter.ring_rows + 1
-        start = end = self._token_base
+        # The window's passes end at the reading's position, taken or dropped: the tokens of
+        # dropped passes are this window's drops, not the next one's.
+        start = end = r.tokens
         if taken:
             start, end = int(r.row_tokens[taken[0] % B1, 0]), int(r.row_tokens[taken[-1] % B1, 1])
         first = max(start, end - N)  # the ring holds at most the last N positions

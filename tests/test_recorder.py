@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -160,6 +161,11 @@ def test_bad_inputs_are_named():
         Recorder(num_layers=1, num_experts=4, top_k=2, physical_to_logical_map=torch.tensor([[0.0, 1.7, 2, 3]]))
     with pytest.raises(RecorderError, match="num_experts: expected an int, got float 8.0"):
         Recorder(num_layers=2, num_experts=8.0, top_k=2)
+    for layer in (True, 1.0):  # True == 1.0 == 1 as a key: not a layer id
+        with pytest.raises(RecorderError, match=f"layer_id {layer} \\({type(layer).__name__}\\)"):
+            rec.record(layer, torch.zeros(1, 2, dtype=torch.int64))
+    with pytest.raises(RecorderError, match="topk_ids: expected a tensor .* got list"):
+        rec.record(1, [[0, 1]])
     with pytest.raises(RecorderError, match=r"layer_id tensor\(1\) \(Tensor\)"):
         rec.record(torch.tensor(1), torch.zeros(1, 2, dtype=torch.int64))
     # Settings that would make every dump invalid are refused up front, by name.
@@ -260,6 +266,92 @@ def test_dump_mid_pass_leaves_the_pass_whole_to_the_next():
         assert second.window.num_passes == 1 and second.total_count().tolist() == [[0, 1, 0, 0], [0, 0, 1, 0]]
         assert second.logical_count.tolist() == [[[0, 1, 0, 0], [0, 0, 1, 0]]]
         assert validate_dump(first) == [] and validate_dump(second) == []
+
+
+def test_a_pass_in_progress_at_start_goes_whole_to_the_new_window_with_a_ring():
+    """start() with a ring begins at a pass boundary, as dump() does: the rows and the totals
+    both hold the whole pass. Without a ring the window begins at the call."""
+    for mode, buffer_size, want in (
+        ("per_pass", 4, [[0, 1, 0, 0], [0, 0, 1, 0]]),
+        ("stat", None, [[0] * 4, [0, 0, 1, 0]]),
+    ):
+        rec = Recorder(num_layers=2, num_experts=4, top_k=1, mode=mode, buffer_size=buffer_size)
+        rec.start()
+        rec.record(0, torch.tensor([[3]]))
+        rec.step()
+        rec.record(0, torch.tensor([[1]]))  # the pass in progress ...
+        rec.start()
+        assert rec.status().tokens == (1 if buffer_size else 0)
+        rec.record(1, torch.tensor([[2]]))  # ... ends after start()
+        rec.step()
+        d = rec.dump()
+        assert d.total_count().tolist() == want and d.window.num_passes == 1
+        assert d.logical_count.sum(0).tolist() == want and validate_dump(d) == []
+
+
+@pytest.mark.parametrize("mode", ["per_pass", "per_token"])
+def test_passes_completed_while_a_dump_copies_belong_to_the_next_dump(mode):
+    """More passes than the ring holds complete between the dump's reading and its re-read of
+    the pass counter (a fault forced here by running them right after the reading): the dump
+    drops only its own passes; the others are the next dump's, taken or dropped there."""
+    rec = Recorder(num_layers=1, num_experts=4, top_k=1, mode=mode, buffer_size=2, max_bytes=1 << 16)
+    rec.start()
+    c = rec.counter
+
+    def one_pass():
+        c.record(0, torch.tensor([[1]]))
+        c.step()
+
+    one_pass()
+    settled = c._settled
+
+    def settled_then_five_passes(*args, **kwargs):
+        out = settled(*args, **kwargs)
+        for _ in range(5):
+            one_pass()
+        return out
+
+    c._settled = settled_then_five_passes
+    first = rec.dump()
+    c._settled = settled
+    second = rec.dump()
+    assert (first.window.num_passes, first.window.dropped_passes, first.records) == (1, 1, [])
+    assert (second.window.num_passes, second.window.dropped_passes) == (5, 3)
+    assert [r.forward_pass_id for r in second.records] == ([4, 5] if mode != "stat" else [])
+    if mode == "per_token":  # each dump's dropped tokens are its own passes' tokens
+        assert (first.window.dropped_tokens, second.window.dropped_tokens) == (1, 3)
+    assert validate_dump(first) == [] and validate_dump(second) == []
+
+
+def test_a_second_stop_keeps_the_window_s_end():
+    rec = Recorder(num_layers=1, num_experts=4, top_k=1)
+    rec.start()
+    rec.stop()
+    stopped = rec._stop_time
+    time.sleep(0.01)
+    rec.stop()
+    assert rec.dump().window.stop_time == stopped
+    rec.stop()  # idle: the new window still ends where it begins
+    idle = rec.dump().window
+    assert idle.stop_time == idle.start_time
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_num_valid_tokens_of_one_element_in_any_shape_is_a_row_count(mode):
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    want = None
+    for nv in (2, torch.tensor(2), torch.tensor([2]), torch.tensor([[2]])):
+        rec = Recorder(num_layers=1, num_experts=4, top_k=2, mode=mode, max_bytes=1 << 16)
+        rec.start()
+        rec.record(0, ids, nv)  # [[n]] against T = top_k rows would mask columns if broadcast
+        rec.step()
+        d = rec.dump()
+        got = (d.total_count().tolist(), d.logical_count.tolist(), [r.topk_ids_of_layer for r in d.records])
+        assert got[0] == [[1, 1, 1, 1]]
+        want = want or got
+        assert got[:2] == want[:2]
+        if mode == "per_token":
+            assert [r.tolist() for r in got[2]] == [[[[0, 1], [2, 3]]]]
 
 
 def test_stat_without_a_buffer_ignores_a_ring_an_earlier_mode_allocated():
