@@ -49,6 +49,8 @@ from .errors import MergeError
 from .schema.dump import Dump, EngineInfo, ModelInfo, Record, Topology, Window, row_sum
 from .schema.sglang import is_sglang_file
 
+INT64_MAX = torch.iinfo(torch.int64).max
+
 __all__ = ["merge_distributed", "merge_dumps", "reduce_dump"]
 
 
@@ -361,22 +363,34 @@ def merge_dumps(dumps: Sequence[Dump], *, sources: Sequence[str] | None = None, 
     return _combine(parts, members, mode, keep_phys)
 
 
+def _sum(counts: list[torch.Tensor], what: str) -> torch.Tensor:
+    """The int64 sum of non-negative counts, refused where it would wrap past int64 (int32 rows
+    are widened first: SGLang's int32 rows of two engines may not fit int32 together)."""
+    out = counts[0].to(torch.int64, copy=True)
+    for c in counts[1:]:
+        c = c.to(torch.int64)
+        if bool((out > INT64_MAX - c).any()):
+            raise MergeError(f"{what}: the sum of the inputs exceeds int64")
+        out += c
+    return out
+
+
 def _combine(parts: list[_Part], members: list[_Member], mode: str, keep_phys: bool) -> Dump:
     first = members[0].dump
-    total = torch.stack([p.total for p in parts]).sum(0)
+    total = _sum([p.total for p in parts], "total counts")
     phys = None
     if mode == "stat":
         # Rows of different shards line up only when they cover the same passes.
         shapes = {(p.rows.shape[0], p.passes) if p.rows is not None else None for p in parts}
         aligned = None not in shapes and (len(shapes) == 1 or {s[0] for s in shapes} == {1})  # type: ignore[index]
         if aligned:
-            rows = torch.stack([p.rows for p in parts]).sum(0)  # type: ignore[misc]
+            rows = _sum([p.rows for p in parts], "logical_count")  # type: ignore[misc]
             if keep_phys:
-                phys = torch.stack([p.phys_rows for p in parts]).sum(0)  # type: ignore[misc]
+                phys = _sum([p.phys_rows for p in parts], "physical_count")  # type: ignore[misc]
         else:
             rows = total.unsqueeze(0)
             if keep_phys:
-                phys = torch.stack([p.phys_total for p in parts]).sum(0, keepdim=True)  # type: ignore[misc]
+                phys = _sum([p.phys_total for p in parts], "physical_count").unsqueeze(0)  # type: ignore[misc]
         records: list[Record] = []
         buffer_size = max(m.dump.window.buffer_size for m in members) if aligned and rows.shape[0] > 1 else 0
     else:

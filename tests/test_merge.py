@@ -266,6 +266,31 @@ def test_cli_merge_refuses_records_merge_beside_its_engines(tmp_path, capsys) ->
     assert not (tmp_path / "m2.pt").exists()
 
 
+def test_cli_merge_refuses_what_validate_refuses_its_own_inputs_and_sums_past_int64(tmp_path, capsys) -> None:
+    d = record(0, Topology())
+    good = d.save(str(tmp_path / "good.json"))
+    negative = msgspec.structs.replace(d, logical_count=-d.logical_count).save(str(tmp_path / "neg.json"))
+    assert main(["merge", good, negative, "-o", str(tmp_path / "m.json")]) == 2
+    assert "neg.json: not a valid dump: logical_count: negative count" in capsys.readouterr().err
+    # The output may not replace an input, nor land in a folder read as input (read back next time).
+    (tmp_path / "run").mkdir()
+    a, b = (record(s, Topology()).save(str(tmp_path / "run" / f"engine-{s}.pt")) for s in range(2))
+    before = Path(a).read_bytes()
+    assert main(["merge", a, b, "-o", a]) == 2
+    assert "is also an input" in capsys.readouterr().err and Path(a).read_bytes() == before
+    assert main(["merge", str(tmp_path / "run"), "-o", str(tmp_path / "run" / "total.msgpack")]) == 2
+    assert "a folder read as input" in capsys.readouterr().err and not (tmp_path / "run" / "total.msgpack").exists()
+    # Each input is valid, but their sum does not fit int64: refused, not wrapped negative.
+    counts = torch.zeros_like(d.logical_count)
+    counts[0, 0, 0] = 2**62
+    window = msgspec.structs.replace(d.window, num_tokens=None, discarded=None)
+    huge = msgspec.structs.replace(d, logical_count=counts, window=window)
+    paths = [huge.save(str(tmp_path / f"huge{i}.msgpack")) for i in range(2)]
+    assert all(validate_dump(load_dump(p)) == [] for p in paths)
+    assert main(["merge", *paths, "-o", str(tmp_path / "h.msgpack")]) == 2
+    assert "the sum of the inputs exceeds int64" in capsys.readouterr().err
+
+
 SGLANG_PER_PASS = (
     Path(__file__).parent.parent / "spec/fixtures/sglang/per_pass/expert_distribution_recorder_1700000001.5_0.pt"
 )
@@ -276,18 +301,19 @@ def test_sglang_per_rank_files_merge_as_one_run(tmp_path, capsys) -> None:
     given together they are one run, summed (as SGLang's reader sums them); a missing rank is a
     missing shard."""
     obj = torch.load(SGLANG_PER_PASS, weights_only=True, map_location="cpu")
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
     for rank in range(3):
         per_rank = dict(obj, records=[dict(r, rank=rank) for r in obj["records"]])
-        torch.save(per_rank, tmp_path / f"expert_distribution_recorder_1700000001.5_{rank}.pt")
+        torch.save(per_rank, ranks / f"expert_distribution_recorder_1700000001.5_{rank}.pt")
     one = load_dump(SGLANG_PER_PASS)
     assert (one.topology.ep_size, one.topology.world_size) == (1, 1)  # no guessed expert-parallel size
-    assert main(["merge", str(tmp_path), "-o", str(tmp_path / "m.msgpack")]) == 0
+    assert main(["merge", str(ranks), "-o", str(tmp_path / "m.msgpack")]) == 0
     assert "tokens not recorded" in capsys.readouterr().out
     merged = load_dump(tmp_path / "m.msgpack")
     assert torch.equal(merged.total_count(), 3 * one.total_count()) and merged.engine.sdk_version  # ours now
-    for name in ("m.msgpack", "expert_distribution_recorder_1700000001.5_1.pt"):
-        (tmp_path / name).unlink()
-    assert main(["merge", str(tmp_path), "-o", str(tmp_path.parent / "m2.msgpack")]) == 2
+    (ranks / "expert_distribution_recorder_1700000001.5_1.pt").unlink()
+    assert main(["merge", str(ranks), "-o", str(tmp_path / "m2.msgpack")]) == 2
     assert "moe-record merge: token shards [1] are missing (present: [0, 2])" in capsys.readouterr().err
 
 

@@ -268,8 +268,8 @@ def rebalance(
     [[9.0, 3.0]]
     """
     w = torch.as_tensor(weight)
-    if w.dim() != 2 or w.shape[1] == 0:
-        raise ValueError(f"weight: expected [layers, experts], got shape {list(w.shape)}")
+    if w.dim() != 2 or 0 in w.shape:
+        raise ValueError(f"weight: expected [layers, experts], both at least 1, got shape {list(w.shape)}")
     if w.dtype.is_complex or w.dtype == torch.bool:
         raise ValueError(f"weight: expected numbers, got dtype {w.dtype}")
     w = w.to(torch.float64)

@@ -58,6 +58,10 @@ def plot_dumps(
         raise ValueError("dumps: nothing to plot")
     if ep_size is not None and ep_size < 1:
         raise ValueError(f"ep_size: must be >= 1, got {ep_size}")
+    for label, dump in dumps:  # as summary does: a curve left out silently would read as "no data"
+        E = dump.model.num_logical_experts
+        if ep_size and E % ep_size:
+            raise ValueError(f"{label}: ep_size: {ep_size} does not divide the {E} experts")
     if dpi < 1:
         raise ValueError(f"dpi: must be >= 1, got {dpi}")
     path = os.fspath(path)
@@ -97,6 +101,8 @@ def _heatmap(fig, ax, label: str, dump: Dump, log: bool, LogNorm) -> None:
             data[data <= 0] = float("nan")  # log of zero: left blank
     im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
     name = os.path.basename(label.rstrip("/")) or label
+    # A file name is text, not mathtext ($...$), and may hold bytes that are not UTF-8.
+    name = name.encode("utf-8", "backslashreplace").decode("utf-8").replace("$", r"\$")
     ax.set_title(f"{name}: tokens per expert" + (" (log)" if log else ""))
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
@@ -124,7 +130,7 @@ def _imbalance(ax, dump: Dump, ep_size: int | None) -> None:
     twin.plot(
         range(len(layers)), m.balancedness(x).numpy(), "o-", color="tab:blue", ms=3, label="balancedness (experts)"
     )
-    if ep_size and dump.model.num_logical_experts % ep_size == 0:
+    if ep_size:
         g = m.gpu_loads(x, num_gpus=ep_size)
         twin.plot(
             range(len(layers)),
@@ -157,7 +163,7 @@ def _passes(ax, dump: Dump, ep_size: int | None) -> None:
     twin = ax.twinx()
     bal = m.balancedness(rows)  # [B, L']: SGLang's per-pass value, averaged over layers
     twin.plot(x, bal.mean(-1).numpy(), color="tab:blue", lw=1.0, label="balancedness, experts")
-    if ep_size and dump.model.num_logical_experts % ep_size == 0:
+    if ep_size:
         gpu = m.balancedness(m.gpu_loads(rows, num_gpus=ep_size))  # SGLang's logged value
         twin.plot(x, gpu.mean(-1).numpy(), color="tab:green", lw=1.0, label=f"balancedness, {ep_size} GPUs")
     twin.set_ylim(0, 1.05)

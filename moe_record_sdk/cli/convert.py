@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Sequence
 
 from ..convert import TARGETS, read_inputs, write
 from ..errors import MoeRecordError
@@ -56,6 +58,24 @@ def merged(dumps: list[tuple[str, Dump]]) -> tuple[str, Dump]:
     return f"merged({', '.join(labels)})", merge_dumps([d for _, d in dumps], sources=labels)
 
 
+def check_outputs(inputs: Sequence[str], outputs: Sequence[str | None]) -> None:
+    """Refuse an output that would replace an input, land in a folder read as input (the next
+    run would read it back), or take the path of another output of the same command."""
+    read = {os.path.realpath(p): p for p in inputs}
+    folders = [os.path.realpath(p) for p in inputs if os.path.isdir(p)]
+    taken: set[str] = set()
+    for out in filter(None, outputs):
+        real = os.path.realpath(out)
+        if real in read:
+            raise MoeRecordError(f"{out}: is also an input ({read[real]}); write the output elsewhere")
+        inside = next((f for f in folders if real.startswith(f + os.sep)), None)
+        if inside:
+            raise MoeRecordError(f"{out}: inside {inside}, a folder read as input; write the output elsewhere")
+        if real in taken:
+            raise MoeRecordError(f"{out}: given for two outputs; give each its own file")
+        taken.add(real)
+
+
 def fail(command: str, error: Exception) -> int:
     message = str(error)
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
@@ -88,6 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        check_outputs(args.inputs, [args.output])
         dumps = read_args_inputs(args, args.inputs)
         if len(dumps) != 1:
             raise MoeRecordError(

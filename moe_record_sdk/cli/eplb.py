@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -14,7 +15,7 @@ from ..analysis.summary import moe_layers
 from ..errors import MoeRecordError
 from ..schema.dump import Dump
 from ..schema.io import save_torch
-from .convert import INPUTS_HELP, add_input_options, fail, merged, read_args_inputs
+from .convert import INPUTS_HELP, add_input_options, check_outputs, fail, merged, read_args_inputs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -82,12 +83,18 @@ def compare(dump: Dump, plan: EplbPlan, weight: torch.Tensor) -> dict[str, dict[
 
 
 def run(args: argparse.Namespace) -> int:
+    written: list[tuple[str, str]] = []
     try:
+        outputs = [args.sglang_out, args.weight_out, args.plan_out]
+        check_outputs(args.paths, outputs)
+        for out in filter(None, outputs):  # before any is written: all or none
+            folder = os.path.dirname(out) or "."
+            if not os.path.isdir(folder):
+                raise MoeRecordError(f"{out}: cannot write the file: No such file or directory (no folder {folder})")
         dumps = read_args_inputs(args, args.paths)
         label, dump = dumps[0] if len(dumps) == 1 else merged(dumps)
         weight = dump.total_count().to(torch.int64)
         plan = rebalance(weight, args.replicas, args.gpus, args.nodes, args.groups)
-        written = []
         if args.sglang_out:
             written.append(("SGLang --init-expert-location", plan.save_sglang(args.sglang_out)))
         if args.weight_out:
@@ -96,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
             plan_dict = {"phy2log": plan.phy2log, "log2phy": plan.log2phy, "logcnt": plan.logcnt}
             written.append(("plan", save_torch(plan_dict, args.plan_out)))
     except (MoeRecordError, OSError, ValueError) as e:
+        for _, path in written:  # a later write failed (a full disk): leave no half of the outputs
+            os.remove(path)
         return fail("eplb", e)
     rows = compare(dump, plan, weight)
     L, E = weight.shape

@@ -6,10 +6,11 @@ import argparse
 import os
 import sys
 
+from ..convert import read_inputs
 from ..errors import MoeRecordError
 from ..merge import merge_dumps
-from ..schema import load_dump, save_dump
-from .convert import fail
+from ..schema import save_dump
+from .convert import check_outputs, fail
 from .validate import resolve_dump_files
 
 
@@ -42,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        merged = merge_dumps([load_dump(f) for f in files], sources=files, allow_partial=args.allow_partial)
+        check_outputs([*args.paths, *files], [args.output])
+        dumps = [dump for _, dump in read_inputs(files)]  # validated: what validate refuses, merge does not write
+        merged = merge_dumps(dumps, sources=files, allow_partial=args.allow_partial)
         path = save_dump(merged, args.output)
     except (MoeRecordError, OSError) as e:  # refused inputs exit 2, as in the other offline tools
         return fail("merge", e)

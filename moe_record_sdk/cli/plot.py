@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MoeRecordError
-from .convert import INPUTS_HELP, add_input_options, fail, positive_int, read_args_inputs
+from .convert import INPUTS_HELP, add_input_options, check_outputs, fail, positive_int, read_args_inputs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from ..analysis.plot import plot_dumps
 
+        check_outputs(args.paths, [args.output])
         dumps = read_args_inputs(args, args.paths)
         path = plot_dumps(dumps, args.output, log=args.log, ep_size=args.ep_size, dpi=args.dpi)
     except (MoeRecordError, OSError, ValueError) as e:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
 
 from ..analysis.summary import print_summary, summarize, to_csv, to_json
 from ..errors import MoeRecordError
+from ..schema.sglang import torch_load
 from .convert import INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs
 
 
@@ -51,10 +53,8 @@ def _not_int(dtype: torch.dtype) -> bool:
 
 def load_placement(path: str) -> torch.Tensor:
     """The ``physical_to_logical_map`` of an SGLang ``--init-expert-location`` style ``.pt``."""
-    try:
-        obj = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise MoeRecordError(f"{path}: not a loadable .pt under weights_only=True: {e}") from None
+    with open(path, "rb") as f:  # sizes checked before anything is allocated, as for dumps
+        obj = torch_load(f, os.fstat(f.fileno()).st_size, path)
     mapping = obj.get("physical_to_logical_map") if isinstance(obj, dict) else obj
     if not isinstance(mapping, torch.Tensor) or mapping.dim() != 2 or _not_int(mapping.dtype):
         got = f"{mapping.dtype} {list(mapping.shape)}" if isinstance(mapping, torch.Tensor) else type(mapping).__name__

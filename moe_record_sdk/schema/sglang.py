@@ -466,9 +466,16 @@ def load_legacy_csv(path: str) -> Dump:
     # The file lists (layer, expert) pairs; a dense [L, E] from a few bytes is bounded like an empty tensor.
     if L * E > MAX_EMPTY_SPAN or L > MAX_LAYERS:
         raise DumpFormatError(f"{path}: ids declare {L} layers x {E} experts, too many for a CSV dump")
+    sums: dict[tuple[int, int], int] = {}
+    for layer, expert, c in triples:  # Python ints: a sum past int64 is refused, not wrapped
+        sums[layer, expert] = sums.get((layer, expert), 0) + c
+    too_big = next(((k, v) for k, v in sums.items() if v > torch.iinfo(torch.int64).max), None)
+    if too_big:
+        (layer, expert), v = too_big
+        raise DumpFormatError(f"{path}: layer {layer}, expert {expert}: count {v} exceeds int64")
     count = torch.zeros(1, L, E, dtype=torch.int64)
-    for layer, expert, c in triples:
-        count[0, layer, expert] += c
+    for (layer, expert), c in sums.items():
+        count[0, layer, expert] = c
     m = _CSV_NAME.search(os.path.basename(path))
     return Dump(
         engine=EngineInfo(name="sglang", version="0.4.5"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .dump import MODES, Dump, Topology, row_sum
@@ -77,7 +79,11 @@ def validate_dump(dump: Dump) -> list[Problem]:
     for name in ("num_passes", "buffer_size", "dropped_passes", "dropped_tokens"):
         if getattr(w, name) < 0:
             out.append((f"window.{name}", f"must be >= 0, got {getattr(w, name)}"))
-    if w.start_time is not None and w.stop_time is not None and w.stop_time < w.start_time:
+    times = {name: getattr(w, name) for name in ("start_time", "stop_time") if getattr(w, name) is not None}
+    for name, t in times.items():
+        if not math.isfinite(t):
+            out.append((f"window.{name}", f"must be a finite time, got {t}"))
+    if len(times) == 2 and all(map(math.isfinite, times.values())) and w.stop_time < w.start_time:
         out.append(("window.stop_time", "is before window.start_time"))
     for name in ("num_tokens", "discarded"):
         values = getattr(w, name)

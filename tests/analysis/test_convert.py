@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -219,3 +220,10 @@ def test_analyses_refuse_invalid_dumps_and_a_file_given_twice(tmp_path, capsys):
     with pytest.raises(DumpFormatError, match="given twice"):
         read_inputs([path, os.path.join(str(tmp_path), ".", "d.json")])
     assert len(read_inputs([path])) == 1
+
+
+def test_convert_does_not_write_over_its_input(tmp_path, capsys):
+    src = random_dump(2, "stat").save(str(tmp_path / "run.msgpack"))
+    before = Path(src).read_bytes()
+    assert main(["convert", src, "-o", src, "--to", "json"]) == 2
+    assert "is also an input" in capsys.readouterr().err and Path(src).read_bytes() == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,3 +186,24 @@ def test_cli_writes_sglang_init_file_and_weight(tmp_path, capsys):
 
     assert main(["eplb", src, "--replicas", "10", "--gpus", "4"]) == 2
     assert "multiple of num_gpus=4" in capsys.readouterr().err
+
+
+def test_cli_outputs_never_replace_inputs_or_each_other_and_are_all_or_none(tmp_path, capsys):
+    src = random_dump(5, "stat", num_layers=4, num_experts=8).save(str(tmp_path / "run.pt"))
+    before = Path(src).read_bytes()
+    base = ["eplb", src, "--replicas", "12", "--gpus", "4"]
+    assert main([*base, "--sglang-out", src]) == 2
+    assert "is also an input" in capsys.readouterr().err and Path(src).read_bytes() == before
+    same = str(tmp_path / "a.pt")
+    assert main([*base, "--sglang-out", same, "--plan-out", same]) == 2
+    assert "given for two outputs" in capsys.readouterr().err
+    init = tmp_path / "init.pt"
+    assert main([*base, "--sglang-out", str(init), "--weight-out", str(tmp_path / "nope" / "w.pt")]) == 2
+    assert "no folder" in capsys.readouterr().err and not init.exists()  # nothing written when one cannot be
+
+
+def test_a_dump_without_layers_gets_no_plan(tmp_path, capsys):
+    path = tmp_path / "expert_distribution_recorder_1.0.pt"
+    torch.save({"rank": 0, "logical_count": torch.zeros(1, 0, 4, dtype=torch.int32)}, path)
+    assert main(["eplb", str(path), "--replicas", "8", "--gpus", "2"]) == 2
+    assert "weight: expected [layers, experts], both at least 1, got shape [0, 4]" in capsys.readouterr().err

@@ -96,3 +96,14 @@ def test_non_positive_sizes_are_refused(tmp_path, capsys, option, value):
         plot_dumps([("x", random_dump(1))], tmp_path / "p.png", ep_size=-2)
     with pytest.raises(ValueError, match="dpi: must be >= 1, got 0"):
         plot_dumps([("x", random_dump(1))], tmp_path / "p.png", dpi=0)
+
+
+def test_file_names_are_titles_not_mathtext_and_ep_size_must_divide(tmp_path, capsys):
+    dump = random_dump(3, "stat", num_experts=8)
+    for name in ("cost$\\x$.pt", os.fsdecode(b"bad\xff.pt")):
+        path = dump.save(str(tmp_path / name))
+        assert main(["plot", path, "-o", str(tmp_path / "out.png")]) == 0, capsys.readouterr().err
+        not_blank(tmp_path / "out.png")
+    path = str(tmp_path / "cost$\\x$.pt")
+    assert main(["plot", path, "--ep-size", "3", "-o", str(tmp_path / "e.png")]) == 2
+    assert "ep_size: 3 does not divide the 8 experts" in capsys.readouterr().err

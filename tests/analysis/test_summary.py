@@ -14,6 +14,8 @@ from moe_record_sdk import Recorder, Topology
 from moe_record_sdk.analysis import print_summary, summarize, to_csv, to_json
 from moe_record_sdk.cli import main
 
+from ..dumps import random_dump
+
 
 def known_dump(mode="stat", mapping=None, passes=((0, 0, 1, 2), (0, 3))):
     """Layer 1 of 3 is MoE-free (dense); layers 0 and 2 see the given top-1 ids per pass."""
@@ -216,3 +218,13 @@ def test_cli_sglang_file_without_ep_size_has_no_gpu_table(tmp_path, capsys):
     (s,) = json.loads(capsys.readouterr().out)
     assert s["placement"] == "recorded physical counts"
     assert s["overall"]["assignments"] == sum(r["gpus"]["assignments"] for r in s["layers"])
+
+
+def test_a_placement_file_is_size_checked_before_loading(tmp_path, capsys):
+    path = random_dump(1, "stat", num_layers=2, num_experts=4).save(str(tmp_path / "run.msgpack"))
+    plan = tmp_path / "plan.pt"
+    # 8 bytes of storage viewed as [2**20, 2**20]: loading it as-is would allocate 8 TiB on use.
+    torch.save({"physical_to_logical_map": torch.zeros(1, dtype=torch.int64).expand(2**20, 2**20)}, plan)
+    assert main(["summary", path, "--placement", str(plan)]) == 2
+    err = capsys.readouterr().err
+    assert "physical_to_logical_map" in err and "over the limit" in err and len(err.strip().splitlines()) == 1

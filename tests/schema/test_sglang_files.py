@@ -142,6 +142,16 @@ def test_legacy_csv_with_unknown_layer_is_refused_by_name(tmp_path):
         load_dump(path)
 
 
+@pytest.mark.parametrize("rows", ["0,0,99999999999999999999999\n", "0,0,9223372036854775807\n0,0,1\n"])
+def test_legacy_csv_counts_past_int64_are_refused_not_wrapped(tmp_path, rows):
+    from moe_record_sdk import DumpFormatError
+
+    path = tmp_path / "expert_distribution_rank0_timestamp1.0.csv"
+    path.write_text("layer_id,expert_id,count\n" + rows)
+    with pytest.raises(DumpFormatError, match="layer 0, expert 0: count .* exceeds int64"):
+        load_dump(path)
+
+
 @pytest.mark.parametrize("rank", ["1", 1.0, -1, True])
 def test_a_rank_that_is_not_one_is_refused_by_name(tmp_path, rank):
     """A record's rank read as 0 would merge the file as another rank's: refused, naming the field."""

@@ -59,6 +59,8 @@ def test_valid_files_and_folders(tmp_path, capsys):
         (lambda r: r["model"].update(moe_layer_ids=[0, 7]), "model.moe_layer_ids[1]", "outside"),
         (lambda r: r["window"].update(num_tokens=[1, 2, 3]), "logical_count[:, 0, :]", "num_tokens x top_k"),
         (lambda r: r["topology"].update(rank=4), "topology.rank", "outside"),
+        (lambda r: r["window"].update(start_time=float("nan")), "window.start_time", "finite"),  # nan < x is False
+        (lambda r: r["window"].update(stop_time=float("inf")), "window.stop_time", "finite"),
     ],
 )
 def test_invalid_dump_names_field(tmp_path, capsys, mutate, field, words):
