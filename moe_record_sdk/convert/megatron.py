@@ -113,6 +113,13 @@ def load_megatron_tpe(paths: Sequence[str], *, ep_size: int = 1, num_layers: int
     if local is None:
         raise DumpFormatError(f"{', '.join(paths)}: no decoder tokens-per-expert lines")
     E = local * ep_size
-    return per_pass_dump(
+    dump = per_pass_dump(
         counts, engine="megatron", num_experts=E, top_k=None, num_layers=num_layers, source=", ".join(paths)
     )
+    missing = sorted(set(range(ep_size)) - {r % ep_size for r in ranks})
+    if missing:  # their experts would read as never used
+        raise DumpFormatError(
+            f"{', '.join(paths)}: no file of expert-parallel rank(s) {missing} of ep_size={ep_size}: "
+            "give every rank's file (or the right --megatron-ep-size)"
+        )
+    return dump

@@ -115,6 +115,8 @@ def test_megatron_jsonl_expert_parallel(tmp_path):
             paths.add(write_megatron(str(tmp_path), rank, it, decoder, mtp={(0, 0): [[50, 50, 50]]}))
     paths = sorted(paths)
     dump = load_megatron_tpe(paths, ep_size=2)
+    with pytest.raises(DumpFormatError, match=r"no file of expert-parallel rank\(s\) \[1\] of ep_size=2"):
+        load_megatron_tpe([p for p in paths if "rank1" not in p and "rank3" not in p], ep_size=2)
     assert validate_dump(dump) == []
     assert dump.engine.name == "megatron" and dump.model.num_logical_experts == 6
     assert [r.forward_pass_id for r in dump.records] == [100, 200]
