@@ -5,11 +5,13 @@ What counts
 * One forward pass is one call of the module passed to ``attach`` (its forward hook calls
   ``recorder.step()``), so ``model.generate()`` gives one pass per generation step.
 * Every token row a router sees counts once per MoE layer, except padding: when the top module
-  is called with a 2-D ``attention_mask`` keyword (as ``generate()`` and tokenizers' batches do),
-  rows whose mask is 0 are left out. The tap moves them behind the real rows (a stable sort on
+  is called with an ``attention_mask`` keyword (as ``generate()`` and tokenizers' batches do), 2-D
+  or 4-D (``generate()`` with a static cache; per attention type, its full-attention mask), rows
+  whose mask is 0 are left out. The tap moves them behind the real rows (a stable sort on
   the device) and passes their number as ``num_valid_tokens``, so no host sync is needed and
   ``per_token`` ids keep the real tokens in order. Without a mask every row counts.
 * Layers are decoder indices; dense layers are in the numbering but not recorded.
+* Gradient checkpointing recomputes routers during backward: those calls are not counted again.
 
 The hooks only read; they never change an output, and ``detach`` removes exactly the hooks
 ``attach`` added. Under ``torch.compile`` the hooks are traced into the graph (tensor ops only,
@@ -50,6 +52,10 @@ class _Padding:
 
     def begin(self, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):  # one mask per attention type (GptOss: full and sliding)
+            mask = mask.get("full_attention")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            mask = _new_tokens_of(mask)
         self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self.cache = {}
 
@@ -72,9 +78,40 @@ class _Padding:
         return self.cache[num_rows]
 
 
+def _new_tokens_of(mask: torch.Tensor) -> torch.Tensor:
+    """A 4-D attention mask [batch, heads, new tokens, key slots] (what ``generate()`` passes with
+    a static cache) as the 2-D mask of its new tokens: a real token attends to its own key slot,
+    padding does not. The slots of a call's tokens are consecutive, and a real token's own slot is
+    the last one it attends to (causal), so the first slot is the largest ``last - row`` of any row.
+    """
+    attends = mask[:, 0] != 0 if not mask.dtype.is_floating_point else mask[:, 0] == 0  # additive: 0 attends
+    rows, slots = attends.shape[-2:]
+    last = torch.where(attends, torch.arange(slots, device=mask.device), -1).amax(-1)  # [batch, rows]
+    first = (last - torch.arange(rows, device=mask.device)).amax()
+    own = (first + torch.arange(rows, device=mask.device)).clamp(0, slots - 1)
+    return attends.gather(-1, own.expand(attends.shape[0], rows).unsqueeze(-1)).squeeze(-1)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward: a router called then is gradient checkpointing
+    recomputing a forward the tap already counted."""
+    return not torch.compiler.is_compiling() and _graph_task_id() != -1
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def _tap(recorder: Recorder, layer_id: int, extract: Extract, padding: _Padding | None):
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        ids = extract(module, args, output)
+        if _in_backward():
+            return
+        try:
+            ids = extract(module, args, output)
+        except (IndexError, KeyError, TypeError, AttributeError) as e:
+            raise AdapterError(
+                f"layer {layer_id}: extract could not take the top-k ids from {type(module).__name__}'s output "
+                f"({type(e).__name__}: {e}); check attach(extract=...)"
+            ) from e
         ids = ids.reshape(-1, ids.shape[-1])
         valid = None
         if padding is not None and (rows := padding.rows(ids.shape[0])) is not None:
@@ -101,6 +138,10 @@ def _model_name(model: nn.Module) -> str:
     return getattr(config, "_name_or_path", None) or getattr(config, "name", None) or type(model).__name__
 
 
+def found_ids(found: Found) -> list[int]:
+    return [r.layer_id for r in found.routers]
+
+
 def _layer_map(model: nn.Module, found: Found, layers: Sequence[int] | None) -> LayerMap:
     ids = [r.layer_id for r in found.routers]
     if layers is not None:
@@ -108,6 +149,8 @@ def _layer_map(model: nn.Module, found: Found, layers: Sequence[int] | None) -> 
         if unknown:
             raise AdapterError(f"layers: {unknown} are not MoE layers of {type(model).__name__} (those are {ids})")
         ids = sorted(set(layers))
+        if not ids:
+            raise AdapterError(f"layers: [] selects none of {type(model).__name__}'s MoE layers ({found_ids(found)})")
     return LayerMap(
         num_layers=found.num_layers,
         moe_layer_ids=tuple(ids),

@@ -227,3 +227,68 @@ def test_padding_rows_are_not_counted() -> None:
         att.recorder.start()
         model(prompt, attention_mask=mask)
         assert att.recorder.dump().window.num_tokens[moe_layers[0]] == 18
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_static_cache_generate_leaves_padding_out_too(family: str, side: str) -> None:
+    """With a static cache generate() calls the model with a 4-D mask (GptOss: one per attention
+    type) that it builds itself: padding must still be left out, exactly as with the 2-D mask."""
+    model, _, _, _ = _model(family, seed=4)
+    model.config.output_router_logits = False
+    mask = torch.ones(3, 6, dtype=torch.int64)
+    if side == "left":
+        mask[0, :4], mask[2, :2] = 0, 0
+    else:
+        mask[0, 2:], mask[2, 4:] = 0, 0
+    prompt = torch.randint(1, COMMON["vocab_size"], (3, 6), generator=torch.Generator().manual_seed(2))
+    prompt = prompt.masked_fill(mask == 0, 0)
+    dumps = {}
+    for cache in ("dynamic", "static"):
+        with attach(model, mode="per_token") as att:
+            att.recorder.start()
+            model.generate(prompt, attention_mask=mask, max_new_tokens=3, do_sample=False, cache_implementation=cache)
+            dumps[cache] = att.recorder.dump()
+    real = int(mask.sum()) + 2 * 3
+    assert real in dumps["static"].window.num_tokens and set(dumps["static"].window.num_tokens) <= {0, real}
+    assert torch.equal(dumps["static"].total_count(), dumps["dynamic"].total_count())
+    for a, b in zip(dumps["static"].records, dumps["dynamic"].records, strict=True):
+        assert torch.equal(a.topk_ids_of_layer, b.topk_ids_of_layer)
+
+
+def test_gradient_checkpointing_recompute_is_not_counted_again() -> None:
+    """Checkpointed layers run their routers again during backward: one training step still
+    counts each real token once per MoE layer."""
+    model, moe_layers, _, _ = _model("qwen3_moe", seed=6)
+    model.config.output_router_logits = False
+    mask = torch.ones(2, 6, dtype=torch.int64)
+    mask[0, :3] = 0
+    prompt = torch.randint(1, COMMON["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(1))
+    counts = {}
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        with attach(model) as att:
+            att.recorder.start()
+            model(prompt, attention_mask=mask, labels=prompt).loss.backward()
+            dump = att.recorder.dump()
+        assert dump.window.num_passes == 1
+        assert dump.window.num_tokens == [9 if layer in moe_layers else 0 for layer in range(4)]
+        counts[checkpointing] = dump.total_count()
+    assert torch.equal(counts[True], counts[False])
+
+
+def test_an_extract_that_does_not_fit_the_router_is_named() -> None:
+    from moe_record_torch import ids_at
+
+    from moe_record_sdk.errors import AdapterError
+
+    model, moe_layers, _, _ = _model("qwen3_moe")
+    routers = {layer: model.get_submodule(f"model.layers.{layer}.mlp.gate") for layer in moe_layers}
+    with attach(model, routers=routers, extract=ids_at(5), num_experts=E, top_k=K) as att:
+        att.recorder.start()
+        with pytest.raises(AdapterError, match=r"layer \d: extract could not take the top-k ids from .*IndexError"):
+            model(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(AdapterError, match=r"layers: \[\] selects none of"):
+        attach(model, layers=[])
