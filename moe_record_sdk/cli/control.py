@@ -6,8 +6,10 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -101,6 +103,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=run, action=action)
 
 
+class WaitOnCtrlC:
+    """While dumping and saving, Ctrl-C only says to wait: the engines clear their windows as
+    they dump, so stopping halfway would lose what was collected."""
+
+    def __init__(self, echo: Callable[[str], None]) -> None:
+        self.echo, self.installed, self.previous = echo, False, None
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals are the main thread's
+            self.previous = signal.signal(signal.SIGINT, lambda *_: self.echo("finishing the dump; please wait"))
+            self.installed = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous or signal.SIG_DFL)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         fleet = fleet_of(args)
@@ -111,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"moe-record dump: {problem}", file=sys.stderr)
         return 2
+    saved: dict[str, str] = {}
     with fleet:
         if args.action == "start":
             result = fleet.start(args.mode)
@@ -119,10 +139,11 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "status":
             result = fleet.status()
         else:
-            result = fleet.dump(collect=bool(args.out))
-    saved = {}
-    if args.action == "dump" and args.out:
-        saved = save_dumps(result, args.out, args.format, lambda line: print(line, file=sys.stderr))
+            echo = lambda line: print(line, file=sys.stderr)  # noqa: E731
+            with WaitOnCtrlC(echo):  # taken, a dump is gone from the engines: save it whatever comes
+                result = fleet.dump(collect=bool(args.out))
+                if args.out:
+                    saved = save_dumps(result, args.out, args.format, echo)
     if args.json:
         json.dump(result_json(result, saved), sys.stdout, indent=2)
         print()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ..schema import FORMATS, MODES, Dump, validate_dump
-from .control import add_engine_options, check_out, engines_of, positive, print_result, save_dumps
+from .control import WaitOnCtrlC, add_engine_options, check_out, engines_of, positive, print_result, save_dumps
 from .validate import check_file
 
 
@@ -100,7 +99,7 @@ def record(
         if worker:
             worker.join(timeout=30)
     echo = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    with _WaitOnCtrlC(echo):
+    with WaitOnCtrlC(echo):
         stopped = fleet.stop()
         for r in stopped.failed:
             console.print(f"stop failed: {r.describe()}", style="red", markup=False)
@@ -118,23 +117,6 @@ def record(
     where = os.path.dirname(next(iter(saved.values()))) if saved else os.path.abspath(out)  # saved: maybe rescued
     console.print(f"dumps in {where}" + "".join(f"; {w}" for w in failed), markup=False)
     return 1 if failed else 0
-
-
-class _WaitOnCtrlC:
-    """While stopping, dumping and saving, Ctrl-C only says to wait: the engines clear their
-    windows as they dump, so stopping halfway would lose what was collected."""
-
-    def __init__(self, echo: Callable[[str], None]) -> None:
-        self.echo, self.installed, self.previous = echo, False, None
-
-    def __enter__(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # signals are the main thread's
-            self.previous = signal.signal(signal.SIGINT, lambda *_: self.echo("finishing the dump; please wait"))
-            self.installed = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self.previous or signal.SIG_DFL)
 
 
 def _progress(fleet: Any, duration: float | None, interval: float, console: Console) -> None:

@@ -58,6 +58,8 @@ def normalize_engine(url: str) -> str:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"engine: {given!r} is not an http(s) URL")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):  # the endpoint path would land after it
+        raise ValueError(f"engine: {given!r} has a query or fragment; give the engine's base URL")
     try:
         parts.port  # noqa: B018 - urlsplit checks the port only when it is read
     except ValueError:
@@ -215,10 +217,7 @@ class AsyncFleet:
         if r.engine not in self._runs:
             return
         started = self._runs[r.engine]
-        if started is None:
-            if r.ok:
-                r.ok, r.error_kind = False, "not_started"
-                r.error = "this fleet's start failed on this engine, so its dump is not a recording of this run"
+        if started is None:  # not dumped (_fan_out)
             return
         instance, run = started
         # Also for error answers: a restarted engine answers "nothing recorded", and the restart is the news.
@@ -235,15 +234,26 @@ class AsyncFleet:
         t0 = time.perf_counter()
         calls = self._calls_for(action, params, accept)
         results: list[EngineResult | None] = [None] * len(calls)
+        # Where this fleet's start failed, a stop or dump would end, or take and clear, a
+        # recording that is not this run's (another client's): such engines are left as they are.
+        for i, e in enumerate(self.engines):
+            if action in ("stop", "dump") and e in self._runs and self._runs[e] is None:
+                results[i] = EngineResult(
+                    engine=e,
+                    action=action,
+                    ok=False,
+                    error_kind="not_started",
+                    error=f"this fleet's start failed on this engine: not {'stopped' if action == 'stop' else 'dumped'}, "
+                    "so a recording there that is not this run's is left as it is",
+                )
         # Engines on the lean transport go out in one batch, all written before any answer is
         # awaited (Http11Transport.send_all); the others (https, a transport passed in, a
         # concurrency cap) get a task each.
-        batch = [i for i, c in enumerate(calls) if c.prepared is not None and self._sem is None]
+        todo = [i for i, r in enumerate(results) if r is None]
+        batch = [i for i in todo if calls[i].prepared is not None and self._sem is None]
         in_batch = set(batch)
         tasks = [
-            (i, asyncio.ensure_future(self._call(e, action, calls[i])))
-            for i, e in enumerate(self.engines)
-            if i not in in_batch
+            (i, asyncio.ensure_future(self._call(self.engines[i], action, calls[i]))) for i in todo if i not in in_batch
         ]
         try:
             if batch:

@@ -155,3 +155,33 @@ def test_dump_lines_say_what_the_ring_dropped(engines, tmp_path, capsys):
     feed(rec, seed=9)  # 3 passes into a 2-row ring
     assert main(["dump", "-e", a.url, "--out", str(tmp_path / "d")]) == 0
     assert "dump collected (3 passes, 1 pass dropped)" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_a_dump_still_saves_what_was_taken(engines, tmp_path):
+    """The fast engine's window is taken (and cleared) while a slow one still answers: a Ctrl-C
+    then may not lose it. The CLI runs in its own process, as a user's would."""
+    import signal
+    import subprocess
+    import sys
+
+    rec, fast = engines.ours()
+    rec.start()
+    expected = feed(rec, seed=12)
+    rec_slow, slow = engines.slow(delay=4.0)
+    rec_slow.start()
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moe_record_sdk", "dump", "-e", fast.url, "-e", slow.url, "--timeout", "20"]
+    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while rec.status().passes and time.monotonic() < deadline:  # until the fast engine was dumped
+            time.sleep(0.05)
+        assert rec.status().passes == 0, "the fast engine was not dumped"
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "finishing the dump; please wait" in output and "Traceback" not in output
+    saved = [f for f in os.listdir(out) if f.startswith("engine-0-")]
+    assert len(saved) == 1 and torch.equal(load_dump(str(out / saved[0])).total_count(), expected)

@@ -44,7 +44,7 @@ def test_fleet_of_five_healthy_saved_failures_reported(engines, tmp_path):
     assert took < 2.5, "the slow engine must cost the others nothing"
     ok = {r.engine for r in result if r.ok}
     assert ok == {a.url, b.url, s.url}
-    assert result[down].error_kind == "connect"
+    assert result[down].error_kind == "not_started"  # its start failed: not even asked
     assert result[slow.url].error_kind == "timeout" and result[slow.url].attempts == 1  # a dump is never re-sent
     # Ours: the dump came back, exact.
     for u in (a.url, b.url):
@@ -109,9 +109,13 @@ def test_engine_whose_start_failed_is_not_merged(engines):
         assert started[bad.url].error_kind == "http" and "503" in started[bad.url].error
         assert started[bad.url].attempts == 3 and flaky.seen == 3  # start is idempotent: retried
         expected = feed(rec_ok, seed=5)
+        theirs = rec_bad.status().passes
+        stopped = fleet.stop()
         result = fleet.dump()
-    assert result[bad.url].error_kind == "not_started"
+    assert stopped[bad.url].error_kind == result[bad.url].error_kind == "not_started"
     assert torch.equal(result.merged.total_count(), expected)
+    # The recording there is another client's: neither stopped nor taken (a dump clears).
+    assert rec_bad.status().recording and rec_bad.status().passes == theirs > 0
 
 
 def test_retries_only_where_safe(engines):
@@ -193,6 +197,10 @@ def test_engine_urls():
     assert normalize_engine("HTTP://LocalHost:1/") == "http://localhost:1"
     with pytest.raises(ValueError, match="more than once"):
         Fleet(["HTTP://LOCALHOST:1", "localhost:1"])
+    # A query or fragment would swallow the endpoint path (requests went to "/", a 404).
+    for bad in ("127.0.0.1:1?x=1", "http://127.0.0.1:1/#top", "127.0.0.1:1/?"):
+        with pytest.raises(ValueError, match="query or fragment"):
+            Fleet([bad])
 
 
 @pytest.fixture
