@@ -22,8 +22,8 @@ class EngineResult:
     """One engine's outcome for one action.
 
     ``ok`` is False with ``error`` (a sentence) and ``error_kind`` (a word: ``connect``,
-    ``timeout``, ``http``, ``protocol``, ``restarted``, ``run_changed``, ``bad_dump``) when the
-    call failed. ``flavor`` says what answered: ``moe-record`` (our endpoints) or ``sglang``
+    ``timeout``, ``http``, ``protocol``, ``restarted``, ``run_changed``, ``bad_dump``,
+    ``duplicate``, ``not_started``) when the call failed. ``flavor`` says what answered: ``moe-record`` (our endpoints) or ``sglang``
     (SGLang's plain-text answers, as a stock server gives).
     """
 

@@ -173,7 +173,28 @@ class AsyncFleet:
             self._runs[r.engine] = (r.instance_id, r.run_id) if r.ok else None
             if r.ok and mode and r.flavor == "sglang":
                 r.note = "a stock SGLang server ignores mode: its --expert-distribution-recorder-mode applies"
+        await self._one_entry_per_engine(result)
         return result
+
+    async def _one_entry_per_engine(self, started: FleetResult) -> None:
+        """One engine listed under two names (``localhost`` and ``127.0.0.1``) answered both
+        starts: the second restarted the first's window. Its first entry follows the engine's
+        current run; the others are reported and left out of stop and dump (counted once)."""
+        seen: dict[str, list[EngineResult]] = {}
+        for r in started:
+            if r.ok and r.instance_id:
+                seen.setdefault(r.instance_id, []).append(r)
+        for same in (group for group in seen.values() if len(group) > 1):
+            first = same[0]
+            i = self.engines.index(first.engine)
+            now = await self._call(first.engine, "status", self._calls_for("status", None, "application/json")[i])
+            self._runs[first.engine] = (first.instance_id, now.run_id if now.ok else first.run_id)
+            for r in same[1:]:
+                r.ok, r.error_kind = False, "duplicate"
+                r.error = (
+                    f"the same engine as {first.engine} (instance {r.instance_id}), listed twice: counted once there"
+                )
+                self._runs[r.engine] = None
 
     async def stop(self) -> FleetResult:
         """Stop recording everywhere."""
@@ -243,7 +264,7 @@ class AsyncFleet:
                     action=action,
                     ok=False,
                     error_kind="not_started",
-                    error=f"this fleet's start failed on this engine: not {'stopped' if action == 'stop' else 'dumped'}, "
+                    error=f"this fleet did not start this engine: not {'stopped' if action == 'stop' else 'dumped'}, "
                     "so a recording there that is not this run's is left as it is",
                 )
         # Engines on the lean transport go out in one batch, all written before any answer is

@@ -118,6 +118,21 @@ def test_engine_whose_start_failed_is_not_merged(engines):
     assert rec_bad.status().recording and rec_bad.status().passes == theirs > 0
 
 
+def test_one_engine_under_two_names_is_counted_once_and_nothing_is_lost(engines):
+    """127.0.0.1 and localhost are one engine: the second start restarted the first's window, and
+    the dump of that window was dropped as another run's. The instance id tells them apart."""
+    rec, server = engines.ours()
+    port = server.url.rsplit(":", 1)[1]
+    with Fleet([f"127.0.0.1:{port}", f"localhost:{port}"]) as fleet:
+        started = fleet.start()
+        assert [r.ok for r in started] == [True, False] and started[1].error_kind == "duplicate"
+        expected = feed(rec, seed=8)
+        stopped = fleet.stop()
+        result = fleet.dump()
+    assert stopped[0].ok and result[0].ok and result[1].error_kind == "not_started"
+    assert torch.equal(result.merged.total_count(), expected)
+
+
 def test_retries_only_where_safe(engines):
     rec, server, flaky = engines.flaky("/expert_distribution_record_status", n=1)
     with Fleet([server.url], retries=2, backoff=0.01) as fleet:
