@@ -120,21 +120,28 @@ def record(
 
 
 def _progress(fleet: Any, duration: float | None, interval: float, console: Console) -> None:
-    """Poll status every ``interval`` s until ``duration`` or Ctrl-C, showing passes and tokens."""
+    """Poll status every ``interval`` s until ``duration`` or Ctrl-C, showing passes and tokens.
+    A poll waits at most the interval (or what is left of the duration, at least 0.2 s): an
+    engine that does not answer its status must not stretch the recording."""
     t0 = time.monotonic()
     until = "until Ctrl-C" if duration is None else f"for {duration:g} s"
     table = _status_table(None, 0.0, until)
+
+    def poll() -> Any:
+        left = interval if duration is None else min(interval, duration - (time.monotonic() - t0))
+        return fleet.status(timeout=max(0.2, left))
+
     try:
         with Live(table, console=console, refresh_per_second=4, transient=False) as live:
             next_poll = 0.0
             while duration is None or time.monotonic() - t0 < duration:
                 now = time.monotonic() - t0
                 if now >= next_poll:
-                    live.update(_status_table(fleet.status(), now, until))
+                    live.update(_status_table(poll(), now, until))
                     next_poll = now + interval
                 left = interval if duration is None else min(interval, duration - (time.monotonic() - t0))
                 time.sleep(max(0.0, min(0.1, left)))
-            live.update(_status_table(fleet.status(), time.monotonic() - t0, until))
+            live.update(_status_table(fleet.status(timeout=min(interval, 1.0)), time.monotonic() - t0, until))
         if not console.is_terminal:
             console.print()  # Live leaves a file or pipe without the last newline
     except KeyboardInterrupt:

@@ -200,9 +200,12 @@ class AsyncFleet:
         """Stop recording everywhere."""
         return await self._fan_out("stop", None, "application/json, text/plain;q=0.5")
 
-    async def status(self) -> FleetResult:
-        """Each engine's identity, run and per-rank status (``EngineResult.info``)."""
-        return await self._fan_out("status", None, "application/json")
+    async def status(self, *, timeout: float | None = None) -> FleetResult:
+        """Each engine's identity, run and per-rank status (``EngineResult.info``).
+
+        ``timeout``: this call's own, shorter one (a progress poll must not outlast its interval).
+        """
+        return await self._fan_out("status", None, "application/json", timeout)
 
     async def dump(
         self, *, collect: bool = True, keep_files: bool = False, format: str = "msgpack", merge: bool = True
@@ -251,9 +254,11 @@ class AsyncFleet:
             r.ok, r.error_kind = False, "run_changed"
             r.error = f"recording restarted by another start since this fleet's (run {run} -> {r.run_id}): the dump is partial"
 
-    async def _fan_out(self, action: str, params: dict[str, str] | None, accept: str) -> FleetResult:
+    async def _fan_out(
+        self, action: str, params: dict[str, str] | None, accept: str, timeout: float | None = None
+    ) -> FleetResult:
         t0 = time.perf_counter()
-        calls = self._calls_for(action, params, accept)
+        calls = self._calls_for(action, params, accept, timeout)
         results: list[EngineResult | None] = [None] * len(calls)
         # Where this fleet's start failed, a stop or dump would end, or take and clear, a
         # recording that is not this run's (another client's): such engines are left as they are.
@@ -309,19 +314,22 @@ class AsyncFleet:
         async with self._sem:
             return await self._attempts(engine, action, call)
 
-    def _calls_for(self, action: str, params: dict[str, str] | None, accept: str) -> list[_Call]:
+    def _calls_for(
+        self, action: str, params: dict[str, str] | None, accept: str, timeout: float | None = None
+    ) -> list[_Call]:
         """Each engine's request for this kind of call (built at its first use, then reused)."""
-        key = (action, tuple(sorted(params.items())) if params else (), accept)
+        key = (action, tuple(sorted(params.items())) if params else (), accept, timeout)
         calls = self._calls.get(key)
         if calls is None:
             calls = self._calls[key] = []
+            extensions = self._extensions if timeout is None else {"timeout": httpx.Timeout(timeout).as_dict()}
             for engine in self.engines:
                 headers = {**self._headers, "accept": accept}
                 token = self._keys.get(engine)
                 if token:
                     headers["authorization"] = f"Bearer {token}"
                 request = httpx.Request(
-                    "POST", engine + PATHS[action], params=params, headers=headers, extensions=self._extensions
+                    "POST", engine + PATHS[action], params=params, headers=headers, extensions=extensions
                 )
                 lean = self._transports[engine] is self._lean
                 calls.append(_Call(request, self._lean.prepare(request) if lean else None))  # type: ignore[union-attr]
@@ -360,7 +368,7 @@ class AsyncFleet:
                     if isinstance(answer, httpx.HTTPError):
                         raise answer
             except httpx.HTTPError as e:
-                kind, message, retry = _transport_failure(e, action, self.timeout)
+                kind, message, retry = _transport_failure(e, action, call.request.extensions["timeout"]["read"])
                 if retry and attempt <= self.retries:
                     await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
                     continue
@@ -563,9 +571,9 @@ class Fleet:
         """See :meth:`AsyncFleet.stop`."""
         return self._run(self._fleet.stop())
 
-    def status(self) -> FleetResult:
+    def status(self, *, timeout: float | None = None) -> FleetResult:
         """See :meth:`AsyncFleet.status`."""
-        return self._run(self._fleet.status())
+        return self._run(self._fleet.status(timeout=timeout))
 
     def dump(self, **options: Any) -> FleetResult:
         """See :meth:`AsyncFleet.dump`."""

@@ -17,15 +17,21 @@ from .sglang_like import SGLangLike
 
 
 class SlowBackend(LocalBackend):
-    """Fault injection: a dump that takes ``delay`` seconds (an engine stuck behind a long batch)."""
+    """Fault injection: a dump (or a status) that takes ``delay`` seconds (an engine stuck
+    behind a long batch)."""
 
-    def __init__(self, recorder: Recorder, delay: float) -> None:
+    def __init__(self, recorder: Recorder, delay: float, slow_status: bool = False) -> None:
         super().__init__(recorder)
-        self.delay = delay
+        self.delay, self.slow_status = delay, slow_status
 
     async def dump(self) -> Any:
         await asyncio.sleep(self.delay)
         return await super().dump()
+
+    async def status(self) -> Any:
+        if self.slow_status:
+            await asyncio.sleep(self.delay)
+        return await super().status()
 
 
 class Flaky:
@@ -69,9 +75,9 @@ class Engines:
         rec, d = make_recorder(), self.dir()
         return rec, self._serve(SGLangLike(rec, d)), d
 
-    def slow(self, delay: float) -> tuple[Recorder, ServerThread]:
+    def slow(self, delay: float, slow_status: bool = False) -> tuple[Recorder, ServerThread]:
         rec = make_recorder()
-        return rec, self._serve(make_app(SlowBackend(rec, delay), dump_dir=self.dir()))
+        return rec, self._serve(make_app(SlowBackend(rec, delay, slow_status), dump_dir=self.dir()))
 
     def flaky(self, path: str, n: int) -> tuple[Recorder, ServerThread, Flaky]:
         rec = make_recorder()

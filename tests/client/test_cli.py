@@ -11,6 +11,8 @@ import time
 import torch
 
 from moe_record_sdk.cli import main
+from moe_record_sdk.cli.record import record
+from moe_record_sdk.client import Fleet
 from moe_record_sdk.schema import load_dump
 
 from ..server.helpers import feed, make_recorder
@@ -185,3 +187,14 @@ def test_ctrl_c_during_a_dump_still_saves_what_was_taken(engines, tmp_path):
     assert "finishing the dump; please wait" in output and "Traceback" not in output
     saved = [f for f in os.listdir(out) if f.startswith("engine-0-")]
     assert len(saved) == 1 and torch.equal(load_dump(str(out / saved[0])).total_count(), expected)
+
+
+def test_an_engine_whose_status_hangs_does_not_stretch_the_recording(engines, tmp_path):
+    """Progress polls wait at most their interval: --duration 1 records about a second even when
+    one engine's status answers only after 6 s (the timeout is 20)."""
+    rec, fast = engines.ours()
+    _, stuck = engines.slow(delay=6.0, slow_status=True)
+    with Fleet([fast.url, stuck.url], timeout=20) as fleet:
+        record(fleet, out=str(tmp_path / "out"), duration=1.0, interval=0.5, during=lambda stop: None)
+    window = load_dump(str(tmp_path / "out" / "merged.pt")).window
+    assert window.stop_time - window.start_time < 3.5  # was 7+: a 6 s poll, then another
