@@ -103,21 +103,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=run, action=action)
 
 
-class WaitOnCtrlC:
-    """While dumping and saving, Ctrl-C only says to wait: the engines clear their windows as
-    they dump, so stopping halfway would lose what was collected."""
+class OnCtrlC:
+    """Ctrl-C runs ``handler`` instead of raising ``KeyboardInterrupt`` (on the main thread, where
+    signals go; elsewhere nothing changes). ``record`` uses it to end the recording however often
+    Ctrl-C is pressed, and a dump to finish: the engines clear their windows as they dump, so
+    stopping halfway would lose what was collected."""
 
-    def __init__(self, echo: Callable[[str], None]) -> None:
-        self.echo, self.installed, self.previous = echo, False, None
+    def __init__(self, handler: Callable[[], None]) -> None:
+        self.handler, self.installed, self.previous = handler, False, None
 
-    def __enter__(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # signals are the main thread's
-            self.previous = signal.signal(signal.SIGINT, lambda *_: self.echo("finishing the dump; please wait"))
+    def __enter__(self) -> OnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, lambda *_: self.handler())
             self.installed = True
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.installed:
             signal.signal(signal.SIGINT, self.previous or signal.SIG_DFL)
+
+
+def wait_on_ctrl_c(echo: Callable[[str], None]) -> OnCtrlC:
+    return OnCtrlC(lambda: echo("finishing the dump; please wait"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
             result = fleet.status()
         else:
             echo = lambda line: print(line, file=sys.stderr)  # noqa: E731
-            with WaitOnCtrlC(echo):  # taken, a dump is gone from the engines: save it whatever comes
+            with wait_on_ctrl_c(echo):  # taken, a dump is gone from the engines: save it whatever comes
                 result = fleet.dump(collect=bool(args.out))
                 if args.out:
                     saved = save_dumps(result, args.out, args.format, echo)

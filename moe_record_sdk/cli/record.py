@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,16 @@ from rich.live import Live
 from rich.table import Table
 
 from ..schema import FORMATS, MODES, Dump, validate_dump
-from .control import WaitOnCtrlC, add_engine_options, check_out, engines_of, positive, print_result, save_dumps
+from .control import (
+    OnCtrlC,
+    add_engine_options,
+    check_out,
+    engines_of,
+    positive,
+    print_result,
+    save_dumps,
+    wait_on_ctrl_c,
+)
 from .validate import check_file
 
 
@@ -50,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"moe-record record: {e}", style="red", markup=False)
         return 2
     with fleet:
-        return record(
+        status = record(
             fleet,
             out=args.out,
             duration=args.duration,
@@ -59,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
             interval=args.interval,
             console=console,
         )
+    if threading.current_thread() is threading.main_thread():
+        # Saved and reported: a late Ctrl-C of a burst, during the interpreter's exit, would
+        # only turn this exit status into a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return status
 
 
 def record(
@@ -82,44 +97,50 @@ def record(
     if problem:
         console.print(f"moe-record record: {problem}", style="red", markup=False)
         return 2
-    started = fleet.start(mode)
-    for r in started.failed:
-        console.print(f"start failed: {r.describe()}", style="red", markup=False)
-    if not started.succeeded:
-        console.print("no engine started recording; nothing to record", style="red")
-        return 1
-    stop_event = threading.Event()
-    worker = threading.Thread(target=during, args=(stop_event,), daemon=True) if during else None
-    if worker:
-        worker.start()
-    try:
-        _progress(fleet, duration, interval, console)
-    finally:
-        stop_event.set()
+    # From here Ctrl-C, pressed once or many times, only ends the recording: the engines are
+    # always stopped and dumped and the dumps saved.
+    interrupted = threading.Event()
+    with OnCtrlC(interrupted.set):
+        started = fleet.start(mode)
+        for r in started.failed:
+            console.print(f"start failed: {r.describe()}", style="red", markup=False)
+        if not started.succeeded:
+            console.print("no engine started recording; nothing to record", style="red")
+            return 1
+        stop_event = threading.Event()
+        worker = threading.Thread(target=during, args=(stop_event,), daemon=True) if during else None
         if worker:
-            worker.join(timeout=30)
+            worker.start()
+        try:
+            _progress(fleet, duration, interval, console, interrupted)
+        finally:
+            stop_event.set()
+            if worker:
+                worker.join(timeout=30)
     echo = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    with WaitOnCtrlC(echo):
+    with wait_on_ctrl_c(echo):  # to the end: a late Ctrl-C of a burst would cut the report short
         stopped = fleet.stop()
         for r in stopped.failed:
             console.print(f"stop failed: {r.describe()}", style="red", markup=False)
         result = fleet.dump()
         saved = save_dumps(result, out, fmt, echo)
-    print_result(result, saved, echo=echo)
-    invalid = _validate(result, saved, console)
-    if result.merged is not None:
-        print_summary(result.merged, console, title=f"merged over {len(result.dumps)} engine(s)")
-    failed = [what for what, bad in (
-        ("some engines FAILED (listed above)", started.failed or stopped.failed or not all(r.ok for r in result)),
-        (f"the merge FAILED: {result.merge_error}", result.merge_error),
-        ("some files are INVALID (listed above)", invalid),
-    ) if bad]  # fmt: skip
-    where = os.path.dirname(next(iter(saved.values()))) if saved else os.path.abspath(out)  # saved: maybe rescued
-    console.print(f"dumps in {where}" + "".join(f"; {w}" for w in failed), markup=False)
+        print_result(result, saved, echo=echo)
+        invalid = _validate(result, saved, console)
+        if result.merged is not None:
+            print_summary(result.merged, console, title=f"merged over {len(result.dumps)} engine(s)")
+        failed = [what for what, bad in (
+            ("some engines FAILED (listed above)", started.failed or stopped.failed or not all(r.ok for r in result)),
+            (f"the merge FAILED: {result.merge_error}", result.merge_error),
+            ("some files are INVALID (listed above)", invalid),
+        ) if bad]  # fmt: skip
+        where = os.path.dirname(next(iter(saved.values()))) if saved else os.path.abspath(out)  # saved: maybe rescued
+        console.print(f"dumps in {where}" + "".join(f"; {w}" for w in failed), markup=False)
     return 1 if failed else 0
 
 
-def _progress(fleet: Any, duration: float | None, interval: float, console: Console) -> None:
+def _progress(
+    fleet: Any, duration: float | None, interval: float, console: Console, interrupted: threading.Event
+) -> None:
     """Poll status every ``interval`` s until ``duration`` or Ctrl-C, showing passes and tokens.
     A poll waits at most the interval (or what is left of the duration, at least 0.2 s): an
     engine that does not answer its status must not stretch the recording."""
@@ -134,7 +155,7 @@ def _progress(fleet: Any, duration: float | None, interval: float, console: Cons
     try:
         with Live(table, console=console, refresh_per_second=4, transient=False) as live:
             next_poll = 0.0
-            while duration is None or time.monotonic() - t0 < duration:
+            while (duration is None or time.monotonic() - t0 < duration) and not interrupted.is_set():
                 now = time.monotonic() - t0
                 if now >= next_poll:
                     live.update(_status_table(poll(), now, until))
@@ -144,9 +165,11 @@ def _progress(fleet: Any, duration: float | None, interval: float, console: Cons
             live.update(_status_table(fleet.status(timeout=min(interval, 1.0)), time.monotonic() - t0, until))
         if not console.is_terminal:
             console.print()  # Live leaves a file or pipe without the last newline
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # off the main thread, where OnCtrlC cannot take the signal
         if not console.is_terminal:
             console.print()
+        interrupted.set()
+    if interrupted.is_set():
         console.print("stopping (Ctrl-C)")
 
 

@@ -198,3 +198,31 @@ def test_an_engine_whose_status_hangs_does_not_stretch_the_recording(engines, tm
         record(fleet, out=str(tmp_path / "out"), duration=1.0, interval=0.5, during=lambda stop: None)
     window = load_dump(str(tmp_path / "out" / "merged.pt")).window
     assert window.stop_time - window.start_time < 3.5  # was 7+: a 6 s poll, then another
+
+
+def test_ctrl_c_pressed_many_times_still_stops_dumps_and_saves(engines, tmp_path):
+    """`record` until Ctrl-C, and a burst of Ctrl-C: the recording ends once, the engines are
+    stopped and dumped, and the dumps saved (a second KeyboardInterrupt used to skip all that)."""
+    import signal
+    import subprocess
+    import sys
+
+    rec, server = engines.slow(delay=1.0)  # the burst goes on while the dump is taken
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moe_record_sdk", "record", "-e", server.url, "--interval", "0.2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not rec.status().recording and time.monotonic() < deadline:
+            time.sleep(0.05)
+        expected = feed(rec, seed=13)
+        for _ in range(60):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "stopping (Ctrl-C)" in output and "Traceback" not in output
+    assert not rec.status().recording
+    assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
