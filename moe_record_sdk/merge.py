@@ -47,9 +47,7 @@ import torch
 from ._version import __version__
 from .errors import MergeError
 from .schema.dump import Dump, EngineInfo, ModelInfo, Record, Topology, Window, row_sum
-from .schema.sglang import is_sglang_file
-
-INT64_MAX = torch.iinfo(torch.int64).max
+from .schema.sglang import INT64_MAX, is_sglang_file
 
 __all__ = ["merge_distributed", "merge_dumps", "reduce_dump"]
 

@@ -18,6 +18,7 @@ Dump semantics (what "one consistent snapshot" means here):
 
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 import os
@@ -462,6 +463,10 @@ class Recorder:
             rec.topk_ids_of_layer = full
             kept += mine.shape[0]
         return (end - self._token_base) - kept, end
+
+
+RECORDER_OPTIONS = frozenset(inspect.signature(Recorder).parameters)
+"""The arguments ``Recorder`` takes: what an adapter that builds one accepts as options."""
 
 
 def _as_int(name: str, value: Any) -> int:

@@ -6,10 +6,8 @@ import torch
 
 from ..errors import DumpFormatError
 from ..schema.dump import Dump, EngineInfo, ModelInfo, Record, Window
-from ..schema.sglang import MAX_LAYERS
+from ..schema.sglang import INT64_MAX, MAX_LAYERS
 from ..schema.tensors import MAX_ELEMENTS
-
-INT64_MAX = torch.iinfo(torch.int64).max
 
 
 def add_count(

@@ -33,6 +33,7 @@ from .tensors import MAX_EMPTY_SPAN, check_shape
 
 META_KEY = "moe_record"
 INT32_MAX = torch.iinfo(torch.int32).max
+INT64_MAX = torch.iinfo(torch.int64).max
 #: SGLang's own files do not name their layers; lists over the L axis are refused past this.
 MAX_LAYERS = 1 << 16
 #: torch.save stores zip entries uncompressed; compressed ones may expand by this much in total.
@@ -469,7 +470,7 @@ def load_legacy_csv(path: str) -> Dump:
     sums: dict[tuple[int, int], int] = {}
     for layer, expert, c in triples:  # Python ints: a sum past int64 is refused, not wrapped
         sums[layer, expert] = sums.get((layer, expert), 0) + c
-    too_big = next(((k, v) for k, v in sums.items() if v > torch.iinfo(torch.int64).max), None)
+    too_big = next(((k, v) for k, v in sums.items() if v > INT64_MAX), None)
     if too_big:
         (layer, expert), v = too_big
         raise DumpFormatError(f"{path}: layer {layer}, expert {expert}: count {v} exceeds int64")

@@ -21,7 +21,6 @@ In a captured CUDA graph the tap replays with the graph; ``recorder.stop()`` gat
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +31,7 @@ from torch import nn
 from moe_record_sdk import EngineInfo, Recorder
 from moe_record_sdk.errors import AdapterError
 from moe_record_sdk.plugins import Attachment, LayerMap
+from moe_record_sdk.recorder import RECORDER_OPTIONS
 
 from .routers import Extract, Found, RouterSpec, find_routers
 
@@ -138,19 +138,15 @@ def _model_name(model: nn.Module) -> str:
     return getattr(config, "_name_or_path", None) or getattr(config, "name", None) or type(model).__name__
 
 
-def found_ids(found: Found) -> list[int]:
-    return [r.layer_id for r in found.routers]
-
-
 def _layer_map(model: nn.Module, found: Found, layers: Sequence[int] | None) -> LayerMap:
-    ids = [r.layer_id for r in found.routers]
+    ids = known = [r.layer_id for r in found.routers]
     if layers is not None:
-        unknown = sorted(set(layers) - set(ids))
+        unknown = sorted(set(layers) - set(known))
         if unknown:
-            raise AdapterError(f"layers: {unknown} are not MoE layers of {type(model).__name__} (those are {ids})")
+            raise AdapterError(f"layers: {unknown} are not MoE layers of {type(model).__name__} (those are {known})")
         ids = sorted(set(layers))
         if not ids:
-            raise AdapterError(f"layers: [] selects none of {type(model).__name__}'s MoE layers ({found_ids(found)})")
+            raise AdapterError(f"layers: [] selects none of {type(model).__name__}'s MoE layers ({known})")
     return LayerMap(
         num_layers=found.num_layers,
         moe_layer_ids=tuple(ids),
@@ -244,10 +240,10 @@ def attach(
             f"{type(model).__name__}: already attached at {', '.join(busy)}; detach that attachment first"
         )
     if recorder is None:
-        unknown = sorted(set(recorder_kwargs) - _RECORDER_OPTIONS)
+        unknown = sorted(set(recorder_kwargs) - RECORDER_OPTIONS)
         if unknown:
             raise AdapterError(
-                f"attach: unknown options {unknown}; Recorder options are {sorted(_RECORDER_OPTIONS - {'mode'})}"
+                f"attach: unknown options {unknown}; Recorder options are {sorted(RECORDER_OPTIONS - {'mode'})}"
             )
         kwargs = lm.recorder_kwargs()
         kwargs.setdefault("engine", _engine(model))
@@ -295,9 +291,6 @@ def attach(
             _TAPPED.pop(m, None)
 
     return Attachment(adapter=ADAPTER, layer_map=lm, undo=undo, recorder=recorder)
-
-
-_RECORDER_OPTIONS = set(inspect.signature(Recorder).parameters)
 
 
 def _check_fits(recorder: Recorder, lm: LayerMap) -> None:

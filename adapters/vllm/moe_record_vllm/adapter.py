@@ -8,7 +8,6 @@ Targets are vLLM models: ``nn.Module`` trees holding ``MoERunner`` layers (in a 
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Any
 
@@ -58,6 +57,7 @@ def moe_record_attach(target: Any, recorder: Any, options: dict[str, Any]) -> At
         return None
     from moe_record_sdk import Recorder
     from moe_record_sdk.errors import AdapterError
+    from moe_record_sdk.recorder import RECORDER_OPTIONS
 
     from .layers import build_layer_map
     from .tap import attach
@@ -68,7 +68,7 @@ def moe_record_attach(target: Any, recorder: Any, options: dict[str, Any]) -> At
     num_valid = opts.pop("num_valid", None)
     lm = build_layer_map(target)
     if recorder is None:
-        unknown = sorted(set(opts) - set(inspect.signature(Recorder).parameters))
+        unknown = sorted(set(opts) - RECORDER_OPTIONS)
         if unknown:
             raise AdapterError(f"vllm: unknown options {unknown}: give Recorder arguments or num_valid")
         device = next((p.device for p in target.parameters()), "cpu")
