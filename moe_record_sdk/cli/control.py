@@ -26,7 +26,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         help="an engine's base URL (http://host:port, or host:port); repeat it, or separate with commas",
     )  # fmt: skip
     p.add_argument("--api-key", default=None, help=f"bearer token for the engines (default ${env.MOE_RECORD_API_KEY})")
-    p.add_argument("--timeout", type=positive, default=60.0, help="seconds per request (default 60)")
+    p.add_argument(
+        "--timeout",
+        type=positive,
+        default=60.0,
+        help="seconds per request (default 60): the whole call for start/stop/status, each wait for bytes for a dump",
+    )
     p.add_argument("--retries", type=int, default=2, help="extra attempts where safe (default 2)")
 
 

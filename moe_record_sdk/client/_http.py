@@ -13,6 +13,10 @@ is awaited, their answers returned as :class:`Answer` tuples. A fan-out through 
 costs one future and one read timer in all, not a task, a future, a timer and a response
 object per engine.
 
+A request may carry a ``"deadline"`` extension (seconds): the longest the whole exchange may
+take, from the connect to the answer's last byte. httpx's read timeout bounds only each wait
+for the next bytes, so an engine (or a proxy) that trickles its answer would never time out.
+
 It speaks what the engines speak: HTTP/1.1 keep-alive, bodies framed by ``Content-Length``,
 ``chunked`` or the connection's end. Failures are httpx's exceptions (``ConnectError``,
 ``ConnectTimeout``, ``ReadTimeout``, ``RemoteProtocolError``, ``ReadError``), so callers
@@ -22,6 +26,7 @@ treat them as they treat httpx's own transport. ``https://`` is not handled here
 from __future__ import annotations
 
 import asyncio
+import functools
 import select
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -54,6 +59,7 @@ class Prepared(NamedTuple):
     method: str
     connect_timeout: float | None
     read_timeout: float | None
+    deadline: float | None  # seconds for the whole exchange (the "deadline" extension)
 
 
 class _Body(httpx.AsyncByteStream):
@@ -81,6 +87,7 @@ class _Conn(asyncio.BufferedProtocol):
         self.done_at = 0.0  # time.perf_counter() when the exchange ended
         self.last = 0.0  # loop time of the last bytes sent or received: the read timeout counts from it
         self.read_timeout: float | None = None
+        self.deadline_at: float | None = None  # loop time by which the whole answer must be in
         self._raw = bytearray(_BUF)
         self._spare = bytearray(256)
 
@@ -139,7 +146,14 @@ class _Conn(asyncio.BufferedProtocol):
             self._complete(e)
 
     # -- one exchange --------------------------------------------------------------------------
-    def begin(self, data: bytes, method: str, read_timeout: float | None, on_done: Callable[[_Conn], None]) -> None:
+    def begin(
+        self,
+        data: bytes,
+        method: str,
+        read_timeout: float | None,
+        deadline_at: float | None,
+        on_done: Callable[[_Conn], None],
+    ) -> None:
         """Write ``data`` (a whole request); ``on_done(self)`` runs once the answer is in or failed."""
         if len(self._raw) > _BUF:  # grown by a long body: back to the usual size
             self._raw = bytearray(_BUF)
@@ -151,7 +165,7 @@ class _Conn(asyncio.BufferedProtocol):
         self._headers: dict[str, str] = {}
         self._keep = True
         self.error = None
-        self.read_timeout = read_timeout
+        self.read_timeout, self.deadline_at = read_timeout, deadline_at
         self.on_done = on_done
         assert self.transport is not None
         self.transport.write(data)
@@ -161,10 +175,10 @@ class _Conn(asyncio.BufferedProtocol):
         """(status, headers, body, keep-alive) of the exchange just completed without error."""
         return self._status, self._headers, self._body, self._keep and not self.closed
 
-    async def exchange(self, data: bytes, method: str, read_timeout: float | None) -> None:
+    async def exchange(self, data: bytes, method: str, read_timeout: float | None, deadline_at: float | None) -> None:
         """``begin`` and wait until the answer is in or ``error`` says why not."""
         done = self._loop.create_future()
-        self.begin(data, method, read_timeout, lambda _: done.done() or done.set_result(None))
+        self.begin(data, method, read_timeout, deadline_at, lambda _: done.done() or done.set_result(None))
         watch = _ReadTimer(self._loop, [self])
         try:
             await done
@@ -266,20 +280,26 @@ class _Conn(asyncio.BufferedProtocol):
 
 
 class _ReadTimer:
-    """httpx's read timeout for exchanges in flight: the longest wait for each one's next bytes,
-    not for the whole body. One timer for them all: a fan-out arms one, not one per engine."""
+    """httpx's read timeout for exchanges in flight (the longest wait for each one's next bytes),
+    and each one's deadline for the whole answer. One timer for them all: a fan-out arms one,
+    not one per engine."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, conns: Sequence[_Conn]) -> None:
         self._loop, self._conns = loop, conns
-        timeouts = [c.read_timeout for c in conns if c.read_timeout is not None]
-        self._timer = loop.call_later(min(timeouts), self._check) if timeouts else None
+        self._timer: asyncio.TimerHandle | None = None
+        self._check()
 
     def _check(self) -> None:
         now, soonest = self._loop.time(), None
         for c in self._conns:
-            if c.on_done is None or c.read_timeout is None:
+            if c.on_done is None:
                 continue
-            left = c.read_timeout - (now - c.last)
+            ends = [] if c.read_timeout is None else [c.last + c.read_timeout]
+            if c.deadline_at is not None:
+                ends.append(c.deadline_at)
+            if not ends:
+                continue
+            left = min(ends) - now
             if left <= 0:
                 c.fail(TimeoutError())
             elif soonest is None or left < soonest:
@@ -313,6 +333,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
             request.method,
             timeout.get("connect"),
             timeout.get("read"),
+            request.extensions.get("deadline"),
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -325,12 +346,19 @@ class Http11Transport(httpx.AsyncBaseTransport):
             extensions={"http_version": b"HTTP/1.1"},
         )
 
-    async def send_all(self, jobs: Sequence[Prepared]) -> list[Answer | httpx.HTTPError]:
+    async def send_all(
+        self,
+        jobs: Sequence[Prepared],
+        on_answer: Callable[[int, Answer | httpx.HTTPError], None] | None = None,
+    ) -> list[Answer | httpx.HTTPError]:
         """Each job's answer, or the httpx error that ended it, in the jobs' order.
 
         Jobs with an idle connection are written at once, before any answer is awaited, and
         wait together on one future with one read timer; the others (a first call, a call after
         a failure) connect in a task of their own, so a slow connect delays no one else.
+        ``on_answer(i, outcome)``, when given, runs as soon as job ``i``'s outcome is known, so a
+        caller can act on it (a retry, say) while slower engines are still answering; it must
+        not block.
         """
         loop = asyncio.get_running_loop()
         out: list[Answer | httpx.HTTPError | None] = [None] * len(jobs)
@@ -338,47 +366,64 @@ class Http11Transport(httpx.AsyncBaseTransport):
         done = loop.create_future()
         pending = 0
 
-        def on_done(_: _Conn) -> None:
+        def settle(i: int, outcome: Answer | httpx.HTTPError) -> None:
+            out[i] = outcome
+            if on_answer is not None:
+                on_answer(i, outcome)
+
+        def on_done(i: int, job: Prepared, conn: _Conn) -> None:
             nonlocal pending
+            try:
+                settle(i, self._settle(job, conn))
+            except BaseException as e:  # a bug: raised by the await below, not lost in a callback
+                if not done.done():
+                    done.set_exception(e)
+                return
             pending -= 1
             if pending == 0 and not done.done():
                 done.set_result(None)
 
+        async def connect_and_send(i: int, job: Prepared) -> None:
+            try:
+                outcome: Answer | httpx.HTTPError = await self.send(job)
+            except httpx.HTTPError as e:
+                outcome = e
+            settle(i, outcome)
+
         tasks, sent = [], []
+        now = loop.time()
         for i, (job, conn) in enumerate(zip(jobs, conns)):
             if conn is None:
-                tasks.append((i, loop.create_task(self.send(job))))
+                tasks.append(loop.create_task(connect_and_send(i, job)))
             else:
                 pending += 1
-                sent.append((i, job, conn))
-                conn.begin(job.data, job.method, job.read_timeout, on_done)
-        watch = _ReadTimer(loop, [conn for _, _, conn in sent])
+                sent.append(conn)
+                deadline_at = None if job.deadline is None else now + job.deadline
+                conn.begin(job.data, job.method, job.read_timeout, deadline_at, functools.partial(on_done, i, job))
+        watch = _ReadTimer(loop, sent)
         try:
             if pending:
                 await done
-            late = await asyncio.gather(*(t for _, t in tasks), return_exceptions=True) if tasks else []
+            if tasks:
+                await asyncio.gather(*tasks)  # raises only a bug (or a cancel): not an engine's failure
         except BaseException as e:  # cancelled: answers still due will never be read
-            for _, _, conn in sent:
+            for conn in sent:
                 if conn.on_done is not None:
+                    conn.on_done = None  # nobody is left to take its outcome
                     conn.fail(e)
-            for _, task in tasks:
+            for task in tasks:
                 task.cancel()
             raise
         finally:
             watch.cancel()
-        for i, job, conn in sent:
-            out[i] = self._settle(job, conn)
-        for (i, _), answer in zip(tasks, late):
-            if isinstance(answer, BaseException) and not isinstance(answer, httpx.HTTPError):
-                raise answer  # a bug, not an engine's failure
-            out[i] = answer
         return out  # type: ignore[return-value]
 
     async def send(self, job: Prepared) -> Answer:
         """One job's answer; raises the httpx error that ended it."""
+        deadline_at = None if job.deadline is None else asyncio.get_running_loop().time() + job.deadline
         conn = self._take_idle([job.key])[0] or await _connect(job)
         try:
-            await conn.exchange(job.data, job.method, job.read_timeout)
+            await conn.exchange(job.data, job.method, job.read_timeout, deadline_at)
         except BaseException as e:  # cancelled mid-exchange: the connection is unusable
             conn.fail(e)
             raise

@@ -82,8 +82,9 @@ class AsyncFleet:
         Bearer token sent to every engine, or ``{url: token}``. Default: ``MOE_RECORD_API_KEY``;
         ``""`` sends none.
     timeout:
-        Seconds allowed per request (connect, each read, the pool); a dump moving a large
-        window may need more than control calls.
+        Seconds allowed per request: for start, stop and status, the whole call (the connect
+        and the whole answer); for a dump, the connect and each wait for the answer's next
+        bytes, since moving a large window takes as long as it takes while bytes flow.
     retries:
         Extra attempts after a failure that is safe to retry (see ``IDEMPOTENT``).
     transport:
@@ -145,7 +146,6 @@ class AsyncFleet:
                 self._transports[e] = self._lean  # type: ignore[assignment]
             else:
                 self._transports[e] = httpx.AsyncHTTPTransport(retries=0)
-        self._extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
         self._headers = {"user-agent": f"moe-record-sdk/{__version__}", **dict(headers or {})}
         self._calls: dict[tuple[Any, ...], list[_Call]] = {}
         self._sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -281,19 +281,24 @@ class AsyncFleet:
         tasks = [
             (i, asyncio.ensure_future(self._call(self.engines[i], action, calls[i]))) for i in todo if i not in in_batch
         ]
+
+        def on_answer(j: int, answer: Answer | httpx.HTTPError) -> None:
+            # An error, a retry, a large dump may wait: a task of its own, begun at once, so an
+            # engine's retry does not wait for the slowest engine's answer.
+            i = batch[j]
+            if not self._final(action, answer):
+                tasks.append((i, asyncio.ensure_future(self._attempts(self.engines[i], action, calls[i], t0, answer))))
+
         try:
             if batch:
-                answers = await self._lean.send_all([calls[i].prepared for i in batch])  # type: ignore[union-attr,misc]
+                answers = await self._lean.send_all([calls[i].prepared for i in batch], on_answer)  # type: ignore[union-attr,misc]
                 for i, answer in zip(batch, answers):
-                    engine = self.engines[i]
                     if self._final(action, answer):
                         # Interpreted here, without a task: it never waits (a small answer).
                         t1 = time.perf_counter()
-                        r = await _interpret(engine, action, answer)  # type: ignore[arg-type]
+                        r = await _interpret(self.engines[i], action, answer)  # type: ignore[arg-type]
                         r.elapsed = answer.received - t0 + time.perf_counter() - t1  # type: ignore[union-attr]
                         results[i] = r
-                    else:  # an error, a retry, a large dump: may wait, so a task of its own
-                        tasks.append((i, asyncio.ensure_future(self._attempts(engine, action, calls[i], t0, answer))))
             for (i, _), r in zip(tasks, await asyncio.gather(*(t for _, t in tasks))):
                 results[i] = r
         except BaseException:
@@ -322,7 +327,10 @@ class AsyncFleet:
         calls = self._calls.get(key)
         if calls is None:
             calls = self._calls[key] = []
-            extensions = self._extensions if timeout is None else {"timeout": httpx.Timeout(timeout).as_dict()}
+            limit = self.timeout if timeout is None else timeout
+            extensions: dict[str, Any] = {"timeout": httpx.Timeout(limit).as_dict()}
+            if action != "dump":  # a control answer is small: the limit holds for all of it (_http.py)
+                extensions["deadline"] = limit
             for engine in self.engines:
                 headers = {**self._headers, "accept": accept}
                 token = self._keys.get(engine)
@@ -339,7 +347,16 @@ class AsyncFleet:
         """One answer and its whole body (as the transport gave it: no join for one chunk)."""
         if call.prepared is not None:
             return await self._lean.send(call.prepared)  # type: ignore[union-attr]
-        resp = await self._transports[engine].handle_async_request(call.request)
+        deadline = call.request.extensions.get("deadline")
+        if deadline is None:
+            return await self._send_httpx(engine, call.request)
+        try:  # the lean transport keeps the deadline itself; httpx has none
+            return await asyncio.wait_for(self._send_httpx(engine, call.request), deadline)
+        except asyncio.TimeoutError:  # TimeoutError from 3.11 on
+            raise httpx.ReadTimeout("the whole answer did not arrive in time", request=call.request) from None
+
+    async def _send_httpx(self, engine: str, request: httpx.Request) -> Answer:
+        resp = await self._transports[engine].handle_async_request(request)
         try:
             chunks = [chunk async for chunk in resp.stream]  # type: ignore[union-attr]
         finally:

@@ -11,12 +11,14 @@ import pytest
 
 from moe_record_sdk import AsyncFleet
 from moe_record_sdk.client._http import Answer, Http11Transport
+from moe_record_sdk.server.protocol import DUMP_TEXT
 
 
 async def _serve(answers):
     """A server that reads one request head per answer and writes the scripted bytes; an answer
     of None closes the connection without answering, a float sleeps that long instead, a
-    ``(bytes,)`` tuple writes then closes."""
+    ``(bytes,)`` tuple writes then closes, a list is written piece by piece (a float in it
+    sleeps between pieces)."""
     seen = {"connections": 0, "requests": []}
 
     async def handle(reader, writer):
@@ -31,6 +33,14 @@ async def _serve(answers):
                     continue
                 if answer is None:
                     break
+                if isinstance(answer, list):
+                    for piece in answer:
+                        if isinstance(piece, float):
+                            await asyncio.sleep(piece)
+                        else:
+                            writer.write(piece)
+                            await writer.drain()
+                    continue
                 writer.write(answer[0] if isinstance(answer, tuple) else answer)
                 await writer.drain()
                 if isinstance(answer, tuple):
@@ -319,6 +329,86 @@ def test_fleet_with_a_concurrency_cap():
                 for _ in range(2):
                     result = await fleet.status()
                     assert result.ok and [r.engine for r in result] == urls
+        finally:
+            for server, _, _ in servers:
+                server.close()
+
+    asyncio.run(go())
+
+
+def _trickled(body=b'{"ok": true}', ctype=b"application/json", pause=0.05):
+    """An answer sent a byte at a time: every wait for the next bytes is short, the whole is long."""
+    whole = _ok(body, ctype)
+    return [piece for byte in whole for piece in (bytes([byte]), pause)]
+
+
+def test_a_deadline_bounds_the_whole_answer_where_the_read_timeout_does_not():
+    """An engine (or a proxy) that trickles its answer never trips a read timeout; a request's
+    "deadline" extension bounds the whole exchange, on a new connection and on a kept one."""
+    answer = _trickled(pause=0.02)  # ~90 bytes: ~1.8 s in all, 0.02 s between bytes
+
+    async def go():
+        server, url, _ = await _serve([answer, answer, answer])
+        t = Http11Transport()
+        try:
+            t0 = time.perf_counter()
+            (whole,) = await t.send_all([t.prepare(_request(url, timeout=0.5))])  # read timeout only
+            assert isinstance(whole, Answer) and whole.body == b'{"ok": true}'
+            assert time.perf_counter() - t0 > 1.0  # it did take that long, and was not cut
+            bounded = _request(url, timeout=0.5)
+            bounded.extensions["deadline"] = 0.4
+            for send in (lambda: t.send_all([t.prepare(bounded)]), lambda: t.send(t.prepare(bounded))):
+                t0 = time.perf_counter()
+                try:
+                    outcome = (await send())[0]
+                except httpx.HTTPError as e:
+                    outcome = e
+                took = time.perf_counter() - t0
+                assert isinstance(outcome, httpx.ReadTimeout), outcome
+                assert 0.4 <= took < 0.9
+        finally:
+            await t.aclose()
+            server.close()
+
+    asyncio.run(go())
+
+
+def test_fleet_control_calls_are_bounded_whole_and_dumps_per_read():
+    """A trickled status answer fails at the fleet's timeout as a timeout; a dump's answer may
+    take longer than the timeout in all, as long as its bytes keep coming."""
+
+    async def go():
+        slow_status = _trickled(pause=0.02)
+        slow_dump = _trickled(DUMP_TEXT.encode(), b"text/plain", pause=0.02)  # as stock SGLang answers
+        server, url, _ = await _serve([slow_status, slow_dump])
+        try:
+            async with AsyncFleet([url], api_key="", retries=0, timeout=0.5) as fleet:
+                (status,) = (await fleet.status()).results
+                assert status.error_kind == "timeout" and 0.5 <= status.elapsed < 1.0, status
+            async with AsyncFleet([url], api_key="", retries=0, timeout=0.5) as fleet:
+                (dump,) = (await fleet.dump()).results
+                assert dump.ok and dump.flavor == "sglang" and dump.elapsed > 1.0, dump
+        finally:
+            server.close()
+
+    asyncio.run(go())
+
+
+def test_a_fast_engines_retry_does_not_wait_for_a_slow_engines_answer():
+    """One fan-out: engine B answers 503 at once and engine A takes 1.5 s. B's retry goes out
+    at once, so B's call ends long before A's."""
+    ok = _ok(b'{"ok": true}', b"application/json")
+    busy = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy"
+
+    async def go():
+        servers = [await _serve(s) for s in ([ok, [1.5, ok]], [ok, busy, ok])]
+        (_, a, _), (_, b, _) = servers
+        try:
+            async with AsyncFleet([a, b], api_key="", retries=1, backoff=0.0, timeout=5.0) as fleet:
+                assert (await fleet.status()).ok  # connections kept: the stop goes out as one batch
+                slow, fast = (await fleet.stop()).results
+                assert slow.ok and fast.ok and fast.attempts == 2
+                assert slow.elapsed >= 1.5 and fast.elapsed < 0.75, (slow.elapsed, fast.elapsed)
         finally:
             for server, _, _ in servers:
                 server.close()
