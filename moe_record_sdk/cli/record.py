@@ -93,6 +93,7 @@ def record(
     it should return soon after ``stop_event`` is set.
     """
     console = console or Console()
+    made = _missing_folders(out)
     problem = check_out(out)
     if problem:
         console.print(f"moe-record record: {problem}", style="red", markup=False)
@@ -106,6 +107,7 @@ def record(
             console.print(f"start failed: {r.describe()}", style="red", markup=False)
         if not started.succeeded:
             console.print("no engine started recording; nothing to record", style="red")
+            _remove_if_empty(made)
             return 1
         stop_event = threading.Event()
         worker = threading.Thread(target=during, args=(stop_event,), daemon=True) if during else None
@@ -133,9 +135,36 @@ def record(
             (f"the merge FAILED: {result.merge_error}", result.merge_error),
             ("some files are INVALID (listed above)", invalid),
         ) if bad]  # fmt: skip
-        where = os.path.dirname(next(iter(saved.values()))) if saved else os.path.abspath(out)  # saved: maybe rescued
-        console.print(f"dumps in {where}" + "".join(f"; {w}" for w in failed), markup=False)
+        if saved:
+            where = f"dumps in {os.path.dirname(next(iter(saved.values())))}"  # maybe a rescue folder
+        else:  # a stock SGLang server writes its dump on its own disk; nothing came back to save
+            from ..client import ON_SERVER
+
+            _remove_if_empty(made)
+            on_disk = sum(r.ok and r.location == ON_SERVER for r in result)
+            where = "no dump saved" + (
+                f": {on_disk} engine(s) left theirs on their own disk (listed above)" if on_disk else ""
+            )
+        console.print(where + "".join(f"; {w}" for w in failed), markup=False)
     return 1 if failed else 0
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders of ``path`` that do not exist yet, deepest first: the ones ``check_out`` makes."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_if_empty(folders: list[str]) -> None:
+    """Remove the folders this run made, when it put nothing in them (deepest first)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only an empty one
+        except OSError:
+            return
 
 
 def _progress(

@@ -226,3 +226,29 @@ def test_ctrl_c_pressed_many_times_still_stops_dumps_and_saves(engines, tmp_path
     assert "stopping (Ctrl-C)" in output and "Traceback" not in output
     assert not rec.status().recording
     assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
+
+
+def test_record_against_stock_sglang_says_where_the_dump_went(engines, tmp_path, capsys):
+    """A stock SGLang server keeps its dump on its own disk: nothing is saved here, and the last
+    line says so (not "dumps in" an empty folder); the folder record made is removed."""
+    rec, server, server_dir = engines.sglang()
+    out = tmp_path / "new" / "rec"
+    status = main(["record", "-e", server.url, "--duration", "0.3", "--interval", "0.1", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert status == 0, text
+    last = text.strip().splitlines()[-1]
+    assert last == "no dump saved: 1 engine(s) left theirs on their own disk (listed above)", text
+    assert "dump left on the server's disk" in text and os.listdir(server_dir)
+    assert not (tmp_path / "new").exists()  # both folders it made, and only those
+    assert tmp_path.exists()
+
+
+def test_record_where_no_engine_starts_leaves_no_folder(engines, tmp_path, capsys):
+    out = tmp_path / "rec"
+    assert main(["record", "-e", engines.down(), "--retries", "0", "--duration", "0.2", "--out", str(out)]) == 1
+    assert "no engine started recording" in capsys.readouterr().out
+    assert not out.exists()
+    kept = tmp_path / "kept"  # a folder that was there before: left as it was
+    kept.mkdir()
+    assert main(["record", "-e", engines.down(), "--retries", "0", "--duration", "0.2", "--out", str(kept)]) == 1
+    assert kept.is_dir()
