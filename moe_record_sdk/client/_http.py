@@ -16,6 +16,9 @@ object per engine.
 A request may carry a ``"deadline"`` extension (seconds): the longest the whole exchange may
 take, from the connect to the answer's last byte. httpx's read timeout bounds only each wait
 for the next bytes, so an engine (or a proxy) that trickles its answer would never time out.
+And a ``"max_body"`` extension (bytes): a longer answer body fails that exchange with
+:class:`BodyTooLarge` before it is allocated (an announced length) or as it grows past it; an
+answer that cannot be held in memory fails the same way, not the whole fan-out.
 
 It speaks what the engines speak: HTTP/1.1 keep-alive, bodies framed by ``Content-Length``,
 ``chunked`` or the connection's end. Failures are httpx's exceptions (``ConnectError``,
@@ -36,6 +39,10 @@ import httpx
 
 _HEAD_LIMIT = 64 << 10  # status line and headers: plenty for our answers and SGLang's
 _BUF = 64 << 10  # a connection's receive buffer, reused by every exchange on it
+
+
+class BodyTooLarge(httpx.RemoteProtocolError):
+    """An answer's body over the request's ``max_body``, or more than memory can hold."""
 
 
 class Answer(NamedTuple):
@@ -60,6 +67,7 @@ class Prepared(NamedTuple):
     connect_timeout: float | None
     read_timeout: float | None
     deadline: float | None  # seconds for the whole exchange (the "deadline" extension)
+    max_body: int | None  # bytes (the "max_body" extension)
 
 
 class _Body(httpx.AsyncByteStream):
@@ -152,6 +160,7 @@ class _Conn(asyncio.BufferedProtocol):
         method: str,
         read_timeout: float | None,
         deadline_at: float | None,
+        max_body: int | None,
         on_done: Callable[[_Conn], None],
     ) -> None:
         """Write ``data`` (a whole request); ``on_done(self)`` runs once the answer is in or failed."""
@@ -160,6 +169,7 @@ class _Conn(asyncio.BufferedProtocol):
         self._used = self._start = self._got = self._status = 0
         self._head_done = self._chunked = self._direct = False
         self._no_body = method == "HEAD"
+        self._max_body = max_body
         self._length: int | None = None
         self._body: Any = b""
         self._headers: dict[str, str] = {}
@@ -175,10 +185,11 @@ class _Conn(asyncio.BufferedProtocol):
         """(status, headers, body, keep-alive) of the exchange just completed without error."""
         return self._status, self._headers, self._body, self._keep and not self.closed
 
-    async def exchange(self, data: bytes, method: str, read_timeout: float | None, deadline_at: float | None) -> None:
+    async def exchange(self, job: Prepared, deadline_at: float | None) -> None:
         """``begin`` and wait until the answer is in or ``error`` says why not."""
         done = self._loop.create_future()
-        self.begin(data, method, read_timeout, deadline_at, lambda _: done.done() or done.set_result(None))
+        on_done = lambda _: done.done() or done.set_result(None)  # noqa: E731
+        self.begin(job.data, job.method, job.read_timeout, deadline_at, job.max_body, on_done)
         watch = _ReadTimer(self._loop, [self])
         try:
             await done
@@ -216,12 +227,22 @@ class _Conn(asyncio.BufferedProtocol):
                 self._body = bytes(memoryview(self._raw)[self._start : self._used])
                 self._complete(None)
             else:  # the rest goes straight into a buffer of the body's size (one copy, even of a dump)
-                self._body = bytearray(self._length)
+                try:
+                    self._body = bytearray(self._length)
+                except MemoryError:
+                    raise BodyTooLarge(
+                        f"a body of {self._length} bytes does not fit in this process's memory"
+                    ) from None
                 self._body[:have] = memoryview(self._raw)[self._start : self._used]
                 self._got, self._direct = have, True
         elif self._chunked:
             self._parse_chunks()
-        # else: to the connection's end (connection_lost finishes)
+        else:  # to the connection's end (connection_lost finishes)
+            self._check_size(self._used - self._start, " so far")
+
+    def _check_size(self, n: int, how: str) -> None:
+        if self._max_body is not None and n > self._max_body:
+            raise BodyTooLarge(f"a body of {n} bytes{how}, over the limit of {self._max_body}")
 
     def _read_head(self, head: str) -> None:
         status_line, _, fields = head.partition("\r\n")
@@ -248,6 +269,8 @@ class _Conn(asyncio.BufferedProtocol):
         if "close" in headers.get("connection", "").lower():
             self._keep = False
         length = None if length is None else int(length)
+        if length is not None and not self._no_body:
+            self._check_size(length, " announced")
         if self._no_body or self._status in (204, 304) or 100 <= self._status < 200:
             length = 0
         self._length = None if self._chunked else length
@@ -268,6 +291,7 @@ class _Conn(asyncio.BufferedProtocol):
                 size = int(size_field, 16)
             except ValueError:
                 raise httpx.RemoteProtocolError(f"bad chunk size {size_field[:20]!r}") from None
+            self._check_size(len(self._body) + size, " so far")
             if size == 0:  # last chunk; trailers (ignored) end with an empty line
                 if raw.find(b"\r\n\r\n", eol, self._used) >= 0:
                     self._complete(None)
@@ -334,6 +358,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
             timeout.get("connect"),
             timeout.get("read"),
             request.extensions.get("deadline"),
+            request.extensions.get("max_body"),
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -399,7 +424,8 @@ class Http11Transport(httpx.AsyncBaseTransport):
                 pending += 1
                 sent.append(conn)
                 deadline_at = None if job.deadline is None else now + job.deadline
-                conn.begin(job.data, job.method, job.read_timeout, deadline_at, functools.partial(on_done, i, job))
+                on_job_done = functools.partial(on_done, i, job)
+                conn.begin(job.data, job.method, job.read_timeout, deadline_at, job.max_body, on_job_done)
         watch = _ReadTimer(loop, sent)
         try:
             if pending:
@@ -423,7 +449,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
         deadline_at = None if job.deadline is None else asyncio.get_running_loop().time() + job.deadline
         conn = self._take_idle([job.key])[0] or await _connect(job)
         try:
-            await conn.exchange(job.data, job.method, job.read_timeout, deadline_at)
+            await conn.exchange(job, deadline_at)
         except BaseException as e:  # cancelled mid-exchange: the connection is unusable
             conn.fail(e)
             raise
@@ -495,7 +521,9 @@ def _http_error(e: BaseException, request: httpx.Request) -> httpx.HTTPError:
         return httpx.RemoteProtocolError(str(e), request=request)
     if isinstance(e, OSError):
         return httpx.ReadError(f"{type(e).__name__}: {e}", request=request)
-    raise e  # cancelled, or a bug: not a failure of the engine
+    if isinstance(e, Exception):  # a fault reading this answer (a bug, even): this engine's failure alone
+        return httpx.RemoteProtocolError(f"the answer could not be read: {type(e).__name__}: {e}", request=request)
+    raise e  # cancelled, or Ctrl-C: not a failure of the engine
 
 
 async def _connect(job: Prepared) -> _Conn:

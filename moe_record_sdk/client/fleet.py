@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import time
 from collections.abc import Coroutine, Mapping, Sequence
@@ -27,7 +28,7 @@ from .._version import __version__
 from ..errors import MoeRecordError
 from ..schema import FORMATS, Dump, decode
 from ..server.protocol import DUMP_JSON, H_FILES, H_FORMAT, H_INSTANCE, H_RUN, MSGPACK, PATHS, PT, TEXTS
-from ._http import Answer, Http11Transport, Prepared
+from ._http import Answer, BodyTooLarge, Http11Transport, Prepared
 from ._models import IN_RESPONSE, ON_SERVER, EngineResult, FleetResult
 
 T = TypeVar("T")
@@ -38,6 +39,7 @@ T = TypeVar("T")
 IDEMPOTENT = frozenset({"status", "start", "stop"})
 _RETRY_STATUS = (502, 503, 504)
 _INLINE_DECODE = 1 << 20
+_CONTROL_MAX_BODY = 16 << 20  # start/stop/status answers are a few hundred bytes; a dump is limited by max_dump_bytes
 _SGLANG_DIR_HINT = "in the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR (SGLang's default: /tmp)"
 
 
@@ -91,6 +93,9 @@ class AsyncFleet:
         An ``httpx.AsyncBaseTransport`` (e.g. ``httpx.ASGITransport(app)``) instead of the network.
     max_concurrency:
         At most this many requests in flight (default: one per engine).
+    max_dump_bytes:
+        The largest dump answer taken from one engine (default: this machine's memory). A
+        larger one is that engine's failure (``too_large``), refused before it is allocated.
 
     Example
     -------
@@ -113,6 +118,7 @@ class AsyncFleet:
         transport: httpx.AsyncBaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
         max_concurrency: int | None = None,
+        max_dump_bytes: int | None = None,
     ) -> None:
         if isinstance(engines, str):
             engines = [engines]
@@ -130,6 +136,7 @@ class AsyncFleet:
             else {e: api_key or "" for e in self.engines}
         )
         self.timeout = timeout
+        self.max_dump_bytes = _memory_size() if max_dump_bytes is None else max_dump_bytes
         self.retries = max(0, retries)
         self.backoff = backoff
         # Transports driven directly with requests built once: the client's CPU per request
@@ -329,8 +336,10 @@ class AsyncFleet:
             calls = self._calls[key] = []
             limit = self.timeout if timeout is None else timeout
             extensions: dict[str, Any] = {"timeout": httpx.Timeout(limit).as_dict()}
-            if action != "dump":  # a control answer is small: the limit holds for all of it (_http.py)
-                extensions["deadline"] = limit
+            if action == "dump":
+                extensions["max_body"] = self.max_dump_bytes
+            else:  # a control answer is small: the time limit holds for all of it (_http.py)
+                extensions["deadline"], extensions["max_body"] = limit, _CONTROL_MAX_BODY
             for engine in self.engines:
                 headers = {**self._headers, "accept": accept}
                 token = self._keys.get(engine)
@@ -357,8 +366,13 @@ class AsyncFleet:
 
     async def _send_httpx(self, engine: str, request: httpx.Request) -> Answer:
         resp = await self._transports[engine].handle_async_request(request)
+        limit, size, chunks = request.extensions["max_body"], 0, []
         try:
-            chunks = [chunk async for chunk in resp.stream]  # type: ignore[union-attr]
+            async for chunk in resp.stream:  # type: ignore[union-attr]
+                size += len(chunk)
+                if size > limit:  # as the lean transport refuses it (_http.py)
+                    raise BodyTooLarge(f"a body of {size} bytes so far, over the limit of {limit}", request=request)
+                chunks.append(chunk)
         finally:
             await resp.aclose()
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -408,6 +422,9 @@ class AsyncFleet:
 
 def _transport_failure(e: httpx.HTTPError, action: str, timeout: float) -> tuple[str, str, bool]:
     """(error kind, message, safe to retry) for a request that got no HTTP answer."""
+    if isinstance(e, BodyTooLarge):
+        limit = "max_dump_bytes" if action == "dump" else "a control answer's"
+        return "too_large", f"answer refused: {e} ({limit})", False
     if isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout)):
         # The request never reached the engine: retrying is safe for every action.
         return "connect", f"cannot connect: {e or type(e).__name__}", True
@@ -610,3 +627,11 @@ class Fleet:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _memory_size() -> int:
+    """This machine's physical memory in bytes (64 GiB where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
+        return 64 << 30

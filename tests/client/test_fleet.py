@@ -237,3 +237,20 @@ def test_an_html_error_page_is_reported_on_one_line(engines):
     with Fleet([server.url], retries=0) as fleet:
         (r,) = fleet.status().results
     assert not r.ok and r.error == "HTTP 502: 502 Bad Gateway 502 Bad Gateway"
+
+
+def test_max_dump_bytes_holds_on_a_transport_passed_in_too():
+    """The same limit through httpx's transports (https engines, a transport passed in): a dump
+    over it is that engine's too_large failure, and one under it is collected."""
+    rec = make_recorder()
+    app = make_app(LocalBackend(rec), dump_dir="/nonexistent-never-written")
+
+    async def go(limit):
+        async with AsyncFleet(["http://engine"], transport=httpx.ASGITransport(app), max_dump_bytes=limit) as fleet:
+            await fleet.start()
+            feed(rec, seed=9)
+            return (await fleet.dump()).results[0]
+
+    refused = asyncio.run(go(100))
+    assert refused.error_kind == "too_large" and "over the limit of 100 (max_dump_bytes)" in refused.error
+    assert asyncio.run(go(None)).ok

@@ -414,3 +414,68 @@ def test_a_fast_engines_retry_does_not_wait_for_a_slow_engines_answer():
                 server.close()
 
     asyncio.run(go())
+
+
+def test_an_answer_over_its_limit_fails_alone_before_it_is_allocated():
+    """A body over the request's max_body fails that exchange (announced, chunked, or to the
+    connection's end) and nothing else; one that memory cannot hold fails the same way. Before,
+    an absurd Content-Length raised MemoryError or OverflowError out of the whole fan-out, and
+    the other engines' dumps, already taken and cleared on them, were lost."""
+    big = 10**15  # a petabyte: no machine here holds it
+    announced = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\nabc" % big
+    absurd = b"HTTP/1.1 200 OK\r\ncontent-length: 1%s\r\n\r\nabc" % (b"0" * 30)  # past an index-sized int
+    chunked = (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nabcdef\r\n6\r\nabcdef\r\n0\r\n\r\n",)
+    to_end = (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 300_000,)
+
+    async def go():
+        scripts = [[announced], [absurd], [chunked], [to_end], [_ok(b"fine")]]
+        servers = [await _serve(s) for s in scripts]
+        t = Http11Transport()
+        try:
+            jobs = []
+            for (_, url, _), limit in zip(servers, (1 << 30, 1 << 30, 10, 100_000, 10)):
+                request = _request(url)
+                request.extensions["max_body"] = limit
+                jobs.append(t.prepare(request))
+            outcomes = await t.send_all(jobs)
+            assert [type(o).__name__ for o in outcomes] == ["BodyTooLarge"] * 4 + ["Answer"]
+            assert f"{big} bytes announced, over the limit of 1073741824" in str(outcomes[0])
+            assert "bytes so far, over the limit of 10" in str(outcomes[2])
+            assert outcomes[4].body == b"fine"
+        finally:
+            await t.aclose()
+            for server, _, _ in servers:
+                server.close()
+        server, url, _ = await _serve([announced])  # under the limit, but no memory holds it
+        t = Http11Transport()
+        try:
+            request = _request(url)
+            request.extensions["max_body"] = 1 << 62
+            with pytest.raises(httpx.RemoteProtocolError, match="does not fit in this process's memory"):
+                await t.send(t.prepare(request))
+        finally:
+            await t.aclose()
+            server.close()
+
+    asyncio.run(go())
+
+
+def test_fleet_reports_a_dump_over_max_dump_bytes_and_keeps_the_others():
+    ok = _ok(b'{"ok": true}', b"application/json")
+    huge = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-msgpack\r\ncontent-length: %d\r\n\r\n" % 10**15
+
+    async def go():
+        servers = [await _serve(s) for s in ([ok, huge], [ok, _ok(DUMP_TEXT.encode())])]
+        urls = [url for _, url, _ in servers]
+        try:
+            async with AsyncFleet(urls, api_key="", retries=0, timeout=5.0) as fleet:
+                assert fleet.max_dump_bytes < 10**15  # this machine's memory
+                assert (await fleet.status()).ok
+                bad, good = (await fleet.dump()).results
+                assert bad.error_kind == "too_large" and "max_dump_bytes" in bad.error, bad
+                assert good.ok and good.flavor == "sglang"
+        finally:
+            for server, _, _ in servers:
+                server.close()
+
+    asyncio.run(go())
