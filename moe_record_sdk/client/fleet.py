@@ -241,6 +241,8 @@ class AsyncFleet:
                     result.merged = await asyncio.to_thread(merge_engines, dumps, names)
                 except MoeRecordError as e:
                     result.merge_error = str(e)
+                except Exception as e:  # noqa: BLE001 - even a bug: the engines' dumps are taken, keep them
+                    result.merge_error = f"{type(e).__name__}: {e}"
         return result
 
     # -- one engine ---------------------------------------------------------------------------
@@ -463,8 +465,9 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
                 r.dump = await asyncio.to_thread(decode, body, fmt, engine)
             else:
                 r.dump = decode(body, fmt, engine)
-        except MoeRecordError as e:
-            r.error_kind, r.error = "bad_dump", f"the dump in the answer does not decode: {e}"
+        except Exception as e:  # noqa: BLE001 - MoeRecordError, or even a bug: this engine's failure alone
+            why = str(e) if isinstance(e, MoeRecordError) else f"{type(e).__name__}: {e}"
+            r.error_kind, r.error = "bad_dump", f"the dump in the answer does not decode: {why}"
             return r
         if headers.get(H_FILES):
             r.files = _json_list(headers[H_FILES])

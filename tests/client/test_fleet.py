@@ -254,3 +254,38 @@ def test_max_dump_bytes_holds_on_a_transport_passed_in_too():
     refused = asyncio.run(go(100))
     assert refused.error_kind == "too_large" and "over the limit of 100 (max_dump_bytes)" in refused.error
     assert asyncio.run(go(None)).ok
+
+
+def test_a_fault_in_one_decode_or_in_the_merge_keeps_every_dump_taken(engines, monkeypatch):
+    """Faults no real input produces here (the fuzz tests hold decode and merge to MoeRecordError),
+    injected: the engines cleared their windows when they dumped, so an exception out of
+    Fleet.dump would lose every dump. One engine's decode fault is its bad_dump; a merge fault is
+    the merge_error, with every engine's dump kept."""
+    import moe_record_sdk.client.fleet as fleet_module
+
+    (rec_a, a), (rec_b, b) = engines.ours(), engines.ours()
+    real_decode = fleet_module.decode
+
+    def decode(body, fmt, source):
+        if source == a.url:
+            raise ValueError("injected decode fault")
+        return real_decode(body, fmt, source)
+
+    def merge(dumps, sources=None):
+        raise RuntimeError("injected merge fault")
+
+    with Fleet([a.url, b.url]) as fleet:
+        fleet.start()
+        feed(rec_a, seed=1)
+        feed(rec_b, seed=2)
+        monkeypatch.setattr(fleet_module, "decode", decode)
+        bad, good = fleet.dump().results
+        assert bad.error_kind == "bad_dump" and "ValueError: injected decode fault" in bad.error
+        assert good.ok and good.dump is not None
+        monkeypatch.setattr(fleet_module, "decode", real_decode)
+        monkeypatch.setattr(fleet_module, "merge_engines", merge)
+        fleet.start()
+        expected = [feed(rec_a, seed=3), feed(rec_b, seed=4)]
+        result = fleet.dump()
+    assert result.merge_error == "RuntimeError: injected merge fault" and result.merged is None
+    assert [torch.equal(r.dump.total_count(), e) for r, e in zip(result, expected)] == [True, True]
