@@ -4,6 +4,12 @@ What counts
 -----------
 * One forward pass is one call of the module passed to ``attach`` (its forward hook calls
   ``recorder.step()``), so ``model.generate()`` gives one pass per generation step.
+* A call that raises (out of memory, a bad input found in layer 3, Ctrl-C) ends its pass too:
+  the layers it recorded are a pass of their own, never merged into the next call's, and
+  nothing recorded is lost (SGLang ends its pass in a ``finally`` as well). The exception
+  reaches the caller unchanged. An ``Exception`` ends the pass as it leaves the model; a
+  ``BaseException`` such as ``KeyboardInterrupt`` (PyTorch runs no hook for it) at the next
+  call, or at ``detach``.
 * Every token row a router sees counts once per MoE layer, except padding: when the top module
   is called with an ``attention_mask`` keyword (as ``generate()`` and tokenizers' batches do), 2-D
   or 4-D (``generate()`` with a static cache; per attention type, its full-attention mask), rows
@@ -11,11 +17,15 @@ What counts
   the device) and passes their number as ``num_valid_tokens``, so no host sync is needed and
   ``per_token`` ids keep the real tokens in order. Without a mask every row counts.
 * Layers are decoder indices; dense layers are in the numbering but not recorded.
-* Gradient checkpointing recomputes routers during backward: those calls are not counted again.
+* Gradient checkpointing recomputes routers (or the whole model) during backward: those calls
+  are not counted again, nor are they passes.
 
 The hooks only read; they never change an output, and ``detach`` removes exactly the hooks
 ``attach`` added. Under ``torch.compile`` the hooks are traced into the graph (tensor ops only,
 ``fullgraph=True`` works); dynamo re-traces after ``detach``, so a compiled model stops tapping.
+``torch.compile(model)`` runs the top module's own hooks outside the graph, so a compiled call
+that raises ends its pass as in eager. (When a compiled function calls the model, those hooks
+are in its graph too, and a graph that raises part-way ends no pass.)
 In a captured CUDA graph the tap replays with the graph; ``recorder.stop()`` gates it on the device.
 """
 
@@ -261,13 +271,24 @@ def attach(
 
     padding = _Padding() if mask_padding else None
     handles = []
+    left_open = False  # a call began and did not end: a BaseException left it (no hook runs then)
 
     def begin(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        nonlocal left_open
+        if _in_backward():  # checkpointing recomputes the whole model (and stops it early by raising): no pass
+            return
+        if left_open:  # the interrupted call's layers are a pass of their own, not part of this one
+            recorder.step()
+        left_open = True
         if padding is not None:
             padding.begin(kwargs)
 
     def end(module: nn.Module, args: tuple, output: Any) -> None:
+        nonlocal left_open
+        if _in_backward():
+            return
         recorder.step()
+        left_open = False
         if padding is not None:
             padding.end()
 
@@ -275,7 +296,8 @@ def attach(
         for r in taps:
             handles.append(r.module.register_forward_hook(_tap(recorder, r.layer_id, r.extract, padding)))
         handles.append(model.register_forward_pre_hook(begin, with_kwargs=True))
-        handles.append(model.register_forward_hook(end))
+        # always_call: a forward that raises an Exception ends its pass too, then the exception goes on.
+        handles.append(model.register_forward_hook(end, always_call=True))
     except BaseException:
         for h in handles:
             h.remove()
@@ -285,8 +307,12 @@ def attach(
         _TAPPED[m] = ADAPTER
 
     def undo() -> None:
+        nonlocal left_open
         for h in handles:
             h.remove()
+        if left_open:  # an interrupted call's layers: ended here, or the recorder's next user would merge them
+            recorder.step()
+            left_open = False
         for m in marked:
             _TAPPED.pop(m, None)
 

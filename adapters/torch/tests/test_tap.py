@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
 import pytest
 import torch
 from moe_record_torch import attach, ids_at, layer_map, topk_of_logits
@@ -42,6 +45,59 @@ def _router_reference(model: TinyMoE, run) -> tuple[torch.Tensor, int]:
         for h in handles:
             h.remove()
     return want, len(calls)
+
+
+class Boom(Exception):
+    """What a test's hook raises from inside a model."""
+
+
+class RouterLog:
+    """The test's own per-pass reference: every call of ``model`` opens a pass (its pre-hook,
+    however the call ends), and each router's top-k ids, chosen by ``choose(layer, logits)`` from
+    the logits it returns, land in the pass of the call that ran it."""
+
+    def __init__(
+        self, model: nn.Module, routers: dict[int, nn.Module], choose: Callable[[int, torch.Tensor], torch.Tensor]
+    ) -> None:
+        self.passes: list[dict[int, torch.Tensor]] = []
+
+        def on_router(layer: int):
+            def hook(module, args, out) -> None:
+                self.passes[-1][layer] = choose(layer, out[0].detach()).to(torch.int64)
+
+            return hook
+
+        self.handles = [model.register_forward_pre_hook(lambda *_: self.passes.append({}))]
+        self.handles += [r.register_forward_hook(on_router(layer)) for layer, r in routers.items()]
+
+    def counts(self, num_layers: int, num_experts: int) -> torch.Tensor:
+        """int64 [passes, layers, experts]."""
+        out = torch.zeros(len(self.passes), num_layers, num_experts, dtype=torch.int64)
+        for p, ids_of in enumerate(self.passes):
+            for layer, ids in ids_of.items():
+                out[p, layer] = torch.bincount(ids.reshape(-1), minlength=num_experts)
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def raise_at_calls(module: nn.Module, calls: set[int], error: BaseException):
+    """A forward hook on ``module`` that raises ``error`` at those of its calls (0-based)."""
+    seen = itertools.count()
+
+    def hook(*_) -> None:
+        if next(seen) in calls:
+            raise error
+
+    return module.register_forward_hook(hook)
+
+
+def _tiny_log(model: TinyMoE) -> RouterLog:
+    cfg = model.config
+    routers = {i: layer.mlp.gate for i, layer in enumerate(model.layers) if i >= cfg.first_dense_layers}
+    return RouterLog(model, routers, lambda layer, logits: torch.topk(logits.softmax(-1), cfg.top_k).indices)
 
 
 def test_tiny_generate_counts_and_layer_numbering() -> None:
@@ -96,6 +152,90 @@ def test_detach_restores_the_model_exactly() -> None:
     assert torch.equal(model(x), before) and torch.equal(during, before)
     assert att.recorder.dump().window.num_passes == 1  # nothing after detach
     attach(model).detach()  # attachable again
+
+
+@pytest.mark.parametrize(("mode", "options"), [("per_pass", {}), ("per_token", {}), ("stat", {"buffer_size": 16})])
+def test_a_forward_that_raises_ends_a_pass_of_its_own(mode: str, options: dict) -> None:
+    """A call that raises in layer 2 of 4 (alone, or inside generate()): the layers it recorded
+    are a pass of their own, the next call's pass holds that call only, and the exception
+    reaches the caller unchanged."""
+    model = TinyMoE(TinyMoEConfig(num_layers=4, seed=7))
+    log = _tiny_log(model)
+    boom = Boom("layer 2 failed")
+    # Layer 2's calls: 0 first call, 1 the failing one, 2 the next, 3-5 generate()'s (5 fails).
+    failing = raise_at_calls(model.layers[2], {1, 5}, boom)
+    att = attach(model, mode=mode, **options)
+    att.recorder.start()
+    model(_prompt(1))
+    with pytest.raises(Boom) as raised:
+        model(_prompt(2, (3, 4)))
+    assert raised.value is boom
+    model(_prompt(3))
+    with pytest.raises(Boom):
+        model.generate(_prompt(4), max_new_tokens=6)  # its third forward fails
+    failing.remove()
+    model.generate(_prompt(5), max_new_tokens=3)
+    dump = att.recorder.dump()
+    att.detach()
+    log.remove()
+
+    want = log.counts(4, 16)
+    assert dump.window.num_passes == len(want) == 9
+    assert torch.equal(dump.logical_count, want)
+    for p, tokens in ((1, 12), (5, 2)):  # the failed passes: layers 0-2 of their tokens, layer 3 nothing
+        assert want[p, :3].sum(-1).tolist() == [tokens * 2] * 3 and want[p, 3].sum() == 0
+    assert dump.total_logical_count is None and validate_dump(dump) == []
+    if mode == "per_token":
+        for record, ids_of in zip(dump.records, log.passes, strict=True):
+            for layer in range(4):  # the failed pass's layer 3 ran no router: no ids
+                ids = record.topk_ids_of_layer[layer].to(torch.int64)
+                assert torch.equal(ids, ids_of.get(layer, torch.full_like(ids, -1)))
+
+
+def test_an_interrupted_forward_is_ended_by_the_next_call_or_detach() -> None:
+    """KeyboardInterrupt is a BaseException, for which PyTorch runs no hook: the interrupted
+    call's layers become a pass of their own when the next call begins, or at detach."""
+    model = TinyMoE(TinyMoEConfig(num_layers=4, first_dense_layers=1, seed=8))
+    log = _tiny_log(model)
+    interrupt = KeyboardInterrupt()
+    failing = raise_at_calls(model.layers[2], {1, 3}, interrupt)
+    att = attach(model, mode="per_pass")
+    rec = att.recorder
+    rec.start()
+    model(_prompt(1))
+    with pytest.raises(KeyboardInterrupt) as raised:
+        model(_prompt(2))
+    assert raised.value is interrupt
+    model(_prompt(3, (1, 5)))
+    with pytest.raises(KeyboardInterrupt):
+        model(_prompt(4))
+    att.detach()
+    failing.remove()
+    model(_prompt(5))  # detached: not recorded
+    log.remove()
+    dump = rec.dump()
+    want = log.counts(4, 16)[:4]
+    assert dump.window.num_passes == 4
+    assert torch.equal(dump.logical_count, want)
+    assert want[1, 3].sum() == want[3, 3].sum() == 0 and want[1, 2].sum() == 14 * 2
+    assert dump.total_logical_count is None
+
+
+def test_checkpointing_the_whole_model_adds_no_pass() -> None:
+    """Non-reentrant checkpointing of the top module calls it again in backward, and stops that
+    call early by raising once it has what it needs: neither is a pass or adds a count."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = TinyMoE(TinyMoEConfig(num_layers=3, seed=9))
+    log = _tiny_log(model)
+    with attach(model, mode="per_pass") as att:
+        att.recorder.start()
+        checkpoint(model, _prompt(6), use_reentrant=False).square().mean().backward()
+        dump = att.recorder.dump()
+    log.remove()
+    assert len(log.passes) == 2  # the forward and its recompute
+    assert dump.window.num_passes == 1
+    assert torch.equal(dump.logical_count[0], log.counts(3, 16)[0])
 
 
 def test_explicit_form_on_a_hand_written_model() -> None:

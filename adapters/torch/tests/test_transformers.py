@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers as T
 from moe_record_torch import attach, layer_map
+from test_tap import Boom, RouterLog, raise_at_calls  # this folder is on sys.path (pytest rootdir-relative import)
 
 COMMON = dict(
     vocab_size=96,
@@ -182,6 +183,42 @@ def test_generate_counts_equal_router_logits_reference(family: str) -> None:
     assert dump.model.moe_layer_ids == moe_layers
     assert dump.window.num_tokens == [12 if layer in moe_layers else 0 for layer in range(4)]
     assert dump.engine.name == "transformers" and dump.engine.version == T.__version__
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_a_generate_that_raises_part_way_ends_a_pass_of_its_own(family: str) -> None:
+    """generate() whose third forward raises in decoder layer 2 (of 4), then a generate() that
+    completes: per_pass rows equal, call by call, the top-k the test computes from each
+    router's logits; the failed step is a pass of its own (layers up to 2), and the exception
+    reaches the caller unchanged."""
+    model, moe_layers, choose, biases = _model(family, seed=2)
+    model.config.output_router_logits = False
+    bias_of = dict(zip(moe_layers, biases, strict=True))
+    mlps = {layer: model.get_submodule(f"model.layers.{layer}.mlp") for layer in moe_layers}
+    routers = {layer: getattr(mlp, "router", None) or mlp.gate for layer, mlp in mlps.items()}
+    log = RouterLog(model, routers, lambda layer, logits: choose(logits.float(), bias_of[layer]))
+    boom = Boom("decoder layer 2 failed")
+    failing = raise_at_calls(model.get_submodule("model.layers.2"), {2}, boom)
+    g = torch.Generator().manual_seed(4)
+    first, second = (torch.randint(1, COMMON["vocab_size"], shape, generator=g) for shape in ((2, 5), (1, 4)))
+    with attach(model, mode="per_pass") as att:
+        att.recorder.start()
+        with pytest.raises(Boom) as raised:
+            model.generate(first, max_new_tokens=6, do_sample=False)
+        assert raised.value is boom
+        failing.remove()
+        model.generate(second, max_new_tokens=3, do_sample=False)
+        dump = att.recorder.dump()
+    log.remove()
+
+    want = log.counts(4, E)
+    assert dump.window.num_passes == len(want) == 3 + 3
+    assert torch.equal(dump.logical_count, want)
+    # The failed decode step: its 2 rows in the MoE layers up to 2, none in layer 3.
+    assert [int(want[2, layer].sum()) for layer in moe_layers] == [2 * K, 2 * K, 0]
+    assert dump.total_logical_count is None
+    # Rows: 2 x 5 prompt, 2 + 2 (failed) decoded; 4 prompt, 1 + 1 decoded.
+    assert dump.window.num_tokens == [20 if layer in moe_layers else 0 for layer in range(3)] + [18]
 
 
 def test_padding_rows_are_not_counted() -> None:
