@@ -98,6 +98,7 @@ class DumpOutcome:
     merged: Dump
     files: list[str] = field(default_factory=list)
     run_id: str | None = None
+    """The run the window belongs to (a start may have begun another since)."""
 
 
 def merge_ranks(dumps: list[Dump]) -> Dump:
@@ -168,10 +169,15 @@ class Controller:
         return mode
 
     async def start(self, mode: str | None = None) -> str:
-        """Clear and start recording; returns the new ``run_id``."""
+        """Clear and start recording; returns the new ``run_id``. A window kept after a failed
+        dump is cleared too: a start means its caller moved on, and a dump after it must
+        deliver the new run, not the old window under the new run's id."""
         mode = self.check_mode(mode)
         async with self._mutex():
             await self.backend.start(mode)
+            if self._pending is not None:
+                log.warning("start: the window kept since a failed dump (run %s) is cleared", self._pending.run_id)
+                self._pending = None
             self._runs += 1
             self.run_id = f"{self.instance_id}-{self._runs}"
             self.run_started_at = time.time()
@@ -189,9 +195,12 @@ class Controller:
     async def dump(self, *, write_files: bool = True) -> DumpOutcome:
         """Collect the window from every rank, merge the ranks, optionally write SGLang's files.
 
-        Raises ``ControlError(409)`` when nothing was ever recorded. If writing fails the
-        collected dumps are kept and the next dump delivers them (the recorders have already
-        started a new window, which stays for the dump after).
+        Raises ``ControlError(409)`` when nothing was ever recorded. Once collected, the window
+        is not dropped (the recorders have already started a new one): if writing fails
+        (``ControlError(500)``), it is kept and the next dump delivers it (the new window stays
+        for the dump after), unless a start clears it first; ``keep`` does the same for a
+        failure after this call (encoding the answer). Ranks whose dumps do not merge are
+        written one file each, and the 500 names them.
         """
         async with self._mutex():
             outcome = self._pending
@@ -206,35 +215,58 @@ class Controller:
                             "nothing was recorded: start recording (/start_expert_distribution_record) first",
                         )
                 dumps = await self.backend.dump()
-                outcome = DumpOutcome(dumps=dumps, merged=merge_ranks(dumps), run_id=self.run_id)
-            if write_files:
                 try:
-                    outcome.files = await asyncio.to_thread(self._write, outcome)
-                except OSError as e:
+                    merged = merge_ranks(dumps)
+                except Exception as e:  # noqa: BLE001 - ranks left inconsistent: their windows are taken
+                    raise ControlError(500, "dump_merge_failed", await self._salvage(dumps, e)) from None
+                outcome = DumpOutcome(dumps=dumps, merged=merged, run_id=self.run_id)
+            if write_files:
+                todo = [outcome.merged] if outcome.merged.mode == "stat" else outcome.dumps
+                try:
+                    outcome.files = await asyncio.to_thread(self._write, todo)
+                except Exception as e:  # noqa: BLE001 - a full disk, a count SGLang's .pt cannot hold...
                     self._pending = outcome
+                    why = (e.strerror or e) if isinstance(e, OSError) else e
                     raise ControlError(
                         500,
                         "dump_write_failed",
-                        f"cannot write the dump to {self.dump_dir}: {e.strerror or e}; the recording is kept, "
-                        "retry the dump",
+                        f"cannot write the dump to {self.dump_dir}: {why}; the recording is kept: retry the dump, "
+                        "or collect it with return=bytes",
                     ) from None
             return outcome
 
-    def _write(self, outcome: DumpOutcome) -> list[str]:
-        """SGLang's files: one for a stat dump (the merge, as rank 0 writes it), else one per rank.
+    def keep(self, outcome: DumpOutcome) -> None:
+        """Keep a collected window that could not be delivered, for the next dump."""
+        if self._pending is None:
+            self._pending = outcome
+
+    async def _salvage(self, dumps: list[Dump], error: Exception) -> str:
+        """What to answer when the ranks' dumps do not merge: each rank's is written as a file of
+        its own, the only copies left (the recorders started new windows)."""
+        log.error("dump: the ranks' dumps do not merge (%s); writing each rank's", error)
+        try:
+            files = await asyncio.to_thread(self._write, dumps, "msgpack")  # holds any count
+        except Exception as e:  # noqa: BLE001
+            log.exception("dump: the ranks' dumps could not be written either: the window is lost")
+            return f"the ranks' dumps do not merge: {error}; writing each rank's failed too ({e}): the window is lost"
+        return f"the ranks' dumps do not merge: {error}; each rank's dump is written instead: {', '.join(files)}"
+
+    def _write(self, todo: list[Dump], fmt: str = "pt") -> list[str]:
+        """Write SGLang's files: one for a stat dump (the merge, as rank 0 writes it), else one
+        per rank (named as SGLang names them, in ``fmt``).
 
         A stat dump of one rank of a larger world (an SGLang side server's) holds that rank's
         counts only: it is named by its rank, so nothing takes it for SGLang's global file."""
         os.makedirs(self.dump_dir, exist_ok=True)
-        todo = [outcome.merged] if outcome.merged.mode == "stat" else outcome.dumps
         paths = []
         for dump in todo:
-            now = time.time()
-            per_rank = True if dump.topology.world_size > 1 else None
-            path = os.path.join(self.dump_dir, sglang_file_name(dump, now=now, per_rank=per_rank))
-            while os.path.exists(path):  # two dumps within one clock tick: never overwrite
-                now += 1e-6
-                path = os.path.join(self.dump_dir, sglang_file_name(dump, now=now, per_rank=per_rank))
+            now, per_rank = time.time(), True if dump.topology.world_size > 1 else None
+            while True:
+                name = os.path.splitext(sglang_file_name(dump, now=now, per_rank=per_rank))[0] + "." + fmt
+                path = os.path.join(self.dump_dir, name)
+                if not os.path.exists(path):
+                    break
+                now += 1e-6  # two dumps within one clock tick: never overwrite
             paths.append(save_dump(dump, path))
             log.info("Write expert distribution to %s", path)
         return paths

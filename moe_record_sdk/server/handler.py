@@ -275,7 +275,7 @@ class ControlHandler:
             raise ControlError(
                 400, "unknown_option", f"{', '.join(unknown)}: not an option of {action} (options: {allowed})"
             )
-        return {k: v for k, v in options.items() if v is not None}
+        return {k: v for k, v in options.items() if v not in (None, "")}  # empty: as if not given
 
     async def _start(self, options: dict[str, str], h: dict[str, str]) -> Response:
         mode = options.get("mode")
@@ -283,12 +283,16 @@ class ControlHandler:
         # The mode asked for; without one, each rank keeps its own (a status call would tell).
         return self._answer(h, "start", START_TEXT, recording=True, **({"mode": mode} if mode else {}))
 
-    def _answer(self, h: dict[str, str], action: str, text: str, **extra: Any) -> Response:
+    def _answer(self, h: dict[str, str], action: str, text: str, run: str | None = None, **extra: Any) -> Response:
+        """``run``: the run the answer is about, where not the current one (a dump's window)."""
         # No status round trip here: on a multi-rank engine each one costs a call to every rank.
         if not _accepts_json(h):
-            return self._text(200, text)
-        doc = {"ok": True, "action": action, "message": text.strip(), **self.controller.identity(), **extra}
-        return self._json(200, doc)
+            return self._text(200, text, run)
+        identity = self.controller.identity()
+        if run is not None:
+            identity["run_id"] = run
+        doc = {"ok": True, "action": action, "message": text.strip(), **identity, **extra}
+        return self._json(200, doc, run)
 
     async def _dump(self, options: dict[str, str], h: dict[str, str]) -> Response:
         ret, fmt = options.get("return"), options.get("format")
@@ -307,12 +311,19 @@ class ControlHandler:
         if ret == "file":
             return self._answer(
                 h, "dump", DUMP_TEXT, files=files, dump_dir=ctl.dump_dir, mode=outcome.merged.mode,
-                num_passes=outcome.merged.window.num_passes, num_ranks=len(outcome.dumps),
+                num_passes=outcome.merged.window.num_passes, num_ranks=len(outcome.dumps), run=outcome.run_id,
             )  # fmt: skip
-        if _tensor_bytes(outcome.merged) > _INLINE_ENCODE:
-            data = await asyncio.to_thread(encode, outcome.merged, fmt)
-        else:  # a small dump encodes in less time than the hop to a worker thread costs
-            data = encode(outcome.merged, fmt)
+        try:
+            if _tensor_bytes(outcome.merged) > _INLINE_ENCODE:
+                data = await asyncio.to_thread(encode, outcome.merged, fmt)
+            else:  # a small dump encodes in less time than the hop to a worker thread costs
+                data = encode(outcome.merged, fmt)
+        except Exception as e:  # noqa: BLE001 - e.g. a count past int32 in SGLang's .pt: the window is taken
+            ctl.keep(outcome)
+            raise ControlError(
+                500, "dump_encode_failed", f"cannot encode the dump as {fmt}: {e}; the recording is kept: "
+                "dump again (msgpack and json hold any count)",
+            ) from None  # fmt: skip
         t2 = time.perf_counter()
         headers = {
             "content-type": MEDIA_TYPES[fmt],
@@ -324,7 +335,7 @@ class ControlHandler:
         }
         if files:
             headers[H_FILES] = json.dumps(files)
-        return self._finish(Response(200, headers, data))
+        return self._finish(Response(200, headers, data), run=outcome.run_id)
 
     async def _status(self, h: dict[str, str]) -> Response:
         ranks = await self.controller.status()
@@ -341,20 +352,22 @@ class ControlHandler:
         return self._json(200, doc)
 
     # -- answers ------------------------------------------------------------------------------
-    def _finish(self, resp: Response) -> Response:
+    def _finish(self, resp: Response, run: str | None = None) -> Response:
+        """Headers every answer carries; ``run``: as in ``_answer``."""
         ctl = self.controller
         if self.enabled:  # disabled, "as if not installed": no answer names this instance or its run
             resp.headers[H_INSTANCE] = ctl.instance_id
-            if ctl.run_id:
-                resp.headers[H_RUN] = ctl.run_id
+            run = run or ctl.run_id
+            if run:
+                resp.headers[H_RUN] = run
         resp.headers["content-length"] = str(len(resp.body))
         return resp
 
-    def _text(self, status: int, text: str) -> Response:
-        return self._finish(Response(status, {"content-type": "text/plain; charset=utf-8"}, text.encode()))
+    def _text(self, status: int, text: str, run: str | None = None) -> Response:
+        return self._finish(Response(status, {"content-type": "text/plain; charset=utf-8"}, text.encode()), run)
 
-    def _json(self, status: int, doc: Any) -> Response:
-        return self._finish(Response(status, {"content-type": "application/json"}, json.dumps(doc).encode()))
+    def _json(self, status: int, doc: Any, run: str | None = None) -> Response:
+        return self._finish(Response(status, {"content-type": "application/json"}, json.dumps(doc).encode()), run)
 
     def error(self, e: ControlError, headers: Mapping[str, str] | None = None) -> Response:
         """The answer for an error: JSON for clients that take JSON or dump bytes, else a line."""

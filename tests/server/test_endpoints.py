@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from moe_record_sdk import Recorder, Topology
 from moe_record_sdk.schema import decode, load_dump
 from moe_record_sdk.server import (
     DUMP_PATH,
@@ -23,7 +24,7 @@ from moe_record_sdk.server import (
     LocalBackend,
 )
 
-from .helpers import K, L, feed, make_recorder
+from .helpers import E, K, L, feed, make_recorder
 
 SGLANG_STAT = re.compile(r"^expert_distribution_recorder_\d+\.\d+\.pt$")
 SGLANG_RANKED = re.compile(r"^expert_distribution_recorder_\d+\.\d+_(\d+)\.pt$")
@@ -301,3 +302,82 @@ def test_accept_names_types_with_their_weights(serve, http, accept, kind):
     r = http.post(server.url + START_PATH, headers={"accept": accept})
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("application/json" if kind == "json" else "text/plain")
+
+
+def test_a_start_clears_a_window_kept_after_a_failed_write(serve, http, tmp_path):
+    """A start after a failed write begins a new run: the next dump is that run's window, under
+    that run's id, not the kept one relabelled with it."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the dump directory should be")
+    rec = make_recorder()
+    server = serve(rec, dump_dir=str(blocker / "dumps"))
+    http.post(server.url + START_PATH)
+    feed(rec, seed=12, passes=5)
+    assert http.post(server.url + DUMP_PATH, headers=JSON).status_code == 500  # kept
+    run = http.post(server.url + START_PATH, headers=JSON).json()["run_id"]
+    expected = feed(rec, seed=13, passes=2)
+    r = http.post(server.url + DUMP_PATH + "?return=bytes")
+    dump = decode(r.content)
+    assert dump.window.num_passes == 2 and torch.equal(dump.total_count(), expected)
+    assert r.headers["x-moe-record-run"] == run
+
+
+class _CountsPastInt32(LocalBackend):
+    """A count past int32 (2**31 ids in one layer would take minutes to record for real)."""
+
+    async def dump(self):
+        dumps = await super().dump()
+        for d in dumps:
+            d.logical_count = d.logical_count.to(torch.int64)
+            d.logical_count[..., 0] += 2**31
+        return dumps
+
+
+@pytest.mark.parametrize("first", ["?return=file", "?return=bytes&format=pt"])
+def test_a_window_that_pt_cannot_hold_is_kept_and_delivered_as_msgpack(first, tmp_path, http):
+    """SGLang's .pt holds int32 counts: writing or encoding a larger one fails with a 500 (a
+    server fault, not the client's 400) and the window is kept for a dump that can carry it.
+    Before, the window was taken, the answer was a 400, and the counts were lost."""
+    from moe_record_sdk.server import ServerThread, make_app
+
+    rec = make_recorder()
+    server = ServerThread(make_app(_CountsPastInt32(rec), dump_dir=str(tmp_path / "dumps"))).start()
+    try:
+        http.post(server.url + START_PATH)
+        expected = feed(rec, seed=14)
+        expected[:, 0] += 2**31
+        r = http.post(server.url + DUMP_PATH + first, headers=JSON)
+        code = "dump_write_failed" if first == "?return=file" else "dump_encode_failed"
+        assert r.status_code == 500 and r.json()["error"]["code"] == code, r.text
+        assert "int32" in r.json()["error"]["message"] and "kept" in r.json()["error"]["message"]
+        r = http.post(server.url + DUMP_PATH + "?return=bytes&format=msgpack")
+        assert r.status_code == 200 and torch.equal(decode(r.content).total_count(), expected)
+    finally:
+        server.stop()
+
+
+def test_ranks_that_do_not_merge_are_written_one_file_each(serve, http, tmp_path):
+    """Ranks that disagree on the model (an engine's fault): their windows are taken when the
+    merge finds out, so each is written as a file of its own and the 500 names them; nothing
+    recorded is lost."""
+    topo = Topology(rank=1, world_size=2, dp_rank=1, dp_size=2, token_shard=1, num_token_shards=2)
+    r0, r1 = make_recorder(0, 2), Recorder(num_layers=L, num_experts=2 * E, top_k=K, topology=topo)
+    server = serve(r0, r1)
+    http.post(server.url + START_PATH)
+    e0, e1 = feed(r0, seed=15), feed(r1, seed=16)
+    r = http.post(server.url + DUMP_PATH + "?return=bytes", headers=JSON)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "dump_merge_failed", r.text
+    files = sorted(os.listdir(tmp_path / "dumps"))
+    assert len(files) == 2 and all(f.endswith(".msgpack") and f in r.json()["error"]["message"] for f in files)
+    got = sorted((load_dump(str(tmp_path / "dumps" / f)) for f in files), key=lambda d: d.topology.rank)
+    assert torch.equal(got[0].total_count(), e0) and torch.equal(got[1].total_count(), e1)
+
+
+@pytest.mark.parametrize("query", ["?return=&format=", "?format=", "?return="])
+def test_empty_dump_options_are_as_if_not_given(serve, http, query):
+    rec = make_recorder()
+    server = serve(rec)
+    http.post(server.url + START_PATH)
+    feed(rec, seed=17)
+    r = http.post(server.url + DUMP_PATH + query)
+    assert r.status_code == 200 and r.text == DUMP_TEXT  # SGLang's answer: the file written
