@@ -330,17 +330,19 @@ class Recorder:
             slots = self._expand(delta[:, : self.num_slots])
             return slots if physical else self._to_logical(slots)
 
-    def dump(self, destination: str | None = None) -> Dump:
+    def dump(self, destination: str | None = None, *, per_rank: bool | None = None) -> Dump:
         """Snapshot the window into a Dump, optionally write it, then start a new window.
 
-        ``destination``: a file path (format by suffix) or a directory (SGLang's file name).
+        ``destination``: a file path (format by suffix) or a directory (SGLang's file name;
+        ``per_rank=True`` names a stat file by rank too, as for one rank's own counts).
         If writing fails, the window is kept so the dump can be retried.
         """
         with self._lock:
             reading = self.counter.read(rows=self._window_ring() > 0)
             dump, token_end = self._build(reading)
             if destination is not None:
-                path = os.path.join(destination, sglang_file_name(dump)) if os.path.isdir(destination) else destination
+                is_dir = os.path.isdir(destination)
+                path = os.path.join(destination, sglang_file_name(dump, per_rank=per_rank)) if is_dir else destination
                 save_dump(dump, path)
             self._begin_window(reading, token_base=token_end)
             return dump

@@ -22,7 +22,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote
 
@@ -114,8 +114,9 @@ def _query(raw: str | bytes | Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-def check_bearer(headers: Mapping[str, str], api_key: str | None) -> ControlError | None:
-    """None when the request may pass: no key configured, or ``Authorization: Bearer <key>``.
+def check_bearer(headers: Mapping[str, str], api_key: str | Sequence[str] | None) -> ControlError | None:
+    """None when the request may pass: no key configured, or ``Authorization: Bearer <key>``
+    (any one of the keys, where several are: vLLM takes several ``--api-key`` values).
 
     The scheme is matched case-insensitively (RFC 7235: ``bearer`` works too), the token in
     constant time (``hmac.compare_digest``). ``headers`` must have lower-case names.
@@ -124,7 +125,8 @@ def check_bearer(headers: Mapping[str, str], api_key: str | None) -> ControlErro
         return None
     got = headers.get("authorization", "")
     scheme, _, token = got.partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode()):
+    keys = [api_key] if isinstance(api_key, str) else api_key
+    if scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
         return None
     what = "missing" if not got else "wrong"
     return ControlError(401, "unauthorized", f"{what} bearer token", {"www-authenticate": "Bearer"})
@@ -142,7 +144,8 @@ class ControlHandler:
         The only directory dump files are written to (``moe_record_sdk.env.dump_dir()`` reads
         SGLang's variable). Ignored when ``backend`` is a Controller.
     api_key:
-        When set, every request needs ``Authorization: Bearer <api_key>`` (401 otherwise).
+        When set, every request needs ``Authorization: Bearer <api_key>`` (401 otherwise); a
+        list: any one of its keys.
     enabled:
         False makes every endpoint absent (404), as if not installed.
     max_body:
@@ -165,7 +168,7 @@ class ControlHandler:
         backend: Backend | Controller,
         *,
         dump_dir: str | None = None,
-        api_key: str | None = None,
+        api_key: str | Sequence[str] | None = None,
         enabled: bool = True,
         max_body: int = DEFAULT_MAX_BODY,
         engine: str = "torch",

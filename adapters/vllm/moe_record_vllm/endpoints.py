@@ -11,6 +11,7 @@ framework-free :class:`~moe_record_sdk.server.ControlHandler`.
 from __future__ import annotations
 
 import logging
+import os
 from argparse import Namespace
 from typing import Any
 
@@ -50,7 +51,15 @@ class VllmBackend:
             raise ControlError(503, "unsupported_engine", self.refusal)
         if self.engine_client is None:
             raise ControlError(503, "no_engine", "the vLLM engine is not ready (or this server has none)")
-        return raise_errors(await self.engine_client.collective_rpc(method, args=args))
+        core = getattr(self.engine_client, "engine_core", None)
+        call_all = getattr(core, "call_utility_all_async", None)
+        if call_all is None:
+            return raise_errors(await self.engine_client.collective_rpc(method, args=args))
+        # Every engine core's workers: with data parallelism, AsyncLLM.collective_rpc answers
+        # with the first engine's only, and a dump there would take and clear the others'
+        # windows unseen.
+        per_engine = await call_all("collective_rpc", method, None, args, None)
+        return raise_errors([result for workers in per_engine for result in workers])
 
     async def start(self, mode: str | None) -> None:
         await self._rpc(RPC_START, mode)
@@ -92,18 +101,29 @@ class MoeRecordEndpoints:
             return
         handler = self.handler
 
-        async def endpoint(request: Request) -> Response:
-            body = await request.body()
-            resp = await handler.handle(request.method, request.url.path, request.url.query, request.headers.raw, body)
-            return Response(content=resp.body, status_code=resp.status, headers=resp.headers)
+        def endpoint_for(path: str) -> Any:
+            # The route's own path, not the request's: behind --root-path the request's has the prefix.
+            async def endpoint(request: Request) -> Response:
+                body = await request.body()
+                resp = await handler.handle(request.method, path, request.url.query, request.headers.raw, body)
+                return Response(content=resp.body, status_code=resp.status, headers=resp.headers)
+
+            return endpoint
 
         for route in handler.routes:
             # Every method reaches the handler, which answers the others 405 after its auth
             # check and in its error format (FastAPI's own 405 would skip both).
-            app.add_api_route(route.path, endpoint, methods=list(HTTP_METHODS), include_in_schema=False)
+            app.add_api_route(route.path, endpoint_for(route.path), methods=list(HTTP_METHODS), include_in_schema=False)
         log.info(
             "moe-record-vllm: endpoints %s, dump dir %s", [r.path for r in handler.routes], handler.controller.dump_dir
         )
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         self.backend.engine_client = engine_client
+        if self.handler.api_key is None:
+            # vLLM's --api-key guards only its /v1 paths; these control recording and write files.
+            keys = getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]
+            keys = [str(k) for k in ([keys] if isinstance(keys, str) else keys) if k]
+            if keys:
+                self.handler.api_key = keys
+                log.info("moe-record-vllm: endpoints guarded by vLLM's --api-key")

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from moe_record_sdk import Dump, EngineInfo, Recorder, Topology, env
+from moe_record_sdk import EngineInfo, Recorder, Topology, env
 from moe_record_sdk.errors import RecorderError
-from moe_record_sdk.schema import encode, save_dump, sglang_file_name
+from moe_record_sdk.schema import encode
 
 from .layers import build_layer_map, moe_runners
 from .tap import attach, is_tapped
@@ -128,7 +128,9 @@ class WorkerRecording:
         recorder, num_valid = self.recorder, self.num_valid
 
         def execute_model(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
-            n = scheduler_output.total_num_scheduled_tokens
+            # vLLM's model runner V2 (the GPU default) runs its dummy batches through
+            # execute_model(..., dummy_run=True): no real tokens, no pass.
+            n = 0 if kwargs.get("dummy_run") else scheduler_output.total_num_scheduled_tokens
             num_valid.fill_(n)
             try:
                 return original(scheduler_output, *args, **kwargs)
@@ -148,15 +150,16 @@ class WorkerRecording:
     # -- control (called through collective_rpc by string name) -----------------------------
     def _check_tap(self) -> None:
         """Layers whose capture slot another binder took after us are unobserved from now on."""
-        lost = [
+        lost = {
             r.layer_id
             for r in moe_runners(self.model)
             if r.layer_id in self.layer_map.moe_layer_ids and not is_tapped(r.router)
-        ]
-        new = sorted(set(lost) - set(self.recorder.unobserved_layers))
+        }
+        new = sorted(lost - set(self.recorder.unobserved_layers))
         if new:
             log.warning("moe-record-vllm: the capture slot of MoE layers %s was replaced after attach", new)
-            self.recorder.unobserved_layers = sorted(set(self.recorder.unobserved_layers) | set(new))
+        # Computed afresh: a layer tapped again (detach, then attach) is observed again.
+        self.recorder.unobserved_layers = sorted(set(self.layer_map.unobserved_layer_ids) | lost)
 
     def start(self, mode: str | None = None) -> dict[str, Any]:
         self._check_tap()
@@ -173,18 +176,18 @@ class WorkerRecording:
         return self.status()
 
     def dump(self, write: bool = False, fmt: str = "msgpack") -> bytes:
-        """The window as bytes (``msgpack`` by default); ``write``: also save this rank's file."""
-        dump = self.recorder.dump()
-        if write:
-            self.write(dump)
-        return encode(dump, fmt)
-
-    def write(self, dump: Dump) -> str:
-        """Save this rank's dump as SGLang's ``.pt`` into the configured directory (per-rank name)."""
+        """The window as bytes (``msgpack`` by default); ``write``: also save this rank's file,
+        SGLang's ``.pt`` with a per-rank name, in the configured directory. A write that fails
+        keeps the window for the next dump (the recorder writes before it clears)."""
+        if not write:
+            return encode(self.recorder.dump(), fmt)
         directory = env.dump_dir("vllm")
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, sglang_file_name(dump, per_rank=True))
-        return save_dump(dump, path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            dump = self.recorder.dump(directory, per_rank=True)
+        except OSError as e:  # crosses collective_rpc as data (rpc.py), named
+            raise RecorderError(f"cannot write the dump to {directory}: {e}; the recording is kept") from None
+        return encode(dump, fmt)
 
     def status(self) -> dict[str, Any]:
         return {

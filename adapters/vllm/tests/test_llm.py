@@ -124,6 +124,24 @@ def test_dump_starts_a_new_window_and_stop_stops(llm) -> None:
     assert moe_record_vllm.status(llm)[0]["recording"] is False
 
 
+def test_a_dump_whose_file_cannot_be_written_keeps_the_window(llm, tmp_path, monkeypatch) -> None:
+    """``dump(llm, write=True)`` into a directory that cannot be made: a RecorderError naming it,
+    and the window is kept for the next dump (it used to be cleared first, then lost)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("where the dump directory should be")
+    moe_record_vllm.start(llm)
+    ran = _generate(llm, _prompts(seed=5)[:2])
+    monkeypatch.setenv("MOE_RECORD_DUMP_DIR", str(blocker / "dumps"))
+    with pytest.raises(RecorderError, match="cannot write the dump to .*a-file/dumps.*kept"):
+        moe_record_vllm.dump(llm, write=True)
+    monkeypatch.setenv("MOE_RECORD_DUMP_DIR", str(tmp_path / "dumps"))
+    (dump,) = moe_record_vllm.dump(llm, write=True)
+    moe_record_vllm.stop(llm)
+    assert dump.window.num_tokens == [sum(map(len, ran))] * 2
+    (name,) = os.listdir(tmp_path / "dumps")
+    assert name.endswith("_0.pt")  # this rank's file, by its rank
+
+
 def test_per_token_memory_bound_comes_from_the_environment(llm) -> None:
     if llm.mode_name == "compiled":
         return  # its graph holds the stat buffers (see the per_pass test)
@@ -182,7 +200,6 @@ def test_unobservable_and_displaced_layers_are_reported(llm, monkeypatch: pytest
 
     # Another binder assigns over layer 1's capture slot after us (set_capture_fn would chain
     # behind us, see below): the next start reports the layer as unobserved.
-    recording = _recording(llm)
     router = moe_runners(model)[1].router
     ours = router.capture_fn
     try:
@@ -194,7 +211,11 @@ def test_unobservable_and_displaced_layers_are_reported(llm, monkeypatch: pytest
     finally:
         moe_record_vllm.stop(llm)
         router.capture_fn = ours  # put back as taken (set_capture_fn would chain behind our tap)
-        recording.recorder.unobserved_layers = []
+    # Tapped again (as after detach, then attach): the next start reports it observed again.
+    (status,) = moe_record_vllm.start(llm)
+    assert status["unobserved_layers"] == []
+    moe_record_vllm.stop(llm)
+    moe_record_vllm.dump(llm)
 
 
 def test_tap_chains_an_existing_capture_function_and_detach_restores_it(llm) -> None:

@@ -37,11 +37,12 @@ def servers(tiny_model: str, tmp_path_factory: pytest.TempPathFactory):
         yield vllm, serve
 
 
-def _complete(url: str, model: str, prompts: list[list[int]]) -> list[list[int]]:
+def _complete(url: str, model: str, prompts: list[list[int]], api_key: str | None = None) -> list[list[int]]:
     """Greedy completions; returns the tokens each request ran through the model (prompt and
     generated, but the last generated token, which is never fed back)."""
     ran = []
-    with httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url, timeout=60, trust_env=False, headers=headers) as client:
         for prompt in prompts:
             body = {
                 "model": model,
@@ -133,3 +134,26 @@ def test_one_fleet_over_vllm_and_moe_record_serve(servers, tiny_model: str) -> N
     merged = result.merged
     assert merged is not None and validate_dump(merged) == []
     assert torch.equal(merged.total_count(), vllm_dump.total_count() + serve_dump.total_count())
+
+
+def test_behind_a_root_path_and_guarded_by_vllms_api_keys(tiny_model: str, tmp_path: Path, reference) -> None:
+    """``--root-path /api``: the endpoints answer under the prefix (they compared the prefixed
+    path with their own and answered 404). two ``--api-key`` values, no MOE_RECORD_API_KEY:
+    vLLM guards only its /v1 paths, so the endpoints take vLLM's keys, either one."""
+    base = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env = {**base, "VLLM_PLUGINS": "moe_record", "VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR": str(tmp_path / "dumps")}
+    keys = ("sk-first", "sk-second")
+    extra = ("--enforce-eager", "--root-path", "/api", "--api-key", *keys)
+    with vllm_server(tiny_model, tmp_path / "vllm.log", env, *extra) as vllm:
+        vllm.wait_ready()
+        with httpx.Client(base_url=vllm.url + "/api", timeout=60, trust_env=False) as c:
+            assert c.post(STATUS_PATH).status_code == 401
+            assert c.post(STATUS_PATH, headers={"authorization": "Bearer sk-wrong"}).status_code == 401
+            assert c.post(STATUS_PATH, headers={"authorization": f"Bearer {keys[1]}"}).json()["auth"] is True
+        with Fleet([vllm.url + "/api"], api_key=keys[0]) as fleet:
+            fleet.start().raise_for_errors()
+            ran = _complete(vllm.url, tiny_model, _prompts(seed=14), api_key=keys[1])
+            fleet.stop().raise_for_errors()
+            dump = fleet.dump().raise_for_errors().dumps[vllm.url + "/api"]
+    expected, _ = reference(ran)
+    assert torch.equal(dump.total_count(), expected)
