@@ -29,9 +29,11 @@ Load model: a replicated expert's tokens split evenly over its replicas.
 
 from __future__ import annotations
 
+import heapq
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..schema.io import save_torch
@@ -85,64 +87,145 @@ def trivial_placement(num_layers: int, num_experts: int, num_replicas: int) -> t
 
 def replicate(weight: torch.Tensor, num_slots: int) -> torch.Tensor:
     """Replicas per expert, int64 [L, n]: one each, then each extra slot to the expert with the
-    highest load per replica (ties: the fewest replicas, then the lowest index)."""
+    highest load per replica (ties: the lowest index); where no load is left, evenly (the fewest
+    replicas first, then the lowest index)."""
     w = weight.to(torch.float64)
     L, n = w.shape
     if num_slots < n:
         raise ValueError(f"num_replicas: {num_slots} slots cannot hold {n} experts")
-    cnt = torch.ones(L, n, dtype=torch.int64)
-    rows = torch.arange(L)
-    for _ in range(num_slots - n):
-        score = w / cnt
-        best = score.argmax(-1)
-        # Where no expert has load left to spread, spread the replicas evenly.
-        idle = score.amax(-1) <= 0
-        best = torch.where(idle, cnt.argmin(-1), best)
-        cnt[rows, best] += 1
+    return torch.tensor([_replicate_row(row, num_slots) for row in w.tolist()], dtype=torch.int64).reshape(L, n)
+
+
+def _replicate_row(w: list[float], num_slots: int) -> list[int]:
+    # A heap instead of an argmax over all n experts for each of the R slots: the same picks, as
+    # only the expert that got a slot changes its load per replica.
+    cnt = [1] * len(w)
+    heap = [(-x, i) for i, x in enumerate(w)]  # (-load per replica, index): the first is the argmax
+    heapq.heapify(heap)
+    left = num_slots - len(w)
+    while left and heap and -heap[0][0] > 0:
+        _, i = heapq.heappop(heap)
+        cnt[i] += 1
+        heapq.heappush(heap, (-(w[i] / cnt[i]), i))
+        left -= 1
+    # No expert has load left to spread: the rest go evenly.
+    even = [(c, i) for i, c in enumerate(cnt)]
+    heapq.heapify(even)
+    for _ in range(left):
+        c, i = even[0]
+        cnt[i] = c + 1
+        heapq.heapreplace(even, (c + 1, i))
     return cnt
+
+
+_DENSE_CAPACITY = 64
+"""Up to this many items per bin, every swap is tried at once (fewer array calls); above, each
+bin's items are sorted and searched (far fewer elements)."""
+
+
+def _best_swap_dense(held: np.ndarray, total: np.ndarray, h: int) -> tuple[int, int, int] | None:
+    """The swap ``pack`` makes: ``(bin j, place of the item in bin h, place of the item in j)``,
+    the one that lowers ``max(total[h], total[j])`` most, below ``total[h] - 1e-9`` (ties: the
+    first in that order), or None. ``held [bins, capacity]``: the items' loads; ``h`` the heaviest.
+
+    Every ``(j, a, c)`` at once; the arithmetic is the scalar one's, element by element, so ties
+    fall as in a loop over them. A swap with ``a <= c`` leaves the peak at ``total[h]`` or above,
+    never the lowest below the limit: no need to mask it.
+    """
+    top = total[h]
+    d = held[h][None, :, None] - held[:, None, :]  # [bin j, item a of h, item c of j]
+    peak = np.maximum(top - d, total[:, None, None] + d)
+    peak[h] = np.inf
+    i = int(peak.argmin())  # the first of the lowest
+    if not peak.flat[i] < top - 1e-9:
+        return None
+    cap = held.shape[1]
+    j, place = divmod(i, cap * cap)
+    return j, *divmod(place, cap)
+
+
+def _best_swap_sorted(held: np.ndarray, total: np.ndarray, h: int) -> tuple[int, int, int] | None:
+    """``_best_swap_dense``'s answer from ``log(capacity)`` passes over ``[bins, capacity]``.
+
+    For an item ``a`` of ``h`` and bin ``j``'s items ``c`` by ascending load, ``d = a - c`` falls,
+    so ``top - d`` rises and ``total[j] + d`` falls (rounding keeps the order): the peak, their
+    maximum, falls then rises, and its lowest is at either side of the first ``c`` where
+    ``top - d >= total[j] + d``. A bisection finds that place for every ``(j, a)``; the item of
+    the chosen ``j`` is then found in place order, as in the dense search.
+    """
+    bins, cap = held.shape
+    top = total[h]
+    light = np.sort(held, axis=1)
+    rows = np.arange(bins)[:, None]
+    a = held[h][None, :]  # [1, capacity] against [bins, capacity]
+    other = total[:, None]
+
+    def peak_at(k: np.ndarray) -> np.ndarray:
+        d = a - light[rows, np.clip(k, 0, cap - 1)]
+        return np.maximum(top - d, other + d)
+
+    lo = np.zeros((bins, cap), dtype=np.int64)
+    hi = np.full((bins, cap), cap, dtype=np.int64)
+    for _ in range(cap.bit_length()):
+        mid = (lo + hi) // 2
+        d = a - light[rows, np.minimum(mid, cap - 1)]
+        rose = top - d >= other + d
+        busy = lo < hi
+        hi = np.where(busy & rose, mid, hi)
+        lo = np.where(busy & ~rose, mid + 1, lo)
+    lowest = np.minimum(peak_at(lo - 1), peak_at(lo))  # clipped at the ends: still real swaps
+    lowest[h] = np.inf
+    i = int(lowest.argmin())  # the first (j, a) of the lowest
+    if not lowest.flat[i] < top - 1e-9:
+        return None
+    j, pa = divmod(i, cap)
+    d = held[h, pa] - held[j]
+    return j, pa, int(np.maximum(top - d, total[j] + d).argmin())
 
 
 def pack(loads: list[float], num_bins: int) -> list[int]:
     """Assign items to ``num_bins`` bins of equal item count, balancing the bins' load sums.
 
-    Greedy (heaviest item to the lightest bin with room), then swaps between the heaviest bin and
-    another while a swap lowers the heavier of the two. ``len(loads)`` must divide by ``num_bins``.
+    Greedy (heaviest item to the lightest bin with room, ties: the lowest bin), then swaps
+    between the heaviest bin and another while a swap lowers the heavier of the two: each time
+    the swap that lowers it most (ties: the first in order of bin, then of place in the bins).
+    ``len(loads)`` must divide by ``num_bins``.
     """
     n = len(loads)
     if n % num_bins:
         raise ValueError(f"{n} items do not split evenly over {num_bins} bins")
     capacity = n // num_bins
-    order = sorted(range(n), key=lambda i: (-loads[i], i))
+    order = sorted(range(n), key=loads.__getitem__, reverse=True)  # heaviest first, ties: the lowest index
     bin_of = [0] * n
     sums = [0.0] * num_bins
     members: list[list[int]] = [[] for _ in range(num_bins)]
+    room = [(0.0, b) for b in range(num_bins)]  # (load, bin) of the bins with room: a heap
     for i in order:
-        b = min((b for b in range(num_bins) if len(members[b]) < capacity), key=lambda b: (sums[b], b))
+        _, b = heapq.heappop(room)
         bin_of[i] = b
         sums[b] += loads[i]
         members[b].append(i)
+        if len(members[b]) < capacity:
+            heapq.heappush(room, (sums[b], b))
+    if num_bins < 2 or capacity == 0:
+        return bin_of
+    load = np.asarray(loads, dtype=np.float64)
+    member = np.asarray(members, dtype=np.int64)  # [bins, capacity], each bin in order of arrival
+    held = load[member]
+    total = np.asarray(sums, dtype=np.float64)
+    best_swap = _best_swap_dense if capacity <= _DENSE_CAPACITY else _best_swap_sorted
     for _ in range(4 * n):  # bounded: each accepted swap strictly lowers the heaviest bin's load
-        h = max(range(num_bins), key=lambda b: (sums[b], -b))
-        best: tuple[float, int, int, int] | None = None
-        for j in range(num_bins):
-            if j == h:
-                continue
-            for a in members[h]:
-                for c in members[j]:
-                    d = loads[a] - loads[c]
-                    if d <= 0:
-                        continue
-                    peak = max(sums[h] - d, sums[j] + d)
-                    if peak < sums[h] - 1e-9 and (best is None or peak < best[0]):
-                        best = (peak, j, a, c)
-        if best is None:
+        h = int(np.argmax(total))  # the heaviest, ties: the lowest bin
+        swap = best_swap(held, total, h)
+        if swap is None:
             break
-        _, j, a, c = best
-        d = loads[a] - loads[c]
-        sums[h] -= d
-        sums[j] += d
-        members[h][members[h].index(a)] = c
-        members[j][members[j].index(c)] = a
+        j, pa, pc = swap
+        a, c = int(member[h, pa]), int(member[j, pc])
+        delta = loads[a] - loads[c]
+        total[h] -= delta
+        total[j] += delta
+        member[h, pa], member[j, pc] = c, a
+        held[h, pa], held[j, pc] = load[c], load[a]
         bin_of[a], bin_of[c] = j, h
     return bin_of
 
@@ -193,12 +276,10 @@ def _pack_node(w: list[float], experts: list[int], slots: int, gpus: int) -> lis
         sums = [0.0] * gpus
         for (_, load), b in zip(replicas, gpu_of):
             sums[b] += load
-        order: list[int] = []
-        for g in range(gpus):
-            order.extend(sorted(e for (e, _), b in zip(replicas, gpu_of) if b == g))
         key = (max(sums), sum(x * x for x in sums))
         if best is None or key < best[:2]:
-            best = (*key, order)
+            # GPU by GPU, each GPU's experts ascending
+            best = (*key, [e for _, e in sorted((b, e) for (e, _), b in zip(replicas, gpu_of))])
     assert best is not None
     return best[2]
 
@@ -230,11 +311,12 @@ def logical_to_physical(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.
     )
     X = int(logcnt.max()) if logcnt.numel() else 0
     log2phy = torch.full((L, num_experts, X), -1, dtype=torch.int64)
-    fill = torch.zeros(L, num_experts, dtype=torch.int64)
-    for layer in range(L):
-        for p, e in enumerate(phy2log[layer].tolist()):
-            log2phy[layer, e, fill[layer, e]] = p
-            fill[layer, e] += 1
+    # A stable sort by expert lists each expert's slots ascending; a slot's place among them is
+    # its place in the sorted row less the slots of the experts before it.
+    expert, slot = torch.sort(phy2log, dim=1, stable=True)
+    first = logcnt.cumsum(1) - logcnt
+    place = torch.arange(R).expand(L, R) - first.gather(1, expert)
+    log2phy[torch.arange(L).unsqueeze(1).expand(L, R), expert, place] = slot
     return log2phy, logcnt
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_record_sdk.analysis import eplb
 from moe_record_sdk.analysis import metrics as m
-from moe_record_sdk.analysis.eplb import pack, rebalance, replicate, trivial_placement
+from moe_record_sdk.analysis.eplb import logical_to_physical, pack, rebalance, replicate, trivial_placement
 from moe_record_sdk.cli import main
 
 from ..dumps import random_dump
@@ -207,3 +210,178 @@ def test_a_dump_without_layers_gets_no_plan(tmp_path, capsys):
     torch.save({"rank": 0, "logical_count": torch.zeros(1, 0, 4, dtype=torch.int32)}, path)
     assert main(["eplb", str(path), "--replicas", "8", "--gpus", "2"]) == 2
     assert "weight: expected [layers, experts], both at least 1, got shape [0, 4]" in capsys.readouterr().err
+
+
+# The straightforward loops the fast building blocks replaced: the plan must stay what they give.
+
+
+def reference_replicate(weight: torch.Tensor, num_slots: int) -> torch.Tensor:
+    w = weight.to(torch.float64)
+    L, n = w.shape
+    cnt = torch.ones(L, n, dtype=torch.int64)
+    rows = torch.arange(L)
+    for _ in range(num_slots - n):
+        score = w / cnt
+        best = torch.where(score.amax(-1) <= 0, cnt.argmin(-1), score.argmax(-1))
+        cnt[rows, best] += 1
+    return cnt
+
+
+def reference_pack(loads: list[float], num_bins: int) -> list[int]:
+    n = len(loads)
+    capacity = n // num_bins
+    bin_of = [0] * n
+    sums = [0.0] * num_bins
+    members: list[list[int]] = [[] for _ in range(num_bins)]
+    for i in sorted(range(n), key=lambda i: (-loads[i], i)):
+        b = min((b for b in range(num_bins) if len(members[b]) < capacity), key=lambda b: (sums[b], b))
+        bin_of[i] = b
+        sums[b] += loads[i]
+        members[b].append(i)
+    for _ in range(4 * n):
+        h = max(range(num_bins), key=lambda b: (sums[b], -b))
+        best = None
+        for j in range(num_bins):
+            if j == h:
+                continue
+            for a in members[h]:
+                for c in members[j]:
+                    d = loads[a] - loads[c]
+                    if d <= 0:
+                        continue
+                    peak = max(sums[h] - d, sums[j] + d)
+                    if peak < sums[h] - 1e-9 and (best is None or peak < best[0]):
+                        best = (peak, j, a, c)
+        if best is None:
+            break
+        _, j, a, c = best
+        d = loads[a] - loads[c]
+        sums[h] -= d
+        sums[j] += d
+        members[h][members[h].index(a)] = c
+        members[j][members[j].index(c)] = a
+        bin_of[a], bin_of[c] = j, h
+    return bin_of
+
+
+def reference_pack_node(w: list[float], experts: list[int], slots: int, gpus: int) -> list[int]:
+    best = None
+    local = [w[e] for e in experts]
+    for cnt in eplb._candidate_counts(local, slots):
+        replicas = [(experts[i], local[i] / cnt[i]) for i in range(len(experts)) for _ in range(cnt[i])]
+        gpu_of = reference_pack([load for _, load in replicas], gpus)
+        sums = [0.0] * gpus
+        for (_, load), b in zip(replicas, gpu_of):
+            sums[b] += load
+        order: list[int] = []
+        for g in range(gpus):
+            order.extend(sorted(e for (e, _), b in zip(replicas, gpu_of) if b == g))
+        key = (max(sums), sum(x * x for x in sums))
+        if best is None or key < best[:2]:
+            best = (*key, order)
+    return best[2]
+
+
+def reference_logical_to_physical(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L, R = phy2log.shape
+    logcnt = torch.zeros(L, num_experts, dtype=torch.int64).scatter_add_(
+        1, phy2log, torch.ones(L, R, dtype=torch.int64)
+    )
+    log2phy = torch.full((L, num_experts, int(logcnt.max())), -1, dtype=torch.int64)
+    fill = torch.zeros(L, num_experts, dtype=torch.int64)
+    for layer in range(L):
+        for p, e in enumerate(phy2log[layer].tolist()):
+            log2phy[layer, e, fill[layer, e]] = p
+            fill[layer, e] += 1
+    return log2phy, logcnt
+
+
+def reference_rebalance(*args) -> eplb.EplbPlan:
+    """``rebalance`` with the reference loops in place of the fast building blocks."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eplb, "replicate", reference_replicate)
+        mp.setattr(eplb, "pack", reference_pack)
+        mp.setattr(eplb, "_pack_node", reference_pack_node)
+        mp.setattr(eplb, "logical_to_physical", reference_logical_to_physical)
+        return rebalance(*args)
+
+
+def random_loads(rng: random.Random, n: int) -> list[float]:
+    """Loads with many ties (few distinct values, replicas' equal shares) or none (floats)."""
+    kind = rng.choice(["few", "ints", "shares", "floats", "zeros"])
+    if kind == "few":
+        return [float(rng.randint(0, 3)) for _ in range(n)]
+    if kind == "ints":
+        return [float(rng.randint(0, 1000)) for _ in range(n)]
+    if kind == "shares":  # what _pack_node packs: an expert's load split over its replicas
+        return [rng.choice([90.0, 40.0, 7.0]) / rng.randint(1, 6) for _ in range(n)]
+    if kind == "floats":
+        return [rng.random() ** 4 * 1000 for _ in range(n)]
+    return [0.0] * n
+
+
+def test_replicate_matches_the_reference_loop():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 12)
+        w = torch.tensor([random_loads(rng, n) for _ in range(rng.randint(1, 3))], dtype=torch.float64)
+        slots = n + rng.randint(0, 3 * n)
+        assert torch.equal(replicate(w, slots), reference_replicate(w, slots)), (w, slots)
+
+
+def test_pack_matches_the_reference_loop():
+    """Both swap searches (every pair at once up to _DENSE_CAPACITY items a bin, bisection above)."""
+    rng = random.Random(1)
+    for trial in range(150):
+        if trial % 5:
+            bins, capacity = rng.randint(1, 6), rng.randint(1, 12)
+        else:  # sizes for the bisection
+            bins, capacity = rng.randint(2, 3), eplb._DENSE_CAPACITY + rng.randint(1, 12)
+        loads = random_loads(rng, bins * capacity)
+        assert pack(loads, bins) == reference_pack(loads, bins), (loads, bins)
+
+
+def test_both_swap_searches_pick_the_same_swap():
+    rng = random.Random(2)
+    found = 0
+    for _ in range(400):
+        bins, cap = rng.randint(2, 6), rng.randint(1, 20)
+        held = np.array(random_loads(rng, bins * cap)).reshape(bins, cap)
+        total = held.sum(1) + np.array([rng.choice([0.0, 0.0, 1e-10, rng.random()]) for _ in range(bins)])
+        h = int(np.argmax(total))
+        dense = eplb._best_swap_dense(held, total, h)
+        assert eplb._best_swap_sorted(held, total, h) == dense, (held, total, h)
+        found += dense is not None
+    assert found > 100  # most states have a swap to agree on
+
+
+def test_logical_to_physical_matches_the_reference_loop():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        E = int(torch.randint(1, 9, (1,), generator=g))
+        L, R = int(torch.randint(1, 4, (1,), generator=g)), E + int(torch.randint(0, 12, (1,), generator=g))
+        phy2log = torch.randint(0, E, (L, R), generator=g)
+        phy2log[:, :E] = torch.arange(E)  # every expert somewhere
+        phy2log = phy2log[:, torch.randperm(R, generator=g)]
+        new, ref = logical_to_physical(phy2log, E), reference_logical_to_physical(phy2log, E)
+        assert torch.equal(new[0], ref[0]) and torch.equal(new[1], ref[1])
+
+
+def test_plans_match_the_reference_loops():
+    """Whole plans, hierarchical and global, on random sizes and loads with and without ties."""
+    rng = random.Random(4)
+    for trial in range(60):
+        nodes = rng.choice([1, 1, 2, 4])
+        gpus = nodes * rng.randint(1, 3)
+        groups = rng.choice([1, nodes, 2 * nodes])
+        experts = groups * rng.randint(1, 6)
+        while experts < gpus:
+            experts += groups
+        replicas = gpus * (-(-experts // gpus) + rng.randint(0, 4))
+        w = torch.tensor([random_loads(rng, experts) for _ in range(rng.randint(1, 3))]).round()
+        if trial % 2:
+            w = w.long()
+        new, ref = rebalance(w, replicas, gpus, nodes, groups), reference_rebalance(w, replicas, gpus, nodes, groups)
+        assert torch.equal(new.phy2log, ref.phy2log), (w, replicas, gpus, nodes, groups)
+        assert torch.equal(new.log2phy, ref.log2phy) and torch.equal(new.logcnt, ref.logcnt)
+        assert (new.global_layers, new.trivial_layers) == (ref.global_layers, ref.trivial_layers)
