@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "validate",
         help="check dump files (ours or SGLang's) against the schema's invariants",
-        epilog="exit status: 0 every file is valid, 1 some file is INVALID, 2 a path that is not there",
+        epilog="exit status: 0 every file is valid, 1 some file is INVALID (not a valid dump, or not a regular file: "
+        "a FIFO, a device), 2 a path that is not there",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="dump files, or folders to search for them")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout instead of lines")

@@ -7,6 +7,7 @@ import errno
 import io
 import os
 import secrets
+import stat
 from typing import Any
 
 import msgspec
@@ -122,7 +123,31 @@ def sniff(head: bytes, source: str) -> str:
     raise DumpFormatError(f"{source}: unknown format (not .pt, msgpack, JSON or SGLang's CSV)")
 
 
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_regular_file(path: str) -> None:
+    """Refuse, naming it, a path that is not a regular file, before anything opens it: opening a
+    FIFO waits for a writer (forever), and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing, no permission: the open that follows says so
+    if stat.S_ISDIR(mode):
+        raise DumpFormatError(f"{path}: is a directory; pass a file")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(mode)), "a special file")
+        raise DumpFormatError(f"{path}: is {kind}, not a regular file; pass a dump file")
+
+
 def detect_format(path: str) -> str:
+    """The format of the dump file ``path`` from its first bytes."""
+    check_regular_file(path)
     with open(path, "rb") as f:
         return sniff(f.read(16), path)
 
@@ -136,9 +161,7 @@ def load_dump(path: str | os.PathLike[str]) -> Dump:
     >>> dump = load_dump("expert_distribution_recorder_1700000000.0.pt")  # doctest: +SKIP
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise DumpFormatError(f"{path}: is a directory; pass a file")
-    fmt = detect_format(path)
+    fmt = detect_format(path)  # refuses a folder, a FIFO or a device first
     if fmt == "pt":
         return load_sglang_pt(path)
     if fmt == "csv":

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from .dump import MODES, Dump, Topology, row_sum
+from .sglang import INT64_MAX
 
 Problem = tuple[str, str]
+_LOW = (1 << 32) - 1
 
 
 def _is_int(t: torch.Tensor) -> bool:
@@ -31,6 +34,27 @@ def _counts(t: object, path: str, shape: list[int | None], out: list[Problem]) -
         out.append((path, f"negative count {int(t.min())}"))
         return False
     return True
+
+
+def _exact_sum(
+    t: torch.Tensor, add: Callable[[torch.Tensor], torch.Tensor], terms: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add(t)``, a sum of at most ``terms`` of the non-negative counts ``t``, as int64, and where
+    the true sum passes INT64_MAX (there it is INT64_MAX): an int64 sum would wrap and compare as
+    some other count.
+
+    Past the cheap bound, the high and low 32 bits are added apart, which cannot wrap for fewer
+    than 2^31 terms (a dump holds at most MAX_ELEMENTS), and joined with the carry.
+    """
+    bound = INT64_MAX // max(terms, 1)
+    if not t.numel() or torch.iinfo(t.dtype).max <= bound or int(t.max()) <= bound:
+        total = add(t)
+        return total, torch.zeros(total.shape, dtype=torch.bool)
+    t = t.to(torch.int64)
+    low = add(t & _LOW)
+    high = add(t >> 32) + (low >> 32)
+    over = high > INT64_MAX >> 32
+    return torch.where(over, INT64_MAX, (high << 32) | (low & _LOW)), over
 
 
 def topology_problems(topo: Topology) -> list[Problem]:
@@ -96,34 +120,53 @@ def validate_dump(dump: Dump) -> list[Problem]:
     if not _counts(dump.logical_count, "logical_count", [None, L, E], out):
         return out
     B = dump.logical_count.shape[0]
-    total = row_sum(dump.logical_count)
+    total, over = _exact_sum(dump.logical_count, row_sum, B)
+    if bool(over.any()):
+        _past_int64("logical_count[:, {0}, {1}]", "the rows sum past int64", over, out)
+    else:
+        _check_totals(dump, total, out)
+    _check_physical(dump, B, out)
+    _check_records(dump, B, out)
+    return out
+
+
+def _past_int64(field: str, message: str, over: torch.Tensor, out: list[Problem]) -> None:
+    """One problem for the first place ``over`` is set (its index formats ``field`` and ``message``)."""
+    where = over.nonzero()
+    more = f" (and {len(where) - 1} more)" if len(where) > 1 else ""
+    out.append((field.format(*where[0].tolist()), message.format(*where[0].tolist()) + more))
+
+
+def _check_totals(dump: Dump, total: torch.Tensor, out: list[Problem]) -> None:
+    """The window's totals ``[L, E]`` (logical_count's rows summed) against the rest of the dump."""
+    m, w = dump.model, dump.window
+    L, E = m.num_layers, m.num_logical_experts
     if dump.total_logical_count is not None and _counts(dump.total_logical_count, "total_logical_count", [L, E], out):
         if bool((dump.total_logical_count < total).any()):
             out.append(("total_logical_count", "is below the sum of logical_count's rows"))
         total = dump.total_logical_count.to(torch.int64)
 
     observed = set(m.moe_layer_ids)
-    for layer in total.sum(1).nonzero().flatten().tolist():  # layers with counts: work bounded by the data
+    for layer in total.any(1).nonzero().flatten().tolist():  # layers with counts: work bounded by the data
         if layer not in observed:
             out.append((f"logical_count[:, {layer}, :]", f"layer {layer} has counts but is not in model.moe_layer_ids"))
 
+    per_layer, over = _exact_sum(total, lambda t: t.sum(1), E)
+    for layer in over.nonzero().flatten().tolist():
+        out.append((f"logical_count[:, {layer}, :]", "the layer's counts sum past int64"))
     if (
         w.num_tokens is not None
         and w.discarded is not None
         and m.top_k is not None
         and len(w.num_tokens) == L == len(w.discarded)
     ):
-        for layer in range(L):
-            got = int(total[layer].sum()) + w.discarded[layer]
+        for layer, (count, past) in enumerate(zip(per_layer.tolist(), over.tolist())):
+            got = count + w.discarded[layer]
             want = w.num_tokens[layer] * m.top_k
-            if got != want:
+            if got != want and not past:
                 out.append(
                     (f"logical_count[:, {layer}, :]", f"counts + discarded = {got}, but num_tokens x top_k = {want}")
                 )
-
-    _check_physical(dump, B, out)
-    _check_records(dump, B, out)
-    return out
 
 
 def _check_physical(dump: Dump, B: int, out: list[Problem]) -> None:
@@ -143,10 +186,13 @@ def _check_physical(dump: Dump, B: int, out: list[Problem]) -> None:
         out.append(("physical_to_logical_map", f"maps to expert {int(mapping.max())}, outside [0, {E})"))
         return
     if phys is not None and _counts(phys, "physical_count", [B, L, P], out):
-        logical = torch.zeros(B, L, E, dtype=torch.int64).scatter_add_(
-            -1, mapping.to(torch.int64).expand(B, L, P), phys.to(torch.int64)
+        index = mapping.to(torch.int64).expand(B, L, P)
+        logical, over = _exact_sum(
+            phys, lambda t: torch.zeros(B, L, E, dtype=torch.int64).scatter_add_(-1, index, t.to(torch.int64)), P
         )
-        if not torch.equal(logical, dump.logical_count.to(torch.int64)):
+        if bool(over.any()):
+            _past_int64("physical_count[{0}, {1}, :]", "the slots of expert {2} sum past int64", over, out)
+        elif not torch.equal(logical, dump.logical_count.to(torch.int64)):
             out.append(("physical_count", "does not sum to logical_count through physical_to_logical_map"))
 
 

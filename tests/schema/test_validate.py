@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from moe_record_sdk.cli import main
+from moe_record_sdk.errors import DumpFormatError
+from moe_record_sdk.schema import detect_format, load_dump
 from moe_record_sdk.schema.io import _enc_hook
 from moe_record_sdk.schema.tensors import tensor_to_wire
 
@@ -144,3 +146,93 @@ def test_console_script_entry(tmp_path):
     path = random_dump(2).save(str(tmp_path / "d.msgpack"))
     run = subprocess.run([sys.executable, "-m", "moe_record_sdk", "validate", path], capture_output=True, text=True)
     assert run.returncode == 0 and "OK" in run.stdout
+
+
+def test_fifo_and_devices_are_refused_not_read(tmp_path):
+    """Opening a FIFO waits for a writer and /dev/zero never ends: refused by name, at once
+    (subprocesses, so that a regression fails on the timeout instead of hanging the suite)."""
+    fifo = tmp_path / "pipe.msgpack"
+    os.mkfifo(fifo)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    os.mkfifo(folder / "rank0.pt")  # found by searching a folder, as dumps are
+    cli = [sys.executable, "-m", "moe_record_sdk"]
+    run = subprocess.run(
+        [*cli, "validate", str(fifo), "/dev/zero", str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 1
+    assert f"INVALID  {fifo}: $: {fifo}: is a FIFO (named pipe), not a regular file; pass a dump file" in run.stdout
+    assert "INVALID  /dev/zero: $: /dev/zero: is a character device, not a regular file" in run.stdout
+    assert f"INVALID  {folder / 'rank0.pt'}: $: {folder / 'rank0.pt'}: is a FIFO (named pipe)" in run.stdout
+    # the other commands read through the same load_dump
+    for args in (["summary", str(fifo)], ["merge", str(fifo), "-o", str(tmp_path / "m.msgpack")]):
+        run = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and f"{fifo}: is a FIFO (named pipe), not a regular file" in run.stderr, args
+    code = "import sys\nfrom moe_record_sdk import load_dump\ntry:\n    load_dump(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)"
+    run = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
+    assert run.stdout.startswith(f"DumpFormatError {fifo}: is a FIFO (named pipe), not a regular file")
+
+
+def test_a_folder_where_a_file_is_expected(tmp_path):
+    for read in (detect_format, load_dump):
+        with pytest.raises(DumpFormatError, match="is a directory; pass a file"):
+            read(str(tmp_path))
+
+
+INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def past_int64(raw: dict, case: str) -> None:
+    """Counts whose sums pass INT64_MAX: an int64 sum wraps, to a negative count or to 0."""
+    raw["window"].update(num_tokens=None, discarded=None)
+    if case == "layer":  # one layer's experts: the true sum equals num_tokens x top_k, the wrapped one is negative
+        count = torch.zeros(1, 3, 8, dtype=torch.int64)
+        count[0, 0, :2] = 1 << 62
+        raw["window"].update(num_tokens=[1 << 62, 0, 0], discarded=[0, 0, 0])
+    elif case == "layer_to_zero":  # sums to 2^64, which wraps to 0: layer 0's counts went unseen
+        count = torch.zeros(1, 3, 8, dtype=torch.int64)
+        count[0, 0, :3] = torch.tensor([INT64_MAX, INT64_MAX, 2])
+        raw["model"]["moe_layer_ids"] = [1, 2]
+    elif case == "rows":  # one expert's passes: the wrapped total is negative, below any total
+        count = torch.zeros(2, 3, 8, dtype=torch.int64)
+        count[:, 1, 4] = 3 << 61
+    else:  # physical slots of one expert: 2^64 wraps to its logical count, 0
+        count = torch.zeros(1, 3, 8, dtype=torch.int64)
+        mapping = torch.cat([torch.arange(8), torch.zeros(2, dtype=torch.int64)]).expand(3, 10).clone()
+        phys = torch.zeros(1, 3, 10, dtype=torch.int64)
+        phys[0, 2, [0, 8, 9]] = torch.tensor([INT64_MAX, INT64_MAX, 2])
+        raw["model"]["num_physical_experts"] = 10
+        raw.update(physical_to_logical_map=tensor_to_wire(mapping), physical_count=tensor_to_wire(phys))
+    raw["logical_count"] = tensor_to_wire(count)
+
+
+@pytest.mark.parametrize(
+    ("case", "problem"),
+    [
+        ("layer", "logical_count[:, 0, :]: the layer's counts sum past int64"),
+        ("layer_to_zero", "logical_count[:, 0, :]: the layer's counts sum past int64"),
+        ("rows", "logical_count[:, 1, 4]: the rows sum past int64"),
+        ("physical", "physical_count[0, 2, :]: the slots of expert 0 sum past int64"),
+    ],
+)
+def test_sums_past_int64_are_named_not_wrapped(tmp_path, capsys, case, problem):
+    raw = raw_dump()
+    past_int64(raw, case)
+    path = write_raw(tmp_path / "big.msgpack", raw)
+    code, out = validate(capsys, path)
+    assert code == 1
+    assert f"INVALID  {path}: {problem}\n" in out
+    assert "num_tokens x top_k" not in out  # no mismatch made up from a wrapped sum
+    if case == "layer_to_zero":
+        assert "layer 0 has counts but is not in model.moe_layer_ids" in out
+
+
+def test_sums_up_to_int64_max_are_exact(tmp_path, capsys):
+    raw = raw_dump()
+    count = torch.zeros(2, 3, 8, dtype=torch.int64)
+    count[:, 0, :2] = 1 << 60  # layer 0 sums to 2^62, within int64 past the cheap bound
+    count[0, 1, 0], count[1, 1, 0] = INT64_MAX - 5, 5  # one expert's rows: INT64_MAX exactly
+    raw["logical_count"] = tensor_to_wire(count)
+    raw["window"].update(num_tokens=[1 << 61, 1 << 62, 0], discarded=[0, 1, 0])
+    code, out = validate(capsys, write_raw(tmp_path / "big.msgpack", raw))
+    assert code == 0, out
