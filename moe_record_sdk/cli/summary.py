@@ -10,6 +10,7 @@ import torch
 
 from ..analysis.summary import print_summary, summarize, to_csv, to_json
 from ..errors import MoeRecordError
+from ..schema.io import check_regular_file
 from ..schema.sglang import torch_load
 from .convert import INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs
 
@@ -53,6 +54,7 @@ def _not_int(dtype: torch.dtype) -> bool:
 
 def load_placement(path: str) -> torch.Tensor:
     """The ``physical_to_logical_map`` of an SGLang ``--init-expert-location`` style ``.pt``."""
+    check_regular_file(path)  # a FIFO would block the open
     with open(path, "rb") as f:  # sizes checked before anything is allocated, as for dumps
         obj = torch_load(f, os.fstat(f.fileno()).st_size, path)
     mapping = obj.get("physical_to_logical_map") if isinstance(obj, dict) else obj

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import DumpFormatError
 from ..schema.dump import Dump
+from ..schema.io import check_regular_file
 from .passes import INT64_MAX, add_count, per_pass_dump
 
 _RANK = re.compile(r"rank(\d+)\.jsonl$")
@@ -39,6 +40,7 @@ def _int(v: object, where: str, name: str) -> int:
 
 
 def _lines(path: str):
+    check_regular_file(path)  # a FIFO would block the open
     try:
         with open(path) as f:
             for n, text in enumerate(f, start=1):

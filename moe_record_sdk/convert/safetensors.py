@@ -13,6 +13,7 @@ import struct
 import torch
 
 from ..errors import DumpFormatError
+from ..schema.io import check_regular_file
 
 _DTYPES = {
     "I64": torch.int64,
@@ -31,6 +32,7 @@ _MAX_HEADER = 100 << 20
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a ``.safetensors`` file, on the CPU."""
+    check_regular_file(path)  # a FIFO would block the open, a device never end
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < 8:

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import DumpFormatError
 from ..schema.dump import Dump
+from ..schema.io import check_regular_file
 from .passes import add_count, per_pass_dump
 from .safetensors import read_safetensors
 
@@ -44,6 +45,7 @@ def load_trtllm_statistic(folder: str, *, num_layers: int | None = None) -> Dump
     >>> dump = load_trtllm_statistic("expert_statistic")  # doctest: +SKIP
     """
     meta_path = os.path.join(folder, "meta_info.json")
+    check_regular_file(meta_path)  # a FIFO would block the open
     try:
         with open(meta_path) as f:
             meta = json.load(f)

@@ -115,3 +115,37 @@ def test_trtllm_iterations_times_layers_past_max_elements(tmp_path):
     folder = trtllm_folder(tmp_path, records, num_experts=1)
     with pytest.raises(DumpFormatError, match=rf"{folder}: 8194 iterations x {MAX_LAYERS} layers x 1 experts"):
         load_trtllm_statistic(folder)
+
+
+def test_foreign_inputs_that_are_fifos_are_refused_not_read(tmp_path):
+    """Megatron's .jsonl, TensorRT-LLM's meta_info.json and rank files, and summary's
+    --placement open their paths directly: a FIFO there is refused by name, at once
+    (subprocesses, so that a regression fails on the timeout instead of hanging the suite)."""
+    import os
+    import subprocess
+    import sys
+
+    from moe_record_sdk.convert.safetensors import read_safetensors
+
+    from ..dumps import random_dump
+
+    cli = [sys.executable, "-m", "moe_record_sdk"]
+    os.mkfifo(tmp_path / "rank0.jsonl")
+    trt = tmp_path / "expert_statistic"
+    trt.mkdir()
+    os.mkfifo(trt / "meta_info.json")
+    dump = tmp_path / "run.msgpack"
+    random_dump(seed=1, mode="stat").save(str(dump))
+    os.mkfifo(tmp_path / "init.pt")
+    cases = [
+        (["convert", str(tmp_path / "rank0.jsonl"), "--megatron-ep-size", "1", "-o", str(tmp_path / "a.msgpack")], "rank0.jsonl"),
+        (["summary", str(dump), "--placement", str(tmp_path / "init.pt")], "init.pt"),
+    ]  # fmt: skip
+    for args, name in cases:
+        run = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and f"{name}: is a FIFO (named pipe), not a regular file" in run.stderr, (args, run)
+    with pytest.raises(DumpFormatError, match="meta_info.json: is a FIFO"):
+        load_trtllm_statistic(str(trt))  # (the CLI takes such a folder for no statistic at all)
+    os.mkfifo(tmp_path / "rank0.safetensors")
+    with pytest.raises(DumpFormatError, match="rank0.safetensors: is a FIFO"):
+        read_safetensors(str(tmp_path / "rank0.safetensors"))
