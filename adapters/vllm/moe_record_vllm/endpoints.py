@@ -104,8 +104,17 @@ class MoeRecordEndpoints:
         def endpoint_for(path: str) -> Any:
             # The route's own path, not the request's: behind --root-path the request's has the prefix.
             async def endpoint(request: Request) -> Response:
-                body = await request.body()
-                resp = await handler.handle(request.method, path, request.url.query, request.headers.raw, body)
+                # Auth, method and Content-Length first: a body nobody may send is never read.
+                resp = handler.precheck(request.method, path, request.headers.raw)
+                if resp is None:
+                    chunks, size = [], 0
+                    async for chunk in request.stream():
+                        chunks.append(chunk)
+                        size += len(chunk)
+                        if size > handler.max_body:
+                            break  # handle() answers 413; the rest is never read
+                    body = b"".join(chunks)
+                    resp = await handler.handle(request.method, path, request.url.query, request.headers.raw, body)
                 return Response(content=resp.body, status_code=resp.status, headers=resp.headers)
 
             return endpoint

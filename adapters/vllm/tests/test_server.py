@@ -81,6 +81,13 @@ def test_sglang_endpoints_answer_as_sglang(servers) -> None:
         # Other methods get our 405 (JSON error, instance header), not FastAPI's.
         r = c.put("/start_expert_distribution_record", headers={"accept": "application/json"})
         assert r.status_code == 405 and r.json()["ok"] is False and "x-moe-record-instance" in r.headers
+        # A body over the limit: 413, by its Content-Length or, chunked, once the limit is passed.
+        json_accept = {"accept": "application/json"}
+        r = c.post("/start_expert_distribution_record", content=b" " * (65 << 10), headers=json_accept)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        chunked = (b" " * (16 << 10) for _ in range(8))  # no Content-Length
+        r = c.post("/start_expert_distribution_record", content=chunked, headers=json_accept)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 
 def test_fleet_dump_is_exact_valid_and_sglang_readable(servers, tiny_model: str, reference) -> None:
