@@ -84,10 +84,12 @@ class WorkerRecording:
         )
         first = moe_runners(model)[0]
         self.topology = _topology(self.vllm_config, first)
-        if any(r.do_naive_dispatch_combine for r in moe_runners(model)):
+        # Sequence-parallel MoE (EP with TP > 1) routes a chunk of the tokens per TP rank, padded,
+        # and the modular all2all kernels do it without naive dispatch: not verified either.
+        if any(r.do_naive_dispatch_combine or _sequence_parallel(r) for r in moe_runners(model)):
             log.warning(
-                "moe-record-vllm: naive DP dispatch or sequence parallelism routes tokens of other ranks on this "
-                "rank; counts under this layout are not verified"
+                "moe-record-vllm: naive DP dispatch or sequence-parallel MoE routes tokens of other ranks, or a "
+                "chunk of them, on this rank; counts under this layout are not verified"
             )
         device = self._device(model)
         self.frozen = _frozen(self.vllm_config)
@@ -195,3 +197,8 @@ class WorkerRecording:
             "moe_layer_ids": list(self.layer_map.moe_layer_ids),
             **self.recorder.status().to_dict(),
         }
+
+
+def _sequence_parallel(runner: Any) -> bool:
+    config = getattr(runner, "moe_config", None)
+    return bool(getattr(config, "is_sequence_parallel", False))
