@@ -14,18 +14,22 @@ here follow the topology each dump carries instead:
   agree exactly, else ``MergeError`` names the ranks and the layer. Pipeline stages observe
   disjoint layers and simply fill each other in.
 * **Summing.** Different shards, and different runs, saw different tokens: they are summed.
-* **Completeness.** Every token shard of a run must be present, and every shard must cover the
-  same layers (a missing pipeline stage would under-count those layers); ``allow_partial=True``
-  merges what is there.
+* **Completeness.** Every token shard and every pipeline stage of a run must be present, and
+  every shard must cover the same layers (a missing stage would under-count its layers);
+  ``allow_partial=True`` merges what is there.
+* **Physical ids.** Where physical counts are dropped (below), ``per_token`` ids are mapped to
+  logical experts through each dump's own map.
 * **Compatibility.** Schema, ``num_layers``, experts, ``top_k`` and model name must match, else
   ``MergeError`` names the difference.
 * **Modes.** Equal modes are kept. Otherwise the dumps are reduced to what all of them hold:
   ``stat`` (totals) if any is ``stat``, else ``per_pass`` (per_token ids dropped).
-  ``stat`` rows (SGLang's per-window buffer) are summed row by row when every shard holds the
-  same number of rows over the same number of passes, else reduced to one cumulative row.
+  ``stat`` rows (SGLang's per-window buffer) are summed row by row when every shard holds ring
+  rows over the same passes, or every shard one cumulative row; else they are reduced to one
+  cumulative row (a ring's one row is its last pass, not a total).
   ``per_pass``/``per_token`` records of replicas are matched by ``forward_pass_id`` (replicas run
   the same passes) and the records of different shards are concatenated; in the merged dump a
-  record's ``rank`` is the index of its token group (run x shard, in input order).
+  record's ``rank`` is the index of its token group (run x shard, in input order; the groups of
+  an input merged before stay apart).
 * **Physical counts** are kept only when every dump has them with the same
   ``physical_to_logical_map``; the logical counts are exact either way.
 * **Window.** ``num_tokens``, ``discarded`` and drops per layer come from the same replica as
@@ -81,10 +85,30 @@ def reduce_dump(dump: Dump, mode: str) -> Dump:
 
 
 def _strip_physical(dump: Dump) -> Dump:
-    if dump.physical_to_logical_map is None and dump.physical_count is None:
+    """``dump`` in logical experts only: physical counts and the map dropped, and per_token ids
+    (physical slots where there is a map) mapped to their logical experts."""
+    mapping = dump.physical_to_logical_map
+    if mapping is None and dump.physical_count is None:
         return dump
+    records = dump.records
+    if mapping is not None and any(r.topk_ids_of_layer is not None for r in records):
+        records = [_logical_ids(r, mapping.to(torch.int64)) for r in records]
     model = msgspec.structs.replace(dump.model, num_physical_experts=None)
-    return msgspec.structs.replace(dump, model=model, physical_count=None, physical_to_logical_map=None)
+    return msgspec.structs.replace(
+        dump, model=model, physical_count=None, physical_to_logical_map=None, records=records
+    )
+
+
+def _logical_ids(record: Record, mapping: torch.Tensor) -> Record:
+    """``record`` with its slot ids [L, T, k] mapped through ``mapping`` [L, P]; -1 stays -1."""
+    ids = record.topk_ids_of_layer
+    if ids is None:
+        return record
+    slots = ids.to(torch.int64)
+    valid = (slots >= 0) & (slots < mapping.shape[1])
+    logical = mapping.gather(1, slots.clamp(0, mapping.shape[1] - 1).reshape(mapping.shape[0], -1))
+    logical = torch.where(valid, logical.reshape(slots.shape), -1)
+    return msgspec.structs.replace(record, topk_ids_of_layer=logical.to(ids.dtype))
 
 
 @dataclass
@@ -111,6 +135,8 @@ class _Part:
     num_tokens: list[int] | None
     discarded: list[int] | None
     passes: int
+    ring: int
+    """The ring's rows (``window.buffer_size``) of its members; 0: one cumulative row."""
     dropped_passes: int
     dropped_tokens: int
     unobserved: set[int]
@@ -125,12 +151,14 @@ def _check_compatible(members: list[_Member]) -> None:
             raise MergeError(
                 f"{m.source}: schema {type(m.dump).__name__} differs from {first.source}'s {type(first.dump).__name__}"
             )
-        a, b = first.dump.model, m.dump.model
-        for name in ("num_layers", "num_logical_experts", "top_k", "name"):
-            va, vb = getattr(a, name), getattr(b, name)
-            if va is not None and vb is not None and va != vb:
+    for name in ("num_layers", "num_logical_experts", "top_k", "name"):
+        # Against the first dump that says (an SGLang file has no top_k), whatever the order.
+        known = [(m, getattr(m.dump.model, name)) for m in members if getattr(m.dump.model, name) is not None]
+        for m, value in known[1:]:
+            if value != known[0][1]:
                 raise MergeError(
-                    f"{m.source}: model.{name} is {vb!r}, but {first.source} has {va!r}: not the same model"
+                    f"{m.source}: model.{name} is {value!r}, but {known[0][0].source} has {known[0][1]!r}: "
+                    "not the same model"
                 )
 
 
@@ -183,6 +211,17 @@ def _groups(run: list[_Member], allow_partial: bool, run_name: str) -> list[tupl
         raise MergeError(
             f"{run_name}token shards {missing} are missing (present: {sorted(groups)}); their tokens would not be "
             "counted. Pass allow_partial=True (--allow-partial) to merge what is there"
+        )
+    stages = run[0].dump.topology.pp_size
+    missing = (
+        sorted(set(range(stages)) - {m.dump.topology.pp_rank for m in run})
+        if run[0].dump.topology.world_size > 1
+        else []
+    )
+    if missing and not allow_partial:  # missing from every shard: the shards' layers still agree
+        raise MergeError(
+            f"{run_name}pipeline stages {missing} of {stages} are missing; their layers would read as never used. "
+            "Pass allow_partial=True (--allow-partial) to merge what is there"
         )
     out = []
     for shard in sorted(groups):
@@ -275,6 +314,7 @@ def _reduce_group(name: str, members: list[_Member], mode: str) -> _Part:
         num_tokens=_per_layer(first.window.num_tokens, owner_of, "num_tokens", L),
         discarded=_per_layer(first.window.discarded, owner_of, "discarded", L),
         passes=max(w.num_passes for w in windows),
+        ring=max(w.buffer_size for w in windows),
         dropped_passes=max(w.dropped_passes for w in windows),
         dropped_tokens=max(w.dropped_tokens for w in windows),
         unobserved={layer for w in windows for layer in w.unobserved_layers} - set(owner_of),
@@ -387,9 +427,10 @@ def _combine(parts: list[_Part], members: list[_Member], mode: str, keep_phys: b
     total = _sum([p.total for p in parts], "total counts")
     phys = None
     if mode == "stat":
-        # Rows of different shards line up only when they cover the same passes.
-        shapes = {(p.rows.shape[0], p.passes) if p.rows is not None else None for p in parts}
-        aligned = None not in shapes and (len(shapes) == 1 or {s[0] for s in shapes} == {1})  # type: ignore[index]
+        # Rows add up only when they mean the same: cumulative rows (no ring), or ring rows over
+        # the same passes. A ring's one row is its last pass, not a total.
+        kinds = {None if p.rows is None else (p.rows.shape[0], p.passes) if p.ring else "cumulative" for p in parts}
+        aligned = len(kinds) == 1 and None not in kinds
         if aligned:
             rows = _sum([p.rows for p in parts], "logical_count")  # type: ignore[misc]
             if keep_phys:
@@ -399,12 +440,18 @@ def _combine(parts: list[_Part], members: list[_Member], mode: str, keep_phys: b
             if keep_phys:
                 phys = _sum([p.phys_total for p in parts], "physical_count").unsqueeze(0)  # type: ignore[misc]
         records: list[Record] = []
-        buffer_size = max(m.dump.window.buffer_size for m in members) if aligned and rows.shape[0] > 1 else 0
+        buffer_size = max(p.ring for p in parts) if aligned else 0
     else:
         rows = torch.cat([p.rows for p in parts])  # type: ignore[misc]
         if keep_phys:
             phys = torch.cat([p.phys_rows for p in parts])  # type: ignore[misc]
-        records = [msgspec.structs.replace(r, rank=g) for g, p in enumerate(parts) for r in p.records]
+        # One rank per (token group, the record's own rank): an input merged before keeps its groups apart.
+        index: dict[tuple[int, int], int] = {}
+        records = [
+            msgspec.structs.replace(r, rank=index.setdefault((g, r.rank), len(index)))
+            for g, p in enumerate(parts)
+            for r in p.records
+        ]
         buffer_size = max(m.dump.window.buffer_size for m in members)
 
     # The merge is ours: its sdk_version says so (and that its topology is complete, see is_sglang_file).

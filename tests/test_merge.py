@@ -169,14 +169,19 @@ def test_missing_shards_and_stages_are_refused_unless_partial() -> None:
     assert torch.equal(merge_dumps([a], allow_partial=True).total_count(), a.total_count())
 
     def stage(shard: int, layers) -> object:
-        return record(
-            shard,
-            Topology(rank=2 * shard + (layers[0] > 1), world_size=4, pp_size=2, token_shard=shard, num_token_shards=2),
-            layers=layers,
+        pp_rank = int(layers[0] > 1)
+        topo = Topology(
+            rank=2 * shard + pp_rank, world_size=4, pp_rank=pp_rank, pp_size=2, token_shard=shard, num_token_shards=2
         )
+        return record(shard, topo, layers=layers)
 
     with pytest.raises(MergeError, match=r"observed layers \[0, 1\], but .* observed \[0, 1, 2, 3\]"):
         merge_dumps([stage(0, (0, 1)), stage(0, (2, 3)), stage(1, (0, 1))])
+    # A stage missing from every shard: the shards agree with each other, and still lack its layers.
+    first_stage = [stage(0, (0, 1)), stage(1, (0, 1))]
+    with pytest.raises(MergeError, match=r"pipeline stages \[1\] of 2 are missing"):
+        merge_dumps(first_stage)
+    assert merge_dumps(first_stage, allow_partial=True).model.moe_layer_ids == [0, 1]
 
 
 def test_runs_ranks_and_engines() -> None:
@@ -329,3 +334,86 @@ def test_merge_distributed_in_a_one_process_gloo_group(tmp_path) -> None:
     finally:
         dist.destroy_process_group()
     same_counts(merged, dump)
+
+
+def _dp_recorder(rank: int, **options) -> Recorder:
+    topo = Topology(rank=rank, world_size=2, dp_rank=rank, dp_size=2, token_shard=rank, num_token_shards=2)
+    return Recorder(num_layers=1, num_experts=4, top_k=1, topology=topo, **options)
+
+
+@pytest.mark.parametrize("ring", [None, 2])
+def test_per_token_ids_are_logical_when_physical_counts_are_dropped(ring) -> None:
+    """EPLB replicas of expert 0 in slots 4 and 5. With a ring that overwrote a pass (or maps
+    that differ) the merge keeps logical counts only: its per_token ids must be logical too."""
+    mapping = torch.tensor([[0, 1, 2, 3, 0, 0]])
+    dumps = []
+    for rank in (0, 1):
+        rec = _dp_recorder(rank, mode="per_token", buffer_size=ring, physical_to_logical_map=mapping)
+        rec.start()
+        for _ in range(3):
+            rec.record(0, torch.tensor([[4], [5], [1]]))
+            rec.step()
+        dumps.append(rec.dump())
+    merged = merge_dumps(dumps)
+    want = [0, 0, 1] if merged.physical_to_logical_map is None else [4, 5, 1]  # logical, or slots with their map
+    assert [r.topk_ids_of_layer[0].flatten().tolist() for r in merged.records] == [want] * len(merged.records)
+    assert validate_dump(merged) == []
+    if ring:
+        assert merged.physical_to_logical_map is None
+
+
+def test_merging_a_merged_dump_keeps_its_record_ranks_apart() -> None:
+    """Two engines of two data-parallel ranks each, each engine's ranks merged (as an engine's
+    endpoint answers), then the engines merged (as a Fleet does): passes stay one per rank."""
+
+    def engine():
+        dumps = []
+        for rank in (0, 1):
+            rec = _dp_recorder(rank, mode="per_pass")
+            rec.start()
+            for _ in range(2):
+                rec.record(0, torch.tensor([[rank], [3]]))
+                rec.step()
+            dumps.append(rec.dump())
+        return merge_dumps(dumps)
+
+    one = engine()
+    for merged in (merge_dumps([one]), merge_dumps([engine(), engine()])):
+        assert validate_dump(merged) == []
+        pairs = [(r.rank, r.forward_pass_id) for r in merged.records]
+        assert len(set(pairs)) == len(pairs) == merged.logical_count.shape[0]
+    assert sorted({r.rank for r in merge_dumps([engine(), engine()]).records}) == [0, 1, 2, 3]
+
+
+def test_a_rings_last_pass_is_not_summed_into_a_cumulative_row() -> None:
+    """A stat dump with a 1-row ring (its row: the last pass) and one without (its row: every
+    pass): the rows mean different things, so the merge keeps the exact totals as one
+    cumulative row instead of summing them and calling that cumulative."""
+    ring, plain = Recorder(1, 4, 1, buffer_size=1), Recorder(1, 4, 1)
+    for rec in (ring, plain):
+        rec.start()
+        for e in (0, 1, 2):
+            rec.record(0, torch.tensor([[e]]))
+            rec.step()
+    a, b = ring.dump(), plain.dump()
+    merged = merge_dumps([a, b])
+    assert merged.window.buffer_size == 0 and merged.logical_count.shape[0] == 1
+    assert merged.logical_count[0, 0].tolist() == [2, 2, 2, 0] == merged.total_count()[0].tolist()
+    alone = merge_dumps([a])  # one ring: its row stays its last pass, labelled as a ring
+    assert alone.window.buffer_size == 1 and alone.logical_count[0, 0].tolist() == [0, 0, 1, 0]
+
+
+def test_compatibility_does_not_depend_on_the_order() -> None:
+    """A dump that does not say its top_k (SGLang's own files) first: the others still disagree."""
+
+    def with_top_k(dump, top_k):
+        return msgspec.structs.replace(dump, model=msgspec.structs.replace(dump.model, top_k=top_k))
+
+    unknown, two, four = (
+        with_top_k(record(1, Topology()), None),
+        record(2, Topology()),
+        with_top_k(record(3, Topology()), 4),
+    )
+    for order in ([unknown, two, four], [two, unknown, four], [four, two, unknown]):
+        with pytest.raises(MergeError, match="model.top_k is"):
+            merge_dumps(order)

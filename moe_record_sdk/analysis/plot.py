@@ -164,7 +164,7 @@ def _passes(ax, dump: Dump, ep_size: int | None) -> None:
     bal = m.balancedness(rows)  # [B, L']: SGLang's per-pass value, averaged over layers
     twin.plot(x, bal.mean(-1).numpy(), color="tab:blue", lw=1.0, label="balancedness, experts")
     if ep_size:
-        gpu = m.balancedness(m.gpu_loads(rows, num_gpus=ep_size))  # SGLang's logged value
+        gpu = m.balancedness(m.gpu_loads(rows, num_gpus=ep_size))  # SGLang's per-layer value, over MoE layers
         twin.plot(x, gpu.mean(-1).numpy(), color="tab:green", lw=1.0, label=f"balancedness, {ep_size} GPUs")
     twin.set_ylim(0, 1.05)
     twin.set_ylabel("balancedness")

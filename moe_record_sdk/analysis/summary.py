@@ -54,8 +54,9 @@ class LayerSummary(msgspec.Struct, kw_only=True):
 
 
 class Overall(msgspec.Struct, kw_only=True):
-    """Means of the per-layer metrics over the MoE layers that got load (SGLang averages its
-    balancedness over layers the same way), plus totals."""
+    """Means of the per-layer metrics over the MoE layers that got load, plus totals. (SGLang's
+    logged balancedness averages over all ``num_hidden_layers``, dense and idle layers counting
+    as 1.0, and then over passes: higher than this mean on a model with dense layers.)"""
 
     layers: int
     """MoE layers averaged (those with any load)."""
