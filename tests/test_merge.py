@@ -266,9 +266,14 @@ def test_cli_merge_refuses_records_merge_beside_its_engines(tmp_path, capsys) ->
     engines = [record(s, Topology()).save(str(tmp_path / f"engine-{s}-127.0.0.1_{30000 + s}.pt")) for s in range(2)]
     assert main(["merge", *engines, "-o", str(tmp_path / "merged.pt")]) == 0
     capsys.readouterr()
-    assert main(["merge", *sorted(glob.glob(str(tmp_path / "*.pt"))), "-o", str(tmp_path / "m2.pt")]) == 2
+    run = sorted(glob.glob(str(tmp_path / "*.pt")))
+    assert main(["merge", *run, "-o", str(tmp_path / "m2.pt")]) == 2
     assert "merged.pt is `moe-record record`'s merge" in capsys.readouterr().err
     assert not (tmp_path / "m2.pt").exists()
+    # summary --merge and eplb merge their inputs the same way: they refuse it too (they doubled every count)
+    for args in (["summary", *run, "--merge"], ["eplb", *run, "--replicas", str(E), "--gpus", "1"]):
+        assert main(args) == 2, args
+        assert "merged.pt is `moe-record record`'s merge" in capsys.readouterr().err
 
 
 def test_cli_merge_refuses_what_validate_refuses_its_own_inputs_and_sums_past_int64(tmp_path, capsys) -> None:

@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `moe-record ... | head` closed the pipe: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    except KeyboardInterrupt:  # Ctrl-C (or the demo's SIGTERM) where no command saves anything: no traceback
+        print("moe-record: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -108,24 +108,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=run, action=action)
 
 
+#: Ctrl-C, and the polite stops of ``timeout``, systemd, docker and Kubernetes (SIGTERM) and of a
+#: closed terminal (SIGHUP).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 class OnCtrlC:
-    """Ctrl-C runs ``handler`` instead of raising ``KeyboardInterrupt`` (on the main thread, where
-    signals go; elsewhere nothing changes). ``record`` uses it to end the recording however often
-    Ctrl-C is pressed, and a dump to finish: the engines clear their windows as they dump, so
-    stopping halfway would lose what was collected."""
+    """Ctrl-C (or SIGTERM, SIGHUP: ``STOP_SIGNALS``) runs ``handler`` instead of raising
+    ``KeyboardInterrupt`` or ending the process (on the main thread, where signals go; elsewhere
+    nothing changes). ``record`` uses it to end the recording however often it is pressed, and a
+    dump to finish: the engines clear their windows as they dump, so stopping halfway would lose
+    what was collected."""
 
     def __init__(self, handler: Callable[[], None]) -> None:
-        self.handler, self.installed, self.previous = handler, False, None
+        self.handler, self.previous = handler, {}
 
     def __enter__(self) -> OnCtrlC:
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, lambda *_: self.handler())
-            self.installed = True
+            for sig in STOP_SIGNALS:
+                self.previous[sig] = signal.signal(sig, lambda *_: self.handler())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.installed:
-            signal.signal(signal.SIGINT, self.previous or signal.SIG_DFL)
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self.previous = {}
 
 
 def wait_on_ctrl_c(echo: Callable[[str], None]) -> OnCtrlC:

@@ -55,7 +55,25 @@ def merged(dumps: list[tuple[str, Dump]]) -> tuple[str, Dump]:
     from ..merge import merge_dumps
 
     labels = [label for label, _ in dumps]
+    refuse_merge_beside_its_inputs(labels)
     return f"merged({', '.join(labels)})", merge_dumps([d for _, d in dumps], sources=labels)
+
+
+def refuse_merge_beside_its_inputs(files: Sequence[str]) -> None:
+    """Refuse a ``merged.*`` given with ``engine-*`` files of the same folder: ``record --out``
+    writes both (``run/*.pt`` picks up both), and the merge already sums those engines."""
+    by_folder: dict[str, list[str]] = {}
+    for f in files:
+        by_folder.setdefault(os.path.dirname(os.path.abspath(f)), []).append(f)
+    for group in by_folder.values():
+        names = [os.path.basename(f) for f in group]
+        if any(n.startswith("engine-") for n in names):
+            twice = next((f for f, n in zip(group, names) if n.startswith("merged.")), None)
+            if twice:
+                raise MoeRecordError(
+                    f"{twice} is `moe-record record`'s merge of the engine-* dumps also given: every engine would "
+                    "count twice (give the engine-* files, or the merged file alone)"
+                )
 
 
 def check_outputs(inputs: Sequence[str], outputs: Sequence[str | None]) -> None:

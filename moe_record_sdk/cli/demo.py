@@ -21,7 +21,12 @@ import time
 import httpx
 from rich.console import Console
 
+from .control import OnCtrlC, check_out, positive
+from .convert import positive_int
 from .serve import READY
+
+#: Marks a folder the demo made: the next demo replaces the dumps there, and only there.
+DEMO_MARK = ".moe-record-demo"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,8 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "Fleet call, write the dumps to --out, validate them and print the per-layer summary.",
     )
     p.add_argument("--out", default="moe-record-demo", help="folder for the dumps (default ./moe-record-demo)")
-    p.add_argument("--duration", type=float, default=3.0, help="seconds of recording (default 3)")
-    p.add_argument("--engines", type=int, default=2, help="how many engines (default 2)")
+    p.add_argument("--duration", type=positive, default=3.0, help="seconds of recording (default 3)")
+    p.add_argument("--engines", type=positive_int, default=2, help="how many engines (default 2)")
     p.add_argument(
         "--mode", choices=("stat", "per_pass", "per_token"), default="stat", help="recording mode (default stat)"
     )
@@ -60,11 +65,14 @@ def start_engine(index: int, dump_dir: str, mode: str, timeout: float = 60.0) ->
 
     threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + timeout
-    while not url:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_engine(proc)
-            raise RuntimeError(f"engine {index} did not start:\n" + "\n".join(lines[-20:]))
-        time.sleep(0.05)
+    try:
+        while not url:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"engine {index} did not start:\n" + "\n".join(lines[-20:]))
+            time.sleep(0.05)
+    except BaseException:  # Ctrl-C while it starts too: its own session, so nothing else would end it
+        stop_engine(proc)
+        raise
     return proc, url[0]
 
 
@@ -110,22 +118,37 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     out = os.path.abspath(args.out)
-    if os.path.isdir(out):  # the demo's own folder: the last demo's dumps make way for this one's
+    if os.path.isfile(os.path.join(out, DEMO_MARK)):  # an earlier demo's folder: its dumps make way
         for name in os.listdir(out):
             if name.startswith(("engine-", "merged.")):
-                os.remove(os.path.join(out, name))
+                with contextlib.suppress(OSError):  # check_out names what stays
+                    os.remove(os.path.join(out, name))
+    problem = check_out(out)  # any other folder must hold no dumps: nothing is deleted there
+    if problem:
+        console.print(f"moe-record demo: {problem}", style="red", markup=False, soft_wrap=True)
+        return 2
+    with open(os.path.join(out, DEMO_MARK), "w") as f:
+        f.write("made by moe-record demo: the next demo replaces the dumps in this folder\n")
     t0 = time.monotonic()
     procs: list[subprocess.Popen] = []
+    stopping = threading.Event()
+
+    def stop_now() -> None:  # SIGTERM, SIGHUP, Ctrl-C before the recording: end, stopping the engines
+        if not stopping.is_set():
+            stopping.set()
+            raise KeyboardInterrupt
+
     try:
         console.print(f"starting {args.engines} reference engines (tiny MoE model) on 127.0.0.1 ...", markup=False)
         urls = []
-        for i in range(args.engines):
-            proc, url = start_engine(i, os.path.join(out, f"server-{i}"), args.mode)
-            procs.append(proc)
-            urls.append(url)
-            console.print(f"  engine {i}: {url}", markup=False)
+        with OnCtrlC(stop_now):
+            for i in range(args.engines):
+                proc, url = start_engine(i, os.path.join(out, f"server-{i}"), args.mode)
+                procs.append(proc)
+                urls.append(url)
+                console.print(f"  engine {i}: {url}", markup=False)
         console.print(
-            f"recording across {len(urls)} engines with one Fleet, traffic on both, for {args.duration:g} s",
+            f"recording across {len(urls)} engines with one Fleet, traffic on each, for {args.duration:g} s",
             markup=False,
         )
         with Fleet(urls, api_key="", timeout=30.0) as fleet:

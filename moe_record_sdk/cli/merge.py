@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 from ..convert import read_inputs
 from ..errors import MoeRecordError
 from ..merge import merge_dumps
 from ..schema import save_dump
-from .convert import check_outputs, fail
+from .convert import check_outputs, fail, refuse_merge_beside_its_inputs
 from .validate import resolve_dump_files
 
 
@@ -34,15 +32,8 @@ def run(args: argparse.Namespace) -> int:
     files = resolve_dump_files("merge", args.paths)
     if files is None:
         return 2
-    twice = _merge_beside_its_inputs(files)
-    if twice:
-        print(
-            f"moe-record merge: {twice} is `moe-record record`'s merge of the engine-* dumps also given: "
-            "every engine would count twice (give the engine-* files, or the merged file alone)",
-            file=sys.stderr,
-        )
-        return 2
     try:
+        refuse_merge_beside_its_inputs(files)
         check_outputs([*args.paths, *files], [args.output])
         dumps = [dump for _, dump in read_inputs(files)]  # validated: what validate refuses, merge does not write
         merged = merge_dumps(dumps, sources=files, allow_partial=args.allow_partial)
@@ -53,18 +44,3 @@ def run(args: argparse.Namespace) -> int:
     tokens = f"{max(w.num_tokens, default=0)} tokens per layer" if w.num_tokens is not None else "tokens not recorded"
     print(f"merged {len(files)} dumps -> {path} ({w.mode}, {w.num_passes} passes, {tokens})")
     return 0
-
-
-def _merge_beside_its_inputs(files: list[str]) -> str | None:
-    """A ``merged.*`` given with ``engine-*`` files of the same folder: ``record --out`` writes
-    both (``run/*.pt`` picks up both), and the merge already sums those engines."""
-    by_folder: dict[str, list[str]] = {}
-    for f in files:
-        by_folder.setdefault(os.path.dirname(os.path.abspath(f)), []).append(f)
-    for group in by_folder.values():
-        names = [os.path.basename(f) for f in group]
-        if any(n.startswith("engine-") for n in names):
-            merged = [f for f, n in zip(group, names) if n.startswith("merged.")]
-            if merged:
-                return merged[0]
-    return None

@@ -199,7 +199,7 @@ def _progress(
             console.print()
         interrupted.set()
     if interrupted.is_set():
-        console.print("stopping (Ctrl-C)")
+        console.print("stopping (Ctrl-C or SIGTERM)")
 
 
 def _status_table(status: Any, elapsed: float, until: str) -> Table:

@@ -223,7 +223,7 @@ def test_ctrl_c_pressed_many_times_still_stops_dumps_and_saves(engines, tmp_path
     finally:
         proc.kill()
     assert proc.returncode == 0, output
-    assert "stopping (Ctrl-C)" in output and "Traceback" not in output
+    assert "stopping (Ctrl-C or SIGTERM)" in output and "Traceback" not in output
     assert not rec.status().recording
     assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
 
@@ -252,3 +252,30 @@ def test_record_where_no_engine_starts_leaves_no_folder(engines, tmp_path, capsy
     kept.mkdir()
     assert main(["record", "-e", engines.down(), "--retries", "0", "--duration", "0.2", "--out", str(kept)]) == 1
     assert kept.is_dir()
+
+
+def test_sigterm_ends_the_recording_like_ctrl_c(engines, tmp_path):
+    """`timeout`, systemd, docker and Kubernetes stop a process with SIGTERM: the recording ends,
+    the engine is stopped and dumped, the dumps are saved (SIGTERM used to kill it at once,
+    saving nothing and leaving the engine recording)."""
+    import signal
+    import subprocess
+    import sys
+
+    rec, server = engines.ours()
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moe_record_sdk", "record", "-e", server.url, "--interval", "0.2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not rec.status().recording and time.monotonic() < deadline:
+            time.sleep(0.05)
+        expected = feed(rec, seed=21)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "stopping (Ctrl-C or SIGTERM)" in output and "Traceback" not in output
+    assert not rec.status().recording
+    assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
