@@ -236,7 +236,8 @@ def summarize(
         worst_layer=worst.layer if worst else None,
     )
     return Summary(
-        source=source,
+        # A file name that is not UTF-8 (surrogate escapes) as text any writer takes: JSON refuses surrogates.
+        source=None if source is None else source.encode("utf-8", "backslashreplace").decode("utf-8"),
         engine=dump.engine.name + (f" {dump.engine.version}" if dump.engine.version else ""),
         model=dump.model.name,
         mode=dump.window.mode,

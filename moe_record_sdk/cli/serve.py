@@ -9,6 +9,7 @@ import sys
 from .. import env
 from ..errors import MoeRecordError
 from ..schema import MODES
+from .convert import positive_int
 
 #: The line printed once the server accepts connections; the demo reads the URL from it.
 READY = "moe-record serve: listening on "
@@ -22,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "random weights) with SGLang's expert-distribution endpoints, POST /generate and GET /health.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=30000, help="port (0: any free port; default 30000, SGLang's)")
+    p.add_argument("--port", type=_port, default=30000, help="port (0: any free port; default 30000, SGLang's)")
     p.add_argument("--hf-config", metavar="PATH", help="a transformers MoE config.json (or its folder): random weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--num-layers", type=int, default=4, help="tiny model: layers (default 4)")
@@ -43,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help=f"require this bearer token (default ${env.MOE_RECORD_API_KEY})")
     p.add_argument("--no-control", action="store_true", help="leave the recording endpoints out (404)")
     p.add_argument("--start", action="store_true", help="start recording at once")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=run)
     return p
 
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"moe-record serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
-    url = f"http://{host}:{port}"
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # IPv6 in brackets
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
     server = uvicorn.Server(config)
     control = "off" if args.no_control else f"on, dumps to {dump_dir}" + (", bearer token required" if api_key else "")
@@ -117,3 +118,11 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
         engine.attachment.detach()
     return 0
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0-65535 (0: any free one)."""
+    value = int(text) if text.isdecimal() else -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0-65535, got {text!r}")
+    return value

@@ -7,12 +7,15 @@ error answers are the handler's, so every route behaves alike.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 from ..env import DEFAULT_MAX_BODY
 from .control import Backend, ControlError, Controller
 from .handler import ControlHandler, Response, _headers, _query, check_bearer
+
+log = logging.getLogger(__name__)
 
 #: An extra route's endpoint: ``(method, query, headers, body) -> Response``; headers and
 #: query are dicts (lower-case header names).
@@ -78,6 +81,9 @@ class ControlApp:
             return await route.endpoint(method, _query(scope.get("query_string", b"")), h, body)
         except ControlError as e:
             return self.handler.error(e, h)
+        except Exception as e:  # a model failure answers in our error format, as a control call's does
+            log.exception("%s %s failed", method, route.path)
+            return self.handler.error(ControlError(500, "engine_error", f"{type(e).__name__}: {e}"), h)
 
 
 def make_app(

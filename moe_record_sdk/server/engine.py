@@ -143,7 +143,10 @@ class ReferenceEngine:
             texts = texts if batch else [texts]
             if not texts or not all(isinstance(t, str) and t for t in texts):
                 raise ControlError(400, "bad_body", "text: expected a non-empty string or list of them")
-            prompts = [list(t.encode("utf-8")) for t in texts]
+            try:
+                prompts = [list(t.encode("utf-8")) for t in texts]
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in the JSON)
+                raise ControlError(400, "bad_body", f"text: not valid Unicode ({e.reason})") from None
         else:
             ids = req["input_ids"]
             batch = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)

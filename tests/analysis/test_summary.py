@@ -228,3 +228,17 @@ def test_a_placement_file_is_size_checked_before_loading(tmp_path, capsys):
     assert main(["summary", path, "--placement", str(plan)]) == 2
     err = capsys.readouterr().err
     assert "physical_to_logical_map" in err and "over the limit" in err and len(err.strip().splitlines()) == 1
+
+
+def test_json_of_a_file_whose_name_is_not_utf8(tmp_path, capsys):
+    """A file name with a byte that is not UTF-8 (a surrogate escape in Python): JSON out, its
+    name escaped (msgspec refused the surrogate with a traceback)."""
+    import os
+
+    from ..dumps import random_dump
+
+    path = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"r\xff.msgpack"))
+    random_dump(seed=1, mode="stat").save(path)
+    assert main(["summary", "--json", path]) == 0
+    (doc,) = json.loads(capsys.readouterr().out)
+    assert doc["source"].endswith("r\\udcff.msgpack")

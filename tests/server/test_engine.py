@@ -76,6 +76,7 @@ def test_generate_text_and_bad_requests(served):
             b'{"text": "a", "max_new_tokens": 0}',
             b'{"text": "a", "max_new_tokens": 100000}',
             b'{"text": ""}',
+            b'{"text": "\\ud800"}',  # a lone surrogate: no UTF-8 for it (was a bare 500)
         ]
         for body in bad:
             r = http.post("/generate", content=body, headers={"accept": "application/json"})
