@@ -113,6 +113,11 @@ def test_transformers_moe_config_random_weights(served, tmp_path):
     assert dump.window.num_passes == 3  # prompt, then one pass per new token but the last
     assert dump.total_count()[0].sum() == 0  # the dense layer is numbered, not counted
     assert dump.total_count()[1:].sum(1).tolist() == [(3 + 2) * 2] * 2
+    # A config file by another name is the model served, not the config.json beside it.
+    config.num_experts = 8
+    config.to_json_file(str(tmp_path / "qwen3moe" / "variant.json"))
+    variant = ReferenceEngine.from_hf_config(str(tmp_path / "qwen3moe" / "variant.json"))
+    assert variant.recorder.num_experts == 8
 
 
 def test_serve_command_starts_answers_and_ends(tmp_path):
