@@ -93,8 +93,10 @@ class ReferenceEngine:
         folder = os.path.dirname(path) if os.path.isfile(path) else path
         if not os.path.isfile(path) and not os.path.isfile(os.path.join(folder, "config.json")):
             raise MoeRecordError(f"{path}: no config.json there")
-        # The file given, whatever its name (its folder's config.json would be another model).
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        # The file given, whatever its name (its folder's config.json would be another model); a
+        # config.json by its folder, so the model is named as vLLM and transformers name it.
+        own = os.path.isfile(path) and os.path.basename(path) != "config.json"
+        config = AutoConfig.from_pretrained(path if own else folder, local_files_only=True)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
         name = getattr(config, "name_or_path", None) or f"{config.model_type} ({folder})"
