@@ -177,9 +177,11 @@ def _progress(
     until = "until Ctrl-C" if duration is None else f"for {duration:g} s"
     table = _status_table(None, 0.0, until)
 
+    def left() -> float:  # till the next poll, or the end of the duration if sooner
+        return interval if duration is None else min(interval, duration - (time.monotonic() - t0))
+
     def poll() -> Any:
-        left = interval if duration is None else min(interval, duration - (time.monotonic() - t0))
-        return fleet.status(timeout=max(0.2, left))
+        return fleet.status(timeout=max(0.2, left()))
 
     try:
         with Live(table, console=console, refresh_per_second=4, transient=False) as live:
@@ -189,8 +191,7 @@ def _progress(
                 if now >= next_poll:
                     live.update(_status_table(poll(), now, until))
                     next_poll = now + interval
-                left = interval if duration is None else min(interval, duration - (time.monotonic() - t0))
-                time.sleep(max(0.0, min(0.1, left)))
+                time.sleep(max(0.0, min(0.1, left())))
             live.update(_status_table(fleet.status(timeout=min(interval, 1.0)), time.monotonic() - t0, until))
         if not console.is_terminal:
             console.print()  # Live leaves a file or pipe without the last newline

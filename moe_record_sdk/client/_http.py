@@ -45,6 +45,12 @@ class BodyTooLarge(httpx.RemoteProtocolError):
     """An answer's body over the request's ``max_body``, or more than memory can hold."""
 
 
+def check_body_size(n: int, limit: int | None, how: str, request: httpx.Request | None = None) -> None:
+    """Raise ``BodyTooLarge`` for ``n`` bytes of a body (``how``: " announced", " so far") over ``limit``."""
+    if limit is not None and n > limit:
+        raise BodyTooLarge(f"a body of {n} bytes{how}, over the limit of {limit}", request=request)
+
+
 class Answer(NamedTuple):
     """An HTTP answer as ``send_all`` returns it."""
 
@@ -238,11 +244,7 @@ class _Conn(asyncio.BufferedProtocol):
         elif self._chunked:
             self._parse_chunks()
         else:  # to the connection's end (connection_lost finishes)
-            self._check_size(self._used - self._start, " so far")
-
-    def _check_size(self, n: int, how: str) -> None:
-        if self._max_body is not None and n > self._max_body:
-            raise BodyTooLarge(f"a body of {n} bytes{how}, over the limit of {self._max_body}")
+            check_body_size(self._used - self._start, self._max_body, " so far")
 
     def _read_head(self, head: str) -> None:
         status_line, _, fields = head.partition("\r\n")
@@ -270,7 +272,7 @@ class _Conn(asyncio.BufferedProtocol):
             self._keep = False
         length = None if length is None else int(length)
         if length is not None and not self._no_body:
-            self._check_size(length, " announced")
+            check_body_size(length, self._max_body, " announced")
         if self._no_body or self._status in (204, 304) or 100 <= self._status < 200:
             length = 0
         self._length = None if self._chunked else length
@@ -291,7 +293,7 @@ class _Conn(asyncio.BufferedProtocol):
                 size = int(size_field, 16)
             except ValueError:
                 raise httpx.RemoteProtocolError(f"bad chunk size {size_field[:20]!r}") from None
-            self._check_size(len(self._body) + size, " so far")
+            check_body_size(len(self._body) + size, self._max_body, " so far")
             if size == 0:  # last chunk; trailers (ignored) end with an empty line
                 if raw.find(b"\r\n\r\n", eol, self._used) >= 0:
                     self._complete(None)

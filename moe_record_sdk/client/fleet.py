@@ -28,7 +28,7 @@ from .._version import __version__
 from ..errors import MoeRecordError
 from ..schema import FORMATS, Dump, decode
 from ..server.protocol import DUMP_JSON, H_FILES, H_FORMAT, H_INSTANCE, H_RUN, MSGPACK, PATHS, PT, TEXTS
-from ._http import Answer, BodyTooLarge, Http11Transport, Prepared
+from ._http import Answer, BodyTooLarge, Http11Transport, Prepared, check_body_size
 from ._models import IN_RESPONSE, ON_SERVER, EngineResult, FleetResult
 
 T = TypeVar("T")
@@ -372,8 +372,7 @@ class AsyncFleet:
         try:
             async for chunk in resp.stream:  # type: ignore[union-attr]
                 size += len(chunk)
-                if size > limit:  # as the lean transport refuses it (_http.py)
-                    raise BodyTooLarge(f"a body of {size} bytes so far, over the limit of {limit}", request=request)
+                check_body_size(size, limit, " so far", request)  # as the lean transport refuses it
                 chunks.append(chunk)
         finally:
             await resp.aclose()
