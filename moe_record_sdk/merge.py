@@ -8,6 +8,8 @@ here follow the topology each dump carries instead:
   engine name and parallel sizes. A dump with world_size 1 is a run by itself (one process, or
   an already merged dump). A rank may appear once per run: per-rank files of two engines with
   the same layout must be merged engine by engine first.
+* **Copies.** Two dumps with the same engine name, topology, window (with a start time) and
+  counts are one recording given twice (a copied file): refused, not summed.
 * **Token shards.** Within a run, dumps with the same ``token_shard`` saw the same tokens
   (tensor-parallel replicas, pipeline stages). Each layer is counted once from them: from the
   lowest rank whose ``model.moe_layer_ids`` holds it. Replicas that observed the same layer must
@@ -160,6 +162,26 @@ def _check_compatible(members: list[_Member]) -> None:
                     f"{m.source}: model.{name} is {value!r}, but {known[0][0].source} has {known[0][1]!r}: "
                     "not the same model"
                 )
+
+
+def _refuse_copies(members: list[_Member]) -> None:
+    """Two copies of one dump (a file given twice, or copied) would count its tokens twice. A
+    copy has the same engine, place, window and counts; the window's start time, which every
+    recorder stamps at its own start, is what tells two engines with equal counts apart (files
+    without it, SGLang's own, are not compared: its ranks' stat files are equal by design)."""
+    seen: dict[tuple, list[_Member]] = {}
+    for m in members:
+        d = m.dump
+        if d.window.start_time is None:
+            continue
+        key = (d.engine.name, msgspec.json.encode(d.topology), msgspec.json.encode(d.window))
+        for other in seen.setdefault(key, []):
+            if torch.equal(other.dump.total_count(), d.total_count()):
+                raise MergeError(
+                    f"{m.source} is a copy of {other.source} (same engine, rank, window and counts): merging both "
+                    "would count its tokens twice"
+                )
+        seen[key].append(m)
 
 
 def _complete_sglang_topologies(members: list[_Member]) -> None:
@@ -377,6 +399,7 @@ def merge_dumps(dumps: Sequence[Dump], *, sources: Sequence[str] | None = None, 
         raise MergeError(f"sources: {len(names)} names for {len(dumps)} dumps")
     members = [_Member(d, s) for d, s in zip(dumps, names)]
     _check_compatible(members)
+    _refuse_copies(members)
 
     modes = {d.window.mode for d in dumps}
     mode = modes.pop() if len(modes) == 1 else ("stat" if "stat" in modes else "per_pass")

@@ -294,8 +294,11 @@ def test_cli_merge_refuses_what_validate_refuses_its_own_inputs_and_sums_past_in
     counts = torch.zeros_like(d.logical_count)
     counts[0, 0, 0] = 2**62
     window = msgspec.structs.replace(d.window, num_tokens=None, discarded=None)
-    huge = msgspec.structs.replace(d, logical_count=counts, window=window)
-    paths = [huge.save(str(tmp_path / f"huge{i}.msgpack")) for i in range(2)]
+    huge = [  # two engines' dumps (their own start times), not one copied
+        msgspec.structs.replace(d, logical_count=counts, window=msgspec.structs.replace(window, start_time=t))
+        for t in (1.0, 2.0)
+    ]
+    paths = [h.save(str(tmp_path / f"huge{i}.msgpack")) for i, h in enumerate(huge)]
     assert all(validate_dump(load_dump(p)) == [] for p in paths)
     assert main(["merge", *paths, "-o", str(tmp_path / "h.msgpack")]) == 2
     assert "the sum of the inputs exceeds int64" in capsys.readouterr().err
@@ -422,3 +425,22 @@ def test_compatibility_does_not_depend_on_the_order() -> None:
     for order in ([unknown, two, four], [two, unknown, four], [four, two, unknown]):
         with pytest.raises(MergeError, match="model.top_k is"):
             merge_dumps(order)
+
+
+def test_a_copy_of_a_dump_is_refused_not_counted_twice(tmp_path, capsys) -> None:
+    """A dump copied (``cp``, or downloaded twice) is another file with the same contents: merging
+    both would double its counts. Two engines with equal counts differ in their start times."""
+    d = record(0, Topology())
+    with pytest.raises(MergeError, match=r"dump\[1\] is a copy of dump\[0\]"):
+        merge_dumps([d, d])
+    a = d.save(str(tmp_path / "a.pt"))
+    b = tmp_path / "b.pt"
+    b.write_bytes(Path(a).read_bytes())
+    assert main(["merge", a, str(b), "-o", str(tmp_path / "m.pt")]) == 2
+    assert "b.pt is a copy of" in capsys.readouterr().err and not (tmp_path / "m.pt").exists()
+    twin = msgspec.structs.replace(d, window=msgspec.structs.replace(d.window, start_time=d.window.start_time + 1e-6))
+    assert torch.equal(merge_dumps([d, twin]).total_count(), 2 * d.total_count())
+    # A merged dump given again with its own merge is a copy too.
+    merged = merge_dumps([d, twin])
+    with pytest.raises(MergeError, match="is a copy of"):
+        merge_dumps([merged, twin, merged])
