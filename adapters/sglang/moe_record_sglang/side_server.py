@@ -7,7 +7,8 @@ recorder also serves our endpoints (``spec/http-api.md``: status, mode on start,
 bytes in the answer) for its own rank, on a background thread:
 
 * host ``MOE_RECORD_SGLANG_HOST`` (default ``127.0.0.1``), port ``base + rank``, the world
-  rank; ``--dp-size`` replicas (separate worlds) take the next blocks of ``world_size`` ports;
+  rank; ``--dp-size`` replicas (separate worlds) take the next blocks of ``world_size`` ports,
+  and their dumps say so (``topology.across_replicas``): a Fleet over every port merges them;
 * ``MOE_RECORD_API_KEY`` required as a bearer token when set, files into the same directory as
   SGLang's endpoint (``MOE_RECORD_DUMP_DIR``, else ``SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR``);
 * each server answers for its rank alone, without collectives: point ``moe_record_sdk.Fleet``
@@ -23,11 +24,14 @@ import logging
 import os
 from typing import Any
 
+import msgspec
+
 from moe_record_sdk import Dump
 from moe_record_sdk import env as moe_env
 from moe_record_sdk.server import make_app
 
 from .recorder import SGLangRecorder
+from .topology import across_replicas
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ class RankBackend:
 
     def __init__(self, recorder: SGLangRecorder) -> None:
         self.recorder = recorder
+        # This rank among every replica's ranks, which the Fleet sees side by side.
+        self.topology = across_replicas(recorder.recorder.topology)
 
     async def start(self, mode: str | None) -> None:
         await asyncio.to_thread(self.recorder.start_record, mode)
@@ -55,23 +61,21 @@ class RankBackend:
         await asyncio.to_thread(self.recorder.stop_record)
 
     async def dump(self) -> list[Dump]:
-        return [await asyncio.to_thread(self.recorder.dump_local)]
+        dump = await asyncio.to_thread(self.recorder.dump_local)
+        if dump.topology != self.topology:
+            records = [msgspec.structs.replace(r, rank=self.topology.rank) for r in dump.records]
+            dump = msgspec.structs.replace(dump, topology=self.topology, records=records)
+        return [dump]
 
     async def status(self) -> list[dict[str, Any]]:
         rec = self.recorder.recorder
         status = await asyncio.to_thread(lambda: rec.status().to_dict())
-        return [{"rank": rec.topology.rank, **status}]
+        return [{"rank": self.topology.rank, **status}]
 
 
 def rank_port(base: int, recorder: SGLangRecorder) -> int:
-    """``base + world rank``, shifted by ``world_size`` per ``--dp-size`` replica."""
-    from .topology import _parallel
-
-    topo = recorder.recorder.topology
-    replica = 0
-    if int(_parallel("dp_size", 1)) > 1 and not _parallel("attn_dp_enabled", False):
-        replica = int(_parallel("dp_rank", 0))
-    return base + replica * topo.world_size + topo.rank
+    """``base`` + this rank's place among every ``--dp-size`` replica's ranks."""
+    return base + across_replicas(recorder.recorder.topology).rank
 
 
 def serve(

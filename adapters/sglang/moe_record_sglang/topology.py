@@ -16,13 +16,18 @@ experts, and ``layers/layer_boundary/factories.py``, which places the sparse MoE
   each attention-TP rank routes its own slice too.
 
 ``--dp-size`` replicas without DP attention are separate worlds (``launch_world_size`` is
-``tp_size * pp_size``): each replica is a run of its own.
+``tp_size * pp_size``): each replica is a run of its own, and its in-process dump merges its own
+world. Each routes its own requests' tokens, so where one rank of one replica is seen beside the
+others' (the side servers, a Fleet over every rank) :func:`across_replicas` places it among all
+of them: the replicas are one run of ``dp_size`` times the token shards.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+import msgspec
 
 from moe_record_sdk import Topology
 
@@ -68,6 +73,35 @@ def token_shard() -> tuple[int, int]:
                 "replicas (a merge refuses them if some passes routed different tokens)"
             )
     return min(shard, shards - 1), shards
+
+
+def replica() -> tuple[int, int]:
+    """(this process's ``--dp-size`` replica, number of replicas); (0, 1) without replicas.
+    With DP attention, ``dp_size`` is the attention-DP width inside one world, not replicas."""
+    replicas = int(_parallel("dp_size", 1))
+    if replicas <= 1 or _parallel("attn_dp_enabled", False):
+        return 0, 1
+    return min(int(_parallel("dp_rank", 0)), replicas - 1), replicas
+
+
+def across_replicas(topology: Topology) -> Topology:
+    """``topology`` (a rank within its replica's world) as a rank of all the replicas' ranks:
+    replica r's ranks follow replica r - 1's, and its token shards too (replicas route different
+    tokens), so the replicas' per-rank dumps merge as one run and a missing replica is refused as a
+    missing shard. Replicas have no attention DP, so ``dp`` numbers the replicas."""
+    r, replicas = replica()
+    if replicas == 1:
+        return topology
+    ws, shards = topology.world_size, topology.num_token_shards
+    return msgspec.structs.replace(
+        topology,
+        rank=r * ws + topology.rank,
+        world_size=replicas * ws,
+        dp_rank=r,
+        dp_size=replicas,
+        token_shard=r * shards + topology.token_shard,
+        num_token_shards=replicas * shards,
+    )
 
 
 def stage_layers(num_layers: int) -> list[int] | None:

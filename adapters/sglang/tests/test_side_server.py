@@ -128,6 +128,53 @@ def test_side_servers_of_tensor_parallel_ranks_merge_once(sglang_config, model_d
     assert result.merged.window.num_tokens == result.results[0].dump.window.num_tokens
 
 
+def test_side_servers_of_dp_replicas_merge_as_one_run(sglang_config, model_dir, dump_dir, side_servers):
+    """``--dp-size 2 --tp-size 2`` without DP attention: two separate worlds whose ranks are both
+    numbered 0 and 1. On ports base + replica * 2 + rank, the Fleet over all four merges them:
+    each replica's TP ranks once, the replicas (different tokens) summed; one replica left out is
+    refused as missing tokens, not merged as if whole."""
+    from moe_record_sglang import build_recorder
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_distribution import set_global_expert_distribution_recorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+    from sglang.srt.runtime_context import get_parallel
+
+    base = _free_ports(4)
+    recs, servers = [], []
+    with sglang_config("stat", tp_size=2, dp_size=2):
+        meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
+        for replica in (0, 1):
+            for rank in (0, 1):
+                place = dict(launch_world_rank=rank, tp_rank=rank, attn_tp_rank=rank, moe_ep_rank=0, dp_rank=replica)
+                with get_parallel().override(**place):
+                    rec = build_recorder(meta, 0, mode="stat", top_k=2)
+                    server = side_servers.maybe_serve(rec, {"MOE_RECORD_SGLANG_PORT": str(base)})
+                assert server is not None and server.port == base + 2 * replica + rank
+                recs.append(rec)
+                servers.append(server)
+    assert [r.recorder.topology.rank for r in recs] == [0, 1, 0, 1]  # each replica its own world
+    models = [TinyMoE(seed=s) for s in (4, 4, 5, 5)]  # a replica's TP ranks route alike; replicas differ
+    with Fleet([s.url for s in servers], api_key="", retries=0) as fleet:
+        assert fleet.start().ok
+        valid = []
+        for m, r in zip(models, recs):
+            set_global_expert_distribution_recorder(r)
+            valid.append(run_passes(m, r))
+        result = fleet.dump()
+    assert result.ok, [r.describe() for r in result.results]
+    want = [reference_counts(models[i].logits, valid[i]) for i in (0, 2)]
+    assert not torch.equal(want[0], want[1])
+    assert [r.dump.topology.rank for r in result.results] == [0, 1, 2, 3]
+    assert torch.equal(result.merged.total_count(), want[0] + want[1])  # TP once, replicas summed
+    with Fleet([s.url for s in servers[:2]], api_key="", retries=0) as fleet:  # replica 1 forgotten
+        assert fleet.start().ok
+        for m, r in zip(models[:2], recs[:2]):
+            set_global_expert_distribution_recorder(r)
+            run_passes(m, r)
+        partial = fleet.dump()
+    assert partial.merged is None and "token shards [1] are missing" in (partial.merge_error or "")
+
+
 def test_side_server_that_cannot_start_leaves_sglang_running(sglang_config, model_dir, caplog, side_servers):
     from moe_record_sglang import SGLangRecorder, build_recorder
     from sglang.srt.configs.model_config import ModelConfig
