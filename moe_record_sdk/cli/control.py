@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import env
+from ..client._models import run_file_kind
 from ..schema import FORMATS, MODES
 
 ACTIONS = ("start", "stop", "dump", "status")
@@ -52,7 +53,7 @@ def check_out(directory: str) -> str | None:
     and dumps of an earlier run beside the new ones would pass for this run's."""
     try:
         os.makedirs(directory, exist_ok=True)
-        earlier = sorted(f for f in os.listdir(directory) if f.startswith(("engine-", "merged.")))
+        earlier = sorted(f for f in os.listdir(directory) if run_file_kind(f))
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:

@@ -7,12 +7,15 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ..client._models import run_file_kind
 from ..convert import TARGETS, read_inputs, write
+from ..convert.trtllm import is_trtllm_folder
 from ..errors import MoeRecordError
 from ..schema.dump import Dump
 
 INPUTS_HELP = (
-    "dump files (ours, SGLang .pt or legacy .csv), TensorRT-LLM expert statistic folders "
+    "dump files (ours, SGLang .pt or legacy .csv), folders `moe-record record --out` wrote (their merged dump), "
+    "TensorRT-LLM expert statistic folders "
     "(meta_info.json + rank{R}.safetensors), or Megatron tokens_per_expert/rank{R}.jsonl files"
 )
 
@@ -46,8 +49,50 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def read_args_inputs(args: argparse.Namespace, paths: list[str]) -> list[tuple[str, Dump]]:
-    return read_inputs(paths, megatron_ep_size=args.megatron_ep_size, num_layers=args.num_layers)
+def read_args_inputs(args: argparse.Namespace, paths: list[str], *, merges: bool = False) -> list[tuple[str, Dump]]:
+    files = resolve_record_folders(paths, merges=merges)
+    return read_inputs(files, megatron_ep_size=args.megatron_ep_size, num_layers=args.num_layers)
+
+
+def resolve_record_folders(paths: Sequence[str], *, merges: bool) -> list[str]:
+    """``paths`` with each folder that ``moe-record record --out`` (or ``demo``) wrote replaced by
+    the dump to read there: its ``merged.*``; else its one ``engine-*`` dump; else, for a command
+    that merges its inputs (``merges``), all its ``engine-*`` dumps (record could not merge them;
+    the merge says why again). A TensorRT-LLM folder stays; any other folder is refused. The
+    names are ``FleetResult.save``'s: ``engine-<i>-<host>_<port>.<format>``, ``merged.<format>``."""
+    out: list[str] = []
+    for path in paths:
+        if not os.path.isdir(path) or is_trtllm_folder(path):
+            out.append(path)  # read_inputs reads (or refuses) it
+            continue
+        names = sorted(os.listdir(path))
+        engine_files = [n for n in names if run_file_kind(n) == "engine"]
+        merged_files = [n for n in names if run_file_kind(n) == "merged"]
+        if len(merged_files) > 1:
+            raise MoeRecordError(
+                f"{path}: holds {len(merged_files)} merged dumps ({', '.join(merged_files)}): pass one of them"
+            )
+        if merged_files or len(engine_files) == 1 or (engine_files and merges):
+            out.extend(os.path.join(path, n) for n in merged_files or engine_files)
+        elif engine_files:
+            raise MoeRecordError(
+                f"{path}: holds {len(engine_files)} engine dumps ({_some(engine_files)}) and no merged.* (record "
+                "could not merge them): pass the engine-* files themselves, or merge them (summary --merge and "
+                f"eplb merge them; or `moe-record merge {path} -o FILE`)"
+            )
+        else:
+            holds = f"it holds: {_some(names)}" if names else "it is empty"
+            raise MoeRecordError(
+                f"{path}: a folder without the dumps `moe-record record --out` writes (engine-*, merged.*) and "
+                f"without a TensorRT-LLM statistic's meta_info.json ({holds}): pass dump files"
+            )
+    return out
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    """The first few ``names``, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def merged(dumps: list[tuple[str, Dump]]) -> tuple[str, Dump]:
@@ -67,8 +112,8 @@ def refuse_merge_beside_its_inputs(files: Sequence[str]) -> None:
         by_folder.setdefault(os.path.dirname(os.path.abspath(f)), []).append(f)
     for group in by_folder.values():
         names = [os.path.basename(f) for f in group]
-        if any(n.startswith("engine-") for n in names):
-            twice = next((f for f, n in zip(group, names) if n.startswith("merged.")), None)
+        if any(run_file_kind(n) == "engine" for n in names):
+            twice = next((f for f, n in zip(group, names) if run_file_kind(n) == "merged"), None)
             if twice:
                 raise MoeRecordError(
                     f"{twice} is `moe-record record`'s merge of the engine-* dumps also given: every engine would "

@@ -21,6 +21,7 @@ import time
 import httpx
 from rich.console import Console
 
+from ..client._models import run_file_kind
 from .control import OnCtrlC, check_out, positive
 from .convert import positive_int
 from .serve import READY
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     if os.path.isfile(os.path.join(out, DEMO_MARK)):  # an earlier demo's folder: its dumps make way
         for name in os.listdir(out):
-            if name.startswith(("engine-", "merged.")):
+            if run_file_kind(name):
                 with contextlib.suppress(OSError):  # check_out names what stays
                     os.remove(os.path.join(out, name))
     problem = check_out(out)  # any other folder must hold no dumps: nothing is deleted there
@@ -178,9 +179,9 @@ def _check_merge(out: str, engines: int, console: Console) -> int:
     """The merged dump must hold exactly the sum of the engines' counts."""
     from ..schema import load_dump
 
-    files = sorted(f for f in os.listdir(out) if f.startswith("engine-"))
+    files = sorted(f for f in os.listdir(out) if run_file_kind(f) == "engine")
     dumps = [load_dump(os.path.join(out, f)) for f in files]
-    merged = load_dump(os.path.join(out, next(f for f in os.listdir(out) if f.startswith("merged."))))
+    merged = load_dump(os.path.join(out, next(f for f in os.listdir(out) if run_file_kind(f) == "merged")))
     if len(dumps) != engines:
         console.print(f"expected {engines} engine dumps, found {len(dumps)}", style="red")
         return 1

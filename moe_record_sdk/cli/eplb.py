@@ -91,9 +91,13 @@ def run(args: argparse.Namespace) -> int:
             folder = os.path.dirname(out) or "."
             if not os.path.isdir(folder):
                 raise MoeRecordError(f"{out}: cannot write the file: No such file or directory (no folder {folder})")
-        dumps = read_args_inputs(args, args.paths)
+        dumps = read_args_inputs(args, args.paths, merges=True)
         label, dump = dumps[0] if len(dumps) == 1 else merged(dumps)
         weight = dump.total_count().to(torch.int64)
+        if weight.numel() and not bool(weight.any()):  # any plan "balances" no load: it would mean nothing
+            raise MoeRecordError(
+                f"{label}: the dump recorded no tokens (every expert count is 0): no load to plan from"
+            )
         plan = rebalance(weight, args.replicas, args.gpus, args.nodes, args.groups)
         if args.sglang_out:
             written.append(("SGLang --init-expert-location", plan.save_sglang(args.sglang_out)))

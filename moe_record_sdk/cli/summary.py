@@ -31,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--placement",
         metavar="PT",
-        help="a .pt with physical_to_logical_map [L, P] (an EPLB plan) to evaluate; needs --ep-size"
-        " unless the dump records its EP size",
+        help="a placement [L, P] to evaluate: a .pt with physical_to_logical_map (eplb --sglang-out, SGLang's"
+        " --init-expert-location) or phy2log (eplb --plan-out); needs --ep-size unless the dump records its EP size",
     )
     p.add_argument(
         "--merge",
@@ -52,24 +52,33 @@ def _not_int(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex or dtype == torch.bool
 
 
+#: The keys a placement file holds its [L, P] map under: SGLang's ``--init-expert-location`` file
+#: (``eplb --sglang-out``), and ``eplb --plan-out``'s plan.
+PLACEMENT_KEYS = ("physical_to_logical_map", "phy2log")
+
+
 def load_placement(path: str) -> torch.Tensor:
-    """The ``physical_to_logical_map`` of an SGLang ``--init-expert-location`` style ``.pt``."""
+    """The [L, P] map of an SGLang ``--init-expert-location`` style ``.pt``, or of a plan ``eplb
+    --plan-out`` wrote, or a bare tensor."""
     check_regular_file(path)  # a FIFO would block the open
     with open(path, "rb") as f:  # sizes checked before anything is allocated, as for dumps
         obj = torch_load(f, os.fstat(f.fileno()).st_size, path)
-    mapping = obj.get("physical_to_logical_map") if isinstance(obj, dict) else obj
+    key, mapping = PLACEMENT_KEYS[0], obj
+    if isinstance(obj, dict):
+        key = next((k for k in PLACEMENT_KEYS if k in obj), None)
+        if key is None:
+            raise MoeRecordError(f"{path}: holds neither {' nor '.join(PLACEMENT_KEYS)}: not a placement file")
+        mapping = obj[key]
     if not isinstance(mapping, torch.Tensor) or mapping.dim() != 2 or _not_int(mapping.dtype):
         got = f"{mapping.dtype} {list(mapping.shape)}" if isinstance(mapping, torch.Tensor) else type(mapping).__name__
-        raise MoeRecordError(
-            f"{path}: physical_to_logical_map: expected an int tensor [layers, physical experts], got {got}"
-        )
+        raise MoeRecordError(f"{path}: {key}: expected an int tensor [layers, physical experts], got {got}")
     return mapping.to(torch.int64)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         mapping = load_placement(args.placement) if args.placement else None
-        dumps = read_args_inputs(args, args.paths)
+        dumps = read_args_inputs(args, args.paths, merges=args.merge)
         if args.merge and len(dumps) > 1:
             dumps = [merged(dumps)]
         summaries = [

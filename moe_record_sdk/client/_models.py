@@ -10,11 +10,22 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import EngineError
-from ..schema import Dump, save_dump
+from ..schema import FORMATS, Dump, save_dump
 
 #: Where a dump went.
 IN_RESPONSE = "response"  # the dump's bytes came back and are in ``EngineResult.dump``
 ON_SERVER = "server-disk"  # only a file on the engine's disk (stock SGLang)
+
+
+def run_file_kind(name: str) -> str | None:
+    """``"engine"`` or ``"merged"`` for a file name :meth:`FleetResult.save` writes (what
+    ``record --out`` holds), else None: the one place that knows those names."""
+    stem, dot, fmt = name.rpartition(".")
+    if not dot or fmt not in FORMATS:
+        return None
+    if stem == "merged":
+        return "merged"
+    return "engine" if stem.startswith("engine-") else None
 
 
 @dataclass
@@ -126,11 +137,12 @@ class FleetResult:
             )
         return self
 
-    def save(self, directory: str, *, format: str = "pt", merged_name: str = "merged") -> dict[str, str]:
+    def save(self, directory: str, *, format: str = "pt") -> dict[str, str]:
         """Write each collected dump and the merge into ``directory``.
 
         Files are ``engine-<i>-<host>_<port>.<format>`` (``i`` the engine's position in the fleet)
-        and ``<merged_name>.<format>``. Returns ``{engine URL or "merged": path}``.
+        and ``merged.<format>`` (:func:`run_file_kind` knows them). Returns ``{engine URL or
+        "merged": path}``.
         """
         os.makedirs(directory, exist_ok=True)
         paths: dict[str, str] = {}
@@ -140,7 +152,7 @@ class FleetResult:
                     r.dump, os.path.join(directory, f"engine-{i}-{engine_slug(r.engine)}.{format}")
                 )
         if self.merged is not None:
-            paths["merged"] = save_dump(self.merged, os.path.join(directory, f"{merged_name}.{format}"))
+            paths["merged"] = save_dump(self.merged, os.path.join(directory, f"merged.{format}"))
         return paths
 
 

@@ -16,6 +16,8 @@ from moe_record_sdk.convert import load_megatron_tpe, load_trtllm_statistic, rea
 from moe_record_sdk.schema.io import _msgpack_enc
 
 from ..dumps import random_dump
+from ..server.helpers import make_recorder
+from .folders import record_folder
 
 
 def write_trtllm(folder, records_per_rank, num_experts, top_k, raw=False):
@@ -229,3 +231,15 @@ def test_convert_does_not_write_over_its_input(tmp_path, capsys):
     before = Path(src).read_bytes()
     assert main(["convert", src, "-o", src, "--to", "json"]) == 2
     assert "is also an input" in capsys.readouterr().err and Path(src).read_bytes() == before
+
+
+def test_convert_reads_the_folder_record_wrote(tmp_path, capsys):
+    out, status, (a,) = record_folder(tmp_path, [make_recorder()], name="demo")
+    assert status == 0 and len(os.listdir(out)) == 2  # one engine: its dump and the merged one
+    (Path(out) / ".moe-record-demo").write_text("")  # as `moe-record demo` marks its folder
+    tensor = str(tmp_path / "t.pt")
+    assert main(["convert", out, "-o", tensor, "--to", "tensor"]) == 0
+    assert capsys.readouterr().out.startswith(f"{os.path.join(out, 'merged.pt')} (")
+    assert torch.equal(torch.load(tensor, weights_only=True), a)
+    assert main(["convert", out, "-o", os.path.join(out, "x.msgpack")]) == 2  # not into the folder it reads
+    assert "a folder read as input" in capsys.readouterr().err

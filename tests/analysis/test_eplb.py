@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -12,12 +13,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moe_record_sdk import Recorder
 from moe_record_sdk.analysis import eplb
 from moe_record_sdk.analysis import metrics as m
 from moe_record_sdk.analysis.eplb import logical_to_physical, pack, rebalance, replicate, trivial_placement
 from moe_record_sdk.cli import main
 
 from ..dumps import random_dump
+from ..server.helpers import make_recorder
+from .folders import engine_files, record_folder
 
 
 @st.composite
@@ -210,6 +214,33 @@ def test_a_dump_without_layers_gets_no_plan(tmp_path, capsys):
     torch.save({"rank": 0, "logical_count": torch.zeros(1, 0, 4, dtype=torch.int32)}, path)
     assert main(["eplb", str(path), "--replicas", "8", "--gpus", "2"]) == 2
     assert "weight: expected [layers, experts], both at least 1, got shape [0, 4]" in capsys.readouterr().err
+
+
+def test_a_recording_without_tokens_gets_no_plan(tmp_path, capsys):
+    path = random_dump(1, "stat", tokens=0).save(str(tmp_path / "idle.msgpack"))  # passes ran, no token routed
+    init = tmp_path / "init.pt"
+    assert main(["eplb", path, "--replicas", "12", "--gpus", "4", "--sglang-out", str(init)]) == 2
+    err = capsys.readouterr().err
+    assert f"moe-record eplb: {path}: the dump recorded no tokens (every expert count is 0)" in err
+    assert not init.exists()
+
+
+def test_eplb_plans_from_the_folder_record_wrote(tmp_path, capsys):
+    out, status, (a, b) = record_folder(tmp_path, [make_recorder(), make_recorder()])
+    assert status == 0
+    weight = str(tmp_path / "weight.pt")
+    assert main(["eplb", out, "--replicas", "12", "--gpus", "4", "--weight-out", weight, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == os.path.join(out, "merged.pt")
+    assert torch.equal(torch.load(weight, weights_only=True), a + b)  # each engine once
+    os.remove(os.path.join(out, "merged.pt"))  # eplb merges the engines' dumps itself
+    assert main(["eplb", out, "--replicas", "12", "--gpus", "4", "--weight-out", weight, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["source"] == f"merged({', '.join(engine_files(out))})"
+    assert torch.equal(torch.load(weight, weights_only=True), a + b)
+    # Engines of different models: record could not merge them, and eplb says why again.
+    out, status, _ = record_folder(tmp_path, [make_recorder(), Recorder(3, 6, 2)], name="mixed")
+    assert status == 1 and len(engine_files(out)) == 2 and len(os.listdir(out)) == 2
+    assert main(["eplb", out, "--replicas", "12", "--gpus", "4"]) == 2
+    assert "num_logical_experts" in capsys.readouterr().err
 
 
 # The straightforward loops the fast building blocks replaced: the plan must stay what they give.

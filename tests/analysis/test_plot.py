@@ -13,6 +13,8 @@ from moe_record_sdk.analysis.plot import plot_dumps
 from moe_record_sdk.cli import main
 
 from ..dumps import random_dump
+from ..server.helpers import make_recorder
+from .folders import record_folder
 
 
 def not_blank(path):
@@ -107,3 +109,14 @@ def test_file_names_are_titles_not_mathtext_and_ep_size_must_divide(tmp_path, ca
     path = str(tmp_path / "cost$\\x$.pt")
     assert main(["plot", path, "--ep-size", "3", "-o", str(tmp_path / "e.png")]) == 2
     assert "ep_size: 3 does not divide the 8 experts" in capsys.readouterr().err
+
+
+def test_plot_draws_the_folder_record_wrote(tmp_path, capsys):
+    out, status, _ = record_folder(tmp_path, [make_recorder(), make_recorder()])
+    assert status == 0
+    png = tmp_path / "load.png"
+    assert main(["plot", out, "-o", str(png), "--dpi", "40"]) == 0
+    assert capsys.readouterr().out == f"wrote {png}\n" and not_blank(png)[1] > 10
+    os.remove(os.path.join(out, "merged.pt"))  # two engines' dumps: plot does not merge, and says so
+    assert main(["plot", out, "-o", str(png)]) == 2
+    assert f"moe-record plot: {out}: holds 2 engine dumps" in capsys.readouterr().err

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from moe_record_sdk.analysis import print_summary, summarize, to_csv, to_json
 from moe_record_sdk.cli import main
 
 from ..dumps import random_dump
+from ..server.helpers import make_recorder
+from .folders import engine_files, record_folder
 
 
 def known_dump(mode="stat", mapping=None, passes=((0, 0, 1, 2), (0, 3))):
@@ -242,3 +246,71 @@ def test_json_of_a_file_whose_name_is_not_utf8(tmp_path, capsys):
     assert main(["summary", "--json", path]) == 0
     (doc,) = json.loads(capsys.readouterr().out)
     assert doc["source"].endswith("r\\udcff.msgpack")
+
+
+def test_summary_reads_the_folder_record_wrote(tmp_path, capsys):
+    out, status, (a, b) = record_folder(tmp_path, [make_recorder(), make_recorder()])
+    assert status == 0 and sorted(os.listdir(out))[-1] == "merged.pt" and len(engine_files(out)) == 2
+    for merge in ([], ["--merge"]):  # the merged dump, read once (not beside the engines' it sums)
+        assert main(["summary", out, "--json", *merge]) == 0
+        (s,) = json.loads(capsys.readouterr().out)
+        assert s["source"] == os.path.join(out, "merged.pt")
+        assert s["overall"]["assignments"] == int((a + b).sum())
+    # Without merged.pt (as when record could not merge): one engine dump is read as it is...
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(engine_files(out)[0], single)
+    assert main(["summary", str(single), "--json"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)
+    assert s["source"] == engine_files(str(single))[0] and s["overall"]["assignments"] == int(a.sum())
+    # ...several are merged with --merge, and otherwise refused, naming the folder and what to pass.
+    os.remove(os.path.join(out, "merged.pt"))
+    assert main(["summary", out, "--json", "--merge"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)
+    assert s["source"] == f"merged({', '.join(engine_files(out))})"
+    assert s["overall"]["assignments"] == int((a + b).sum())
+    assert main(["summary", out]) == 2
+    err = capsys.readouterr().err
+    assert f"moe-record summary: {out}: holds 2 engine dumps (" in err and "no merged.*" in err
+    assert "pass the engine-* files themselves, or merge them (summary --merge" in err
+
+
+def test_a_folder_record_did_not_write_is_refused_naming_what_it_holds(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["summary", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty}: a folder without the dumps `moe-record record --out` writes (engine-*, merged.*)" in err
+    assert "meta_info.json (it is empty): pass dump files" in err
+    other = tmp_path / "other"
+    other.mkdir()
+    for n in ("a.txt", "b.pt", "c.pt", "d.pt", "e.pt"):
+        (other / n).write_bytes(b"")
+    assert main(["summary", str(other)]) == 2
+    assert "(it holds: a.txt, b.pt, c.pt, d.pt and 1 more): pass dump files" in capsys.readouterr().err
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    random_dump(1).save(str(twice / "merged.pt"))
+    random_dump(1).save(str(twice / "merged.json"))
+    assert main(["summary", str(twice)]) == 2
+    assert f"{twice}: holds 2 merged dumps (merged.json, merged.pt): pass one of them" in capsys.readouterr().err
+
+
+def test_summary_placement_takes_the_plan_eplb_writes(tmp_path, capsys):
+    path = placement_dump().save(str(tmp_path / "d.msgpack"))
+    init, plan = str(tmp_path / "init.pt"), str(tmp_path / "plan.pt")
+    eplb = ["eplb", path, "--replicas", "10", "--gpus", "2", "--sglang-out", init, "--plan-out", plan]
+    assert main(eplb) == 0
+    capsys.readouterr()
+    summaries = []
+    for placement in (init, plan):  # the same placement, read from either file
+        assert main(["summary", path, "--placement", placement, "--ep-size", "2", "--json"]) == 0
+        summaries.append(json.loads(capsys.readouterr().out))
+    assert summaries[0] == summaries[1]
+    assert summaries[1][0]["placement"] == "physical_to_logical_map" and summaries[1][0]["layers"][0]["gpus"]
+    other = str(tmp_path / "other.pt")
+    torch.save({"log2phy": torch.zeros(4, 8, 1, dtype=torch.int64)}, other)
+    assert main(["summary", path, "--placement", other, "--ep-size", "2"]) == 2
+    assert (
+        f"{other}: holds neither physical_to_logical_map nor phy2log: not a placement file" in capsys.readouterr().err
+    )
