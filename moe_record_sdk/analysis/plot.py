@@ -155,17 +155,24 @@ def _passes(ax, dump: Dump, ep_size: int | None) -> None:
         return
     layers = moe_layers(dump) or list(range(dump.model.num_layers))
     rows = dump.logical_count[:, layers].to(torch.float64)  # [B, L', E]
-    x = [r.forward_pass_id for r in dump.records] if len(dump.records) == B else list(range(B))
-    ax.plot(x, rows.sum((1, 2)).numpy(), color="tab:purple", lw=1.2, label="assignments")
-    ax.set_xlabel("forward pass")
-    ax.set_ylabel("assignments per pass")
-    ax.set_title("load over passes")
+    records = dump.records if len(dump.records) == B else []
+    x = torch.tensor([r.forward_pass_id for r in records] if records else range(B))
+    # A merge's token groups (record ranks) ran side by side, each with its own pass ids: one line each.
+    rank = torch.tensor([r.rank for r in records] if records else [0] * B)
+    lines = [rank == g for g in dict.fromkeys(rank.tolist())]
+    series = [("assignments", "tab:purple", 1.2, ax, rows.sum((1, 2)))]
     twin = ax.twinx()
     bal = m.balancedness(rows)  # [B, L']: SGLang's per-pass value, averaged over layers
-    twin.plot(x, bal.mean(-1).numpy(), color="tab:blue", lw=1.0, label="balancedness, experts")
+    series.append(("balancedness, experts", "tab:blue", 1.0, twin, bal.mean(-1)))
     if ep_size:
         gpu = m.balancedness(m.gpu_loads(rows, num_gpus=ep_size))  # SGLang's per-layer value, over MoE layers
-        twin.plot(x, gpu.mean(-1).numpy(), color="tab:green", lw=1.0, label=f"balancedness, {ep_size} GPUs")
+        series.append((f"balancedness, {ep_size} GPUs", "tab:green", 1.0, twin, gpu.mean(-1)))
+    for label, color, lw, axis, y in series:
+        for i, sel in enumerate(lines):
+            axis.plot(x[sel].numpy(), y[sel].numpy(), color=color, lw=lw, label=None if i else label)
+    ax.set_xlabel("forward pass")
+    ax.set_ylabel("assignments per pass")
+    ax.set_title("load over passes" + (f" ({len(lines)} ranks, a line each)" if len(lines) > 1 else ""))
     twin.set_ylim(0, 1.05)
     twin.set_ylabel("balancedness")
     h1, l1 = ax.get_legend_handles_labels()

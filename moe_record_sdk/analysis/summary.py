@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 from typing import Any
 
@@ -75,6 +76,9 @@ class PassSummary(msgspec.Struct, kw_only=True):
 
     index: int
     forward_pass_id: int | None
+    rank: int | None = None
+    """The record's rank; in a merged dump its token group (an engine's shard): passes of
+    different groups ran side by side, and their ids are each group's own."""
     assignments: int
     experts: Metrics
     """Means over the MoE layers with load in this pass."""
@@ -273,6 +277,7 @@ def _passes(dump: Dump, layers: list[int], to_gpus: Any) -> list[PassSummary]:
         PassSummary(
             index=i,
             forward_pass_id=records[i].forward_pass_id if records else None,
+            rank=records[i].rank if records else None,
             assignments=int(assignments[i]),
             experts=experts[i],
             gpus=gpus[i] if gpus is not None else None,
@@ -293,7 +298,7 @@ def to_json(summaries: Summary | list[Summary]) -> str:
 
 CSV_COLUMNS = [
     "source", "scope", "layer", "pass", "over", "tokens", "assignments", "max", "mean",
-    "max_over_mean", "imbalance_ratio", "balancedness", "jain", "cv", "hot", "dead",
+    "max_over_mean", "imbalance_ratio", "balancedness", "jain", "cv", "hot", "dead", "forward_pass_id", "rank",
 ]  # fmt: skip
 
 
@@ -333,6 +338,8 @@ def to_csv(summaries: Summary | list[Summary]) -> str:
                             **base,
                             "scope": "pass",
                             "pass": p.index,
+                            "forward_pass_id": p.forward_pass_id,
+                            "rank": p.rank,
                             "over": over,
                             "assignments": p.assignments,
                             **msgspec.structs.asdict(mt),
@@ -357,14 +364,16 @@ def _dead(st: LoadStats) -> str:
 
 
 def _pass_chunks(passes: list[PassSummary], limit: int) -> list[tuple[str, list[PassSummary]]]:
-    """At most ``limit`` groups of consecutive passes, labelled by their range."""
-    n = len(passes)
-    size = max(1, math.ceil(n / limit))
+    """About ``limit`` groups of consecutive passes of one rank each, labelled by their range of
+    forward pass ids (row indices where the dump has no records)."""
+    size = max(1, math.ceil(len(passes) / limit))
     out = []
-    for lo in range(0, n, size):
-        group = passes[lo : lo + size]
-        label = str(group[0].index) if len(group) == 1 else f"{group[0].index}–{group[-1].index}"
-        out.append((label, group))
+    for _, of_rank in itertools.groupby(passes, key=lambda p: p.rank):
+        run = list(of_rank)
+        for lo in range(0, len(run), size):
+            group = run[lo : lo + size]
+            first, last = (p.index if p.forward_pass_id is None else p.forward_pass_id for p in (group[0], group[-1]))
+            out.append((str(first) if len(group) == 1 else f"{first}–{last}", group))
     return out
 
 
@@ -436,14 +445,17 @@ def print_summary(summary: Summary, console: Any = None, *, max_pass_rows: int =
 
     if s.passes:
         extra = ["GPU imbalance", "GPU balance"] if s.passes[0].gpus is not None else []
+        ranks = len({p.rank for p in s.passes})  # a merge's token groups: passes run side by side
         t = table(
-            f"Over {len(s.passes)} passes (per-pass values, mean over layers)",
-            ["passes", "assignments", "imbalance", "balance", *extra],
+            f"Over {len(s.passes)} passes" + (f" of {ranks} ranks" if ranks > 1 else "")
+            + " (per-pass values, mean over layers)",
+            ["rank"] * (ranks > 1) + ["passes", "assignments", "imbalance", "balance", *extra],
             "",
-        )
+        )  # fmt: skip
         for label, group in _pass_chunks(s.passes, max_pass_rows):
             e = _mean_metrics([p.experts for p in group])
-            cells = [label, str(sum(p.assignments for p in group)), _fmt(e.imbalance_ratio), _fmt(e.balancedness)]
+            cells = [str(group[0].rank)] * (ranks > 1) + [label, str(sum(p.assignments for p in group))]
+            cells += [_fmt(e.imbalance_ratio), _fmt(e.balancedness)]
             if extra:
                 g = _mean_metrics([p.gpus for p in group if p.gpus is not None])
                 cells += [_fmt(g.imbalance_ratio), _fmt(g.balancedness)]

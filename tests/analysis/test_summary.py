@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import msgspec
 import pytest
 import torch
 from rich.console import Console
@@ -15,6 +16,7 @@ from rich.console import Console
 from moe_record_sdk import Recorder, Topology
 from moe_record_sdk.analysis import print_summary, summarize, to_csv, to_json
 from moe_record_sdk.cli import main
+from moe_record_sdk.merge import merge_dumps
 
 from ..dumps import random_dump
 from ..server.helpers import make_recorder
@@ -314,3 +316,39 @@ def test_summary_placement_takes_the_plan_eplb_writes(tmp_path, capsys):
     assert (
         f"{other}: holds neither physical_to_logical_map nor phy2log: not a placement file" in capsys.readouterr().err
     )
+
+
+def merged_per_pass():
+    """Two engines' per_pass dumps merged: each engine's passes 0 and 1, as two token groups."""
+    a = known_dump(mode="per_pass")
+    b = known_dump(mode="per_pass", passes=((1, 1), (2, 2), (3,)))
+    b = msgspec.structs.replace(b, window=msgspec.structs.replace(b.window, start_time=a.window.start_time + 1))
+    return merge_dumps([a, b])
+
+
+def test_passes_of_a_merge_are_told_apart_by_rank():
+    """A merge's per-pass rows are two engines' passes side by side, not one run of five passes:
+    each pass keeps its id and its group, and the table and CSV say which."""
+    s = summarize(merged_per_pass(), source="m")
+    assert [(p.rank, p.forward_pass_id) for p in s.passes] == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    out = io.StringIO()
+    print_summary(s, Console(file=out, width=200), max_pass_rows=2)
+    text = out.getvalue()
+    assert "Over 5 passes of 2 ranks" in text
+    rows = [line.split()[:2] for line in text.splitlines() if "–" in line and line.split()[0] in ("0", "1")]
+    assert rows == [["0", "0–1"], ["1", "0–2"]], text  # by pass id, a chunk never spans two ranks
+    table = list(csv.DictReader(io.StringIO(to_csv(s))))
+    passes = [(r["rank"], r["forward_pass_id"]) for r in table if r["scope"] == "pass"]
+    assert passes == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1"), ("1", "2")]
+
+
+def test_plot_draws_each_rank_of_a_merge_as_its_own_line():
+    from matplotlib.figure import Figure
+
+    from moe_record_sdk.analysis.plot import _passes
+
+    ax = Figure().add_subplot()
+    _passes(ax, merged_per_pass(), None)
+    lines = ax.get_lines()  # assignments: one line per rank, each over its own pass ids
+    assert [list(line.get_xdata()) for line in lines] == [[0, 1], [0, 1, 2]]
+    assert "2 ranks" in ax.get_title()
