@@ -29,7 +29,9 @@ here follow the topology each dump carries instead:
   rows over the same passes, or every shard one cumulative row; else they are reduced to one
   cumulative row (a ring's one row is its last pass, not a total).
   ``per_pass``/``per_token`` records of replicas are matched by ``forward_pass_id`` (replicas run
-  the same passes) and the records of different shards are concatenated; in the merged dump a
+  the same passes; a ``per_token`` pass's ids are aligned on its last tokens, which is what a
+  ring that overflowed keeps, so stages with rings of different lengths merge, -1 where one lost
+  them) and the records of different shards are concatenated; in the merged dump a
   record's ``rank`` is the index of its token group (run x shard, in input order; the groups of
   an input merged before stay apart).
 * **Physical counts** are kept only when every dump has them with the same
@@ -355,16 +357,26 @@ def _owned_layers(owner_of: dict[int, _Member]) -> list[tuple[_Member, torch.Ten
 
 def _merge_record(i: int, members: list[_Member], owned: list[tuple[_Member, torch.Tensor]], name: str) -> Record:
     base = members[0].dump.records[i]
-    ids = base.topk_ids_of_layer
-    if ids is not None:
-        ids = torch.full_like(ids, -1)
-        for m, layers in owned:
-            theirs = m.dump.records[i].topk_ids_of_layer
-            if theirs is None or theirs.shape != ids.shape:
-                raise MergeError(
-                    f"{name}: pass {base.forward_pass_id} holds different tokens on rank {m.rank} ({m.source})"
-                )
-            ids[layers] = theirs[layers]
+    if base.topk_ids_of_layer is None:
+        return base
+    held = [(m, layers, m.dump.records[i].topk_ids_of_layer) for m, layers in owned]
+    for m, _, theirs in held:
+        if theirs is None or theirs.dim() != 3 or theirs.shape[::2] != base.topk_ids_of_layer.shape[::2]:
+            raise MergeError(
+                f"{name}: pass {base.forward_pass_id} holds different tokens on rank {m.rank} ({m.source})"
+            )
+    T = max(theirs.shape[1] for _, _, theirs in held)
+    ids = torch.full((base.topk_ids_of_layer.shape[0], T, base.topk_ids_of_layer.shape[2]), -1, dtype=torch.int32)
+    for m, layers, theirs in held:
+        n = theirs.shape[1]
+        # A ring that overflowed keeps each pass's last tokens: a rank whose ring is shorter (a
+        # pipeline stage with more layers, for the same bytes) holds the tail of the same pass.
+        if n < T and not m.dump.window.dropped_tokens:
+            raise MergeError(
+                f"{name}: pass {base.forward_pass_id} holds {n} tokens on rank {m.rank} ({m.source}) and {T} on "
+                "another rank of its token shard, and its ring dropped none: they routed different tokens"
+            )
+        ids[layers, T - n :] = theirs[layers].to(torch.int32)
     return msgspec.structs.replace(base, topk_ids_of_layer=ids)
 
 

@@ -444,3 +444,35 @@ def test_a_copy_of_a_dump_is_refused_not_counted_twice(tmp_path, capsys) -> None
     merged = merge_dumps([d, twin])
     with pytest.raises(MergeError, match="is a copy of"):
         merge_dumps([merged, twin, merged])
+
+
+def test_per_token_stages_whose_rings_overflowed_unequally_merge() -> None:
+    """Two pipeline stages, 1 and 3 layers, with the same max_bytes: stage 1's token ring holds a
+    third as many tokens and overwrites passes stage 0 still holds. Each pass's ids are aligned on
+    its last tokens (what an overflowing ring keeps); the rest read -1, and the drops are reported."""
+    dumps = [
+        record(
+            s,
+            Topology(rank=s, world_size=2, pp_rank=s, pp_size=2),
+            layers=lay,
+            mode="per_token",
+            max_bytes=2400,
+            buffer_size=10,
+        )
+        for s, lay in ((0, (0,)), (1, (1, 2, 3)))
+    ]
+    stage0, stage1 = dumps
+    assert stage0.window.dropped_tokens < stage1.window.dropped_tokens  # unequal rings
+    merged = merge_dumps(dumps)
+    assert merged.window.dropped_tokens == stage1.window.dropped_tokens  # tokens missing some layer's ids
+    assert torch.equal(merged.total_count(), stage0.total_count() + stage1.total_count())
+    for r, r0, r1 in zip(merged.records, stage0.records, stage1.records):
+        ids, n0, n1 = r.topk_ids_of_layer, r0.topk_ids_of_layer.shape[1], r1.topk_ids_of_layer.shape[1]
+        assert ids.shape[1] == max(n0, n1)
+        assert torch.equal(ids[0, ids.shape[1] - n0 :], r0.topk_ids_of_layer[0])
+        assert torch.equal(ids[1:, ids.shape[1] - n1 :], r1.topk_ids_of_layer[1:])
+        assert (ids[1:, : ids.shape[1] - n1] == -1).all()
+    # Without drops, a different number of tokens is a different pass: refused, naming it.
+    whole = [msgspec.structs.replace(d, window=msgspec.structs.replace(d.window, dropped_tokens=0)) for d in dumps]
+    with pytest.raises(MergeError, match="its ring dropped none: they routed different tokens"):
+        merge_dumps(whole)
