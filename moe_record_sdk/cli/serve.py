@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ..server.threaded import bind
+    from ..server.threaded import Server, bind
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # IPv6 in brackets
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-    server = uvicorn.Server(config)
+    server = Server(config)  # cancels a /generate in flight at SIGTERM / Ctrl-C
     control = "off" if args.no_control else f"on, dumps to {dump_dir}" + (", bearer token required" if api_key else "")
     rec = engine.recorder
 

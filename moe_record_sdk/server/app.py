@@ -2,11 +2,14 @@
 
 The app is a literal route list: the control endpoints of :class:`ControlHandler` plus any
 ``extra`` routes an engine adds (the reference engine's ``/generate``). Auth, body limits and
-error answers are the handler's, so every route behaves alike.
+error answers are the handler's, so every route behaves alike. An extra route's call is cancelled
+when its client disconnects or the server shuts down (:meth:`ControlApp.shutdown`), so a long
+``/generate`` holds neither the engine nor the shutdown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
@@ -16,6 +19,8 @@ from .control import Backend, ControlError, Controller
 from .handler import ControlHandler, Response, _headers, _query, check_bearer
 
 log = logging.getLogger(__name__)
+
+_SHUTTING_DOWN = ControlError(503, "shutting_down", "the server is shutting down")
 
 #: An extra route's endpoint: ``(method, query, headers, body) -> Response``; headers and
 #: query are dicts (lower-case header names).
@@ -39,6 +44,8 @@ class ControlApp:
     def __init__(self, handler: ControlHandler, extra: Sequence[AppRoute] = ()) -> None:
         self.handler = handler
         self.extra = {r.path: r for r in extra}
+        self._calls: set[asyncio.Task] = set()  # extra routes' calls in flight
+        self._closing = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -59,11 +66,26 @@ class ControlApp:
                     resp = await self.handler.serve(method, path, scope.get("query_string", b""), h, body)
         else:
             resp = await self._extra(route, method, scope, receive, h)
+            if resp is None:  # the client went away: nobody to answer
+                return
         await _send(send, resp)
+
+    def shutdown(self) -> None:
+        """Cancel the extra routes' calls in flight (they answer 503) and refuse new ones.
+
+        Why: uvicorn lets the requests in flight finish before it shuts down (the ASGI lifespan
+        shutdown comes after), so one long ``/generate`` would hold the shutdown for its whole
+        length. Call it on the server's event loop as the shutdown begins, as
+        ``threaded.Server`` does.
+        """
+        self._closing = True
+        for call in list(self._calls):
+            call.cancel()
 
     async def _extra(
         self, route: AppRoute, method: str, scope: dict[str, Any], receive: Any, h: dict[str, str]
-    ) -> Response:
+    ) -> Response | None:
+        """The route's answer; None when the client went away first (its call is then cancelled)."""
         denied = None if route.public else check_bearer(h, self.handler.api_key)
         if denied:
             return self.handler.error(denied, h)
@@ -77,6 +99,26 @@ class ControlApp:
             return self.handler.error(
                 ControlError(413, "body_too_large", f"request body over {route.max_body} bytes"), h
             )
+        if self._closing:
+            return self.handler.error(_SHUTTING_DOWN, h)
+        # The call races the client's disconnect (uvicorn's receive() has nothing else to give
+        # once the body is read); shutdown() cancels it too.
+        call = asyncio.ensure_future(self._call(route, method, scope, h, body))
+        gone = asyncio.ensure_future(_disconnected(receive))
+        self._calls.add(call)
+        try:
+            await asyncio.wait((call, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._calls.discard(call)
+            gone.cancel()
+            call.cancel()  # nothing when it has finished
+        if call.done() and not call.cancelled():
+            return call.result()
+        return None if gone.done() else self.handler.error(_SHUTTING_DOWN, h)
+
+    async def _call(
+        self, route: AppRoute, method: str, scope: dict[str, Any], h: dict[str, str], body: bytes
+    ) -> Response:
         try:
             return await route.endpoint(method, _query(scope.get("query_string", b"")), h, body)
         except ControlError as e:
@@ -129,6 +171,12 @@ async def _read_body(receive: Any, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def _disconnected(receive: Any) -> None:
+    """Returns once the client has gone away (call it after the body is read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _send(send: Any, resp: Response) -> None:

@@ -9,7 +9,8 @@ prompt is its UTF-8 bytes, so the vocabulary must hold at least 256 ids.
 ``{"text": "hi" | ["a", "b"]}`` or ``{"input_ids": [1, 2] | [[1, 2], [3]]}``, plus
 ``"max_new_tokens": n`` or ``"sampling_params": {"max_new_tokens": n}`` (greedy decoding), and
 answers ``{"text", "output_ids", "meta_info": {"prompt_tokens", "completion_tokens"}}`` (a list
-of those for a batch).
+of those for a batch). A request over :data:`MAX_REQUEST_TOKENS` is refused (400); a generation
+stops early when its client disconnects or the server shuts down (503 then).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from .handler import Response
 
 MAX_NEW_TOKENS = 1024
 MAX_PROMPT_TOKENS = 4096
+#: The most work one /generate request may ask for, in tokens: the sum over its prompts of prompt
+#: length + max_new_tokens. Why: the engine serves one request at a time, so a batch of thousands
+#: of prompts would hold every later request (and a shutdown) behind it for hours. This admits
+#: any one prompt the limits above allow (4096 + 1024) three times over, or 15 prompts of 1024
+#: new tokens: about 20 s of the tiny model on one CPU thread.
+MAX_REQUEST_TOKENS = 16384
 
 
 def _torch_adapter() -> Any:
@@ -63,7 +70,7 @@ class ReferenceEngine:
         if self.vocab_size < 256:
             raise MoeRecordError(f"{name}: vocab_size {self.vocab_size} < 256: byte tokens would not fit")
         self._lock = threading.Lock()  # one request at a time: the model is the engine's only worker
-        self.requests = 0
+        self.requests = 0  # prompts generated in full (each of a batch counts)
 
     @classmethod
     def tiny(
@@ -104,13 +111,24 @@ class ReferenceEngine:
 
     # -- generation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int = 16) -> list[list[int]]:
-        """Greedy decoding of each prompt; returns the new tokens of each."""
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int = 16, cancel: threading.Event | None = None
+    ) -> list[list[int]]:
+        """Greedy decoding of each prompt; returns the new tokens of each.
+
+        ``cancel``: once set (the client went away, the server is shutting down), generation stops
+        before the next prompt or token; the prompt under way is cut short, later ones are left out.
+        The passes it ran stay recorded: they were real forward passes.
+        """
+        stop = cancel.is_set if cancel is not None else _never
+        hf = hasattr(self.model, "config") and hasattr(self.model, "generation_config")
         outputs = []
         with self._lock:
             for ids in prompts:
+                if stop():
+                    break
                 x = torch.tensor([ids], dtype=torch.long)
-                if hasattr(self.model, "config") and hasattr(self.model, "generation_config"):
+                if hf:
                     out = self.model.generate(
                         input_ids=x,
                         attention_mask=torch.ones_like(x),
@@ -118,11 +136,13 @@ class ReferenceEngine:
                         min_new_tokens=max_new_tokens,
                         do_sample=False,
                         pad_token_id=0,
+                        stopping_criteria=_stopping(stop),
                     )
                 else:
-                    out = self.model.generate(x, max_new_tokens=max_new_tokens)
+                    out = self.model.generate(x, max_new_tokens=max_new_tokens, stop=stop)
                 outputs.append(out[0, len(ids) :].tolist())
-            self.requests += len(prompts)
+                if len(outputs[-1]) == max_new_tokens:  # not cut short
+                    self.requests += 1
         return outputs
 
     def parse_request(self, body: bytes) -> tuple[list[list[int]], int, bool]:
@@ -170,13 +190,27 @@ class ReferenceEngine:
                 )
         if any(len(p) > MAX_PROMPT_TOKENS for p in prompts):
             raise ControlError(400, "bad_body", f"prompt longer than {MAX_PROMPT_TOKENS} tokens")
+        work = sum(len(p) for p in prompts) + n * len(prompts)
+        if work > MAX_REQUEST_TOKENS:
+            raise ControlError(
+                400, "bad_body", f"request: {work} tokens (prompt tokens + max_new_tokens, over its "
+                f"{len(prompts)} prompts), over the limit of {MAX_REQUEST_TOKENS} a request; split it",
+            )  # fmt: skip
         return prompts, n, batch
 
     async def _generate_endpoint(
         self, method: str, query: dict[str, str], headers: dict[str, str], body: bytes
     ) -> Response:
         prompts, n, batch = self.parse_request(body)
-        outputs = await asyncio.to_thread(self.generate, prompts, n)
+        cancel = threading.Event()
+        try:
+            outputs = await asyncio.to_thread(self.generate, prompts, n, cancel)
+        except asyncio.CancelledError:
+            # The app cancels this call when the client disconnects or the server shuts down; the
+            # worker thread cannot be cancelled, so it is told to stop at its next token (which
+            # frees the engine for the next request).
+            cancel.set()
+            raise
         answers = [
             {
                 "text": bytes(i for i in out if i < 256).decode("utf-8", errors="replace"),
@@ -205,6 +239,21 @@ class ReferenceEngine:
             LocalBackend(self.recorder), dump_dir=dump_dir, api_key=api_key, enabled=enabled, max_body=max_body,
             engine=self.recorder.engine.name, extra=extra,
         )  # fmt: skip
+
+
+def _never() -> bool:
+    return False
+
+
+def _stopping(stop: Any) -> Any:
+    """A transformers ``StoppingCriteriaList`` ending generation once ``stop()`` is True."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), stop(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Stop()])
 
 
 def _vocab_size(model: torch.nn.Module) -> int:

@@ -1,7 +1,8 @@
 """Serve an ASGI app with uvicorn on a thread of this process: for tests, benchmarks and demos.
 
 The socket is bound before the thread starts (port 0 picks a free port), so there is no race
-for the port and ``url`` is known at once.
+for the port and ``url`` is known at once. :class:`Server` (uvicorn's, telling a ``ControlApp``
+when its shutdown begins) serves here and in ``moe-record serve``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from typing import Any
 
 import uvicorn
+
+from .app import ControlApp
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -27,6 +30,19 @@ def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, calling ``ControlApp.shutdown`` as its shutdown begins.
+
+    Why: uvicorn waits for the requests in flight before it tells the app anything, so a long
+    ``/generate`` would hold a SIGTERM, a Ctrl-C or :meth:`ServerThread.stop` for its whole length.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if isinstance(self.config.app, ControlApp):
+            self.config.app.shutdown()
+        await super().shutdown(sockets)
+
+
 class ServerThread:
     """uvicorn serving ``app`` on a daemon thread; a context manager.
 
@@ -39,7 +55,7 @@ class ServerThread:
         config.setdefault("lifespan", "off")
         config.setdefault("access_log", False)
         self.config = uvicorn.Config(app, host=host, port=port, **config)
-        self.server = uvicorn.Server(self.config)
+        self.server = Server(self.config)
         self.sock = bind(host, port)
         self.host, self.port = self.sock.getsockname()[:2]
         self.thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)

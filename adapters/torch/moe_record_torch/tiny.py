@@ -17,6 +17,7 @@ torch.Size([1, 5])
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -163,14 +164,20 @@ class TinyMoE(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 16) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int = 16, stop: Callable[[], bool] | None = None
+    ) -> torch.Tensor:
         """Greedy decoding: one forward pass for the prompt, then one per new token but the last.
 
-        Returns ``[B, S + max_new_tokens]`` token ids (prompt included).
+        Returns ``[B, S + max_new_tokens]`` token ids (prompt included). ``stop`` is checked
+        before each forward pass: once it returns True, decoding ends there and the tokens so far
+        are returned (fewer new ones).
         """
         cache = TinyCache()
         out = step = input_ids
         for _ in range(max_new_tokens):
+            if stop is not None and stop():
+                break
             step = self(step, cache)[:, -1].argmax(-1, keepdim=True)
             out = torch.cat([out, step], dim=1)
         return out
