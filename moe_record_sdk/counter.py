@@ -194,7 +194,10 @@ class Counter:
         # Only the last N valid tokens of a pass fit; earlier ones would collide in the ring.
         keep = (t < valid) & (t >= valid - N) & (self.token_enabled > 0)
         slot = torch.where(keep, (self.token_cursor + t) % N, N)
-        self.token_ids[:, row].index_copy_(0, slot, torch.where(invalid, -1, ids).to(torch.int32))
+        # Indexed on the whole ring, not through a view of its layer: under torch.compile a write
+        # into a view of a graph input copied the whole ring (max_bytes) every pass.
+        at = (slot, torch.full_like(slot, row))
+        self.token_ids.index_put_(at, torch.where(invalid, -1, ids).to(torch.int32))
         self.token_pass.index_copy_(0, slot, self.passes.expand(T))
 
     def step(self) -> None:
