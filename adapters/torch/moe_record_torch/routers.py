@@ -212,7 +212,12 @@ def find_routers(
         )
     ids = [t.layer_id for t in taps]
     if len(set(ids)) != len(ids):
-        raise AdapterError(f"routers: several routers map to one layer id ({sorted(ids)}); pass {{layer_id: module}}")
+        shared = [f"{t.name} -> {t.layer_id}" for t in taps if ids.count(t.layer_id) > 1]
+        raise AdapterError(
+            f"routers: several routers map to one layer id ({', '.join(shared[:6])}"
+            f"{', ...' if len(shared) > 6 else ''}); a pattern's * also matches dots (fnmatch): narrow it, "
+            "or pass {layer_id: module}"
+        )
 
     def shape(value: int | None, attrs: tuple[str, ...], what: str) -> int:
         if value is not None:

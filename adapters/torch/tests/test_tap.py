@@ -299,6 +299,10 @@ def test_explicit_form_on_a_hand_written_model() -> None:
         attach(net)
     with pytest.raises(AdapterError, match="top_k"):
         attach(net, routers="blocks.*.router", num_experts=6)
+    # fnmatch's * crosses dots: "blocks.*" takes the blocks and their routers, two per layer id,
+    # and the error names them.
+    with pytest.raises(AdapterError, match=r"blocks\.0 -> 0, blocks\.0\.router -> 0, .*also matches dots"):
+        attach(net, routers="blocks.*", num_experts=6, top_k=3)
 
 
 def test_ids_at_and_recorder_modes() -> None:
