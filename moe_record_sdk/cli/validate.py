@@ -47,7 +47,9 @@ def check_file(path: str) -> dict:
         result["format"] = detect_format(path)
         dump = load_dump(path)
     except (MoeRecordError, OSError) as e:
-        result["errors"].append({"field": "$", "message": str(e)})
+        message = str(e)  # the readers' messages begin with the file, which the result names already
+        message = message[len(path) + 2 :] if message.startswith(f"{path}: ") else message
+        result["errors"].append({"field": "$", "message": message})
         return result
     problems = validate_dump(dump)
     result["errors"] = [{"field": f, "message": m} for f, m in problems]

@@ -156,7 +156,10 @@ def _from_sglang_dict(obj: Any, source: str) -> Dump:
     from .io import check_version
 
     if not isinstance(obj, dict):
-        raise DumpFormatError(f"{source}: expected a dict at the top of the .pt, got {type(obj).__name__}")
+        what = f"{type(obj).__name__}"
+        if isinstance(obj, torch.Tensor):  # eplb --weight-out, convert --to tensor
+            what += f" {list(obj.shape)}: a bare count tensor has no metadata to be a dump"
+        raise DumpFormatError(f"{source}: expected a dict at the top of the .pt, got {what}")
     meta = obj.get(META_KEY)
     if meta is not None:
         if not isinstance(meta, dict):
@@ -186,6 +189,11 @@ def _from_sglang_dict(obj: Any, source: str) -> Dump:
         )
     if "records" in obj:
         return _from_records(obj, meta, source)
+    if "physical_to_logical_map" in obj or "phy2log" in obj:  # eplb --sglang-out / --plan-out
+        raise DumpFormatError(
+            f"{source}: an expert placement, not a dump (no 'logical_count' nor 'records'): summary takes it as "
+            "--placement, SGLang as --init-expert-location"
+        )
     raise DumpFormatError(f"{source}: neither 'logical_count' nor 'records': not an SGLang expert-distribution dump")
 
 

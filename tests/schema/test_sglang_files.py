@@ -167,3 +167,19 @@ def test_a_rank_that_is_not_one_is_refused_by_name(tmp_path, rank):
     torch.save({"rank": rank, "logical_count": torch.zeros(1, 2, 4, dtype=torch.int32)}, stat)
     with pytest.raises(DumpFormatError, match="rank: expected a rank"):
         load_dump(stat)
+
+
+def test_eplb_outputs_read_as_dumps_say_what_they_are(tmp_path, capsys):
+    """A placement or a bare count tensor passed where a dump goes: the error says what the file
+    is and where it belongs, not only what it lacks."""
+    from moe_record_sdk.cli import main
+
+    placement, weight = tmp_path / "init.pt", tmp_path / "weight.pt"
+    torch.save({"physical_to_logical_map": torch.zeros(2, 4, dtype=torch.int64)}, placement)
+    torch.save(torch.zeros(2, 4, dtype=torch.int64), weight)
+    assert main(["summary", str(placement)]) == 2
+    assert "init.pt: an expert placement, not a dump" in capsys.readouterr().err
+    assert main(["summary", str(weight)]) == 2
+    assert (
+        "weight.pt: expected a dict at the top of the .pt, got Tensor [2, 4]: a bare count" in capsys.readouterr().err
+    )

@@ -161,9 +161,9 @@ def test_fifo_and_devices_are_refused_not_read(tmp_path):
         [*cli, "validate", str(fifo), "/dev/zero", str(folder)], capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 1
-    assert f"INVALID  {fifo}: $: {fifo}: is a FIFO (named pipe), not a regular file; pass a dump file" in run.stdout
-    assert "INVALID  /dev/zero: $: /dev/zero: is a character device, not a regular file" in run.stdout
-    assert f"INVALID  {folder / 'rank0.pt'}: $: {folder / 'rank0.pt'}: is a FIFO (named pipe)" in run.stdout
+    assert f"INVALID  {fifo}: $: is a FIFO (named pipe), not a regular file; pass a dump file" in run.stdout
+    assert "INVALID  /dev/zero: $: is a character device, not a regular file" in run.stdout
+    assert f"INVALID  {folder / 'rank0.pt'}: $: is a FIFO (named pipe)" in run.stdout
     # the other commands read through the same load_dump
     for args in (["summary", str(fifo)], ["merge", str(fifo), "-o", str(tmp_path / "m.msgpack")]):
         run = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60)
