@@ -52,7 +52,7 @@ class EngineResult:
     run_id: str | None = None
     info: dict[str, Any] | None = None
     """The JSON answer of our endpoints (status, identity, files...)."""
-    dump: Dump | None = None
+    dump: Dump | None = field(default=None, repr=False)  # tensors: describe() says what it holds
     """The engine's dump (its ranks merged), when its bytes came back."""
     location: str | None = None
     """Where the dump went: ``response`` (in ``dump``) or ``server-disk`` (only a file there)."""
@@ -91,8 +91,21 @@ class FleetResult:
     action: str
     results: list[EngineResult]
     elapsed: float = 0.0
-    merged: Dump | None = None
+    merged: Dump | None = field(default=None, repr=False)
     merge_error: str | None = None
+
+    def __str__(self) -> str:
+        """For people: how many engines succeeded, a line each (``describe``), and the merge."""
+        lines = [
+            f"{self.action}: {len(self.succeeded)} of {len(self.results)} engines ok [{self.elapsed * 1000:.0f} ms]"
+        ]
+        lines += ["  " + r.describe() for r in self.results]
+        if self.merged is not None:
+            w = self.merged.window
+            lines.append(f"  merged: {len(self.dumps)} dumps, {w.mode}, {w.num_passes} passes")
+        elif self.merge_error:
+            lines.append(f"  merge failed: {self.merge_error}")
+        return "\n".join(lines)
 
     @property
     def ok(self) -> bool:

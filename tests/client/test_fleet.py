@@ -56,6 +56,11 @@ def test_fleet_of_five_healthy_saved_failures_reported(engines, tmp_path):
     # The merge holds exactly the collected engines, once each.
     assert torch.equal(result.merged.total_count(), expected[a.url] + expected[b.url])
     assert result.merge_error is None and not result.ok
+    # Printed, one line an engine and the merge; repr leaves the tensors out.
+    text = str(result).splitlines()
+    assert text[0].startswith("dump: 3 of 5 engines ok") and len(text) == 7
+    assert "FAILED (timeout)" in text[5] and text[6].startswith("  merged: 2 dumps, stat")
+    assert "tensor(" not in repr(result) and len(repr(result)) < 8000
     saved = result.save(str(tmp_path / "out"))
     assert set(saved) == {a.url, b.url, "merged"}
     for path in saved.values():
