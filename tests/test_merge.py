@@ -270,6 +270,11 @@ def test_cli_merge_refuses_records_merge_beside_its_engines(tmp_path, capsys) ->
     assert main(["merge", *run, "-o", str(tmp_path / "m2.pt")]) == 2
     assert "merged.pt is `moe-record record`'s merge" in capsys.readouterr().err
     assert not (tmp_path / "m2.pt").exists()
+    # The folder itself, given to merge, is merged from its engines' dumps (merged.pt left out).
+    out = tmp_path.parent / f"{tmp_path.name}-again.pt"
+    assert main(["merge", str(tmp_path), "-o", str(out)]) == 0
+    assert "merged 2 dumps" in capsys.readouterr().out
+    assert torch.equal(load_dump(str(out)).total_count(), load_dump(str(tmp_path / "merged.pt")).total_count())
     # summary --merge and eplb merge their inputs the same way: they refuse it too (they doubled every count)
     for args in (["summary", *run, "--merge"], ["eplb", *run, "--replicas", str(E), "--gpus", "1"]):
         assert main(args) == 2, args

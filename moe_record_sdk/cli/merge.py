@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 
+from ..client._models import run_file_kind
 from ..convert import read_inputs
 from ..errors import MoeRecordError
 from ..merge import merge_dumps
@@ -32,6 +34,14 @@ def run(args: argparse.Namespace) -> int:
     files = resolve_dump_files("merge", args.paths)
     if files is None:
         return 2
+
+    # A folder `record --out` wrote is merged from its engines' dumps: its merged.* is their sum.
+    def folder(f: str) -> str:
+        return os.path.dirname(os.path.realpath(f))
+
+    record_folders = {os.path.realpath(p) for p in args.paths if os.path.isdir(p)}
+    record_folders &= {folder(f) for f in files if run_file_kind(os.path.basename(f)) == "engine"}
+    files = [f for f in files if not (run_file_kind(os.path.basename(f)) == "merged" and folder(f) in record_folders)]
     try:
         refuse_merge_beside_its_inputs(files)
         check_outputs([*args.paths, *files], [args.output])
