@@ -127,8 +127,13 @@ def api_key(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def mode(environ: Mapping[str, str] | None = None, default: str = "stat") -> str:
-    """``MOE_RECORD_MODE``, or ``default``."""
-    return _env(environ).get(MOE_RECORD_MODE) or default
+    """``MOE_RECORD_MODE``, or ``default``; a value that is not a mode is an error naming the variable."""
+    from .schema.dump import MODES
+
+    value = _env(environ).get(MOE_RECORD_MODE) or default
+    if value not in MODES:
+        raise ValueError(f"{MOE_RECORD_MODE}: expected one of {', '.join(MODES)}, got {value!r}")
+    return value
 
 
 def max_body(environ: Mapping[str, str] | None = None) -> int:

@@ -27,3 +27,23 @@ def test_bench_table_on_cpu(capsys):
 def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "--device", "cpu", "--experts", "4", "--top-k", "5"]) == 2
     assert main(["bench", "--tokens", "a,b"]) == 2
+
+
+def test_bench_names_a_device_it_cannot_use(capsys):
+    """A device torch does not know, or one the bench cannot time on, or a GPU this machine does
+    not have: exit 2 naming --device (it used to end in torch's traceback)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = f"cuda:{gpus}" if gpus else "cuda"
+    for device, why in [
+        ("bogus", "'bogus' is not a device: expected cuda, cuda:N or cpu"),
+        ("cuda:x", "'cuda:x' is not a device"),
+        ("meta", "'meta': the bench runs on cuda, cuda:N or cpu"),
+        (missing, f"this machine has {gpus} CUDA GPU(s)" if gpus else "'cuda': no CUDA GPU is available here"),
+    ]:
+        assert main(["bench", "--device", device, "--quick", "--experts", "4", "--top-k", "2"]) == 2, device
+        err = capsys.readouterr().err
+        assert f"argument --device: {why}" in err and "Traceback" not in err, err
+    assert main(["bench", "--device", "cpu", "--trials", "-1"]) == 2  # was statistics' "no median" traceback
+    assert "argument --trials: expected an integer > 0, got '-1'" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from ..bench import EXPERTS, METHODS, TOKENS, environment, run_bench
+from .convert import positive_int
 
 QUICK_TOKENS = (1, 128, 4096)
 
@@ -23,12 +24,33 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _device(text: str) -> torch.device | None:
+    """An argparse type: ``cuda``, ``cuda:N`` (a GPU of this machine) or ``cpu``; blank: the default."""
+    if not text.strip():
+        return None
+    try:
+        device = torch.device(text)
+    except RuntimeError:  # torch's message lists its twenty device types
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: expected cuda, cuda:N or cpu") from None
+    if device.type not in ("cuda", "cpu"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the bench runs on cuda, cuda:N or cpu")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is available here")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    return device
+
+
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="time the recording tap per MoE layer (eager and in a CUDA graph) against scatter_add_ and a copy",
     )
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--tokens", type=_ints, default=None, metavar="T,...", help=f"token counts (default {TOKENS})")
     p.add_argument(
         "--experts", type=_ints, default=list(EXPERTS), metavar="E,...", help=f"expert counts (default {EXPERTS})"
@@ -36,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=8, help="experts per token (default 8)")
     p.add_argument("--dtype", choices=["int32", "int64"], default="int32", help="top-k ids dtype (default int32)")
     p.add_argument("--no-graph", action="store_true", help="eager only, no CUDA graph")
-    p.add_argument("--trials", type=int, default=None, help="timings per median (default 30, --quick 5)")
+    p.add_argument("--trials", type=positive_int, default=None, help="timings per median (default 30, --quick 5)")
     p.add_argument("--quick", action="store_true", help=f"a fast smoke run: T in {QUICK_TOKENS}, fewer trials")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout instead of tables")
     p.set_defaults(func=run)
@@ -44,9 +66,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        print("moe-record bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
-        return 2
     if not 1 <= args.top_k <= min(args.experts):
         print(f"moe-record bench: --top-k {args.top_k} must be in [1, min(--experts)]", file=sys.stderr)
         return 2

@@ -136,8 +136,13 @@ class OnCtrlC:
         self.previous = {}
 
 
+def finishing_dump(echo: Callable[[str], None]) -> Callable[[], None]:
+    """What a stop signal does once a dump is under way: say so, and go on."""
+    return lambda: echo("finishing the dump; please wait")
+
+
 def wait_on_ctrl_c(echo: Callable[[str], None]) -> OnCtrlC:
-    return OnCtrlC(lambda: echo("finishing the dump; please wait"))
+    return OnCtrlC(finishing_dump(echo))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -209,7 +214,9 @@ def print_result(result: Any, saved: dict[str, str] | None = None, echo: Callabl
             mode = ranks[0].get("mode") if ranks else "?"
             passes = sum(int(x.get("passes") or 0) for x in ranks)
             tokens = max((int(x.get("tokens") or 0) for x in ranks), default=0)
-            line += f" {state}, mode {mode}, {passes} passes, {tokens} tokens, {len(ranks)} rank(s), run {r.info.get('run_id')}"
+            run_id = r.info.get("run_id")  # None until the engine's first start
+            line += f" {state}, mode {mode}, {passes} passes, {tokens} tokens, {len(ranks)} rank(s), "
+            line += f"run {run_id}" if run_id else "no run started yet"
         if r.engine in saved:
             line += f" -> {saved[r.engine]}"
         echo(line)

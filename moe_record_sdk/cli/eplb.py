@@ -15,7 +15,20 @@ from ..analysis.summary import moe_layers
 from ..errors import MoeRecordError
 from ..schema.dump import Dump
 from ..schema.io import save_torch
-from .convert import INPUTS_HELP, add_input_options, check_outputs, fail, merged, read_args_inputs
+from .convert import INPUTS_HELP, add_input_options, check_outputs, fail, merged, positive_int, read_args_inputs
+
+#: The most physical slots (--replicas) a plan takes: 64 per GPU on 1024 GPUs. A plan is
+#: [layers, slots] tensors and loops over the slots: a million slots already took seconds per
+#: layer, 10**12 ended in an out-of-memory traceback, 10**20 in an int64 overflow one.
+MAX_SLOTS = 1 << 16
+
+
+def slot_count(text: str) -> int:
+    """An argparse type: an integer in [1, MAX_SLOTS]."""
+    value = positive_int(text)
+    if value > MAX_SLOTS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_SLOTS} physical expert slots, got {text!r}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,17 +44,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--replicas",
-        type=int,
+        type=slot_count,
         required=True,
         metavar="R",
-        help="physical expert slots (experts + redundant), a multiple of --gpus",
+        help=f"physical expert slots (experts + redundant), a multiple of --gpus, at most {MAX_SLOTS}",
     )
-    p.add_argument("--gpus", type=int, required=True, metavar="G", help="GPUs of the expert-parallel group")
+    p.add_argument("--gpus", type=positive_int, required=True, metavar="G", help="GPUs of the expert-parallel group")
     p.add_argument(
-        "--nodes", type=int, default=1, metavar="N", help="nodes (hierarchical plan when --groups is a multiple)"
+        "--nodes",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="nodes (hierarchical plan when --groups is a multiple)",
     )
     p.add_argument(
-        "--groups", type=int, default=1, metavar="K", help="expert groups of group-limited routing (DeepSeek's n_group)"
+        "--groups",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="expert groups of group-limited routing (DeepSeek's n_group)",
     )
     p.add_argument(
         "--sglang-out",

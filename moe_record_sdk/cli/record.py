@@ -21,14 +21,15 @@ from rich.table import Table
 
 from ..schema import FORMATS, MODES, Dump, validate_dump
 from .control import (
+    STOP_SIGNALS,
     OnCtrlC,
     add_engine_options,
     check_out,
     engines_of,
+    finishing_dump,
     positive,
     print_result,
     save_dumps,
-    wait_on_ctrl_c,
 )
 from .validate import check_file
 
@@ -59,21 +60,30 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         console.print(f"moe-record record: {e}", style="red", markup=False)
         return 2
-    with fleet:
-        status = record(
-            fleet,
-            out=args.out,
-            duration=args.duration,
-            mode=args.mode,
-            fmt=args.format,
-            interval=args.interval,
-            console=console,
-        )
-    if threading.current_thread() is threading.main_thread():
-        # Saved and reported: a late Ctrl-C of a burst, during the interpreter's exit, would
-        # only turn this exit status into a traceback.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    return status
+    interrupted = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    # Stop signals, from here to the exit, never kill nor cut the report: before record handles
+    # them they set the flag it reads (it then starts no engine), and once it has saved and
+    # reported they are ignored (Python's own handlers go back to the kill as it exits), so a
+    # late Ctrl-C of a burst or a supervisor's repeated SIGTERM cannot turn the exit status into
+    # a traceback or a kill. record puts the first handler back as it returns: no moment without.
+    for sig in STOP_SIGNALS if main else ():
+        signal.signal(sig, lambda *_: interrupted.set())
+    try:
+        with fleet:
+            return record(
+                fleet,
+                out=args.out,
+                duration=args.duration,
+                mode=args.mode,
+                fmt=args.format,
+                interval=args.interval,
+                console=console,
+                interrupted=interrupted,
+            )
+    finally:
+        for sig in STOP_SIGNALS if main else ():
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def record(
@@ -86,11 +96,13 @@ def record(
     interval: float = 1.0,
     console: Console | None = None,
     during: Callable[[threading.Event], None] | None = None,
+    interrupted: threading.Event | None = None,
 ) -> int:
     """The whole record session over a sync ``Fleet``; returns the exit status.
 
     ``during(stop_event)`` runs on a thread while recording (the demo drives traffic with it);
-    it should return soon after ``stop_event`` is set.
+    it should return soon after ``stop_event`` is set. ``interrupted``: set by stop signals
+    (given, it may be set already: nothing is started then, and the status is 130).
     """
     console = console or Console()
     made = _missing_folders(out)
@@ -98,10 +110,16 @@ def record(
     if problem:
         console.print(f"moe-record record: {problem}", style="red", markup=False)
         return 2
-    # From here Ctrl-C, pressed once or many times, only ends the recording: the engines are
-    # always stopped and dumped and the dumps saved.
-    interrupted = threading.Event()
-    with OnCtrlC(interrupted.set):
+    echo = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+    # From here a stop signal (Ctrl-C, SIGTERM, SIGHUP), once or many times, only ends the
+    # recording: the engines are always stopped and dumped and the dumps saved. One handler to
+    # the end: between two, a signal would find the process's own (a kill, a traceback).
+    interrupted = interrupted or threading.Event()
+    with OnCtrlC(interrupted.set) as stop_signals:
+        if interrupted.is_set():  # a signal before this handler: no engine touched yet
+            console.print("moe-record record: interrupted before any engine started", style="red", markup=False)
+            _remove_if_empty(made)
+            return 130
         started = fleet.start(mode)
         for r in started.failed:
             console.print(f"start failed: {r.describe()}", style="red", markup=False)
@@ -119,8 +137,9 @@ def record(
             stop_event.set()
             if worker:
                 worker.join(timeout=30)
-    echo = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    with wait_on_ctrl_c(echo):  # to the end: a late Ctrl-C of a burst would cut the report short
+        # The recording ended: a later signal only says to wait (a late one of a burst, a
+        # repeated SIGTERM would otherwise cut the dump, the saving or the report short).
+        stop_signals.handler = finishing_dump(echo)
         stopped = fleet.stop()
         for r in stopped.failed:
             console.print(f"stop failed: {r.describe()}", style="red", markup=False)

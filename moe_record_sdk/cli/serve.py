@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--num-experts", type=int, default=16, help="tiny model: experts (default 16)")
     p.add_argument("--top-k", type=int, default=2, help="tiny model: experts per token (default 2)")
     p.add_argument(
-        "--mode", choices=MODES, default=env.mode(), help=f"recording mode (default ${env.MOE_RECORD_MODE} or stat)"
+        "--mode", choices=MODES, default=None, help=f"recording mode (default ${env.MOE_RECORD_MODE} or stat)"
     )
     p.add_argument("--buffer-size", type=int, default=None, help="rows of the per-pass ring (SGLang's buffer)")
     p.add_argument(
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         max_body = env.max_body()  # from the environment: a bad value is named before the model is built
+        args.mode = args.mode or env.mode()
         engine = build(args)
     except (MoeRecordError, OSError, ValueError) as e:
         print(f"moe-record serve: {e}", file=sys.stderr)

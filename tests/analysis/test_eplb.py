@@ -195,6 +195,24 @@ def test_cli_writes_sglang_init_file_and_weight(tmp_path, capsys):
     assert "multiple of num_gpus=4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "why"),
+    [
+        ("--gpus", "0", "expected an integer > 0, got '0'"),  # was "12 must be a multiple of num_gpus=0"
+        ("--gpus", "-4", "expected an integer > 0, got '-4'"),  # was "12 must be a multiple of num_gpus=-4"
+        ("--nodes", "-2", "expected an integer > 0, got '-2'"),  # was "-2 must divide num_gpus=4": it does
+        ("--groups", "0", "expected an integer > 0, got '0'"),
+        ("--replicas", "-8", "expected an integer > 0, got '-8'"),
+        ("--replicas", str(10**20), "expected at most 65536 physical expert slots"),  # was an OverflowError traceback
+    ],
+)
+def test_cli_names_a_count_out_of_range(tmp_path, capsys, option, value, why):
+    src = random_dump(5, "stat", num_layers=4, num_experts=8).save(str(tmp_path / "run.pt"))
+    args = {"--replicas": "12", "--gpus": "4", "--nodes": "1", "--groups": "1", option: value}
+    assert main(["eplb", src, *(x for kv in args.items() for x in kv)]) == 2
+    assert f"argument {option}: {why}" in capsys.readouterr().err
+
+
 def test_cli_outputs_never_replace_inputs_or_each_other_and_are_all_or_none(tmp_path, capsys):
     src = random_dump(5, "stat", num_layers=4, num_experts=8).save(str(tmp_path / "run.pt"))
     before = Path(src).read_bytes()

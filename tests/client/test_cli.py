@@ -19,6 +19,20 @@ from moe_record_sdk.schema import load_dump
 from ..server.helpers import feed, make_recorder
 
 
+@pytest.fixture(autouse=True)
+def _stop_signals_as_they_were():
+    """`record` run in-process leaves Ctrl-C, SIGTERM and SIGHUP ignored (meant for its own
+    process's exit): give pytest its handlers back."""
+    import signal
+
+    from moe_record_sdk.cli.control import STOP_SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
 def test_control_commands_exit_status_and_saved_dumps(engines, tmp_path, capsys):
     rec_a, a = engines.ours()
     rec_b, b = engines.ours()
@@ -256,3 +270,61 @@ def test_record_where_no_engine_starts_leaves_no_folder(engines, tmp_path, capsy
     kept.mkdir()
     assert main(["record", "-e", engines.down(), "--retries", "0", "--duration", "0.2", "--out", str(kept)]) == 1
     assert kept.is_dir()
+
+
+def test_a_stop_signal_before_record_handles_them_starts_no_engine(engines, tmp_path, capsys):
+    """A signal caught by `moe-record record` before record() installs its handler (here: the
+    flag already set) is not lost: no engine is started, and the status says interrupted."""
+    _, engine = engines.ours()
+    stop = threading.Event()
+    stop.set()
+    with Fleet([engine.url], retries=0) as fleet:
+        assert record(fleet, out=str(tmp_path / "out"), duration=5.0, interrupted=stop) == 130
+        assert not fleet.status()[0].info["recording"]
+    assert "interrupted before any engine started" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_stop_signals_until_exit_neither_kill_nor_cut_the_report(engines, tmp_path, signame):
+    """A stop signal repeated until `record` exits (a held Ctrl-C, a supervisor that keeps asking)
+    ends the recording once; the dump, the report and the exit status come as usual. SIGTERM and
+    SIGHUP used to kill the process once record had saved (only SIGINT was ignored then): exit -15,
+    not 0."""
+    import signal
+    import subprocess
+    import sys
+
+    rec, server = engines.slow(delay=1.0)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moe_record_sdk", "record", "-e", server.url, "--interval", "0.2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not rec.status().recording and time.monotonic() < deadline:
+            time.sleep(0.05)
+        expected = feed(rec, seed=14)
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(getattr(signal, signame))
+            time.sleep(0.01)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "validated 2 dump file(s): all valid" in output and "Traceback" not in output
+    assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
+
+
+def test_status_of_an_engine_never_started_says_so(engines, capsys):
+    """An engine that never recorded has no run id: the line said "run None"."""
+    _, a = engines.ours()
+    assert main(["status", "-e", a.url]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.endswith("idle, mode stat, 0 passes, 0 tokens, 1 rank(s), no run started yet"), line
+    assert main(["start", "-e", a.url]) == 0
+    capsys.readouterr()
+    assert main(["status", "-e", a.url, "--json"]) == 0
+    run_id = json.loads(capsys.readouterr().out)["engines"][0]["run_id"]
+    assert main(["status", "-e", a.url]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert run_id and line.endswith(f"recording, mode stat, 0 passes, 0 tokens, 1 rank(s), run {run_id}"), line

@@ -26,6 +26,8 @@ def test_switches_and_numbers():
     assert env.api_key({}) is None and env.api_key({env.MOE_RECORD_API_KEY: ""}) is None
     assert env.api_key({env.MOE_RECORD_API_KEY: "k"}) == "k"
     assert env.mode({}) == "stat" and env.mode({env.MOE_RECORD_MODE: "per_pass"}) == "per_pass"
+    with pytest.raises(ValueError, match="MOE_RECORD_MODE: expected one of stat, per_pass, per_token, got 'stats'"):
+        env.mode({env.MOE_RECORD_MODE: "stats"})
     assert env.max_body({}) == 65536 and env.max_body({env.MOE_RECORD_MAX_BODY: "10"}) == 10
     with pytest.raises(ValueError, match="MOE_RECORD_MAX_BODY"):
         env.max_body({env.MOE_RECORD_MAX_BODY: "10k"})
@@ -41,3 +43,12 @@ def test_switches_and_numbers():
 def test_every_name_is_documented():
     for name in env.ALL:
         assert f"``{name}``" in env.__doc__, name
+
+
+def test_a_bad_mode_in_the_environment_is_named_by_serve_and_breaks_no_other_command(monkeypatch, capsys):
+    from moe_record_sdk.cli import main
+
+    monkeypatch.setenv(env.MOE_RECORD_MODE, "stats")
+    assert main(["serve", "--port", "0"]) == 2
+    assert "moe-record serve: MOE_RECORD_MODE: expected one of" in capsys.readouterr().err
+    assert main(["validate", "--help"]) == 0  # building the parser reads no environment
