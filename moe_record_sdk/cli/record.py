@@ -127,6 +127,13 @@ def record(
             console.print("no engine started recording; nothing to record", style="red")
             _remove_if_empty(made)
             return 1
+        if started.failed:  # the others record on: a fleet with one engine down is still worth it
+            console.print(
+                f"recording on {len(started.succeeded)} of {len(started.results)} engines: the merge will cover "
+                "only those (exit status 1)",
+                style="yellow",
+                markup=False,
+            )
         stop_event = threading.Event()
         worker = threading.Thread(target=during, args=(stop_event,), daemon=True) if during else None
         if worker:
@@ -149,6 +156,8 @@ def record(
         invalid = _validate(result, saved, console)
         if result.merged is not None:
             print_summary(result.merged, console, title=f"merged over {len(result.dumps)} engine(s)")
+            if not bool(result.merged.total_count().any()):
+                console.print("no token was routed while recording: was there traffic in the window?", style="yellow")
         failed = [what for what, bad in (
             ("some engines FAILED (listed above)", started.failed or stopped.failed or not all(r.ok for r in result)),
             (f"the merge FAILED: {result.merge_error}", result.merge_error),
