@@ -9,7 +9,7 @@ import sys
 import torch
 
 from ..bench import EXPERTS, METHODS, TOKENS, environment, run_bench
-from .convert import positive_int
+from .convert import positive_int, rich_console
 
 QUICK_TOKENS = (1, 128, 4096)
 
@@ -95,12 +95,9 @@ def run(args: argparse.Namespace) -> int:
 def print_tables(rows: list[dict], env: dict) -> None:
     """One rich table per (where, E): microseconds per call, then the ratios that matter."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    if not console.is_terminal:  # logs and pipes: never fold the table
-        console = Console(width=160)
+    console = rich_console()
     console.print(
         f"[bold]moe-record bench[/]: {env['card']} ({env['device']}), torch {env['torch']}, triton {env['triton']}, "
         f"tap kernel: {env['kernel']}, top_k={env['top_k']}, {env['dtype']} ids, median of {env['trials']}"

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from ..client._models import run_file_kind
 from .control import OnCtrlC, check_out, positive
-from .convert import positive_int
+from .convert import positive_int, rich_console
 from .serve import READY
 
 #: Marks a folder the demo made: the next demo replaces the dumps there, and only there.
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from ..client import Fleet
     from .record import record
 
-    console = Console()
+    console = rich_console()
     out = os.path.abspath(args.out)
     if os.path.isfile(os.path.join(out, DEMO_MARK)):  # an earlier demo's folder: its dumps make way
         for name in os.listdir(out):

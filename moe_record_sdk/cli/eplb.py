@@ -15,7 +15,16 @@ from ..analysis.summary import moe_layers
 from ..errors import MoeRecordError
 from ..schema.dump import Dump
 from ..schema.io import save_torch
-from .convert import INPUTS_HELP, add_input_options, check_outputs, fail, merged, positive_int, read_args_inputs
+from .convert import (
+    INPUTS_HELP,
+    add_input_options,
+    check_outputs,
+    fail,
+    merged,
+    positive_int,
+    read_args_inputs,
+    rich_console,
+)
 
 #: The most physical slots (--replicas) a plan takes: 64 per GPU on 1024 GPUs. A plan is
 #: [layers, slots] tensors and loops over the slots: a million slots already took seconds per
@@ -155,10 +164,9 @@ def run(args: argparse.Namespace) -> int:
         )
         print()
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = rich_console()
     kind = f"hierarchical over {args.nodes} nodes, {args.groups} groups" if plan.hierarchical else "global"
     console.print(
         f"[bold]{label}[/bold]: {L} layers × {E} experts → {args.replicas} slots on {args.gpus} GPUs ({kind})"

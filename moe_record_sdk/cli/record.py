@@ -31,6 +31,7 @@ from .control import (
     print_result,
     save_dumps,
 )
+from .convert import rich_console
 from .validate import check_file
 
 
@@ -54,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..client import Fleet
 
-    console = Console()
+    console = rich_console()
     try:
         fleet = Fleet(engines_of(args), api_key=args.api_key, timeout=args.timeout, retries=args.retries)
     except ValueError as e:
@@ -104,7 +105,7 @@ def record(
     it should return soon after ``stop_event`` is set. ``interrupted``: set by stop signals
     (given, it may be set already: nothing is started then, and the status is 130).
     """
-    console = console or Console()
+    console = console or rich_console()
     made = _missing_folders(out)
     problem = check_out(out)
     if problem:
@@ -268,4 +269,4 @@ def print_summary(dump: Dump, console: Console | None = None, *, title: str = ""
     from ..analysis.summary import print_summary as draw
     from ..analysis.summary import summarize
 
-    draw(summarize(dump, source=title or None), console or Console())
+    draw(summarize(dump, source=title or None), console or rich_console())

@@ -12,7 +12,7 @@ from ..analysis.summary import print_summary, summarize, to_csv, to_json
 from ..errors import MoeRecordError
 from ..schema.io import check_regular_file
 from ..schema.sglang import torch_load
-from .convert import INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs
+from .convert import INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs, rich_console
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -92,9 +92,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.csv:
         sys.stdout.write(to_csv(summaries))
     else:
-        from rich.console import Console
-
-        console = Console()
+        console = rich_console()
         for s in summaries:
             print_summary(s, console)
     return 0

@@ -352,3 +352,15 @@ def test_plot_draws_each_rank_of_a_merge_as_its_own_line():
     lines = ax.get_lines()  # assignments: one line per rank, each over its own pass ids
     assert [list(line.get_xdata()) for line in lines] == [[0, 1], [0, 1, 2]]
     assert "2 ranks" in ax.get_title()
+
+
+def test_tables_on_a_pipe_are_not_folded_at_80_columns(tmp_path, capsys, monkeypatch):
+    """Written to a log or a pipe, rich would fold every table at 80 columns (hot and dead lists
+    wrapped and cut); 160 there, or what COLUMNS says."""
+    path = random_dump(3, num_layers=4, num_experts=64).save(str(tmp_path / "d.msgpack"))
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert main(["summary", path]) == 0
+    assert max(map(len, capsys.readouterr().out.splitlines())) > 80
+    monkeypatch.setenv("COLUMNS", "70")
+    assert main(["summary", path]) == 0
+    assert max(map(len, capsys.readouterr().out.splitlines())) <= 70
