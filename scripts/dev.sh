@@ -12,6 +12,9 @@ PY=${PYTHON:-python3}
 # Flaky downloads: pip resumes a cut download up to this many times (pip >= 25.1; older pips
 # ignore it), and pipq retries a failed install once.
 export PIP_RESUME_RETRIES=${PIP_RESUME_RETRIES:-20}
+# setuptools warns at length on every editable install that same-named folders may shadow the
+# package: true of any checkout, and it buried the demo's own output.
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore:Editable installation}
 
 stamp_of() { cat pyproject.toml adapters/*/pyproject.toml adapters/sglang/requirements-cpu.txt scripts/dev.sh | sha256sum | cut -c1-16; }
 
