@@ -168,7 +168,23 @@ def build_recorder(metadata: Any, rank: int, *, mode: str, top_k: int, **recorde
         **recorder_kwargs,
     }
     recorder = Recorder(**kwargs)
-    return SGLangRecorder(recorder, rank=rank, live_map=live if recorder.mapping is not None else None, eplb=follow)
+    return SGLangRecorder(
+        recorder,
+        rank=rank,
+        live_map=live if recorder.mapping is not None else None,
+        eplb=follow,
+        frozen=_frozen(recorder),
+    )
+
+
+def _frozen(recorder: Recorder) -> bool:
+    """Whether SGLang captures the forward (CUDA graphs on a GPU, or torch.compile): the tap's
+    buffers are then fixed in what it captured, and a mode needing others must be refused."""
+    from sglang.srt.model_executor.cuda_graph_config import cuda_graph_fully_disabled
+    from sglang.srt.runtime_context import get_flags
+
+    graphs = recorder.device.type == "cuda" and not cuda_graph_fully_disabled()
+    return graphs or bool(get_flags().capture.enable_torch_compile)
 
 
 def is_identity(metadata: Any) -> bool:

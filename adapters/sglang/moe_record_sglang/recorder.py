@@ -71,6 +71,9 @@ class SGLangRecorder:
     eplb:
         SGLang's ``EPLBManager`` reads this recorder (``--enable-eplb``): it needs mode ``stat``
         at every rebalance, so :meth:`start_record` refuses other modes.
+    frozen:
+        SGLang captures the forward (CUDA graphs, torch.compile): :meth:`start_record` refuses a
+        mode the recorder's buffers cannot hold (a new buffer would be outside the capture).
 
     Example
     -------
@@ -90,10 +93,12 @@ class SGLangRecorder:
         dump_dir: str | None = None,
         live_map: torch.Tensor | None = None,
         eplb: bool = False,
+        frozen: bool = False,
     ) -> None:
         if live_map is not None and (recorder.mapping is None or recorder.mapping.shape != live_map.shape):
             raise ValueError("live_map: needs a recorder with a physical_to_logical_map of the same shape")
         self.recorder = recorder
+        self.frozen = frozen
         self.live_map = live_map
         self.eplb = eplb
         self.rank = rank
@@ -185,6 +190,14 @@ class SGLangRecorder:
             # EPLBManager's next rebalance calls dump_record(output_mode="object"), which needs
             # stat: switching would take the scheduler down there, not here.
             raise RecorderError(f"mode {mode!r}: SGLang's EPLB (--enable-eplb) reads these counts in mode stat only")
+        if mode and mode != self.recorder.mode and self.frozen and not self.recorder.supports(mode):
+            # A new mode's buffers would be new tensors, which the CUDA graphs (or the compiled
+            # forward) SGLang captured never write: its passes would read as empty.
+            raise RecorderError(
+                f"mode {mode!r}: SGLang captured the forward (CUDA graphs or torch.compile) with mode "
+                f"{self.recorder.mode!r}'s buffers; launch it with --expert-distribution-recorder-mode {mode} "
+                "(per_token's buffers serve every mode), or --disable-cuda-graph"
+            )
         if self.recorder.recording:
             log.warning("moe-record: already recording expert ids; restarting the window (SGLang semantics)")
         with self._pass_lock:

@@ -277,6 +277,32 @@ def test_eplb_recorder_refuses_a_mode_switch(sglang_config, model_dir, gloo_worl
     assert int(out["logical_count"].sum()) > 0
 
 
+def test_a_captured_forward_refuses_a_mode_its_buffers_cannot_hold(sglang_config, model_dir, side_servers):
+    """SGLang with torch.compile (or CUDA graphs on a GPU) captured the tap's buffers: a side
+    server's ?mode=per_token on a stat recorder would record into new buffers nothing writes,
+    so it is refused (400, saying how to launch); a mode the buffers hold is taken."""
+    from moe_record_sglang import build_recorder
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    for compiled in (True, False):
+        with sglang_config("per_pass", enable_torch_compile=compiled):
+            meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
+            rec = build_recorder(meta, 0, mode="per_pass", top_k=2)
+        counter = rec.recorder.counter
+        server = side_servers.serve(rec, _free_ports(1))
+        with Fleet([server.url], api_key="", retries=0) as fleet:
+            switched = fleet.start(mode="per_token").results[0]
+            if compiled:
+                assert not switched.ok and switched.status_code == 400, switched.describe()
+                assert "--expert-distribution-recorder-mode per_token" in switched.describe()
+                assert rec.recorder.counter is counter  # the captured buffers stay
+                assert fleet.start(mode="stat").ok and rec.recorder.counter is counter
+            else:  # eager: a new counter serves the next passes
+                assert switched.ok and rec.recorder.mode == "per_token"
+        side_servers.stop()
+
+
 def test_passes_during_a_dump_keep_the_dumped_passes_ids(sglang_config, model_dir, dump_dir, side_servers):
     """SGLang runs passes while a side server's dump copies a full ring: the dumped records keep
     SGLang's forward pass ids, and the passes run meanwhile go whole to the next dump."""
