@@ -21,6 +21,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -379,8 +380,9 @@ class ControlHandler:
             resp = self._json(
                 e.status, {"ok": False, "error": {"status": e.status, "code": e.code, "message": e.message}}
             )
-        else:
-            resp = self._text(e.status, f"{e.message}\n")
+        else:  # one line, as the spec says: a name the client sent may hold a newline (%0A)
+            line = " ".join(e.message.splitlines())
+            resp = self._text(e.status, f"{line}\n")
         resp.headers.update(e.headers)
         return resp
 
@@ -396,6 +398,9 @@ def _tensor_bytes(dump: Dump) -> int:
     return sum(t.nbytes for t in tensors if t is not None)
 
 
+_QVALUE = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
+
+
 def _accepted(h: Mapping[str, str]) -> set[str]:
     """The media types ``Accept`` names with q > 0. Wildcards (curl's ``*/*``) name none, so they
     keep SGLang's text answers."""
@@ -406,10 +411,9 @@ def _accepted(h: Mapping[str, str]) -> set[str]:
         for param in params:
             name, _, value = param.strip().partition("=")
             if name.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0  # a malformed weight selects nothing rather than guessing
+                # RFC 9110's qvalue, 0 to 1 with at most three decimals; a malformed weight
+                # (1.5, inf, 1e0) selects nothing rather than guessing.
+                q = float(value) if _QVALUE.fullmatch(value.strip()) else 0.0
         if q > 0:
             out.add(media.strip().lower())
     return out

@@ -294,6 +294,9 @@ def test_errors_are_json_for_either_msgpack_type(serve, http):
         ("application/json; q=0.5, */*;q=0.1", "json"),
         ("text/html, Application/JSON", "json"),
         ("application/json;q=oops", "text"),
+        ("application/json;q=1.5", "text"),  # RFC 9110: 0 to 1, three decimals at most
+        ("application/json;q=1e0", "text"),
+        ("application/json;q=0.001", "json"),
         ("application/msgpack;q=0", "text"),
     ],
 )
@@ -381,3 +384,12 @@ def test_empty_dump_options_are_as_if_not_given(serve, http, query):
     feed(rec, seed=17)
     r = http.post(server.url + DUMP_PATH + query)
     assert r.status_code == 200 and r.text == DUMP_TEXT  # SGLang's answer: the file written
+
+
+def test_a_text_error_is_one_line_whatever_the_client_sent(serve, http):
+    """Names the client sent are echoed in errors; a newline in them (%0A) must not break the
+    one-line text answer."""
+    server = serve(make_recorder())
+    for url in (server.url + START_PATH + "?a%0Ab=1", server.url + "/a%0Ab"):
+        r = http.post(url)
+        assert r.status_code in (400, 404) and r.text.count("\n") == 1 and r.text.endswith("\n"), r.text
