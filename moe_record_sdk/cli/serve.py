@@ -83,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
     dump_dir = args.dump_dir or env.dump_dir("sglang")
     api_key = args.api_key if args.api_key is not None else env.api_key()
     app = engine.app(dump_dir=dump_dir, api_key=api_key, enabled=not args.no_control, max_body=max_body)
-    if args.start:
-        engine.recorder.start()
     try:
         sock = bind(args.host, args.port)
     except OSError as e:
@@ -98,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     rec = engine.recorder
 
     async def serve() -> None:
+        if args.start:  # through the endpoints' controller, so the run has its id (run_id, x-moe-record-run)
+            await app.handler.controller.start()
         # uvicorn sets `started` once it accepts connections: say so then, not before.
         task = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not task.done():

@@ -200,6 +200,26 @@ def test_serve_command_starts_answers_and_ends(tmp_path):
         proc.stdout.close()
 
 
+def test_serve_start_begins_a_run_with_its_id(tmp_path):
+    """--start records at once, through the endpoints' controller: status names the run and a
+    dump carries its id, as after a start request."""
+    cmd = [sys.executable, "-m", "moe_record_sdk", "serve", "--port", "0", "--threads", "1", "--api-key", ""]
+    proc = subprocess.Popen([*cmd, "--dump-dir", str(tmp_path), "--start"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(READY), line
+        with httpx.Client(base_url=line[len(READY) :].strip(), timeout=30, trust_env=False) as http:
+            http.post("/generate", json={"input_ids": [1, 2, 3], "max_new_tokens": 2})
+            status = http.get(STATUS_PATH).json()
+            assert status["recording"] and status["run_id"] and status["run_id"].startswith(status["instance_id"])
+            dump = http.post(DUMP_PATH, params={"return": "bytes", "format": "msgpack"})
+            assert dump.headers["x-moe-record-run"] == status["run_id"]
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_a_request_over_the_work_limit_is_400(served):
     engine = ReferenceEngine.tiny()
     engine.recorder.start()
