@@ -165,6 +165,8 @@ class Recorder:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise RecorderError(f"device: {device!r} is not a device ({str(e).splitlines()[0]})") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():  # else a bare AssertionError later
+            raise RecorderError(f"device: {device!r}, but this torch ({torch.__version__}) sees no CUDA GPU")
         self.engine = engine or EngineInfo(name="torch", version=str(torch.__version__))
         if self.engine.sdk_version is None:
             self.engine = msgspec.structs.replace(self.engine, sdk_version=__version__)

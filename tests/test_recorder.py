@@ -203,6 +203,12 @@ def test_bad_constructor_options_are_named(option, value, message):
         Recorder(num_layers=2, num_experts=4, top_k=2, **{option: value})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA (as CI is)")
+def test_cuda_without_a_gpu_is_named():
+    with pytest.raises(RecorderError, match="device: 'cuda', but this torch .* sees no CUDA GPU"):
+        Recorder(num_layers=2, num_experts=4, top_k=2, device="cuda")
+
+
 def test_integer_like_options_are_taken_as_ints():
     rec = Recorder(num_layers=np.int64(2), num_experts=4, top_k=2, layer_ids=torch.tensor([1]), buffer_size=np.int32(3))
     assert rec.layer_ids == [1] and type(rec.layer_ids[0]) is int and type(rec.num_layers) is int
