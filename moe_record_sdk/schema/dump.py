@@ -109,7 +109,8 @@ class Window(Base):
     num_passes: int = 0
     """Forward passes completed in the window."""
     num_tokens: list[int] | None = None
-    """Per layer of the L axis: valid token rows seen (padding excluded). Exact totals satisfy
+    """Per layer of the L axis: token rows seen, without the padding rows given as ``num_valid_tokens``
+    (padding handed over as ``-1`` rows, SGLang's, counts here, its ids in ``discarded``). Exact totals satisfy
     ``sum(total count of layer l) + discarded[l] == num_tokens[l] * top_k``."""
     discarded: list[int] | None = None
     """Per layer: top-k slots with an invalid id (-1 padding, out of range), not counted."""
