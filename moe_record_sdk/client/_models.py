@@ -18,14 +18,14 @@ ON_SERVER = "server-disk"  # only a file on the engine's disk (stock SGLang)
 
 
 def run_file_kind(name: str) -> str | None:
-    """``"engine"`` or ``"merged"`` for a file name :meth:`FleetResult.save` writes (what
-    ``record --out`` holds), else None: the one place that knows those names."""
+    """``"engine"``, ``"merged"`` or ``"partial"`` for a file name :meth:`FleetResult.save`
+    writes (what ``record --out`` holds), else None: the one place that knows those names."""
     stem, dot, fmt = name.rpartition(".")
     if not dot or fmt not in FORMATS:
         return None
     if stem == "merged":
         return "merged"
-    return "engine" if stem.startswith("engine-") else None
+    return next((kind for kind in ("engine", "partial") if stem.startswith(f"{kind}-")), None)
 
 
 @dataclass
@@ -154,15 +154,18 @@ class FleetResult:
         """Write each collected dump and the merge into ``directory``.
 
         Files are ``engine-<i>-<host>_<port>.<format>`` (``i`` the engine's position in the fleet)
-        and ``merged.<format>`` (:func:`run_file_kind` knows them). Returns ``{engine URL or
-        "merged": path}``.
+        and ``merged.<format>`` (:func:`run_file_kind` knows them). A dump taken but left out of
+        the merge (``run_changed``: another client restarted the window) is saved too, as
+        ``partial-<i>-<host>_<port>.<format>``: the engine gave its window away with it.
+        Returns ``{engine URL or "merged": path}``.
         """
         os.makedirs(directory, exist_ok=True)
         paths: dict[str, str] = {}
         for i, r in enumerate(self.results):
-            if r.ok and r.dump is not None:
+            if r.dump is not None:
+                kind = "engine" if r.ok else "partial"
                 paths[r.engine] = save_dump(
-                    r.dump, os.path.join(directory, f"engine-{i}-{engine_slug(r.engine)}.{format}")
+                    r.dump, os.path.join(directory, f"{kind}-{i}-{engine_slug(r.engine)}.{format}")
                 )
         if self.merged is not None:
             paths["merged"] = save_dump(self.merged, os.path.join(directory, f"merged.{format}"))

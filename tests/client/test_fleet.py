@@ -94,14 +94,19 @@ def test_restart_between_start_and_dump_is_detected(engines):
     assert r.status_code == 409 and r.error_kind == "restarted" and "lost" in r.error
 
 
-def test_another_start_in_between_is_reported(engines, http_client):
+def test_another_start_in_between_is_reported(engines, http_client, tmp_path):
     rec, server = engines.ours()
     with Fleet([server.url]) as fleet:
         fleet.start()
         feed(rec, seed=3)
         http_client.post(server.url + "/start_expert_distribution_record")  # someone else restarts the window
+        since = feed(rec, seed=4)
         result = fleet.dump()
     assert result[0].error_kind == "run_changed" and result.merged is None
+    # The engine gave that window away with the dump: saved apart, never merged, not lost.
+    saved = result.save(str(tmp_path))
+    assert os.path.basename(saved[server.url]).startswith("partial-0-")
+    assert torch.equal(load_dump(saved[server.url]).total_count(), since)
 
 
 def test_engine_whose_start_failed_is_not_merged(engines):
