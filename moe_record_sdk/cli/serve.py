@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from .. import env
@@ -81,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"moe-record serve: {e}", file=sys.stderr)
         return 2
     dump_dir = args.dump_dir or env.dump_dir("sglang")
+    problem = None if args.no_control else _unwritable(dump_dir)
+    if problem:  # said now, not at the first dump (a 500 then, the window kept)
+        print(f"moe-record serve: dump folder {dump_dir}: cannot write there: {problem}", file=sys.stderr)
+        return 2
     api_key = args.api_key if args.api_key is not None else env.api_key()
     app = engine.app(dump_dir=dump_dir, api_key=api_key, enabled=not args.no_control, max_body=max_body)
     try:
@@ -119,6 +124,19 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
         engine.attachment.detach()
     return 0
+
+
+def _unwritable(folder: str) -> str | None:
+    """Why dumps could not be written into ``folder``, or None; nothing is created (a dump
+    creates the folder, as SGLang's does, and dumps that come back in answers need none)."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{path} is not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
 
 
 def _port(text: str) -> int:

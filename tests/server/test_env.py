@@ -52,3 +52,13 @@ def test_a_bad_mode_in_the_environment_is_named_by_serve_and_breaks_no_other_com
     assert main(["serve", "--port", "0"]) == 2
     assert "moe-record serve: MOE_RECORD_MODE: expected one of" in capsys.readouterr().err
     assert main(["validate", "--help"]) == 0  # building the parser reads no environment
+
+
+def test_serve_names_a_dump_folder_it_cannot_write_before_serving(tmp_path, capsys):
+    """Found at start, not at the first dump (a 500 then): the folder named, exit 2."""
+    from moe_record_sdk.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["serve", "--port", "0", "--dump-dir", str(blocker / "dumps")]) == 2
+    assert f"moe-record serve: dump folder {blocker / 'dumps'}: cannot write there" in capsys.readouterr().err
