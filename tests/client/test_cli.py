@@ -220,17 +220,14 @@ def test_an_engine_whose_status_hangs_does_not_stretch_the_recording(engines, tm
     assert window.stop_time - window.start_time < 3.5  # was 7+: a 6 s poll, then another
 
 
-@pytest.mark.parametrize(("signame", "times"), [("SIGINT", 60), ("SIGTERM", 1)])
-def test_ctrl_c_or_sigterm_stops_dumps_and_saves(engines, tmp_path, signame, times):
-    """`record` until Ctrl-C, and a burst of Ctrl-C: the recording ends once, the engines are
-    stopped and dumped, and the dumps saved (a second KeyboardInterrupt used to skip all that).
-    SIGTERM (`timeout`, systemd, docker, Kubernetes) does the same: it used to kill the process
-    at once, saving nothing and leaving the engines recording."""
-    import signal
+def _record_under_signals(engines, tmp_path, seed: int, send):
+    """`moe-record record` in its own process, as a user's, against an engine whose dump takes
+    1 s (signals go on while it is taken), fed once it records; then ``send(proc)`` signals it.
+    Returns (the engine's recorder, --out, exit status, output, the counts fed)."""
     import subprocess
     import sys
 
-    rec, server = engines.slow(delay=1.0)  # a burst goes on while the dump is taken
+    rec, server = engines.slow(delay=1.0)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "moe_record_sdk", "record", "-e", server.url, "--interval", "0.2", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -238,14 +235,29 @@ def test_ctrl_c_or_sigterm_stops_dumps_and_saves(engines, tmp_path, signame, tim
         deadline = time.monotonic() + 60
         while not rec.status().recording and time.monotonic() < deadline:
             time.sleep(0.05)
-        expected = feed(rec, seed=13)
-        for _ in range(times):
-            proc.send_signal(getattr(signal, signame))
-            time.sleep(0.02)
+        expected = feed(rec, seed=seed)
+        send(proc)
         output, _ = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 0, output
+    return rec, out, proc.returncode, output, expected
+
+
+@pytest.mark.parametrize(("signame", "times"), [("SIGINT", 60), ("SIGTERM", 1)])
+def test_ctrl_c_or_sigterm_stops_dumps_and_saves(engines, tmp_path, signame, times):
+    """`record` until Ctrl-C, and a burst of Ctrl-C: the recording ends once, the engines are
+    stopped and dumped, and the dumps saved (a second KeyboardInterrupt used to skip all that).
+    SIGTERM (`timeout`, systemd, docker, Kubernetes) does the same: it used to kill the process
+    at once, saving nothing and leaving the engines recording."""
+    import signal
+
+    def burst(proc) -> None:
+        for _ in range(times):
+            proc.send_signal(getattr(signal, signame))
+            time.sleep(0.02)
+
+    rec, out, status, output, expected = _record_under_signals(engines, tmp_path, 13, burst)
+    assert status == 0, output
     assert "stopping (Ctrl-C or SIGTERM)" in output and "Traceback" not in output
     assert not rec.status().recording
     assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
@@ -297,25 +309,15 @@ def test_stop_signals_until_exit_neither_kill_nor_cut_the_report(engines, tmp_pa
     SIGHUP used to kill the process once record had saved (only SIGINT was ignored then): exit -15,
     not 0."""
     import signal
-    import subprocess
-    import sys
 
-    rec, server = engines.slow(delay=1.0)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "moe_record_sdk", "record", "-e", server.url, "--interval", "0.2", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    def until_exit(proc) -> None:
         deadline = time.monotonic() + 60
-        while not rec.status().recording and time.monotonic() < deadline:
-            time.sleep(0.05)
-        expected = feed(rec, seed=14)
         while proc.poll() is None and time.monotonic() < deadline:
             proc.send_signal(getattr(signal, signame))
             time.sleep(0.01)
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, output
+
+    _, out, status, output, expected = _record_under_signals(engines, tmp_path, 14, until_exit)
+    assert status == 0, output
     assert "validated 2 dump file(s): all valid" in output and "Traceback" not in output
     assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
 
