@@ -11,7 +11,7 @@ import torch
 from ..analysis.summary import print_summary, summarize, to_csv, to_json
 from ..errors import MoeRecordError
 from ..schema.io import check_regular_file
-from ..schema.sglang import torch_load
+from ..schema.sglang import PLACEMENT_KEYS, torch_load
 from .convert import INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs, rich_console
 
 
@@ -50,11 +50,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _not_int(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex or dtype == torch.bool
-
-
-#: The keys a placement file holds its [L, P] map under: SGLang's ``--init-expert-location`` file
-#: (``eplb --sglang-out``), and ``eplb --plan-out``'s plan.
-PLACEMENT_KEYS = ("physical_to_logical_map", "phy2log")
 
 
 def load_placement(path: str) -> torch.Tensor:

@@ -42,6 +42,11 @@ ZIP_INFLATE_ALLOWANCE = 1 << 20
 _CSV_NAME = re.compile(r"expert_distribution_rank(\d+)_timestamp[\d.]+\.csv$")
 
 
+#: The keys a placement file holds its [L, P] map under: SGLang's ``--init-expert-location`` file
+#: (``eplb --sglang-out``), and ``eplb --plan-out``'s plan. Readers of dumps name such a file.
+PLACEMENT_KEYS = ("physical_to_logical_map", "phy2log")
+
+
 def sglang_file_name(dump: Dump, now: float | None = None, *, per_rank: bool | None = None) -> str:
     """SGLang's file name for this dump: stat files have no rank suffix (rank 0 writes them).
 
@@ -189,7 +194,7 @@ def _from_sglang_dict(obj: Any, source: str) -> Dump:
         )
     if "records" in obj:
         return _from_records(obj, meta, source)
-    if "physical_to_logical_map" in obj or "phy2log" in obj:  # eplb --sglang-out / --plan-out
+    if any(key in obj for key in PLACEMENT_KEYS):
         raise DumpFormatError(
             f"{source}: an expert placement, not a dump (no 'logical_count' nor 'records'): summary takes it as "
             "--placement, SGLang as --init-expert-location"
