@@ -6,42 +6,73 @@ import argparse
 import importlib
 import os
 import sys
+from typing import Any
 
-# name -> module under moe_record_sdk.cli; each module has ``add_parser(sub)`` returning its
-# parser with ``func`` set to a callable(args) -> exit status. Imported lazily so `--help` is fast.
-COMMANDS: dict[str, str] = {
-    "validate": "validate",
-    "merge": "merge",
-    "adapters": "adapters",
-    "summary": "summary",
-    "plot": "plot",
-    "eplb": "eplb",
-    "convert": "convert",
-    "bench": "bench",
-    "serve": "serve",
-    "start": "control",
-    "stop": "control",
-    "dump": "control",
-    "status": "control",
-    "record": "record",
-    "demo": "demo",
+# name -> (module under moe_record_sdk.cli, one-line help). Each module has ``add_parser(sub)``
+# adding its commands with ``add_command``, ``func`` set to a callable(args) -> exit status. Only
+# the module of the command being run is imported: the others, and `--help`, need no torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("validate", "check dump files (ours or SGLang's) against the schema's invariants"),
+    "merge": ("merge", "merge dumps of several ranks / engines: replicas (same token_shard) once, other shards summed"),
+    "adapters": ("adapters", "list installed engine adapters, their versions and whether they load"),
+    "summary": (
+        "summary",
+        "per-layer and overall expert-load imbalance (SGLang, TensorRT-LLM, Jain, CV), per GPU given a placement",
+    ),
+    "plot": (
+        "plot",
+        "draw a layers x experts heatmap, per-layer imbalance and load over passes (needs moe-record-sdk[plot])",
+    ),
+    "eplb": (
+        "eplb",
+        "plan expert replication and placement (DeepSeek EPLB's inputs/outputs); export SGLang's --init-expert-location",
+    ),
+    "convert": (
+        "convert",
+        "convert TensorRT-LLM / Megatron / SGLang statistics to our dump, or ours to SGLang's .pt or a [L, E] tensor",
+    ),
+    "bench": (
+        "bench",
+        "time the recording tap per MoE layer (eager and in a CUDA graph) against scatter_add_ and a copy",
+    ),
+    "serve": ("serve", "run a reference engine: a PyTorch MoE model with /generate and the recording endpoints"),
+    "start": ("control", "clear and start recording on every engine"),
+    "stop": ("control", "stop recording on every engine"),
+    "dump": ("control", "dump every engine's recording (kept on their disks, or collected with --out)"),
+    "status": ("control", "show every engine's recording status"),
+    "record": ("record", "record expert load on many engines at once and collect the merged dump"),
+    "demo": ("demo", "run two local reference engines, record across both, write and check the dumps"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_command(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """Add command ``name`` to ``sub`` with its help from ``COMMANDS``."""
+    return sub.add_parser(name, help=COMMANDS[name][1], **kwargs)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser: ``command``'s module fully, every other command as its name and help line."""
     parser = argparse.ArgumentParser(prog="moe-record", description="Record and inspect MoE expert load.")
     from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"moe-record-sdk {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in dict.fromkeys(COMMANDS.values()):
-        importlib.import_module(f"{__name__}.{module}").add_parser(sub)
+    wanted = COMMANDS[command][0] if command in COMMANDS else None
+    for name, (module, _) in COMMANDS.items():
+        if name in sub.choices:  # added with its module's other commands
+            continue
+        if module == wanted:
+            importlib.import_module(f"{__name__}.{module}").add_parser(sub)
+        else:
+            add_command(sub, name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # the command is the first word: the only options before it are --help and --version
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad arguments, as we want

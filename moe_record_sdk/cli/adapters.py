@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 
+from . import add_command
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("adapters", help="list installed engine adapters, their versions and whether they load")
+    p = add_command(sub, "adapters")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout instead of a table")
     p.set_defaults(func=run)
     return p

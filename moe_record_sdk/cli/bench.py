@@ -9,6 +9,7 @@ import sys
 import torch
 
 from ..bench import EXPERTS, METHODS, TOKENS, environment, run_bench
+from . import add_command
 from .convert import positive_int, rich_console
 
 QUICK_TOKENS = (1, 128, 4096)
@@ -46,10 +47,7 @@ def _device(text: str) -> torch.device | None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "bench",
-        help="time the recording tap per MoE layer (eager and in a CUDA graph) against scatter_add_ and a copy",
-    )
+    p = add_command(sub, "bench")
     p.add_argument("--device", type=_device, default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--tokens", type=_ints, default=None, metavar="T,...", help=f"token counts (default {TOKENS})")
     p.add_argument(

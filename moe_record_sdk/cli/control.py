@@ -16,6 +16,7 @@ from typing import Any
 from .. import env
 from ..client._models import run_file_kind
 from ..schema import FORMATS, MODES
+from . import COMMANDS, add_command
 
 ACTIONS = ("start", "stop", "dump", "status")
 
@@ -85,14 +86,8 @@ def fleet_of(args: argparse.Namespace) -> Any:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    helps = {
-        "start": "clear and start recording on every engine",
-        "stop": "stop recording on every engine",
-        "dump": "dump every engine's recording (kept on their disks, or collected with --out)",
-        "status": "show every engine's recording status",
-    }
     for action in ACTIONS:
-        p = sub.add_parser(action, help=helps[action], description=helps[action].capitalize() + ".")
+        p = add_command(sub, action, description=COMMANDS[action][1].capitalize() + ".")
         add_engine_options(p)
         p.add_argument("--json", action="store_true", help="one JSON document on stdout")
         if action == "start":

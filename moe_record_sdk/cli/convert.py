@@ -13,6 +13,7 @@ from ..convert import TARGETS, read_inputs, write
 from ..convert.trtllm import is_trtllm_folder
 from ..errors import MoeRecordError
 from ..schema.dump import Dump
+from . import add_command
 
 INPUTS_HELP = (
     "dump files (ours, SGLang .pt or legacy .csv), folders `moe-record record --out` wrote (their merged dump), "
@@ -161,9 +162,9 @@ def fail(command: str, error: Exception) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "convert",
-        help="convert TensorRT-LLM / Megatron / SGLang statistics to our dump, or ours to SGLang's .pt or a [L, E] tensor",
         description="Read one run (a file, a TensorRT-LLM folder, or Megatron's rank files) and write it in another format.",
     )
     p.add_argument("inputs", nargs="+", metavar="IN", help=INPUTS_HELP)

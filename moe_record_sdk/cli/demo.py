@@ -22,6 +22,7 @@ import httpx
 from rich.console import Console
 
 from ..client._models import run_file_kind
+from . import add_command
 from .control import OnCtrlC, check_out, positive
 from .convert import positive_int, rich_console
 from .serve import READY
@@ -31,9 +32,9 @@ DEMO_MARK = ".moe-record-demo"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "demo",
-        help="run two local reference engines, record across both, write and check the dumps",
         description="Start two reference engines on 127.0.0.1, drive traffic, record across both with one "
         "Fleet call, write the dumps to --out, validate them and print the per-layer summary.",
     )

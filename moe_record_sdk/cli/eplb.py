@@ -15,6 +15,7 @@ from ..analysis.summary import moe_layers
 from ..errors import MoeRecordError
 from ..schema.dump import Dump
 from ..schema.io import save_torch
+from . import add_command
 from .convert import (
     INPUTS_HELP,
     add_input_options,
@@ -41,10 +42,7 @@ def slot_count(text: str) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "eplb",
-        help="plan expert replication and placement (DeepSeek EPLB's inputs/outputs); export SGLang's --init-expert-location",
-    )
+    p = add_command(sub, "eplb")
     p.add_argument(
         "paths",
         nargs="+",

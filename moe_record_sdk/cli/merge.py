@@ -10,15 +10,13 @@ from ..convert import read_inputs
 from ..errors import MoeRecordError
 from ..merge import merge_dumps
 from ..schema import save_dump
+from . import add_command
 from .convert import check_outputs, fail, refuse_merge_beside_its_inputs
 from .validate import resolve_dump_files
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "merge",
-        help="merge dumps of several ranks / engines: replicas (same token_shard) once, other shards summed",
-    )
+    p = add_command(sub, "merge")
     p.add_argument("paths", nargs="+", metavar="FILE", help="dump files (ours or SGLang's), or folders holding them")
     p.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="merged dump; format by suffix (.pt, .msgpack, .json)"

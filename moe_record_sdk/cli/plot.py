@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MoeRecordError
+from . import add_command
 from .convert import INPUTS_HELP, add_input_options, check_outputs, fail, positive_int, read_args_inputs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "plot",
-        help="draw a layers x experts heatmap, per-layer imbalance and load over passes (needs moe-record-sdk[plot])",
-    )
+    p = add_command(sub, "plot")
     p.add_argument("paths", nargs="+", metavar="FILE", help=INPUTS_HELP)
     p.add_argument(
         "-o", "--output", required=True, metavar="PNG", help="the image to write (.png is added when it has no suffix)"

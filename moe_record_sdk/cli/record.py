@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ..schema import FORMATS, MODES, Dump, validate_dump
+from . import add_command
 from .control import (
     STOP_SIGNALS,
     OnCtrlC,
@@ -36,9 +37,9 @@ from .validate import check_file
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "record",
-        help="record expert load on many engines at once and collect the merged dump",
         description="Start recording on every engine, wait (--duration, or until Ctrl-C), stop, dump, save each "
         "engine's dump and the merged one into --out, validate them and print a per-layer summary.",
     )

@@ -10,6 +10,7 @@ import sys
 from .. import env
 from ..errors import MoeRecordError
 from ..schema import MODES
+from . import add_command
 from .convert import positive_int
 
 #: The line printed once the server accepts connections; the demo reads the URL from it.
@@ -17,9 +18,9 @@ READY = "moe-record serve: listening on "
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "serve",
-        help="run a reference engine: a PyTorch MoE model with /generate and the recording endpoints",
         description="A raw-PyTorch MoE engine (the built-in tiny model, or a transformers MoE config with "
         "random weights) with SGLang's expert-distribution endpoints, POST /generate and GET /health.",
     )

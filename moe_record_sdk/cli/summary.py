@@ -12,14 +12,12 @@ from ..analysis.summary import print_summary, summarize, to_csv, to_json
 from ..errors import MoeRecordError
 from ..schema.io import check_regular_file
 from ..schema.sglang import PLACEMENT_KEYS, torch_load
+from . import add_command
 from .convert import INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs, rich_console
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "summary",
-        help="per-layer and overall expert-load imbalance (SGLang, TensorRT-LLM, Jain, CV), per GPU given a placement",
-    )
+    p = add_command(sub, "summary")
     p.add_argument("paths", nargs="+", metavar="FILE", help=INPUTS_HELP)
     p.add_argument(
         "--ep-size",

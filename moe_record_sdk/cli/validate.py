@@ -10,14 +10,15 @@ from collections.abc import Iterator
 
 from ..errors import MoeRecordError
 from ..schema import detect_format, load_dump, validate_dump
+from . import add_command
 
 DUMP_SUFFIXES = (".pt", ".pth", ".msgpack", ".mpk", ".json", ".csv")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "validate",
-        help="check dump files (ours or SGLang's) against the schema's invariants",
         epilog="exit status: 0 every file is valid, 1 some file is INVALID (not a valid dump, or not a regular file: "
         "a FIFO, a device), 2 a path that is not there",
     )
