@@ -198,8 +198,11 @@ class ControlHandler:
         if route is None:
             return self.error(ControlError(404, "not_found", f"no endpoint {path}"), h)
         denied = check_bearer(h, self.api_key)
-        if denied:
-            return self.error(denied, h)
+        if denied:  # a caller without the key learns nothing of this engine: not its identity, not its run
+            resp = self.error(denied, h)
+            for name in (H_INSTANCE, H_RUN):
+                resp.headers.pop(name, None)
+            return resp
         if method.upper() not in route.methods:
             allow = ", ".join(route.methods)
             return self.error(

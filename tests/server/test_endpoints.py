@@ -161,6 +161,10 @@ def test_bearer_token(serve, http):
     assert not rec.recording
     r = http.post(server.url + START_PATH, headers={"authorization": "Bearer s3cret"})
     assert (r.status_code, r.text) == (200, START_TEXT) and rec.recording
+    # Without the key, nothing tells which engine this is or that a run started.
+    for headers in ({}, {"authorization": "Bearer wrong", "accept": "application/json"}):
+        r = http.post(server.url + STATUS_PATH, headers=headers)
+        assert r.status_code == 401 and not any(k.startswith("x-moe-record") for k in r.headers), r.headers
     assert http.get(server.url + STATUS_PATH, headers={"authorization": "Bearer s3cret"}).json()["auth"] is True
     # The scheme is case-insensitive (RFC 7235); the token is not.
     assert http.get(server.url + STATUS_PATH, headers={"authorization": "bearer s3cret"}).status_code == 200
