@@ -32,6 +32,7 @@ from ..errors import MoeRecordError, RecorderError
 from ..schema import FORMATS, Dump, encode
 from .control import Backend, ControlError, Controller
 from .protocol import (
+    DUMP_JSON,
     DUMP_PATH,
     DUMP_TEXT,
     H_DUMP_DIR,
@@ -307,9 +308,10 @@ class ControlHandler:
             raise ControlError(400, "bad_option", f"return: {ret!r} is not one of {', '.join(RETURNS)}")
         if fmt is not None and fmt not in FORMATS:
             raise ControlError(400, "bad_option", f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        asked = _dump_format_accepted(h)
         if ret is None:
-            ret = "bytes" if (fmt or _accepts_msgpack(h)) else "file"
-        fmt = fmt or "msgpack"
+            ret = "bytes" if (fmt or asked) else "file"
+        fmt = fmt or asked or "msgpack"
         t0 = time.perf_counter()
         outcome = await self.controller.dump(write_files=ret != "bytes")
         t1 = time.perf_counter()
@@ -379,7 +381,7 @@ class ControlHandler:
     def error(self, e: ControlError, headers: Mapping[str, str] | None = None) -> Response:
         """The answer for an error: JSON for clients that take JSON or dump bytes, else a line."""
         h = headers or {}
-        if _accepts_json(h) or _accepts_msgpack(h):
+        if _accepts_json(h) or _dump_format_accepted(h):
             resp = self._json(
                 e.status, {"ok": False, "error": {"status": e.status, "code": e.code, "message": e.message}}
             )
@@ -426,5 +428,9 @@ def _accepts_json(h: Mapping[str, str]) -> bool:
     return "application/json" in _accepted(h)
 
 
-def _accepts_msgpack(h: Mapping[str, str]) -> bool:
-    return not _accepted(h).isdisjoint((MSGPACK, "application/msgpack"))
+def _dump_format_accepted(h: Mapping[str, str]) -> str | None:
+    """The dump format ``Accept`` names by its media type: msgpack first, then the dump's JSON."""
+    accepted = _accepted(h)
+    if not accepted.isdisjoint((MSGPACK, "application/msgpack")):
+        return "msgpack"
+    return "json" if DUMP_JSON in accepted else None

@@ -23,6 +23,7 @@ from moe_record_sdk.server import (
     ControlHandler,
     LocalBackend,
 )
+from moe_record_sdk.server.protocol import DUMP_JSON, MEDIA_TYPES
 
 from .helpers import E, K, L, feed, make_recorder
 
@@ -282,11 +283,29 @@ def test_handler_without_any_server(tmp_path):
     assert c.status == 404
 
 
-def test_errors_are_json_for_either_msgpack_type(serve, http):
+def test_errors_are_json_for_either_msgpack_type_and_the_dump_json_type(serve, http):
     server = serve(make_recorder())
-    for accept in ("application/x-msgpack", "application/msgpack"):
+    for accept in ("application/x-msgpack", "application/msgpack", DUMP_JSON):
         r = http.get(server.url + START_PATH + "?mode=fast", headers={"accept": accept})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_mode"
+
+
+@pytest.mark.parametrize(
+    "accept, fmt",
+    [(DUMP_JSON, "json"), (f"{DUMP_JSON}, application/x-msgpack;q=0.1", "msgpack"), ("application/json", None)],
+)
+def test_a_dump_comes_in_the_format_accept_names(serve, http, accept, fmt):
+    rec = make_recorder()
+    server = serve(rec)
+    http.post(server.url + START_PATH)
+    expected = feed(rec, seed=9)
+    r = http.post(server.url + DUMP_PATH, headers={"accept": accept})
+    assert r.status_code == 200
+    if fmt is None:  # a JSON answer about the files written on the engine's disk
+        assert r.json()["files"]
+        return
+    assert r.headers["x-moe-record-format"] == fmt and r.headers["content-type"] == MEDIA_TYPES[fmt]
+    assert torch.equal(decode(r.content, fmt).total_count(), expected)
 
 
 @pytest.mark.parametrize(
