@@ -116,6 +116,17 @@ def _query(raw: str | bytes | Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object without repeated names: as in the query, the last one silently winning would
+    hide a client's bug."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ControlError(400, "bad_body", f"body.{k}: given twice ({out[k]!r}, {v!r})")
+        out[k] = v
+    return out
+
+
 def check_bearer(headers: Mapping[str, str], api_key: str | Sequence[str] | None) -> ControlError | None:
     """None when the request may pass: no key configured, or ``Authorization: Bearer <key>``
     (any one of the keys, where several are: vLLM takes several ``--api-key`` values).
@@ -268,7 +279,9 @@ class ControlHandler:
         options = dict(query)
         if body.strip():
             try:
-                obj = json.loads(body)
+                obj = json.loads(body, object_pairs_hook=_refuse_duplicate_keys)
+            except ControlError:
+                raise
             except (ValueError, UnicodeDecodeError) as e:
                 raise ControlError(400, "bad_body", f"body: not JSON ({e}); send none, or a JSON object") from None
             if not isinstance(obj, dict):

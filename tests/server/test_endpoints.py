@@ -95,6 +95,7 @@ def test_start_mode_from_query_and_body(serve, http):
         ("", b'["stat"]', "bad_body"),
         ("?mdoe=stat", None, "unknown_option"),
         ("?mode=stat&mode=per_token", None, "bad_option"),
+        ("", b'{"mode": "stat", "mode": "per_token"}', "bad_body"),
         ("?path=/etc/passwd", None, "unknown_option"),
     ],
 )
