@@ -14,7 +14,11 @@ returns our :class:`SGLangRecorder` therefore:
   endpoints and ``Engine`` methods (scheduler -> ``start_record``/``stop_record``/``dump_record``),
   ``EPLBManager`` (``dump_record(output_mode="object")``), layer context and pass boundaries.
 
-The wrap goes through SGLang's own ``HookRegistry`` (applied by ``load_plugins()``, which also
+``ModelRunner.forward`` is wrapped too, only to mark a speculative-decoding draft runner's
+passes (``is_draft_worker``): they share the global recorder and repeat the served model's pass
+ids, so they make no pass and count nothing (``recorder.IN_DRAFT_RUNNER``).
+
+The wraps go through SGLang's own ``HookRegistry`` (applied by ``load_plugins()``, which also
 rebinds stale ``from X import Y`` copies). Where SGLang counts elsewhere than ``on_select_experts``
 (DeepEP low-latency / mori dispatch, ``stat_approx``) or needs its balancedness metrics, SGLang's
 own recorder stays in charge and the reason is logged.
@@ -22,6 +26,7 @@ own recorder stays in charge and the reason is logged.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -30,16 +35,18 @@ import torch
 from moe_record_sdk import EngineInfo, Recorder
 
 from .compat import check_sglang_version, sglang_version
-from .recorder import SGLangRecorder
+from .recorder import IN_DRAFT_RUNNER, SGLangRecorder
 from .topology import sglang_topology, stage_layers
 from .version import __version__
 
 log = logging.getLogger(__name__)
 
 TARGET = "sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_new"
+# Wrapped to tell a speculative-decoding draft model's passes from the served model's.
+RUNNER_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 _TOP_K_NAMES = ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "experts_per_token")
 
-_state: dict[str, Any] = {"original": None, "top_k": None}
+_state: dict[str, Any] = {"original": None, "original_forward": None, "top_k": None}
 
 
 def register() -> None:
@@ -51,10 +58,12 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(TARGET, _around_init_new, HookType.AROUND)
+    HookRegistry.register(RUNNER_TARGET, _around_runner_forward, HookType.AROUND)
 
 
 def install(top_k: int | None = None) -> None:
-    """Wrap ``init_new`` directly, without ``load_plugins()`` (scripts, tests); idempotent.
+    """Wrap ``init_new`` and ``ModelRunner.forward`` directly, without ``load_plugins()``
+    (scripts, tests); idempotent.
 
     ``top_k``: routed experts per token, when the model config cannot say (default: read from
     the served model's config).
@@ -67,6 +76,12 @@ def install(top_k: int | None = None) -> None:
         original = ExpertDistributionRecorder.__dict__["init_new"].__func__
         _state["original"] = original
         ExpertDistributionRecorder.init_new = staticmethod(lambda *a, **kw: _around_init_new(original, *a, **kw))
+    if _state["original_forward"] is None:
+        from sglang.srt.model_executor.model_runner import ModelRunner
+
+        forward = ModelRunner.__dict__["forward"]
+        _state["original_forward"] = forward
+        ModelRunner.forward = functools.wraps(forward)(lambda *a, **kw: _around_runner_forward(forward, *a, **kw))
 
 
 def uninstall() -> None:
@@ -76,6 +91,11 @@ def uninstall() -> None:
     if _state["original"] is not None:
         ExpertDistributionRecorder.init_new = staticmethod(_state["original"])
         _state["original"] = None
+    if _state["original_forward"] is not None:
+        from sglang.srt.model_executor.model_runner import ModelRunner
+
+        ModelRunner.forward = _state["original_forward"]
+        _state["original_forward"] = None
     _state["top_k"] = None
 
 
@@ -103,6 +123,17 @@ def _around_init_new(original: Any, expert_location_metadata: Any, rank: int, *a
         __version__,
     )
     return rec
+
+
+def _around_runner_forward(original: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
+    """``ModelRunner.forward``, marked as a draft model's pass where it is one: SGLang's draft
+    runner (EAGLE, MTP) brackets its passes with the same global recorder, under its own pass ids,
+    which repeat the served model's; its routing is not the served model's either."""
+    token = IN_DRAFT_RUNNER.set(bool(getattr(runner, "is_draft_worker", False)))
+    try:
+        return original(runner, *args, **kwargs)
+    finally:
+        IN_DRAFT_RUNNER.reset(token)
 
 
 def unsupported_reason() -> str | None:

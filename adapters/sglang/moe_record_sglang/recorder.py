@@ -31,6 +31,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import msgspec
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 #: Pass ids kept beyond the ring's rows: passes SGLang completes while a side server's dump
 #: copies the ring (they must not push the dumped passes' ids out). Host tuples, a few KB.
 ID_SLACK = 4096
+
+#: True inside a speculative-decoding draft model's ``ModelRunner.forward`` (set by the plugin's
+#: wrap of it). The draft runner numbers its passes from 1 too and brackets them with the same
+#: global recorder: its passes are not the served model's, so they make no pass and count nothing.
+IN_DRAFT_RUNNER: ContextVar[bool] = ContextVar("moe_record_in_draft_runner", default=False)
 
 
 class SGLangRecorder:
@@ -141,6 +147,9 @@ class SGLangRecorder:
     @contextmanager
     def with_forward_pass(self, forward_pass_id: int, forward_batch: Any) -> Iterator[dict[str, Any]]:
         outputs: dict[str, Any] = {}
+        if IN_DRAFT_RUNNER.get():
+            yield outputs
+            return
         try:
             yield outputs
         finally:
@@ -152,7 +161,7 @@ class SGLangRecorder:
 
     # -- the hooks ------------------------------------------------------------------------
     def on_select_experts(self, topk_ids: torch.Tensor) -> None:
-        if self._disabled or self._layer is None:
+        if self._disabled or self._layer is None or IN_DRAFT_RUNNER.get():
             return
         # As SGLang: skip when idle, except while a CUDA graph captures (the tap must be in it).
         if not (self.recorder.recording or _capturing()):

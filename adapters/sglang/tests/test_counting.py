@@ -181,3 +181,64 @@ def test_counts_follow_an_eplb_rebalance_as_sglangs_own(sglang_config, model_dir
             uninstall()
     assert int(got["sglang"].sum()) == 40 * TOP_K * len(MOE_LAYERS)
     assert torch.equal(got["ours"], got["sglang"])
+
+
+def test_a_draft_models_passes_make_no_pass_and_count_nothing(sglang_config, model_dir, dump_dir):
+    """Speculative decoding (EAGLE, MTP): SGLang's draft model has its own ``ModelRunner``, which
+    numbers its passes from 1 as the served model's does and brackets them with the same global
+    recorder; a draft MoE model routes through ``select_experts`` too. SGLang's real
+    ``ModelRunner.forward`` runs here, on runners holding only the state it reads around the
+    model call (``_forward_raw`` runs the tiny model)."""
+    from types import SimpleNamespace
+
+    from moe_record_sglang import install, uninstall
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.model_executor.model_runner import ModelRunner
+    from sglang_tiny import Batch
+
+    def runner(model: TinyMoE, is_draft_worker: bool) -> ModelRunner:
+        r = object.__new__(ModelRunner)  # a real runner needs a GPU and weights
+        r.__dict__.update(
+            forward_pass_id=0, is_draft_worker=is_draft_worker, msprobe_debugger=None, canary_manager=None,
+            enable_elastic_ep=False, eplb_manager=None, decode_cuda_graph_runner=None,
+        )  # fmt: skip
+
+        def forward_raw(batch, *args):
+            model(batch.input_ids)
+            return SimpleNamespace(can_run_graph=False)
+
+        r._forward_raw = forward_raw
+        return r
+
+    g = torch.Generator().manual_seed(5)
+
+    def batch(tokens: int) -> Batch:
+        b = Batch(input_ids=torch.randint(0, 128, (tokens,), generator=g), positions=torch.arange(tokens))
+        b.forward_mode, b.batch_size = ForwardMode.DECODE, tokens
+        b.apply_deprecated_skip_attn_backend_init = lambda value: None
+        return b
+
+    shipped = ModelRunner.__dict__["forward"]
+    install()
+    try:
+        assert ModelRunner.__dict__["forward"] is not shipped
+        with sglang_config("per_pass"):
+            rec = new_recorder(model_dir)
+            target_model, draft_model = TinyMoE(seed=1), TinyMoE(seed=2)
+            target, draft = runner(target_model, False), runner(draft_model, True)
+            rec.start_record()
+            for tokens in (3, 5, 4):  # a target pass, then the draft's steps: ids 1, 1, 2, 2, 3, ...
+                target.forward(batch(tokens))
+                draft.forward(batch(tokens))
+                draft.forward(batch(tokens))
+            rec.stop_record()
+            rec.dump_record()
+    finally:
+        uninstall()
+    assert ModelRunner.__dict__["forward"] is shipped  # uninstall() undid the wrap
+    assert draft.forward_pass_id == 6 and draft_model.logits  # the draft ran and routed
+    (path,) = glob.glob(os.path.join(dump_dir, "*.pt"))
+    dump = load_dump(path)
+    assert validate_dump(dump) == []
+    assert [r.forward_pass_id for r in dump.records] == [1, 2, 3]  # the served model's passes only
+    assert torch.equal(dump.total_count(), reference_counts(target_model.logits, [3, 5, 4]))

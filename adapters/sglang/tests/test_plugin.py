@@ -14,17 +14,20 @@ from moe_record_sdk.errors import AdapterError
 def test_load_plugins_runs_ours_and_wraps_init_new(sglang_config, model_dir, monkeypatch):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
     from moe_record_sglang import SGLangRecorder
-    from moe_record_sglang.plugin import TARGET
+    from moe_record_sglang.plugin import RUNNER_TARGET, TARGET
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder, _ExpertDistributionRecorderReal
     from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+    from sglang.srt.model_executor.model_runner import ModelRunner
     from sglang.srt.plugins import load_plugins
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     original = ExpertDistributionRecorder.__dict__["init_new"]
+    original_forward = ModelRunner.__dict__["forward"]
     load_plugins()  # SGLang's loader: our entry point registers, then SGLang applies the hook
     try:
-        assert TARGET in HookRegistry._patched
+        assert TARGET in HookRegistry._patched and RUNNER_TARGET in HookRegistry._patched
+        assert ModelRunner.__dict__["forward"] is not original_forward  # draft passes told apart
         assert ExpertDistributionRecorder.__dict__["init_new"] is not original
         with sglang_config("per_pass"):
             meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
@@ -48,6 +51,7 @@ def test_load_plugins_runs_ours_and_wraps_init_new(sglang_config, model_dir, mon
     finally:
         # Restore SGLang's class for the other tests (HookRegistry has no undo of its own).
         type.__setattr__(ExpertDistributionRecorder, "init_new", original)
+        type.__setattr__(ModelRunner, "forward", original_forward)
         HookRegistry.reset()
 
 
