@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..schema.io import save_torch
+from ..schema.sglang import check_init_expert_location_name
 from . import metrics as m
 
 
@@ -77,6 +78,7 @@ class EplbPlan:
         key. L must be the model's ``num_hidden_layers`` and R the engine's physical experts
         (``num_logical_experts + --ep-num-redundant-experts``).
         """
+        check_init_expert_location_name(path)
         return save_torch({"physical_to_logical_map": self.phy2log.clone()}, path)
 
 

@@ -15,6 +15,7 @@ from ..analysis.summary import moe_layers
 from ..errors import MoeRecordError
 from ..schema.dump import Dump
 from ..schema.io import save_torch
+from ..schema.sglang import check_init_expert_location_name
 from . import add_command
 from .convert import (
     INPUTS_HELP,
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         outputs = [args.sglang_out, args.weight_out, args.plan_out]
         check_outputs(args.paths, outputs)
+        if args.sglang_out:
+            check_init_expert_location_name(args.sglang_out)
         for out in filter(None, outputs):  # before any is written: all or none
             folder = os.path.dirname(out) or "."
             if not os.path.isdir(folder):

@@ -21,7 +21,7 @@ from ..errors import DumpFormatError
 from ..schema import load_dump, save_dump, validate_dump
 from ..schema.dump import Dump
 from ..schema.io import save_torch
-from ..schema.sglang import INT32_MAX
+from ..schema.sglang import INT32_MAX, check_init_expert_location_name
 from .megatron import load_megatron_tpe
 from .trtllm import is_trtllm_folder, load_trtllm_statistic
 
@@ -105,6 +105,7 @@ def write(dump: Dump, path: str, to: str | None = None) -> str:
     if to in ("msgpack", "json", "pt"):
         return save_dump(dump, path, format=to)
     if to == "sglang-pt":
+        check_init_expert_location_name(path)
         return save_torch(to_sglang_stat_dict(dump), path)
     if to == "tensor":
         return save_torch(dump.total_count().to(torch.int64).clone(), path)

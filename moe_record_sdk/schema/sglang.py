@@ -47,6 +47,17 @@ _CSV_NAME = re.compile(r"expert_distribution_rank(\d+)_timestamp[\d.]+\.csv$")
 PLACEMENT_KEYS = ("physical_to_logical_map", "phy2log")
 
 
+def check_init_expert_location_name(path: str | os.PathLike[str]) -> None:
+    """Refuse a torch file name SGLang's ``--init-expert-location`` would not read as one: it picks
+    its reader by the suffix (``.pt``: ``torch.load``; ``.json``: a JSON file; else: the text
+    itself as JSON), so such a file would only fail at the engine's start."""
+    if not os.fspath(path).endswith(".pt"):
+        raise DumpFormatError(
+            f"{os.fspath(path)}: SGLang's --init-expert-location reads a torch file only when its name ends "
+            "in .pt (.json as JSON, any other name as inline JSON text): name it *.pt"
+        )
+
+
 def sglang_file_name(dump: Dump, now: float | None = None, *, per_rank: bool | None = None) -> str:
     """SGLang's file name for this dump: stat files have no rank suffix (rank 0 writes them).
 

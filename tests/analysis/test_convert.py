@@ -166,6 +166,8 @@ def test_sglang_files_through_read_inputs_and_out_again(tmp_path):
     assert from_csv.total_count().tolist() == [[0, 5, 0, 0], [0, 0, 0, 2]]
     assert torch.equal(from_pt.logical_count, count.long())
 
+    assert main(["convert", str(csv_path), "-o", str(tmp_path / "sglang.json"), "--to", "sglang-pt"]) == 2
+    assert not (tmp_path / "sglang.json").exists()  # SGLang would read it as JSON
     out = tmp_path / "sglang.pt"
     assert main(["convert", str(csv_path), "-o", str(out), "--to", "sglang-pt"]) == 0
     back = torch.load(out, weights_only=True)

@@ -225,6 +225,12 @@ def test_cli_outputs_never_replace_inputs_or_each_other_and_are_all_or_none(tmp_
     init = tmp_path / "init.pt"
     assert main([*base, "--sglang-out", str(init), "--weight-out", str(tmp_path / "nope" / "w.pt")]) == 2
     assert "no folder" in capsys.readouterr().err and not init.exists()  # nothing written when one cannot be
+    # SGLang reads --init-expert-location by its suffix: a torch file named .json fails only at its start.
+    for name in ("init.json", "init.bin"):
+        weight = tmp_path / "w.pt"
+        assert main([*base, "--weight-out", str(weight), "--sglang-out", str(tmp_path / name)]) == 2
+        assert "name it *.pt" in capsys.readouterr().err
+        assert not (tmp_path / name).exists() and not weight.exists()
 
 
 def test_a_dump_without_layers_gets_no_plan(tmp_path, capsys):
