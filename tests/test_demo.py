@@ -88,3 +88,18 @@ def test_demo_stopped_while_engines_start_leaves_no_engine(tmp_path):
     while _processes_mentioning(str(out)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _processes_mentioning(str(out)) == []
+
+
+def test_without_the_torch_adapter_demo_and_serve_say_what_to_install(tmp_path):
+    """An install of the core with only the SGLang (or vLLM) adapter: ``moe_record_torch``
+    cannot be imported (``sys.modules[name] = None`` makes Python refuse it)."""
+    for argv in (["serve", "--port", "0"], ["demo", "--out", str(tmp_path / "demo")]):
+        code = (
+            "import sys; sys.modules['moe_record_torch'] = None\n"
+            f"from moe_record_sdk.cli import main; sys.exit(main({argv!r}))"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (argv, done.stdout, done.stderr)
+        said = " ".join((done.stdout + done.stderr).split())
+        assert "needs the torch adapter: pip install moe-record-torch" in said and "Traceback" not in said
+    assert not (tmp_path / "demo").exists()  # refused before any folder or engine

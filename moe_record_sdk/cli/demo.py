@@ -22,6 +22,7 @@ import httpx
 from rich.console import Console
 
 from ..client._models import run_file_kind
+from ..errors import MoeRecordError
 from . import add_command
 from .control import OnCtrlC, check_out, positive
 from .convert import positive_int, rich_console
@@ -70,7 +71,7 @@ def start_engine(index: int, dump_dir: str, mode: str, timeout: float = 60.0) ->
     try:
         while not url:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"engine {index} did not start:\n" + "\n".join(lines[-20:]))
+                raise MoeRecordError(f"engine {index} did not start:\n" + "\n".join(lines[-20:]))
             time.sleep(0.05)
     except BaseException:  # Ctrl-C while it starts too: its own session, so nothing else would end it
         stop_engine(proc)
@@ -116,9 +117,15 @@ def traffic(urls: list[str], seed: int = 0):
 
 def run(args: argparse.Namespace) -> int:
     from ..client import Fleet
+    from ..server.engine import torch_adapter
     from .record import record
 
     console = rich_console()
+    try:
+        torch_adapter()  # the engines serve the torch adapter's tiny model
+    except MoeRecordError as e:
+        console.print(f"moe-record demo: {e}", style="red", markup=False, soft_wrap=True)
+        return 2
     out = os.path.abspath(args.out)
     if os.path.isfile(os.path.join(out, DEMO_MARK)):  # an earlier demo's folder: its dumps make way
         for name in os.listdir(out):
@@ -165,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
             )
             if status == 0:
                 status = _check_merge(out, len(urls), console)
+    except MoeRecordError as e:  # an engine that did not start: its own last lines say why
+        console.print(f"moe-record demo: {e}", style="red", markup=False, soft_wrap=True)
+        status = 1
     finally:
         for proc in procs:
             stop_engine(proc)

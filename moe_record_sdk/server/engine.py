@@ -39,7 +39,8 @@ MAX_PROMPT_TOKENS = 4096
 MAX_REQUEST_TOKENS = 16384
 
 
-def _torch_adapter() -> Any:
+def torch_adapter() -> Any:
+    """``moe_record_torch``, or an error saying how to install it."""
     try:
         import moe_record_torch
     except ImportError:
@@ -64,7 +65,7 @@ class ReferenceEngine:
     def __init__(self, model: torch.nn.Module, *, name: str, mode: str = "stat", **recorder_kwargs: Any) -> None:
         self.model = model.eval()
         self.name = name
-        self.attachment = _torch_adapter().attach(model, mode=mode, **recorder_kwargs)
+        self.attachment = torch_adapter().attach(model, mode=mode, **recorder_kwargs)
         self.recorder = self.attachment.recorder
         self.vocab_size = int(_vocab_size(model))
         if self.vocab_size < 256:
@@ -84,9 +85,9 @@ class ReferenceEngine:
         **recorder_kwargs: Any,
     ) -> ReferenceEngine:
         """The built-in ``TinyMoE`` (random weights from ``seed``)."""
+        torch_adapter()  # its clear message, before the import below fails without one
         from moe_record_torch.tiny import TinyMoE, TinyMoEConfig
 
-        _torch_adapter()
         config = TinyMoEConfig(num_layers=num_layers, num_experts=num_experts, top_k=top_k, seed=seed)
         return cls(
             TinyMoE(config), name=f"tiny-moe-{num_layers}x{num_experts}-top{top_k}", mode=mode, **recorder_kwargs
