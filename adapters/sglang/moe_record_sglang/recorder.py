@@ -44,6 +44,8 @@ from moe_record_sdk.merge import merge_distributed
 from moe_record_sdk.schema import MODES
 from moe_record_sdk.schema.sglang import sglang_file_name
 
+from .topology import across_replicas, with_topology
+
 log = logging.getLogger(__name__)
 
 #: Pass ids kept beyond the ring's rows: passes SGLang completes while a side server's dump
@@ -265,6 +267,8 @@ class SGLangRecorder:
             }
         self.last_paths = []
         if dump is not None and (alone or dump.window.mode != "stat" or self.recorder.topology.rank == 0):
+            # Named and placed among every --dp-size replica's ranks: replicas share the directory.
+            dump = with_topology(dump, across_replicas(dump.topology))
             directory = self.dump_dir or moe_env.dump_dir("sglang")
             os.makedirs(directory, exist_ok=True)
             path = os.path.join(directory, sglang_file_name(dump, per_rank=True if alone else None))

@@ -24,14 +24,12 @@ import logging
 import os
 from typing import Any
 
-import msgspec
-
 from moe_record_sdk import Dump
 from moe_record_sdk import env as moe_env
 from moe_record_sdk.server import make_app
 
 from .recorder import SGLangRecorder
-from .topology import across_replicas
+from .topology import across_replicas, with_topology
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +59,7 @@ class RankBackend:
         await asyncio.to_thread(self.recorder.stop_record)
 
     async def dump(self) -> list[Dump]:
-        dump = await asyncio.to_thread(self.recorder.dump_local)
-        if dump.topology != self.topology:
-            records = [msgspec.structs.replace(r, rank=self.topology.rank) for r in dump.records]
-            dump = msgspec.structs.replace(dump, topology=self.topology, records=records)
-        return [dump]
+        return [with_topology(await asyncio.to_thread(self.recorder.dump_local), self.topology)]
 
     async def status(self) -> list[dict[str, Any]]:
         rec = self.recorder.recorder

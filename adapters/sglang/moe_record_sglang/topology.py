@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from moe_record_sdk import Topology
+from moe_record_sdk import Dump, Topology
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,15 @@ def across_replicas(topology: Topology) -> Topology:
         token_shard=r * shards + topology.token_shard,
         num_token_shards=replicas * shards,
     )
+
+
+def with_topology(dump: Dump, topology: Topology) -> Dump:
+    """``dump`` as rank ``topology`` (its records' ranks too): a rank's dump placed
+    :func:`across_replicas` for its file or side server, so the replicas' dumps merge as one run."""
+    if topology == dump.topology:
+        return dump
+    records = [msgspec.structs.replace(r, rank=topology.rank) for r in dump.records]
+    return msgspec.structs.replace(dump, topology=topology, records=records)
 
 
 def stage_layers(num_layers: int) -> list[int] | None:

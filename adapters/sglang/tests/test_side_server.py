@@ -175,6 +175,45 @@ def test_side_servers_of_dp_replicas_merge_as_one_run(sglang_config, model_dir, 
     assert partial.merged is None and "token shards [1] are missing" in (partial.merge_error or "")
 
 
+def test_dp_replicas_per_rank_files_merge_as_one_run(sglang_config, model_dir, dump_dir):
+    """``--dp-size 2 --tp-size 2`` without DP attention, ``per_pass`` through SGLang's own dump
+    endpoint: every replica's ranks write into the one dump directory. Their files are named and
+    numbered among all the replicas' ranks, so ``moe-record merge`` of the directory's files
+    gives the run: each replica's TP ranks once, the replicas summed."""
+    import glob
+
+    from moe_record_sglang import build_recorder
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_distribution import set_global_expert_distribution_recorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+    from sglang.srt.runtime_context import get_parallel
+
+    from moe_record_sdk import merge_dumps
+
+    models = [TinyMoE(seed=s) for s in (4, 4, 5, 5)]  # a replica's TP ranks route alike; replicas differ
+    valid = []
+    with sglang_config("per_pass", tp_size=2, dp_size=2):
+        meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
+        for i, (replica, rank) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            place = dict(launch_world_rank=rank, tp_rank=rank, attn_tp_rank=rank, moe_ep_rank=0, dp_rank=replica)
+            with get_parallel().override(**place):  # each rank's process has its own parallel state
+                rec = build_recorder(meta, 0, mode="per_pass", top_k=2)
+                set_global_expert_distribution_recorder(rec)
+                rec.start_record()
+                valid.append(run_passes(models[i], rec))
+                rec.stop_record()
+                rec.dump_record()  # what SGLang's dump endpoint calls on every rank
+    files = sorted(glob.glob(os.path.join(dump_dir, "expert_distribution_recorder_*.pt")))
+    assert sorted(f.rsplit("_", 1)[1] for f in files) == ["0.pt", "1.pt", "2.pt", "3.pt"]
+    dumps = [load_dump(f) for f in files]
+    assert all(validate_dump(d) == [] for d in dumps)
+    assert sorted((d.topology.rank, d.topology.world_size, d.topology.token_shard) for d in dumps) == [
+        (0, 4, 0), (1, 4, 0), (2, 4, 1), (3, 4, 1)
+    ]  # fmt: skip
+    want = [reference_counts(models[i].logits, valid[i]) for i in (0, 2)]
+    assert torch.equal(merge_dumps(dumps).total_count(), want[0] + want[1])
+
+
 def test_side_server_that_cannot_start_leaves_sglang_running(sglang_config, model_dir, caplog, side_servers):
     from moe_record_sglang import SGLangRecorder, build_recorder
     from sglang.srt.configs.model_config import ModelConfig
