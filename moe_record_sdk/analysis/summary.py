@@ -397,7 +397,10 @@ def print_summary(summary: Summary, console: Any = None, *, max_pass_rows: int =
 
     # max/mean is imbalance + 1: in the JSON and CSV, not on screen.
     cols = ["imbalance", "balance", "Jain", "CV"]
-    caption = "imbalance: (max−mean)/mean (TensorRT-LLM); balance: mean/max (SGLang); hot: load/mean"
+    caption = (
+        "imbalance: (max−mean)/mean (TensorRT-LLM); balance: mean/max (SGLang); hot: load/mean; mean: over "
+        "the MoE layers with load (SGLang's logged balancedness averages dense layers in too, as 1.0)"
+    )
 
     def metric_cells(mt: Metrics) -> list[str]:
         return [_fmt(mt.imbalance_ratio), _fmt(mt.balancedness), _fmt(mt.jain), _fmt(mt.cv)]
