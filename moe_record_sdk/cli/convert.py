@@ -13,10 +13,12 @@ from ..convert import TARGETS, read_inputs, write
 from ..convert.trtllm import is_trtllm_folder
 from ..errors import MoeRecordError
 from ..schema.dump import Dump
+from ..schema.sglang import SGLANG_DUMP_NAME
 from . import add_command
 
 INPUTS_HELP = (
     "dump files (ours, SGLang .pt or legacy .csv), folders `moe-record record --out` wrote (their merged dump), "
+    "SGLang dump folders (their expert_distribution_recorder_* files), "
     "TensorRT-LLM expert statistic folders "
     "(meta_info.json + rank{R}.safetensors), or Megatron tokens_per_expert/rank{R}.jsonl files"
 )
@@ -60,7 +62,9 @@ def resolve_record_folders(paths: Sequence[str], *, merges: bool) -> list[str]:
     """``paths`` with each folder that ``moe-record record --out`` (or ``demo``) wrote replaced by
     the dump to read there: its ``merged.*``; else its one ``engine-*`` dump; else, for a command
     that merges its inputs (``merges``), all its ``engine-*`` dumps (record could not merge them;
-    the merge says why again). A TensorRT-LLM folder stays; any other folder is refused. The
+    the merge says why again). A folder of SGLang dumps (``SGLANG_DUMP_NAME``, e.g. the ranks'
+    ``per_pass`` files), as SGLang's own ``read_mode_per_pass(dir)`` takes: its one dump, or all of
+    them where the command merges. A TensorRT-LLM folder stays; any other folder is refused. The
     names are ``FleetResult.save``'s: ``engine-<i>-<host>_<port>.<format>``, ``merged.<format>``."""
     out: list[str] = []
     for path in paths:
@@ -70,6 +74,7 @@ def resolve_record_folders(paths: Sequence[str], *, merges: bool) -> list[str]:
         names = sorted(os.listdir(path))
         engine_files = [n for n in names if run_file_kind(n) == "engine"]
         merged_files = [n for n in names if run_file_kind(n) == "merged"]
+        sglang_files = [n for n in names if SGLANG_DUMP_NAME.search(n)]
         if len(merged_files) > 1:
             raise MoeRecordError(
                 f"{path}: holds {len(merged_files)} merged dumps ({', '.join(merged_files)}): pass one of them"
@@ -82,11 +87,19 @@ def resolve_record_folders(paths: Sequence[str], *, merges: bool) -> list[str]:
                 "could not merge them): pass the engine-* files themselves, or merge them (summary --merge and "
                 f"eplb merge them; or `moe-record merge {path} -o FILE`)"
             )
+        elif len(sglang_files) == 1 or (sglang_files and merges):
+            out.extend(os.path.join(path, n) for n in sglang_files)
+        elif sglang_files:
+            raise MoeRecordError(
+                f"{path}: holds {len(sglang_files)} SGLang dumps ({_some(sglang_files)}): pass the files themselves, "
+                f"or merge them (summary --merge and eplb merge them; or `moe-record merge {path} -o FILE`)"
+            )
         else:
             holds = f"it holds: {_some(names)}" if names else "it is empty"
             raise MoeRecordError(
-                f"{path}: a folder without the dumps `moe-record record --out` writes (engine-*, merged.*) and "
-                f"without a TensorRT-LLM statistic's meta_info.json ({holds}): pass dump files"
+                f"{path}: a folder without the dumps `moe-record record --out` writes (engine-*, merged.*), SGLang's "
+                f"(expert_distribution_recorder_*) or a TensorRT-LLM statistic's meta_info.json ({holds}): pass "
+                "dump files"
             )
     return out
 

@@ -40,6 +40,9 @@ MAX_LAYERS = 1 << 16
 ZIP_INFLATE_ALLOWANCE = 1 << 20
 
 _CSV_NAME = re.compile(r"expert_distribution_rank(\d+)_timestamp[\d.]+\.csv$")
+#: The names SGLang gives its dumps (``.pt``: stat without a rank, per_pass/per_token with one; our
+#: adapter's too), and its legacy ``.csv``: what a folder of them holds.
+SGLANG_DUMP_NAME = re.compile(r"expert_distribution_recorder_[\d.]+(_\d+)?\.pt$|" + _CSV_NAME.pattern)
 
 
 #: The keys a placement file holds its [L, P] map under: SGLang's ``--init-expert-location`` file

@@ -17,6 +17,7 @@ from moe_record_sdk import Recorder, Topology
 from moe_record_sdk.analysis import print_summary, summarize, to_csv, to_json
 from moe_record_sdk.cli import main
 from moe_record_sdk.merge import merge_dumps
+from moe_record_sdk.schema import sglang_file_name
 
 from ..dumps import random_dump
 from ..server.helpers import make_recorder
@@ -364,3 +365,29 @@ def test_tables_on_a_pipe_are_not_folded_at_80_columns(tmp_path, capsys, monkeyp
     monkeypatch.setenv("COLUMNS", "70")
     assert main(["summary", path]) == 0
     assert max(map(len, capsys.readouterr().out.splitlines())) <= 70
+
+
+def test_a_folder_of_sglang_dumps_reads_as_sglangs_reader_takes_it(tmp_path, capsys):
+    """SGLang's ``read_mode_per_pass(dir)`` takes its dump directory: so do summary and eplb."""
+    fixture = os.path.join(os.path.dirname(__file__), "..", "..", "spec", "fixtures", "sglang", "stat")
+    assert main(["summary", fixture, "--json"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)
+    assert s["source"].endswith("expert_distribution_recorder_1700000000.25.pt")
+    folder = tmp_path / "sglang-dumps"  # one per_pass file per rank, as SGLang's endpoint writes them
+    folder.mkdir()
+    want = 0
+    for rank in (0, 1):
+        d = random_dump(rank, "per_pass", rank=rank)
+        topology = Topology(rank=rank, world_size=2, token_shard=rank, num_token_shards=2)  # ranks route their own
+        d = msgspec.structs.replace(
+            d, topology=topology, records=[msgspec.structs.replace(r, rank=rank) for r in d.records]
+        )
+        d.save(str(folder / sglang_file_name(d, now=1700000000.5)))
+        want += int(d.total_count().sum())
+    (folder / "notes.txt").write_text("not a dump\n")
+    assert main(["summary", str(folder), "--json", "--merge"]) == 0
+    (s,) = json.loads(capsys.readouterr().out)
+    assert s["overall"]["assignments"] == want
+    assert main(["summary", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder}: holds 2 SGLang dumps (expert_distribution_recorder_1700000000.5_0.pt, " in err
