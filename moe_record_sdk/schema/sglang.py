@@ -54,7 +54,7 @@ def check_init_expert_location_name(path: str | os.PathLike[str]) -> None:
     """Refuse a torch file name SGLang's ``--init-expert-location`` would not read as one: it picks
     its reader by the suffix (``.pt``: ``torch.load``; ``.json``: a JSON file; else: the text
     itself as JSON), so such a file would only fail at the engine's start."""
-    if not os.fspath(path).endswith(".pt"):
+    if not os.fspath(path).endswith(".pt") and not os.path.isdir(path):  # a folder: the write says so
         raise DumpFormatError(
             f"{os.fspath(path)}: SGLang's --init-expert-location reads a torch file only when its name ends "
             "in .pt (.json as JSON, any other name as inline JSON text): name it *.pt"
