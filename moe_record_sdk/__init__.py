@@ -1,14 +1,14 @@
 """moe-record-sdk: exact, sync-free expert-load recording for MoE inference engines.
 
-The public names load on first use (PEP 562), so that ``import moe_record_sdk`` and the
-``moe-record`` command's ``--help`` do not pay for torch and httpx until something needs them.
+The public names load on first use (``moe_record_sdk._lazy``): ``import moe_record_sdk`` and
+``moe-record --help`` pay for no torch or httpx.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import lazy_names
 from ._version import __version__
 from .errors import (
     AdapterError,
@@ -45,17 +45,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
-
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())
 
 __all__ = [
     "AdapterError",

@@ -128,7 +128,7 @@ def api_key(environ: Mapping[str, str] | None = None) -> str | None:
 
 def mode(environ: Mapping[str, str] | None = None, default: str = "stat") -> str:
     """``MOE_RECORD_MODE``, or ``default``; a value that is not a mode is an error naming the variable."""
-    from .schema.dump import MODES
+    from .schema.names import MODES
 
     value = _env(environ).get(MOE_RECORD_MODE) or default
     if value not in MODES:

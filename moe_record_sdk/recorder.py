@@ -35,8 +35,9 @@ from . import counter_triton
 from ._version import __version__
 from .counter import Counter, Reading
 from .errors import RecorderError
-from .schema.dump import MODES, Dump, EngineInfo, ModelInfo, Record, Topology, Window, row_sum
+from .schema.dump import Dump, EngineInfo, ModelInfo, Record, Topology, Window, row_sum
 from .schema.io import save_dump
+from .schema.names import MODES
 from .schema.sglang import sglang_file_name
 from .schema.validate import topology_problems
 

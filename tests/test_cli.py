@@ -11,8 +11,8 @@ import moe_record_sdk
 from moe_record_sdk.cli import COMMANDS, main
 
 
-def test_help_version_and_the_package_import_load_no_torch():
-    """`moe-record --help` answered in ~2 s while torch loaded; it needs none of it."""
+def test_help_version_control_commands_and_the_package_import_load_no_torch():
+    """`moe-record --help` or `status` answered in ~2 s while torch loaded; they need none of it."""
     code = (
         "import sys, contextlib, io\n"
         "import moe_record_sdk\n"
@@ -22,6 +22,10 @@ def test_help_version_and_the_package_import_load_no_torch():
         "        assert main(argv) == 0, argv\n"
         "heavy = sorted({'torch', 'httpx', 'rich', 'msgspec'} & set(sys.modules))\n"
         "assert not heavy, heavy\n"
+        # start, stop and status need no dump: no torch either (an engine that is down: exit 1)
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['status', '-e', 'http://127.0.0.1:9', '--retries', '0']) == 1\n"
+        "assert 'torch' not in sys.modules\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

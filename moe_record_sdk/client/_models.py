@@ -6,11 +6,14 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import EngineError
-from ..schema import FORMATS, Dump, save_dump
+from ..schema import FORMATS
+
+if TYPE_CHECKING:
+    from ..schema import Dump
 
 #: Where a dump went.
 IN_RESPONSE = "response"  # the dump's bytes came back and are in ``EngineResult.dump``
@@ -159,6 +162,8 @@ class FleetResult:
         ``partial-<i>-<host>_<port>.<format>``: the engine gave its window away with it.
         Returns ``{engine URL or "merged": path}``.
         """
+        from ..schema import save_dump
+
         os.makedirs(directory, exist_ok=True)
         paths: dict[str, str] = {}
         for i, r in enumerate(self.results):

@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -26,10 +26,13 @@ import httpx
 from .. import env
 from .._version import __version__
 from ..errors import MoeRecordError
-from ..schema import FORMATS, Dump, decode
+from ..schema import FORMATS
 from ..server.protocol import DUMP_JSON, H_FILES, H_FORMAT, H_INSTANCE, H_RUN, MSGPACK, PATHS, PT, TEXTS
 from ._http import Answer, BodyTooLarge, Http11Transport, Prepared, check_body_size
 from ._models import IN_RESPONSE, ON_SERVER, EngineResult, FleetResult
+
+if TYPE_CHECKING:
+    from ..schema import Dump
 
 T = TypeVar("T")
 
@@ -456,6 +459,8 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
         return r
     fmt = headers.get(H_FORMAT)
     if action == "dump" and (fmt or ctype in (MSGPACK, DUMP_JSON)):
+        from ..schema import decode  # torch: loaded by the first dump, not by start, stop or status
+
         r.flavor, r.location = "moe-record", IN_RESPONSE
         fmt = fmt or ("msgpack" if ctype == MSGPACK else "json")
         try:

@@ -12,10 +12,9 @@ from typing import Literal
 import msgspec
 import torch
 
-SCHEMA_VERSION = 1
+from .names import SCHEMA_VERSION
 
 Mode = Literal["stat", "per_pass", "per_token"]
-MODES: tuple[str, ...] = ("stat", "per_pass", "per_token")
 _NARROW_INTS = (torch.int8, torch.int16, torch.int32, torch.uint8)
 #: Per-row count fields [B, L, *]: int32 stays int32 (the device ring, SGLang's .pt and our wire
 #: format store int32), so a 62 MB ring is not widened to 125 MB and narrowed back on the way

@@ -14,11 +14,11 @@ import msgspec
 import torch
 
 from ..errors import DumpFormatError, SchemaVersionError
-from .dump import SCHEMA_VERSION, Dump, DumpAny
+from .dump import Dump, DumpAny
+from .names import FORMATS, SCHEMA_VERSION
 from .sglang import load_legacy_csv, load_sglang_pt, to_sglang_dict
 from .tensors import tensor_from_wire, tensor_to_wire
 
-FORMATS = ("pt", "msgpack", "json")
 _SUFFIXES = {".pt": "pt", ".pth": "pt", ".msgpack": "msgpack", ".mpk": "msgpack", ".json": "json"}
 
 

@@ -12,7 +12,8 @@ from typing import Any
 import msgspec
 import torch
 
-from .dump import SCHEMA_VERSION, Dump
+from .dump import Dump
+from .names import SCHEMA_VERSION
 from .tensors import WIRE_DTYPES
 
 TENSOR_SCHEMA: dict[str, Any] = {

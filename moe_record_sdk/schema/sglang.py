@@ -28,7 +28,8 @@ import msgspec
 import torch
 
 from ..errors import DumpFormatError
-from .dump import SCHEMA_VERSION, Dump, EngineInfo, ModelInfo, Record, Topology, Window
+from .dump import Dump, EngineInfo, ModelInfo, Record, Topology, Window
+from .names import SCHEMA_VERSION
 from .tensors import MAX_EMPTY_SPAN, check_shape
 
 META_KEY = "moe_record"

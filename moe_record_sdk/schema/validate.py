@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from .dump import MODES, Dump, Topology, row_sum
+from .dump import Dump, Topology, row_sum
+from .names import MODES
 from .sglang import INT64_MAX
 
 Problem = tuple[str, str]

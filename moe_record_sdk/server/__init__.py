@@ -10,20 +10,45 @@
 The contract is ``spec/http-api.md``.
 """
 
-from .app import AppRoute, ControlApp, make_app
-from .control import Backend, ControlError, Controller, DumpOutcome, LocalBackend
-from .handler import (
-    DUMP_PATH,
-    DUMP_TEXT,
-    ROUTES,
-    START_PATH,
-    START_TEXT,
-    STATUS_PATH,
-    STOP_PATH,
-    STOP_TEXT,
-    ControlHandler,
-    Response,
-    check_bearer,
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_names
+
+if TYPE_CHECKING:
+    from .app import AppRoute, ControlApp, make_app
+    from .control import Backend, ControlError, Controller, DumpOutcome, LocalBackend
+    from .handler import (
+        DUMP_PATH,
+        DUMP_TEXT,
+        ROUTES,
+        START_PATH,
+        START_TEXT,
+        STATUS_PATH,
+        STOP_PATH,
+        STOP_TEXT,
+        ControlHandler,
+        Response,
+        check_bearer,
+    )
+    from .threaded import ServerThread
+
+# Loaded on first use: a client reading .protocol pays for no torch, and only code that
+# serves imports uvicorn (.threaded).
+__getattr__, __dir__ = lazy_names(
+    __name__,
+    {
+        **dict.fromkeys(["AppRoute", "ControlApp", "make_app"], "app"),
+        **dict.fromkeys(["Backend", "ControlError", "Controller", "DumpOutcome", "LocalBackend"], "control"),
+        **dict.fromkeys(
+            ["DUMP_PATH", "DUMP_TEXT", "ROUTES", "START_PATH", "START_TEXT", "STATUS_PATH", "STOP_PATH", "STOP_TEXT"],
+            "handler",
+        ),
+        **dict.fromkeys(["ControlHandler", "Response", "check_bearer"], "handler"),
+        "ServerThread": "threaded",
+    },
+    globals(),
 )
 
 __all__ = [
@@ -48,12 +73,3 @@ __all__ = [
     "check_bearer",
     "make_app",
 ]
-
-
-def __getattr__(name: str) -> object:
-    # uvicorn is imported only by code that serves, not by every client of the protocol.
-    if name == "ServerThread":
-        from .threaded import ServerThread
-
-        return ServerThread
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -148,12 +148,12 @@ def test_a_bad_out_folder_is_refused_before_any_engine_is_touched(engines, tmp_p
 def test_dumps_that_cannot_be_saved_go_to_a_new_folder(engines, tmp_path, capsys, monkeypatch):
     """The disk fills between the check and the save (a fault made here by hand): the collected
     dumps, the only copies once the engines have cleared, are saved elsewhere and said where."""
-    from moe_record_sdk.client import _models
+    from moe_record_sdk import schema
 
     rec, a = engines.ours()
     rec.start()
     expected = feed(rec, seed=8)
-    real_save, failed = _models.save_dump, []
+    real_save, failed = schema.save_dump, []
 
     def save_dump(dump, path, *args, **kwargs):
         if not failed:
@@ -161,7 +161,7 @@ def test_dumps_that_cannot_be_saved_go_to_a_new_folder(engines, tmp_path, capsys
             raise OSError(28, "No space left on device")
         return real_save(dump, path, *args, **kwargs)
 
-    monkeypatch.setattr(_models, "save_dump", save_dump)
+    monkeypatch.setattr(schema, "save_dump", save_dump)  # where FleetResult.save finds it
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the new folder goes there, not in /tmp
     assert main(["dump", "-e", a.url, "--out", str(tmp_path / "full")]) == 0
     err = capsys.readouterr().err

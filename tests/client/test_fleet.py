@@ -272,9 +272,10 @@ def test_a_fault_in_one_decode_or_in_the_merge_keeps_every_dump_taken(engines, m
     Fleet.dump would lose every dump. One engine's decode fault is its bad_dump; a merge fault is
     the merge_error, with every engine's dump kept."""
     import moe_record_sdk.client.fleet as fleet_module
+    from moe_record_sdk import schema
 
     (rec_a, a), (rec_b, b) = engines.ours(), engines.ours()
-    real_decode = fleet_module.decode
+    real_decode = schema.decode
 
     def decode(body, fmt, source):
         if source == a.url:
@@ -288,11 +289,11 @@ def test_a_fault_in_one_decode_or_in_the_merge_keeps_every_dump_taken(engines, m
         fleet.start()
         feed(rec_a, seed=1)
         feed(rec_b, seed=2)
-        monkeypatch.setattr(fleet_module, "decode", decode)
+        monkeypatch.setattr(schema, "decode", decode)  # where the Fleet finds it
         bad, good = fleet.dump().results
         assert bad.error_kind == "bad_dump" and "ValueError: injected decode fault" in bad.error
         assert good.ok and good.dump is not None
-        monkeypatch.setattr(fleet_module, "decode", real_decode)
+        monkeypatch.setattr(schema, "decode", real_decode)
         monkeypatch.setattr(fleet_module, "merge_engines", merge)
         fleet.start()
         expected = [feed(rec_a, seed=3), feed(rec_b, seed=4)]

@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from moe_record_sdk import MoeRecordError, load_dump, validate_dump
-from moe_record_sdk.schema.dump import MODES
+from moe_record_sdk.schema import MODES
 from moe_record_sdk.schema.io import FORMATS, decode, encode
 
 from . import hostile
