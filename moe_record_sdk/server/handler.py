@@ -108,21 +108,16 @@ def _query(raw: str | bytes | Mapping[str, str] | None) -> dict[str, str]:
         return {str(k): str(v) for k, v in raw.items()}
     if isinstance(raw, bytes):
         raw = raw.decode("latin-1")
-    out: dict[str, str] = {}
-    for k, v in parse_qsl(raw, keep_blank_values=True):
-        if k in out:  # which one was meant? (the last silently winning hides a client's bug)
-            raise ControlError(400, "bad_option", f"{k}: given twice in the query ({out[k]!r}, {v!r})")
-        out[k] = v
-    return out
+    return _unique(parse_qsl(raw, keep_blank_values=True), "bad_option", "{name}: given twice in the query")
 
 
-def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object without repeated names: as in the query, the last one silently winning would
-    hide a client's bug."""
+def _unique(pairs: Iterable[tuple[str, Any]], code: str, twice: str) -> dict[str, Any]:
+    """``pairs`` as a dict, refusing a name given twice (the query's, a JSON body's): which one was
+    meant? The last one silently winning would hide a client's bug. ``twice`` names it."""
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            raise ControlError(400, "bad_body", f"body.{k}: given twice ({out[k]!r}, {v!r})")
+            raise ControlError(400, code, f"{twice.format(name=k)} ({out[k]!r}, {v!r})")
         out[k] = v
     return out
 
@@ -279,7 +274,9 @@ class ControlHandler:
         options = dict(query)
         if body.strip():
             try:
-                obj = json.loads(body, object_pairs_hook=_refuse_duplicate_keys)
+                obj = json.loads(
+                    body, object_pairs_hook=lambda pairs: _unique(pairs, "bad_body", "body.{name}: given twice")
+                )
             except ControlError:
                 raise
             except (ValueError, UnicodeDecodeError) as e:
