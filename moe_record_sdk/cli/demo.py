@@ -121,10 +121,14 @@ def run(args: argparse.Namespace) -> int:
     from .record import record
 
     console = rich_console()
+
+    def say_failed(why: object) -> None:
+        console.print(f"moe-record demo: {why}", style="red", markup=False, soft_wrap=True)
+
     try:
         torch_adapter()  # the engines serve the torch adapter's tiny model
     except MoeRecordError as e:
-        console.print(f"moe-record demo: {e}", style="red", markup=False, soft_wrap=True)
+        say_failed(e)
         return 2
     out = os.path.abspath(args.out)
     if os.path.isfile(os.path.join(out, DEMO_MARK)):  # an earlier demo's folder: its dumps make way
@@ -134,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                     os.remove(os.path.join(out, name))
     problem = check_out(out)  # any other folder must hold no dumps: nothing is deleted there
     if problem:
-        console.print(f"moe-record demo: {problem}", style="red", markup=False, soft_wrap=True)
+        say_failed(problem)
         return 2
     with open(os.path.join(out, DEMO_MARK), "w") as f:
         f.write("made by moe-record demo: the next demo replaces the dumps in this folder\n")
@@ -173,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             if status == 0:
                 status = _check_merge(out, len(urls), console)
     except MoeRecordError as e:  # an engine that did not start: its own last lines say why
-        console.print(f"moe-record demo: {e}", style="red", markup=False, soft_wrap=True)
+        say_failed(e)
         status = 1
     finally:
         for proc in procs:
