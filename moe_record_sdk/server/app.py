@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 from ..env import DEFAULT_MAX_BODY
 from .control import Backend, ControlError, Controller
 from .handler import ControlHandler, Response, _headers, _query, check_bearer
+from .protocol import DUMP_PATH
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,10 @@ class ControlApp:
                 body = await _read_body(receive, self.handler.max_body)
                 if body is None:
                     resp = self.handler.too_large(h)
+                elif path == DUMP_PATH:
+                    resp = await self._dump(method, path, scope, receive, h, body)
+                    if resp is None:
+                        return
                 else:  # checked above, body size included (_read_body's limit)
                     resp = await self.handler.serve(method, path, scope.get("query_string", b""), h, body)
         else:
@@ -69,6 +74,24 @@ class ControlApp:
             if resp is None:  # the client went away: nobody to answer
                 return
         await _send(send, resp)
+
+    async def _dump(
+        self, method: str, path: str, scope: dict[str, Any], receive: Any, h: dict[str, str], body: bytes
+    ) -> Response | None:
+        """A dump's answer; None when its client went away meanwhile (a client's timeout): the
+        window it took then goes back to the engine for the next dump, not into the void. The
+        dump itself is never cancelled: the recorders clear their windows as they hand them over."""
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            resp = await self.handler.serve(method, path, scope.get("query_string", b""), h, body)
+        finally:
+            gone.cancel()
+        if gone.done() and not gone.cancelled():
+            if resp.undelivered is not None:
+                log.warning("dump: the client went away before the answer; the window is kept for the next dump")
+                resp.undelivered()
+            return None
+        return resp
 
     def shutdown(self) -> None:
         """Cancel the extra routes' calls in flight (they answer 503) and refuse new ones.

@@ -5,8 +5,9 @@ A **backend** is whatever reaches the recorders of one engine: :class:`LocalBack
 through ``collective_rpc``. It answers one entry per rank.
 
 The :class:`Controller` adds what every engine needs on top: which mode names are valid, the
-engine's identity (a per-process ``instance_id``) and the ``run_id`` of the current recording,
-so a client can tell that an engine restarted between its start and its dump; merging several
+engine's identity (a per-process ``instance_id``), the ``run_id`` of the current recording and
+the number of its current ``window``, so a client can tell that an engine restarted, or that
+another client restarted, dumped or stopped its run, between its start and its dump; merging several
 ranks into one dump; writing dump files, only into the configured directory and with SGLang's
 names; and "nothing recorded" as an error rather than an empty file.
 """
@@ -99,6 +100,8 @@ class DumpOutcome:
     files: list[str] = field(default_factory=list)
     run_id: str | None = None
     """The run the window belongs to (a start may have begun another since)."""
+    window: int | None = None
+    """Which window of that run this is: 1 from the start, then one more per dump."""
 
 
 def merge_ranks(dumps: list[Dump]) -> Dump:
@@ -140,6 +143,11 @@ class Controller:
         self.started_at = time.time()
         self.run_id: str | None = None
         self.run_started_at: float | None = None
+        # The run's window being recorded: 1 from its start, one more with each dump (which takes
+        # the window). A client that started the run and gets window 2 at its first dump knows
+        # another client took the first part.
+        self.window: int | None = None
+        self._stopped = False  # a stop request came since the run's start
         self._runs = 0
         self._pending: DumpOutcome | None = None
         self._lock: asyncio.Lock | None = None
@@ -158,6 +166,7 @@ class Controller:
             "instance_started_at": self.started_at,
             "run_id": self.run_id,
             "run_started_at": self.run_started_at,
+            "window": self.window,
         }
 
     @staticmethod
@@ -181,12 +190,17 @@ class Controller:
             self._runs += 1
             self.run_id = f"{self.instance_id}-{self._runs}"
             self.run_started_at = time.time()
+            self.window, self._stopped = 1, False
             return self.run_id
 
-    async def stop(self) -> None:
-        """Stop recording; what was recorded stays until the next dump or start."""
+    async def stop(self) -> bool:
+        """Stop recording; what was recorded stays until the next dump or start. Returns whether
+        an earlier stop request had already stopped this run (another client's, or a repeat):
+        a client that started the run learns that its window ended before its own stop."""
         async with self._mutex():
             await self.backend.stop()
+            already, self._stopped = self._stopped, True
+            return already
 
     async def status(self) -> list[dict[str, Any]]:
         """Each rank's status."""
@@ -215,11 +229,14 @@ class Controller:
                             "nothing was recorded: start recording (/start_expert_distribution_record) first",
                         )
                 dumps = await self.backend.dump()
+                window = self.window
+                if window is not None:
+                    self.window = window + 1  # the recorders began the next window as they dumped
                 try:
                     merged = merge_ranks(dumps)
                 except Exception as e:  # noqa: BLE001 - ranks left inconsistent: their windows are taken
                     raise ControlError(500, "dump_merge_failed", await self._salvage(dumps, e)) from None
-                outcome = DumpOutcome(dumps=dumps, merged=merged, run_id=self.run_id)
+                outcome = DumpOutcome(dumps=dumps, merged=merged, run_id=self.run_id, window=window)
             if write_files:
                 todo = [outcome.merged] if outcome.merged.mode == "stat" else outcome.dumps
                 try:

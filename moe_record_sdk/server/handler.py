@@ -23,7 +23,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote
 
@@ -41,6 +41,7 @@ from .protocol import (
     H_INSTANCE,
     H_RANKS,
     H_RUN,
+    H_WINDOW,
     MEDIA_TYPES,
     MSGPACK,
     RETURNS,
@@ -54,12 +55,22 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 
+#: (run id, window number): the window of a run an answer is about.
+Window = tuple[str | None, int | None]
+
+
 class Response(NamedTuple):
-    """An HTTP answer: status code, headers (lower-case names), body."""
+    """An HTTP answer: status code, headers (lower-case names), body.
+
+    ``undelivered``: for a dump's answer, what the server calls when it could not deliver it
+    (the client went away): it gives the window back to the engine for the next dump, since the
+    engine cleared its own copy when it dumped.
+    """
 
     status: int
     headers: dict[str, str]
     body: bytes
+    undelivered: Callable[[], None] | None = None
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -207,7 +218,7 @@ class ControlHandler:
         denied = check_bearer(h, self.api_key)
         if denied:  # a caller without the key learns nothing of this engine: not its identity, not its run
             resp = self.error(denied, h)
-            for name in (H_INSTANCE, H_RUN):
+            for name in (H_INSTANCE, H_RUN, H_WINDOW):
                 resp.headers.pop(name, None)
             return resp
         if method.upper() not in route.methods:
@@ -255,8 +266,8 @@ class ControlHandler:
             if action == "start":
                 return await self._start(options, h)
             if action == "stop":
-                await self.controller.stop()
-                return self._answer(h, "stop", STOP_TEXT, recording=False)
+                already = await self.controller.stop()
+                return self._answer(h, "stop", STOP_TEXT, recording=False, already_stopped=already)
             if action == "dump":
                 return await self._dump(options, h)
             return await self._status(h)
@@ -301,16 +312,18 @@ class ControlHandler:
         # The mode asked for; without one, each rank keeps its own (a status call would tell).
         return self._answer(h, "start", START_TEXT, recording=True, **({"mode": mode} if mode else {}))
 
-    def _answer(self, h: dict[str, str], action: str, text: str, run: str | None = None, **extra: Any) -> Response:
-        """``run``: the run the answer is about, where not the current one (a dump's window)."""
+    def _answer(
+        self, h: dict[str, str], action: str, text: str, window: Window | None = None, **extra: Any
+    ) -> Response:
+        """``window``: the (run, window) the answer is about, where not the current one (a dump's)."""
         # No status round trip here: on a multi-rank engine each one costs a call to every rank.
         if not _accepts_json(h):
-            return self._text(200, text, run)
+            return self._text(200, text, window)
         identity = self.controller.identity()
-        if run is not None:
-            identity["run_id"] = run
+        if window is not None:
+            identity["run_id"], identity["window"] = window
         doc = {"ok": True, "action": action, "message": text.strip(), **identity, **extra}
-        return self._json(200, doc, run)
+        return self._json(200, doc, window)
 
     async def _dump(self, options: dict[str, str], h: dict[str, str]) -> Response:
         ret, fmt = options.get("return"), options.get("format")
@@ -327,10 +340,11 @@ class ControlHandler:
         t1 = time.perf_counter()
         ctl = self.controller
         files = list(outcome.files)
+        window = (outcome.run_id, outcome.window)
         if ret == "file":
             return self._answer(
                 h, "dump", DUMP_TEXT, files=files, dump_dir=ctl.dump_dir, mode=outcome.merged.mode,
-                num_passes=outcome.merged.window.num_passes, num_ranks=len(outcome.dumps), run=outcome.run_id,
+                num_passes=outcome.merged.window.num_passes, num_ranks=len(outcome.dumps), window=window,
             )  # fmt: skip
         try:
             if _tensor_bytes(outcome.merged) > _INLINE_ENCODE:
@@ -354,7 +368,9 @@ class ControlHandler:
         }
         if files:
             headers[H_FILES] = json.dumps(files)
-        return self._finish(Response(200, headers, data), run=outcome.run_id)
+        # Written as files too (return=both), the window is not lost with the answer.
+        undelivered = None if files else lambda: ctl.keep(outcome)
+        return self._finish(Response(200, headers, data, undelivered), window)
 
     async def _status(self, h: dict[str, str]) -> Response:
         ranks = await self.controller.status()
@@ -371,22 +387,24 @@ class ControlHandler:
         return self._json(200, doc)
 
     # -- answers ------------------------------------------------------------------------------
-    def _finish(self, resp: Response, run: str | None = None) -> Response:
-        """Headers every answer carries; ``run``: as in ``_answer``."""
+    def _finish(self, resp: Response, window: Window | None = None) -> Response:
+        """Headers every answer carries; ``window``: as in ``_answer``."""
         ctl = self.controller
         if self.enabled:  # disabled, "as if not installed": no answer names this instance or its run
             resp.headers[H_INSTANCE] = ctl.instance_id
-            run = run or ctl.run_id
+            run, number = window or (ctl.run_id, ctl.window)
             if run:
                 resp.headers[H_RUN] = run
+                if number is not None:
+                    resp.headers[H_WINDOW] = str(number)
         resp.headers["content-length"] = str(len(resp.body))
         return resp
 
-    def _text(self, status: int, text: str, run: str | None = None) -> Response:
-        return self._finish(Response(status, {"content-type": "text/plain; charset=utf-8"}, text.encode()), run)
+    def _text(self, status: int, text: str, window: Window | None = None) -> Response:
+        return self._finish(Response(status, {"content-type": "text/plain; charset=utf-8"}, text.encode()), window)
 
-    def _json(self, status: int, doc: Any, run: str | None = None) -> Response:
-        return self._finish(Response(status, {"content-type": "application/json"}, json.dumps(doc).encode()), run)
+    def _json(self, status: int, doc: Any, window: Window | None = None) -> Response:
+        return self._finish(Response(status, {"content-type": "application/json"}, json.dumps(doc).encode()), window)
 
     def error(self, e: ControlError, headers: Mapping[str, str] | None = None) -> Response:
         """The answer for an error: JSON for clients that take JSON or dump bytes, else a line."""

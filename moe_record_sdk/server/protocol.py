@@ -24,6 +24,7 @@ MEDIA_TYPES = {"msgpack": MSGPACK, "json": DUMP_JSON, "pt": PT}
 #: id, and the run id once recording was started.
 H_INSTANCE = "x-moe-record-instance"
 H_RUN = "x-moe-record-run"
+H_WINDOW = "x-moe-record-window"  # with the run id: which window of the run (a dump's: the one it delivers)
 H_FORMAT = "x-moe-record-format"  # a dump in the body: its format
 H_FILES = "x-moe-record-files"  # files written by this dump: a JSON list of paths on the server
 H_DUMP_DIR = "x-moe-record-dump-dir"  # the server's dump directory, percent-encoded

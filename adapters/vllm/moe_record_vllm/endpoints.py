@@ -115,6 +115,11 @@ class MoeRecordEndpoints:
                             break  # handle() answers 413; the rest is never read
                     body = b"".join(chunks)
                     resp = await handler.handle(request.method, path, request.url.query, request.headers.raw, body)
+                    if resp.undelivered is not None and await request.is_disconnected():
+                        # The client went away (its timeout) during the dump: the window goes
+                        # back to the engine for the next dump, not into a closed socket.
+                        log.warning("moe-record-vllm: dump client went away; the window is kept for the next dump")
+                        resp.undelivered()
                 return Response(content=resp.body, status_code=resp.status, headers=resp.headers)
 
             return endpoint

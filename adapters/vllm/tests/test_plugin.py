@@ -63,3 +63,42 @@ def test_endpoints_answer_503_naming_the_reason_when_recording_cannot_work() -> 
         handler = ControlHandler(backend, dump_dir="/nonexistent", engine="vllm")
         resp = asyncio.run(handler.handle("GET", "/start_expert_distribution_record", "", {}, b""))
         assert resp.status == 503 and needle in resp.body.decode()
+
+
+def test_a_dump_whose_client_went_away_is_kept_for_the_next(tmp_path) -> None:
+    """The vLLM route (attach_router on a FastAPI app, on uvicorn) gives a dump's window back to
+    the engine when its client timed out before the answer: the next dump delivers it."""
+    import time
+
+    import httpx
+    import torch
+    from fastapi import FastAPI
+    from moe_record_vllm.endpoints import MoeRecordEndpoints
+
+    from moe_record_sdk import Recorder
+    from moe_record_sdk.server import LocalBackend, ServerThread
+
+    class SlowDump(LocalBackend):  # an engine whose workers take a while to hand the window over
+        async def dump(self):
+            await asyncio.sleep(1.0)
+            return await super().dump()
+
+    rec = Recorder(num_layers=2, num_experts=8, top_k=2)
+    plugin = MoeRecordEndpoints()
+    plugin.handler = ControlHandler(SlowDump(rec), dump_dir=str(tmp_path), engine="vllm")
+    app = FastAPI()
+    plugin.attach_router(app)
+    server = ServerThread(app).start()
+    try:
+        url = server.url + "/dump_expert_distribution_record?return=bytes&format=json"
+        rec.start()
+        ids = torch.tensor([[0, 1], [1, 7]])
+        rec.record(0, ids)
+        rec.step()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, timeout=0.3)
+        time.sleep(1.5)  # the dump ends, its client gone
+        answer = httpx.post(url, timeout=10)
+    finally:
+        server.stop()
+    assert answer.status_code == 200 and answer.json()["window"]["num_passes"] == 1
