@@ -50,6 +50,17 @@ def add_command(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> ar
     return sub.add_parser(name, help=COMMANDS[name][1], **kwargs)
 
 
+def rich_console() -> Any:
+    """The ``rich.console.Console`` commands print their tables on. Written to a pipe or a file (a
+    log), rich would fold them at 80 columns: 160 there, unless ``COLUMNS`` says otherwise."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console = Console(width=160)
+    return console
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser: ``command``'s module fully, every other command as its name and help line."""
     parser = argparse.ArgumentParser(prog="moe-record", description="Record and inspect MoE expert load.")

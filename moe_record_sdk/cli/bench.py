@@ -9,8 +9,8 @@ import sys
 import torch
 
 from ..bench import EXPERTS, METHODS, TOKENS, environment, run_bench
-from . import add_command
-from .convert import positive_int, rich_console
+from . import add_command, rich_console
+from .convert import positive_int
 
 QUICK_TOKENS = (1, 128, 4096)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -64,15 +65,56 @@ def check_out(directory: str) -> str | None:
     return None
 
 
-def save_dumps(result: Any, directory: str, fmt: str, echo: Callable[[str], None]) -> dict[str, str]:
-    """``result.save``; where that fails (a full disk), into a new temporary folder instead:
-    the engines cleared their windows when they dumped, so these copies are the only ones."""
+def missing_folders(path: str) -> list[str]:
+    """The folders of ``path`` that do not exist yet, deepest first: the ones ``check_out`` makes."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def remove_if_empty(folders: list[str]) -> None:
+    """Remove the folders a command made, when it put nothing in them (deepest first)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)  # only an empty one
+        except OSError:
+            return
+
+
+def save_dumps(result: Any, directory: str, fmt: str, echo: Callable[[str], None]) -> tuple[dict[str, str], bool]:
+    """``result.save``; where that fails (a full disk, another run's files saved there
+    meanwhile), all of them into a new temporary folder instead: the engines cleared their
+    windows when they dumped, so these copies are the only ones. The files that did land in
+    ``directory`` are then removed, so no run's set is mixed with another's; they stay when
+    the new folder fails too. Returns the files written (by engine URL or ``"merged"``) and
+    whether every dump was saved; what failed is echoed."""
     try:
-        return result.save(directory, format=fmt)
+        return result.save(directory, format=fmt), True
     except OSError as e:
+        landed: dict[str, str] = getattr(e, "saved", {})
+        echo(f"cannot save into {directory}: {_why(e)}")
+    rescue = None
+    try:
         rescue = tempfile.mkdtemp(prefix="moe-record-")
-        echo(f"cannot save into {directory} ({e.strerror or e}); saving into {rescue} instead")
-        return result.save(rescue, format=fmt)
+        saved = result.save(rescue, format=fmt)
+    except OSError as e:
+        kept = {**getattr(e, "saved", {}), **landed}  # the asked-for folder's copy first
+        where = rescue or f"a temporary folder in {tempfile.gettempdir()}"
+        whole = f" (saved whole: {', '.join(kept.values())})" if kept else ""
+        echo(f"cannot save into {where} either: {_why(e)}: the other dumps are LOST{whole}")
+        return kept, False
+    for path in landed.values():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    echo(f"saved into {rescue} instead")
+    return saved, True
+
+
+def _why(e: OSError) -> str:
+    name = f" ({os.path.basename(e.filename)})" if e.filename else ""
+    return f"{e.strerror or e}{name}"
 
 
 def engines_of(args: argparse.Namespace) -> list[str]:
@@ -146,30 +188,35 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"moe-record {args.action}: {e}", file=sys.stderr)
         return 2
+    made = missing_folders(args.out) if args.action == "dump" and args.out else []
     problem = check_out(args.out) if args.action == "dump" and args.out else None
     if problem:
         print(f"moe-record dump: {problem}", file=sys.stderr)
         return 2
     saved: dict[str, str] = {}
+    complete = True
     with fleet:
-        if args.action == "start":
-            result = fleet.start(args.mode)
-        elif args.action == "stop":
-            result = fleet.stop()
-        elif args.action == "status":
-            result = fleet.status()
+        if args.action != "dump":
+            try:
+                result = fleet.start(args.mode) if args.action == "start" else getattr(fleet, args.action)()
+            except KeyboardInterrupt:  # an engine that does not answer, and Ctrl-C: say who did
+                print(f"moe-record {args.action}: interrupted", file=sys.stderr)
+                if fleet.cut_short is not None:
+                    print_result(fleet.cut_short, echo=lambda line: print(line, file=sys.stderr))
+                return 130
         else:
             echo = lambda line: print(line, file=sys.stderr)  # noqa: E731
             with wait_on_ctrl_c(echo):  # taken, a dump is gone from the engines: save it whatever comes
                 result = fleet.dump(collect=bool(args.out))
                 if args.out:
-                    saved = save_dumps(result, args.out, args.format, echo)
+                    saved, complete = save_dumps(result, args.out, args.format, echo)
+                    remove_if_empty(made)  # no engine gave a dump: no folder left behind
     if args.json:
         json.dump(result_json(result, saved), sys.stdout, indent=2)
         print()
     else:
         print_result(result, saved)
-    return 0 if result.ok else 1
+    return 0 if result.ok and complete else 1
 
 
 def result_json(result: Any, saved: dict[str, str] | None = None) -> dict[str, Any]:

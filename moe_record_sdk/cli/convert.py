@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from ..client._models import run_file_kind
 from ..convert import TARGETS, read_inputs, write
@@ -152,17 +151,6 @@ def check_outputs(inputs: Sequence[str], outputs: Sequence[str | None]) -> None:
         if real in taken:
             raise MoeRecordError(f"{out}: given for two outputs; give each its own file")
         taken.add(real)
-
-
-def rich_console() -> Any:
-    """The ``rich.console.Console`` commands print their tables on. Written to a pipe or a file (a
-    log), rich would fold them at 80 columns: 160 there, unless ``COLUMNS`` says otherwise."""
-    from rich.console import Console
-
-    console = Console()
-    if not console.is_terminal and not os.environ.get("COLUMNS"):
-        console = Console(width=160)
-    return console
 
 
 def fail(command: str, error: Exception) -> int:

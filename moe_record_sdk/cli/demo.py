@@ -23,9 +23,9 @@ from rich.console import Console
 
 from ..client._models import run_file_kind
 from ..errors import MoeRecordError
-from . import add_command
+from . import add_command, rich_console
 from .control import OnCtrlC, check_out, positive
-from .convert import positive_int, rich_console
+from .convert import positive_int
 from .serve import READY
 
 #: Marks a folder the demo made: the next demo replaces the dumps there, and only there.

@@ -16,7 +16,7 @@ from ..errors import MoeRecordError
 from ..schema.dump import Dump
 from ..schema.io import save_torch
 from ..schema.sglang import check_init_expert_location_name
-from . import add_command
+from . import add_command, rich_console
 from .convert import (
     INPUTS_HELP,
     add_input_options,
@@ -25,7 +25,6 @@ from .convert import (
     merged,
     positive_int,
     read_args_inputs,
-    rich_console,
 )
 
 #: The most physical slots (--replicas) a plan takes: 64 per GPU on 1024 GPUs. A plan is

@@ -13,14 +13,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from ..schema import FORMATS, MODES, Dump, validate_dump
-from . import add_command
+from ..schema.names import FORMATS, MODES
+from . import add_command, rich_console
 from .control import (
     STOP_SIGNALS,
     OnCtrlC,
@@ -28,12 +28,15 @@ from .control import (
     check_out,
     engines_of,
     finishing_dump,
+    missing_folders,
     positive,
     print_result,
+    remove_if_empty,
     save_dumps,
 )
-from .convert import rich_console
-from .validate import check_file
+
+if TYPE_CHECKING:
+    from ..schema import Dump
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -107,7 +110,7 @@ def record(
     (given, it may be set already: nothing is started then, and the status is 130).
     """
     console = console or rich_console()
-    made = _missing_folders(out)
+    made = missing_folders(out)
     problem = check_out(out)
     if problem:
         console.print(f"moe-record record: {problem}", style="red", markup=False)
@@ -120,14 +123,14 @@ def record(
     with OnCtrlC(interrupted.set) as stop_signals:
         if interrupted.is_set():  # a signal before this handler: no engine touched yet
             console.print("moe-record record: interrupted before any engine started", style="red", markup=False)
-            _remove_if_empty(made)
+            remove_if_empty(made)
             return 130
         started = fleet.start(mode)
         for r in started.failed:
             console.print(f"start failed: {r.describe()}", style="red", markup=False)
         if not started.succeeded:
             console.print("no engine started recording; nothing to record", style="red")
-            _remove_if_empty(made)
+            remove_if_empty(made)
             return 1
         if started.failed:  # the others record on: a fleet with one engine down is still worth it
             console.print(
@@ -153,7 +156,7 @@ def record(
         for r in stopped.failed:
             console.print(f"stop failed: {r.describe()}", style="red", markup=False)
         result = fleet.dump()
-        saved = save_dumps(result, out, fmt, echo)
+        saved, complete = save_dumps(result, out, fmt, echo)
         print_result(result, saved, echo=echo)
         invalid = _validate(result, saved, console)
         if result.merged is not None:
@@ -164,37 +167,20 @@ def record(
             ("some engines FAILED (listed above)", started.failed or stopped.failed or not all(r.ok for r in result)),
             (f"the merge FAILED: {result.merge_error}", result.merge_error),
             ("some files are INVALID (listed above)", invalid),
+            ("some dumps could not be SAVED (above)", not complete),
         ) if bad]  # fmt: skip
         if saved:
             where = f"dumps in {os.path.dirname(next(iter(saved.values())))}"  # maybe a rescue folder
         else:  # a stock SGLang server writes its dump on its own disk; nothing came back to save
             from ..client import ON_SERVER
 
-            _remove_if_empty(made)
+            remove_if_empty(made)
             on_disk = sum(r.ok and r.location == ON_SERVER for r in result)
             where = "no dump saved" + (
                 f": {on_disk} engine(s) left theirs on their own disk (listed above)" if on_disk else ""
             )
         console.print(where + "".join(f"; {w}" for w in failed), markup=False)
     return 1 if failed else 0
-
-
-def _missing_folders(path: str) -> list[str]:
-    """The folders of ``path`` that do not exist yet, deepest first: the ones ``check_out`` makes."""
-    missing, path = [], os.path.abspath(path)
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
-
-
-def _remove_if_empty(folders: list[str]) -> None:
-    """Remove the folders this run made, when it put nothing in them (deepest first)."""
-    for folder in folders:
-        try:
-            os.rmdir(folder)  # only an empty one
-        except OSError:
-            return
 
 
 def _progress(
@@ -251,6 +237,9 @@ def _status_table(status: Any, elapsed: float, until: str) -> Table:
 
 def _validate(result: Any, saved: dict[str, str], console: Console) -> bool:
     """Validate every collected dump and re-read every saved file; True when something is invalid."""
+    from ..schema import validate_dump
+    from .validate import check_file
+
     bad = False
     for name, path in saved.items():
         dump = result.merged if name == "merged" else result.dumps.get(name)

@@ -12,8 +12,8 @@ from ..analysis.summary import print_summary, summarize, to_csv, to_json
 from ..errors import MoeRecordError
 from ..schema.io import check_regular_file
 from ..schema.sglang import PLACEMENT_KEYS, torch_load
-from . import add_command
-from .convert import INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs, rich_console
+from . import add_command, rich_console
+from .convert import INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ treat them as they treat httpx's own transport. ``https://`` is not handled here
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import select
 import time
@@ -345,6 +346,7 @@ class Http11Transport(httpx.AsyncBaseTransport):
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the idle connections belong to
 
     def prepare(self, request: httpx.Request) -> Prepared:
         """``request`` (its body already read) ready for ``send_all``."""
@@ -474,6 +476,12 @@ class Http11Transport(httpx.AsyncBaseTransport):
 
     def _take_idle(self, keys: Sequence[tuple[str, int]]) -> list[_Conn | None]:
         """An idle, usable connection for each key (None where there is none)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # Used from another loop than last time (an AsyncFleet under one asyncio.run after
+            # another): the connections of the old one would never be read in this one.
+            self._drop_idle()
+            self._loop = loop
         out: list[_Conn | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         while todo:
@@ -487,9 +495,14 @@ class Http11Transport(httpx.AsyncBaseTransport):
         return out
 
     async def aclose(self) -> None:
+        self._drop_idle()
+
+    def _drop_idle(self) -> None:
         for conns in self._idle.values():
             for conn in conns:
-                conn.transport.close()  # type: ignore[union-attr]
+                # A finished loop cannot run the close; the socket then closes with its transport.
+                with contextlib.suppress(RuntimeError):
+                    conn.transport.close()  # type: ignore[union-attr]
         self._idle.clear()
 
 

@@ -36,8 +36,8 @@ class EngineResult:
     """One engine's outcome for one action.
 
     ``ok`` is False with ``error`` (a sentence) and ``error_kind`` (a word: ``connect``,
-    ``timeout``, ``http``, ``protocol``, ``restarted``, ``run_changed``, ``bad_dump``,
-    ``duplicate``, ``not_started``) when the call failed. ``flavor`` says what answered: ``moe-record`` (our endpoints) or ``sglang``
+    ``timeout``, ``http``, ``protocol``, ``restarted``, ``run_changed``, ``window_taken``,
+    ``stopped_early``, ``bad_dump``, ``duplicate``, ``not_started``) when the call failed. ``flavor`` says what answered: ``moe-record`` (our endpoints) or ``sglang``
     (SGLang's plain-text answers, as a stock server gives).
     """
 
@@ -53,6 +53,8 @@ class EngineResult:
     flavor: str | None = None
     instance_id: str | None = None
     run_id: str | None = None
+    window: int | None = None
+    """Which window of the run (a dump's: the one it delivers); None where the engine does not say."""
     info: dict[str, Any] | None = None
     """The JSON answer of our endpoints (status, identity, files...)."""
     dump: Dump | None = field(default=None, repr=False)  # tensors: describe() says what it holds
@@ -135,10 +137,17 @@ class FleetResult:
         return len(self.results)
 
     def __getitem__(self, key: int | str) -> EngineResult:
+        """By position, or by engine URL as given to the fleet (``host:port`` works too)."""
         if isinstance(key, int):
             return self.results[key]
+        from .fleet import normalize_engine
+
+        try:
+            url = normalize_engine(key)
+        except ValueError:
+            raise KeyError(key) from None
         for r in self.results:
-            if r.engine == key:
+            if r.engine == url:
                 return r
         raise KeyError(key)
 
@@ -158,29 +167,46 @@ class FleetResult:
 
         Files are ``engine-<i>-<host>_<port>.<format>`` (``i`` the engine's position in the fleet)
         and ``merged.<format>`` (:func:`run_file_kind` knows them). A dump taken but left out of
-        the merge (``run_changed``: another client restarted the window) is saved too, as
+        the merge (``run_changed``, ``window_taken``, ``stopped_early``: another client restarted,
+        dumped or stopped the run meanwhile) is saved too, as
         ``partial-<i>-<host>_<port>.<format>``: the engine gave its window away with it.
-        Returns ``{engine URL or "merged": path}``.
+        Returns ``{engine URL or "merged": path}``. A file of that name already there is never
+        replaced (another run's, saved meanwhile); that, or any write that fails, raises
+        :class:`SaveError`, which lists the files written before it.
         """
         from ..schema import save_dump
 
-        os.makedirs(directory, exist_ok=True)
-        paths: dict[str, str] = {}
-        for i, r in enumerate(self.results):
-            if r.dump is not None:
-                kind = "engine" if r.ok else "partial"
-                paths[r.engine] = save_dump(
-                    r.dump, os.path.join(directory, f"{kind}-{i}-{engine_slug(r.engine)}.{format}")
-                )
+        todo = [
+            (r.engine, r.dump, f"{'engine' if r.ok else 'partial'}-{i}-{engine_slug(r.engine)}.{format}")
+            for i, r in enumerate(self.results)
+            if r.dump is not None
+        ]
         if self.merged is not None:
-            paths["merged"] = save_dump(self.merged, os.path.join(directory, f"merged.{format}"))
+            todo.append(("merged", self.merged, f"merged.{format}"))
+        paths: dict[str, str] = {}
+        try:
+            os.makedirs(directory, exist_ok=True)
+            for key, dump, name in todo:
+                paths[key] = save_dump(dump, os.path.join(directory, name), exclusive=True)
+        except OSError as e:
+            raise SaveError(e, paths) from e
         return paths
+
+
+class SaveError(OSError):
+    """:meth:`FleetResult.save` could not write every file: ``saved`` holds those it did write
+    (whole files), by engine URL or ``"merged"``."""
+
+    def __init__(self, error: OSError, saved: dict[str, str]) -> None:
+        super().__init__(error.errno, error.strerror, error.filename)
+        self.saved = saved
 
 
 def engine_slug(url: str) -> str:
     """A file-name-safe short name for an engine URL: ``127.0.0.1_30000``."""
     parts = urlsplit(url)
-    name = f"{parts.hostname or 'engine'}_{parts.port}" if parts.port else (parts.hostname or "engine")
+    host = (parts.hostname or "engine").replace(":", "-")  # an IPv6 address: ::1 -> --1, distinct from 1
+    name = f"{host}_{parts.port}" if parts.port else host
     if parts.path.strip("/"):
         name += "_" + parts.path.strip("/")
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)

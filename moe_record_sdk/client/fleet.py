@@ -27,7 +27,7 @@ from .. import env
 from .._version import __version__
 from ..errors import MoeRecordError
 from ..schema import FORMATS
-from ..server.protocol import DUMP_JSON, H_FILES, H_FORMAT, H_INSTANCE, H_RUN, MSGPACK, PATHS, PT, TEXTS
+from ..server.protocol import DUMP_JSON, H_FILES, H_FORMAT, H_INSTANCE, H_RUN, H_WINDOW, MSGPACK, PATHS, PT, TEXTS
 from ._http import Answer, BodyTooLarge, Http11Transport, Prepared, check_body_size
 from ._models import IN_RESPONSE, ON_SERVER, EngineResult, FleetResult
 
@@ -44,6 +44,16 @@ _RETRY_STATUS = (502, 503, 504)
 _INLINE_DECODE = 1 << 20
 _CONTROL_MAX_BODY = 16 << 20  # start/stop/status answers are a few hundred bytes; a dump is limited by max_dump_bytes
 _SGLANG_DIR_HINT = "in the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR (SGLang's default: /tmp)"
+
+
+class _Run:
+    """This fleet's run on one engine, as its start left it: what a dump expects to find."""
+
+    def __init__(self, instance: str | None, run: str | None, window: int | None) -> None:
+        self.instance, self.run = instance, run
+        self.window = window  # the window the next dump should deliver (None: the engine does not say)
+        self.stopped = False  # this fleet stopped it
+        self.cut_short: str | None = None  # why the window ended before this fleet's stop
 
 
 class _Call(NamedTuple):
@@ -63,6 +73,11 @@ def normalize_engine(url: str) -> str:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"engine: {given!r} is not an http(s) URL")
+    if "@" in parts.netloc:  # never echoed: it may hold a password
+        raise ValueError(
+            f"engine: {scheme}://…@{parts.netloc.rpartition('@')[2]} has credentials in the URL, which are "
+            "never sent (and would be printed); give the bearer token with --api-key or MOE_RECORD_API_KEY"
+        )
     if parts.query or parts.fragment or url.endswith(("?", "#")):  # the endpoint path would land after it
         raise ValueError(f"engine: {given!r} has a query or fragment; give the engine's base URL")
     try:
@@ -70,9 +85,7 @@ def normalize_engine(url: str) -> str:
     except ValueError:
         raise ValueError(f"engine: {given!r} has no valid port (0-65535)") from None
     # Scheme and host are case-insensitive: lowercased, one engine has one spelling (no duplicates).
-    netloc = parts.netloc.rpartition("@")
-    netloc_lower = netloc[0] + netloc[1] + netloc[2].lower()
-    return parts._replace(scheme=scheme, netloc=netloc_lower).geturl().rstrip("/")
+    return parts._replace(scheme=scheme, netloc=parts.netloc.lower()).geturl().rstrip("/")
 
 
 class AsyncFleet:
@@ -158,10 +171,17 @@ class AsyncFleet:
                 self._transports[e] = httpx.AsyncHTTPTransport(retries=0)
         self._headers = {"user-agent": f"moe-record-sdk/{__version__}", **dict(headers or {})}
         self._calls: dict[tuple[Any, ...], list[_Call]] = {}
-        self._sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-        # engine -> (instance_id, run_id) of this fleet's last successful start there, or None
-        # when that start failed: a dump checks it to catch restarts.
-        self._runs: dict[str, tuple[str | None, str | None] | None] = {}
+        self.max_concurrency = max_concurrency
+        # The cap, made for each event loop the fleet is used in (_call): a semaphore binds to one.
+        self._sem: asyncio.Semaphore | None = None
+        self._sem_loop: asyncio.AbstractEventLoop | None = None
+        # engine -> this fleet's run there (_Run), or None when its start there failed: stop and
+        # dump check it to catch what other clients did to the run meanwhile.
+        self._runs: dict[str, _Run | None] = {}
+        self._same_as: dict[str, str] = {}  # engine -> the entry listed first for that engine (start found it)
+        self.cut_short: FleetResult | None = None
+        """The outcomes so far of the last call, when it was cut short (Ctrl-C, a cancel): which
+        engines had answered what, the others ``interrupted``."""
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def aclose(self) -> None:
@@ -179,8 +199,9 @@ class AsyncFleet:
         """Clear and start recording everywhere (``mode``: ``stat``, ``per_pass``, ``per_token``)."""
         params = {"mode": mode} if mode else None
         result = await self._fan_out("start", params, "application/json, text/plain;q=0.5")
+        self._same_as = {}
         for r in result:
-            self._runs[r.engine] = (r.instance_id, r.run_id) if r.ok else None
+            self._runs[r.engine] = _Run(r.instance_id, r.run_id, r.window) if r.ok else None
             if r.ok and mode and r.flavor == "sglang":
                 r.note = "a stock SGLang server ignores mode: its --expert-distribution-recorder-mode applies"
         await self._one_entry_per_engine(result)
@@ -198,17 +219,29 @@ class AsyncFleet:
             first = same[0]
             i = self.engines.index(first.engine)
             now = await self._call(first.engine, "status", self._calls_for("status", None, "application/json")[i])
-            self._runs[first.engine] = (first.instance_id, now.run_id if now.ok else first.run_id)
+            if now.ok:
+                self._runs[first.engine] = _Run(first.instance_id, now.run_id, now.window)
             for r in same[1:]:
                 r.ok, r.error_kind = False, "duplicate"
                 r.error = (
                     f"the same engine as {first.engine} (instance {r.instance_id}), listed twice: counted once there"
                 )
-                self._runs[r.engine] = None
+                self._runs[r.engine], self._same_as[r.engine] = None, first.engine
 
     async def stop(self) -> FleetResult:
-        """Stop recording everywhere."""
-        return await self._fan_out("stop", None, "application/json, text/plain;q=0.5")
+        """Stop recording everywhere. An engine whose recording another client stopped first is
+        noted: its window ended there, and the dump reports it (``stopped_early``)."""
+        result = await self._fan_out("stop", None, "application/json, text/plain;q=0.5")
+        for r in result:
+            run = self._runs.get(r.engine)
+            if run is None or not r.ok:
+                continue
+            # A retry whose lost first attempt had stopped it finds it stopped too: not news.
+            if r.info and r.info.get("already_stopped") and r.attempts == 1 and not run.stopped:
+                run.cut_short = "another client stopped this run's recording before this fleet's stop"
+                r.note = run.cut_short + ": the window ends there"
+            run.stopped = True
+        return result
 
     async def status(self, *, timeout: float | None = None) -> FleetResult:
         """Each engine's identity, run and per-rank status (``EngineResult.info``).
@@ -229,6 +262,8 @@ class AsyncFleet:
         if format not in FORMATS:
             raise ValueError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
         if collect:
+            from ..schema import decode  # noqa: F401 - torch loads here, not inside the first engine's timing
+
             params = {"return": "both" if keep_files else "bytes", "format": format}
             accept = f"{MSGPACK if format == 'msgpack' else DUMP_JSON if format == 'json' else PT}, application/json;q=0.9, text/plain;q=0.5"
         else:
@@ -250,21 +285,35 @@ class AsyncFleet:
 
     # -- one engine ---------------------------------------------------------------------------
     def _check_run(self, r: EngineResult) -> None:
-        if r.engine not in self._runs:
+        """Fail a dump that is not this fleet's whole window: the engine restarted, or another
+        client restarted the run, took part of it with a dump, or stopped it early."""
+        run = self._runs.get(r.engine)
+        if run is None:  # never started by this fleet, or not dumped (_fan_out)
             return
-        started = self._runs[r.engine]
-        if started is None:  # not dumped (_fan_out)
-            return
-        instance, run = started
         # Also for error answers: a restarted engine answers "nothing recorded", and the restart is the news.
-        if instance and r.instance_id and instance != r.instance_id:
+        if run.instance and r.instance_id and run.instance != r.instance_id:
             r.ok, r.error_kind = False, "restarted"
             r.error = (
-                f"engine restarted since start (instance {instance} -> {r.instance_id}): what it recorded was lost"
+                f"engine restarted since start (instance {run.instance} -> {r.instance_id}): what it recorded was lost"
             )
-        elif r.ok and run and r.run_id and run != r.run_id:
+            return
+        if not r.ok:
+            return
+        if run.run and r.run_id and run.run != r.run_id:
             r.ok, r.error_kind = False, "run_changed"
-            r.error = f"recording restarted by another start since this fleet's (run {run} -> {r.run_id}): the dump is partial"
+            r.error = f"recording restarted by another start since this fleet's (run {run.run} -> {r.run_id}): the dump is partial"
+            return
+        expected, run.window = run.window, (r.window + 1 if r.window is not None else None)
+        if expected is not None and r.window is not None and r.window != expected:
+            r.ok, r.error_kind = False, "window_taken"
+            r.error = (
+                f"another client's dump (or one of this fleet's whose answer was lost) took part of this run since "
+                f"this fleet's {'start' if expected == 1 else 'last dump'} (window {expected} -> {r.window}): "
+                "the dump holds only what came after"
+            )
+        elif run.cut_short:
+            r.ok, r.error_kind = False, "stopped_early"
+            r.error = f"{run.cut_short}: the dump is partial"
 
     async def _fan_out(
         self, action: str, params: dict[str, str] | None, accept: str, timeout: float | None = None
@@ -275,7 +324,15 @@ class AsyncFleet:
         # Where this fleet's start failed, a stop or dump would end, or take and clear, a
         # recording that is not this run's (another client's): such engines are left as they are.
         for i, e in enumerate(self.engines):
-            if action in ("stop", "dump") and e in self._runs and self._runs[e] is None:
+            if action in ("stop", "dump") and e in self._same_as:
+                results[i] = EngineResult(
+                    e,
+                    action,
+                    False,
+                    error_kind="duplicate",
+                    error=f"the same engine as {self._same_as[e]}: {action} there",
+                )
+            elif action in ("stop", "dump") and e in self._runs and self._runs[e] is None:
                 results[i] = EngineResult(
                     engine=e,
                     action=action,
@@ -288,19 +345,24 @@ class AsyncFleet:
         # awaited (Http11Transport.send_all); the others (https, a transport passed in, a
         # concurrency cap) get a task each.
         todo = [i for i, r in enumerate(results) if r is None]
-        batch = [i for i in todo if calls[i].prepared is not None and self._sem is None]
+        batch = [i for i in todo if calls[i].prepared is not None and not self.max_concurrency]
         in_batch = set(batch)
         tasks = [
             (i, asyncio.ensure_future(self._call(self.engines[i], action, calls[i]))) for i in todo if i not in in_batch
         ]
 
+        answered: dict[int, Answer] = {}  # the batch's answers as they come: known even if cut short
+
         def on_answer(j: int, answer: Answer | httpx.HTTPError) -> None:
             # An error, a retry, a large dump may wait: a task of its own, begun at once, so an
             # engine's retry does not wait for the slowest engine's answer.
             i = batch[j]
-            if not self._final(action, answer):
+            if self._final(action, answer):
+                answered[i] = answer  # type: ignore[assignment]  # _final: an Answer
+            else:
                 tasks.append((i, asyncio.ensure_future(self._attempts(self.engines[i], action, calls[i], t0, answer))))
 
+        self.cut_short = None
         try:
             if batch:
                 answers = await self._lean.send_all([calls[i].prepared for i in batch], on_answer)  # type: ignore[union-attr,misc]
@@ -313,9 +375,21 @@ class AsyncFleet:
                         results[i] = r
             for (i, _), r in zip(tasks, await asyncio.gather(*(t for _, t in tasks))):
                 results[i] = r
-        except BaseException:
+        except BaseException:  # cancelled (Ctrl-C through Fleet): say who had answered what
             for _, t in tasks:
                 t.cancel()
+            await asyncio.gather(*(t for _, t in tasks), return_exceptions=True)
+            for i, t in tasks:
+                if results[i] is None and t.done() and not t.cancelled() and t.exception() is None:
+                    results[i] = t.result()
+            for i, answer in answered.items():
+                if results[i] is None:
+                    results[i] = await _interpret(self.engines[i], action, answer)
+            self.cut_short = FleetResult(
+                action=action,
+                results=[r or _unanswered(e, action) for e, r in zip(self.engines, results)],
+                elapsed=time.perf_counter() - t0,
+            )
             raise
         return FleetResult(action=action, results=results, elapsed=time.perf_counter() - t0)  # type: ignore[arg-type]
 
@@ -326,8 +400,11 @@ class AsyncFleet:
         return not (answer.status in _RETRY_STATUS and action in IDEMPOTENT and self.retries > 0)
 
     async def _call(self, engine: str, action: str, call: _Call) -> EngineResult:
-        if self._sem is None:
+        if not self.max_concurrency:
             return await self._attempts(engine, action, call)
+        loop = asyncio.get_running_loop()
+        if self._sem is None or self._sem_loop is not loop:
+            self._sem, self._sem_loop = asyncio.Semaphore(self.max_concurrency), loop
         async with self._sem:
             return await self._attempts(engine, action, call)
 
@@ -424,6 +501,17 @@ class AsyncFleet:
             return result
 
 
+def _unanswered(engine: str, action: str) -> EngineResult:
+    """An engine without an answer when the call was cut short."""
+    return EngineResult(
+        engine,
+        action,
+        False,
+        error_kind="interrupted",
+        error=f"no answer before the interrupt: the {action} may still take effect there (moe-record status tells)",
+    )
+
+
 def _transport_failure(e: httpx.HTTPError, action: str, timeout: float) -> tuple[str, str, bool]:
     """(error kind, message, safe to retry) for a request that got no HTTP answer."""
     if isinstance(e, BodyTooLarge):
@@ -434,7 +522,13 @@ def _transport_failure(e: httpx.HTTPError, action: str, timeout: float) -> tuple
         return "connect", f"cannot connect: {e or type(e).__name__}", True
     if isinstance(e, httpx.TimeoutException):
         # The engine may still be working on it: repeating would pile up work, or a second dump.
-        return "timeout", f"no answer within {timeout:g} s ({type(e).__name__})", False
+        message = f"no answer within {timeout:g} s ({type(e).__name__})"
+        if action == "dump":
+            message += (
+                "; the engine may have taken the window: ours keep a window whose answer finds its client "
+                "gone, so dump again (with a longer timeout) to collect it"
+            )
+        return "timeout", message, False
     return "connection", f"connection failed: {type(e).__name__}: {e}", action in IDEMPOTENT
 
 
@@ -445,7 +539,7 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
     """
     status, headers, body = answer.status, answer.headers, answer.body
     r = EngineResult(engine, action, False, status_code=status)
-    r.instance_id, r.run_id = headers.get(H_INSTANCE), headers.get(H_RUN)
+    r.instance_id, r.run_id, r.window = headers.get(H_INSTANCE), headers.get(H_RUN), _int(headers.get(H_WINDOW))
     timing = headers.get("server-timing")
     if timing:
         r.server_timing = _server_timing(timing)
@@ -489,6 +583,7 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
         r.flavor, r.info = "moe-record", info
         r.instance_id = info.get("instance_id") or r.instance_id
         r.run_id = info.get("run_id") or r.run_id
+        r.window = _int(info.get("window")) or r.window
         if action == "dump":
             r.location, r.files = ON_SERVER, [str(f) for f in info.get("files") or []]
         r.ok = bool(info.get("ok", True))
@@ -548,6 +643,14 @@ def _server_timing(raw: str) -> dict[str, float]:
     return out
 
 
+def _int(raw: Any) -> int | None:
+    """A window number from a header or a JSON answer (None when absent or malformed)."""
+    try:
+        return int(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _json_list(raw: str) -> list[str]:
     try:
         value = json.loads(raw)
@@ -592,13 +695,27 @@ class Fleet:
     def engines(self) -> list[str]:
         return self._fleet.engines
 
+    @property
+    def cut_short(self) -> FleetResult | None:
+        """See :attr:`AsyncFleet.cut_short`."""
+        return self._fleet.cut_short
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-            return self._loop.run_until_complete(coro)
+            task = self._loop.create_task(coro)
+            try:
+                return self._loop.run_until_complete(task)
+            except KeyboardInterrupt:
+                # Cancel the call and let it end here: it closes its connections and notes who
+                # had answered (cut_short), instead of tasks left pending in a loop about to close.
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    self._loop.run_until_complete(task)
+                raise
         coro.close()
         raise RuntimeError(
             "Fleet is synchronous and cannot run inside a running event loop; use AsyncFleet and await it"

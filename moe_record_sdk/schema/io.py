@@ -178,9 +178,12 @@ def format_for_path(path: str) -> str:
     return fmt
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, what: str = "the file") -> str:
+def write_atomic(path: str | os.PathLike[str], data: bytes, what: str = "the file", *, exclusive: bool = False) -> str:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename): a reader never sees
-    half a file, and a failed write leaves no temporary behind. Raises ``OSError`` naming ``path``."""
+    half a file, and a failed write leaves no temporary behind. Raises ``OSError`` naming ``path``.
+
+    ``exclusive``: never replace an existing ``path`` (``FileExistsError``), checked in the same
+    step that puts the file in place (a hard link), so two writers cannot both win."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
@@ -193,7 +196,10 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, what: str = "the fil
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_exclusive(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -204,13 +210,28 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, what: str = "the fil
     return path
 
 
+def _link_exclusive(tmp: str, path: str) -> None:
+    """Put ``tmp`` in place at ``path`` unless ``path`` exists (then ``FileExistsError``)."""
+    try:
+        os.link(tmp, path)  # atomic, and fails where path exists
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: check, then rename (a narrow race)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def save_torch(obj: Any, path: str | os.PathLike[str], what: str = "the file") -> str:
     """``torch.save`` of ``obj`` to ``path``, written through :func:`write_atomic` (torch's own
     writer is not atomic and fails with a bare RuntimeError on a missing folder)."""
     return write_atomic(path, _torch_bytes(obj), what)
 
 
-def save_dump(dump: Dump, path: str | os.PathLike[str], *, format: str | None = None) -> str:
-    """Write a dump atomically (temporary file, fsync, rename); the format comes from the suffix."""
+def save_dump(dump: Dump, path: str | os.PathLike[str], *, format: str | None = None, exclusive: bool = False) -> str:
+    """Write a dump atomically (temporary file, fsync, rename); the format comes from the suffix.
+    ``exclusive``: refuse to replace an existing file (``FileExistsError``)."""
     path = os.fspath(path)
-    return write_atomic(path, encode(dump, format or format_for_path(path)), "the dump")
+    return write_atomic(path, encode(dump, format or format_for_path(path)), "the dump", exclusive=exclusive)

@@ -143,6 +143,9 @@ def test_a_bad_out_folder_is_refused_before_any_engine_is_touched(engines, tmp_p
     assert rec.status().passes == 3  # nothing was dumped: the recording is still on the engine
     assert main(["dump", "-e", a.url, "--out", str(tmp_path / "new")]) == 0
     assert torch.equal(load_dump(str(tmp_path / "new" / "merged.pt")).total_count(), expected)
+    # No engine gave a dump: the folders the command made are not left behind, empty.
+    assert main(["dump", "-e", engines.down(), "--retries", "0", "--out", str(tmp_path / "none" / "here")]) == 1
+    assert not (tmp_path / "none").exists()
 
 
 def test_dumps_that_cannot_be_saved_go_to_a_new_folder(engines, tmp_path, capsys, monkeypatch):
@@ -165,10 +168,59 @@ def test_dumps_that_cannot_be_saved_go_to_a_new_folder(engines, tmp_path, capsys
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the new folder goes there, not in /tmp
     assert main(["dump", "-e", a.url, "--out", str(tmp_path / "full")]) == 0
     err = capsys.readouterr().err
-    assert "No space left on device" in err and "saving into" in err
-    rescue = err.rsplit("saving into ", 1)[1].split()[0]
+    assert "No space left on device" in err and "saved into" in err
+    rescue = err.rsplit("saved into ", 1)[1].split()[0]
     assert os.path.dirname(rescue) == str(tmp_path)
     assert torch.equal(load_dump(os.path.join(rescue, "merged.pt")).total_count(), expected)
+
+
+def test_dumps_that_cannot_be_saved_anywhere_are_reported_lost(engines, tmp_path, capsys, monkeypatch):
+    """--out and the temporary folder both full (a fault made by hand): no traceback, the files
+    that did land are named, the loss is said, and the exit status is 1."""
+    from moe_record_sdk import schema
+
+    recs = [engines.ours() for _ in range(2)]
+    for rec, _ in recs:
+        rec.start()
+        feed(rec, seed=12)
+    real_save = schema.save_dump
+
+    def save_dump(dump, path, *args, **kwargs):
+        if os.path.basename(path).startswith("engine-0-"):
+            return real_save(dump, path, *args, **kwargs)
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(schema, "save_dump", save_dump)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    urls = [server.url for _, server in recs]
+    assert main(["dump", "-e", ",".join(urls), "--out", str(tmp_path / "full")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (first,) = os.listdir(tmp_path / "full")
+    assert f"cannot save into {tmp_path / 'full'}: No space left on device (engine-1-" in err
+    assert "either" in err and "LOST" in err and f"saved whole: {tmp_path / 'full' / first})" in err
+
+
+def test_two_runs_into_one_folder_never_replace_each_others_files(engines, tmp_path, monkeypatch):
+    """Two `record` runs given one --out both find it empty before they start; the second to
+    save finds the first's files: they stay as they were, the second's go to a folder of their own."""
+    from moe_record_sdk.cli.control import save_dumps
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    out, lines, results = str(tmp_path / "out"), [], []
+    for seed in (15, 16):
+        rec, a = engines.ours()
+        with Fleet([a.url]) as fleet:
+            fleet.start()
+            feed(rec, seed=seed)
+            results.append(fleet.dump())
+    first, _ = save_dumps(results[0], out, "pt", lines.append)
+    second, complete = save_dumps(results[1], out, "pt", lines.append)
+    assert complete and os.path.dirname(second["merged"]) != out
+    assert "File exists (merged.pt)" in lines[0] and lines[1].startswith("saved into")
+    assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in first.values())  # the first's only
+    for result, saved in ((results[0], first), (results[1], second)):
+        assert torch.equal(load_dump(saved["merged"]).total_count(), result.merged.total_count())
 
 
 def test_dump_lines_say_what_the_ring_dropped(engines, tmp_path, capsys):
@@ -335,3 +387,34 @@ def test_status_of_an_engine_never_started_says_so(engines, capsys):
     assert main(["status", "-e", a.url]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert run_id and line.endswith(f"recording, mode stat, 0 passes, 0 tokens, 1 rank(s), run {run_id}"), line
+
+
+def test_ctrl_c_while_an_engine_hangs_says_who_started(engines):
+    """`moe-record start` over a healthy engine and one that never answers, cut by Ctrl-C: the
+    engines that had answered are listed, the other as interrupted; no traceback."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    rec, ok = engines.ours()
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen()  # takes the connection, never reads nor answers
+    hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "moe_record_sdk", "start", "-e", ok.url, "-e", hung_url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not rec.status().recording and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        hung.close()
+    assert proc.returncode == 130, output
+    assert "moe-record start: interrupted" in output and "Traceback" not in output
+    assert f"{ok.url} start: ok" in output
+    assert f"{hung_url} start: FAILED (interrupted) no answer before the interrupt" in output

@@ -109,6 +109,73 @@ def test_another_start_in_between_is_reported(engines, http_client, tmp_path):
     assert torch.equal(load_dump(saved[server.url]).total_count(), since)
 
 
+def test_another_dump_in_between_is_reported(engines, http_client, tmp_path):
+    """Another client's dump takes the first part of this fleet's window: the rest is partial."""
+    rec, server = engines.ours()
+    with Fleet([server.url]) as fleet:
+        assert fleet.start()[0].window == 1
+        feed(rec, seed=5)
+        theirs = http_client.post(server.url + "/dump_expert_distribution_record?return=bytes")
+        assert theirs.status_code == 200 and theirs.headers["x-moe-record-window"] == "1"
+        since = feed(rec, seed=6)
+        result = fleet.dump()
+    (r,) = result.results
+    assert r.error_kind == "window_taken" and "window 1 -> 2" in r.error and result.merged is None
+    saved = result.save(str(tmp_path))
+    assert os.path.basename(saved[server.url]).startswith("partial-0-")
+    assert torch.equal(load_dump(saved[server.url]).total_count(), since)
+
+
+def test_fleet_dumping_its_run_twice_is_whole_each_time(engines):
+    """This fleet's own dumps advance the window it expects: no false alarm."""
+    rec, server = engines.ours()
+    with Fleet([server.url]) as fleet:
+        fleet.start()
+        first = feed(rec, seed=7)
+        one = fleet.dump()
+        second = feed(rec, seed=8)
+        fleet.stop()
+        two = fleet.dump()
+    assert one.ok and two.ok and (one[0].window, two[0].window) == (1, 2)
+    assert torch.equal(one.merged.total_count(), first) and torch.equal(two.merged.total_count(), second)
+
+
+def test_another_stop_in_between_is_reported(engines, http_client):
+    """Another client's stop ends this fleet's window early: the dump says so, once the fleet's
+    own stop finds the recording already stopped; a second stop of its own is no news."""
+    rec, server = engines.ours()
+    with Fleet([server.url]) as fleet:
+        fleet.start()
+        before = feed(rec, seed=9)
+        http_client.post(server.url + "/stop_expert_distribution_record")
+        stopped = fleet.stop()
+        assert stopped.ok and "another client stopped" in stopped[0].note
+        result = fleet.dump()
+    (r,) = result.results
+    assert r.error_kind == "stopped_early" and "partial" in r.error and result.merged is None
+    assert torch.equal(r.dump.total_count(), before)
+    with Fleet([server.url]) as fleet:
+        fleet.start()
+        feed(rec, seed=10)
+        assert fleet.stop()[0].note is None and fleet.stop()[0].note is None
+        assert fleet.dump().ok
+
+
+def test_dump_whose_client_timed_out_is_kept_for_the_next(engines):
+    """The engine finishes a dump after its client gave up: the window goes back to the engine,
+    and the next dump delivers it whole, as the window this fleet's start began."""
+    rec, server = engines.slow(delay=1.0)
+    with Fleet([server.url], timeout=0.3) as fleet:
+        fleet.start()
+        expected = feed(rec, seed=11)
+        (r,) = fleet.dump().results
+        assert r.error_kind == "timeout" and "dump again" in r.error
+        time.sleep(1.5)  # the engine's dump ends, and finds its client gone
+    with Fleet([server.url], timeout=5.0) as again:  # `moe-record dump` run again, as the error says
+        result = again.dump()
+    assert result.ok and result[0].window == 1 and torch.equal(result.merged.total_count(), expected)
+
+
 def test_engine_whose_start_failed_is_not_merged(engines):
     rec_ok, ok = engines.ours()
     rec_bad, bad, flaky = engines.flaky("/start_expert_distribution_record", n=10)
@@ -139,7 +206,9 @@ def test_one_engine_under_two_names_is_counted_once_and_nothing_is_lost(engines)
         expected = feed(rec, seed=8)
         stopped = fleet.stop()
         result = fleet.dump()
-    assert stopped[0].ok and result[0].ok and result[1].error_kind == "not_started"
+    assert stopped[0].ok and result[0].ok
+    for r in (stopped[1], result[1]):  # not "not started": it was, under its other name
+        assert r.error_kind == "duplicate" and r.error.startswith(f"the same engine as http://127.0.0.1:{port}: ")
     assert torch.equal(result.merged.total_count(), expected)
 
 
@@ -226,6 +295,22 @@ def test_engine_urls():
     for bad in ("127.0.0.1:1?x=1", "http://127.0.0.1:1/#top", "127.0.0.1:1/?"):
         with pytest.raises(ValueError, match="query or fragment"):
             Fleet([bad])
+    # Credentials in the URL are never sent: refused, and the password never echoed.
+    with pytest.raises(ValueError, match="credentials in the URL") as e:
+        Fleet(["http://admin:s3cret@10.0.0.1:30000"])
+    assert "s3cret" not in str(e.value) and "admin" not in str(e.value) and "10.0.0.1:30000" in str(e.value)
+
+
+def test_results_by_url_as_given_and_ipv6_file_names():
+    from moe_record_sdk.client import EngineResult, FleetResult
+    from moe_record_sdk.client._models import engine_slug
+
+    result = FleetResult("status", [EngineResult("http://10.0.0.1:30000", "status", True)])
+    assert result["10.0.0.1:30000"] is result["http://10.0.0.1:30000/"] is result[0]
+    with pytest.raises(KeyError):
+        result["10.0.0.2:30000"]
+    assert engine_slug("http://[::1]:30000") != engine_slug("http://1:30000")
+    assert engine_slug("http://[fe80::1]:8000") == "fe80--1_8000"
 
 
 @pytest.fixture
@@ -300,3 +385,17 @@ def test_a_fault_in_one_decode_or_in_the_merge_keeps_every_dump_taken(engines, m
         result = fleet.dump()
     assert result.merge_error == "RuntimeError: injected merge fault" and result.merged is None
     assert [torch.equal(r.dump.total_count(), e) for r, e in zip(result, expected)] == [True, True]
+
+
+@pytest.mark.parametrize("cap", [None, 1])
+def test_async_fleet_serves_one_event_loop_after_another(engines, cap):
+    """One AsyncFleet, each call under its own asyncio.run (a script's habit): connections and
+    locks of a finished loop are not reused in the next (they would never be read there)."""
+    rec, server = engines.ours()
+    fleet = AsyncFleet([server.url], max_concurrency=cap)
+    assert asyncio.run(asyncio.wait_for(fleet.start(), 10)).ok
+    expected = feed(rec, seed=12)
+    assert asyncio.run(asyncio.wait_for(fleet.stop(), 10)).ok
+    result = asyncio.run(asyncio.wait_for(fleet.dump(), 10))
+    assert result.ok and torch.equal(result.merged.total_count(), expected)
+    asyncio.run(fleet.aclose())
