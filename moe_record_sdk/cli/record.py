@@ -143,8 +143,9 @@ def record(
         worker = threading.Thread(target=during, args=(stop_event,), daemon=True) if during else None
         if worker:
             worker.start()
+        stops: list[Any] = []
         try:
-            _progress(fleet, duration, interval, console, interrupted)
+            _progress(fleet, duration, interval, console, interrupted, lambda: stops.append(fleet.stop()))
         finally:
             stop_event.set()
             if worker:
@@ -152,7 +153,7 @@ def record(
         # The recording ended: a later signal only says to wait (a late one of a burst, a
         # repeated SIGTERM would otherwise cut the dump, the saving or the report short).
         stop_signals.handler = finishing_dump(echo)
-        stopped = fleet.stop()
+        stopped = stops[0] if stops else fleet.stop()
         for r in stopped.failed:
             console.print(f"stop failed: {r.describe()}", style="red", markup=False)
         result = fleet.dump()
@@ -184,11 +185,17 @@ def record(
 
 
 def _progress(
-    fleet: Any, duration: float | None, interval: float, console: Console, interrupted: threading.Event
+    fleet: Any,
+    duration: float | None,
+    interval: float,
+    console: Console,
+    interrupted: threading.Event,
+    stop: Callable[[], None],
 ) -> None:
-    """Poll status every ``interval`` s until ``duration`` or Ctrl-C, showing passes and tokens.
-    A poll waits at most the interval (or what is left of the duration, at least 0.2 s): an
-    engine that does not answer its status must not stretch the recording."""
+    """Poll status every ``interval`` s until ``duration`` or Ctrl-C, showing passes and tokens,
+    then ``stop()`` the engines and show their last status. A poll waits at most the interval (or
+    what is left of the duration, at least 0.2 s), and the engines are stopped before the last
+    poll: an engine that does not answer its status must not stretch the recording."""
     t0 = time.monotonic()
     until = "until Ctrl-C" if duration is None else f"for {duration:g} s"
     table = _status_table(None, 0.0, until)
@@ -208,7 +215,9 @@ def _progress(
                     live.update(_status_table(poll(), now, until))
                     next_poll = now + interval
                 time.sleep(max(0.0, min(0.1, left())))
-            live.update(_status_table(fleet.status(timeout=min(interval, 1.0)), time.monotonic() - t0, until))
+            elapsed = time.monotonic() - t0
+            stop()
+            live.update(_status_table(fleet.status(timeout=min(interval, 1.0)), elapsed, until))
         if not console.is_terminal:
             console.print()  # Live leaves a file or pipe without the last newline
     except KeyboardInterrupt:  # off the main thread, where OnCtrlC cannot take the signal
