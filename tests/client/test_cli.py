@@ -8,6 +8,7 @@ import tempfile
 import threading
 import time
 
+import httpx
 import pytest
 import torch
 
@@ -122,6 +123,35 @@ def test_record_saves_validates_and_summarizes(engines, tmp_path, capsys):
     # No traffic: still exit 0 (every engine did its part), but said.
     assert main(["record", "-e", a.url, "--duration", "0.3", "--interval", "0.2", "--out", str(tmp_path / "rec3")]) == 0
     assert "no token was routed while recording" in capsys.readouterr().out
+
+
+def test_record_says_at_once_when_another_client_stops_its_run(engines, tmp_path):
+    """Another client's stop while `record` runs: the progress table says so while recording, the
+    dump is reported partial (saved apart, out of the merge) and the exit status is 1."""
+    import io
+
+    from rich.console import Console
+
+    rec, a = engines.ours()
+    rec_b, b = engines.ours()
+
+    def someone_else(stop) -> None:
+        feed(rec, seed=17)
+        feed(rec_b, seed=18)
+        httpx.post(a.url + "/stop_expert_distribution_record", timeout=10)
+        stop.wait(10)
+
+    text = io.StringIO()
+    with Fleet([a.url, b.url]) as fleet:
+        status = record(
+            fleet, out=str(tmp_path / "out"), duration=1.2, interval=0.2, during=someone_else,
+            console=Console(file=text, width=250),
+        )  # fmt: skip
+    output = text.getvalue()
+    assert status == 1 and f"{a.url}: another client stopped the run: its dump will be partial" in output
+    assert output.count("another client stopped the run") == 1  # said once, not at every poll
+    assert "FAILED (stopped_early) another client stopped this run's recording" in output
+    assert sorted(f.split("-")[0] for f in os.listdir(tmp_path / "out")) == ["engine", "merged.pt", "partial"]
 
 
 def test_a_bad_out_folder_is_refused_before_any_engine_is_touched(engines, tmp_path, capsys):
