@@ -80,17 +80,20 @@ class ControlApp:
     ) -> Response | None:
         """A dump's answer; None when its client went away meanwhile (a client's timeout): the
         window it took then goes back to the engine for the next dump, not into the void. The
-        dump itself is never cancelled: the recorders clear their windows as they hand them over."""
-        gone = asyncio.ensure_future(_disconnected(receive))
-        try:
-            resp = await self.handler.serve(method, path, scope.get("query_string", b""), h, body)
-        finally:
-            gone.cancel()
-        if gone.done() and not gone.cancelled():
-            if resp.undelivered is not None:
-                log.warning("dump: the client went away before the answer; the window is kept for the next dump")
-                resp.undelivered()
-            return None
+        dump itself is never cancelled: the recorders clear their windows as they hand them over.
+        A client that goes away while the answer is sent is not seen (the server cannot tell it
+        from one that took it all)."""
+        async with self.handler.controller.delivering():
+            gone = asyncio.ensure_future(_disconnected(receive))
+            try:
+                resp = await self.handler.serve(method, path, scope.get("query_string", b""), h, body)
+            finally:
+                gone.cancel()
+            if gone.done() and not gone.cancelled():
+                if resp.undelivered is not None:
+                    log.warning("dump: the client went away before the answer; the window is kept for the next dump")
+                    resp.undelivered()
+                return None
         return resp
 
     def shutdown(self) -> None:

@@ -151,12 +151,21 @@ class Controller:
         self._runs = 0
         self._pending: DumpOutcome | None = None
         self._lock: asyncio.Lock | None = None
+        self._delivery: asyncio.Lock | None = None
 
     def _mutex(self) -> asyncio.Lock:
         # Created lazily: an asyncio.Lock belongs to the loop it is first used in.
         if self._lock is None:
             self._lock = asyncio.Lock()
         return self._lock
+
+    def delivering(self) -> asyncio.Lock:
+        """Held by a server around a dump, from the request until its answer is on its way or
+        handed back (``keep``): the next dump waits, so it delivers a window given back before it
+        rather than taking the next one ahead of it."""
+        if self._delivery is None:
+            self._delivery = asyncio.Lock()
+        return self._delivery
 
     def identity(self) -> dict[str, Any]:
         """Engine identity and the current run, as every JSON answer reports them."""
@@ -253,8 +262,15 @@ class Controller:
             return outcome
 
     def keep(self, outcome: DumpOutcome) -> None:
-        """Keep a collected window that could not be delivered, for the next dump."""
-        if self._pending is None:
+        """Keep a collected window that could not be delivered, for the next dump; unless a start
+        came since, which clears a kept window (its caller moved on to a new run)."""
+        if outcome.run_id != self.run_id:
+            log.warning(
+                "dump: run %s's window was not delivered, and a start came since: it is dropped", outcome.run_id
+            )
+        elif self._pending is not None:  # a dump's turn (delivering) keeps this from happening
+            log.error("dump: a window is kept already; window %s of run %s is lost", outcome.window, outcome.run_id)
+        else:
             self._pending = outcome
 
     async def _salvage(self, dumps: list[Dump], error: Exception) -> str:

@@ -39,6 +39,7 @@ from .protocol import (
     H_FILES,
     H_FORMAT,
     H_INSTANCE,
+    H_MAX_BYTES,
     H_RANKS,
     H_RUN,
     H_WINDOW,
@@ -357,6 +358,13 @@ class ControlHandler:
                 500, "dump_encode_failed", f"cannot encode the dump as {fmt}: {e}; the recording is kept: "
                 "dump again (msgpack and json hold any count)",
             ) from None  # fmt: skip
+        limit = h.get(H_MAX_BYTES, "")
+        if limit.isdecimal() and len(data) > int(limit):
+            ctl.keep(outcome)
+            raise ControlError(
+                413, "too_large", f"the dump is {len(data)} bytes, over the {limit} this client takes "
+                f"({H_MAX_BYTES}); the recording is kept: dump again with a larger limit",
+            )  # fmt: skip
         t2 = time.perf_counter()
         headers = {
             "content-type": MEDIA_TYPES[fmt],

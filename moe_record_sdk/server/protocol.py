@@ -29,6 +29,9 @@ H_FORMAT = "x-moe-record-format"  # a dump in the body: its format
 H_FILES = "x-moe-record-files"  # files written by this dump: a JSON list of paths on the server
 H_DUMP_DIR = "x-moe-record-dump-dir"  # the server's dump directory, percent-encoded
 H_RANKS = "x-moe-record-ranks"  # how many ranks the dump in the body merges
+#: Request header: the largest dump answer the client takes, bytes. A larger one is answered
+#: 413 and the window kept, rather than sent to a client that would hang up on it.
+H_MAX_BYTES = "x-moe-record-max-bytes"
 
 #: Values of the dump's ``return`` option.
 RETURNS = ("file", "bytes", "both")

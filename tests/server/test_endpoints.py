@@ -417,3 +417,35 @@ def test_a_text_error_is_one_line_whatever_the_client_sent(serve, http):
     for url in (server.url + START_PATH + "?a%0Ab=1", server.url + "/a%0Ab"):
         r = http.post(url)
         assert r.status_code in (400, 404) and r.text.count("\n") == 1 and r.text.endswith("\n"), r.text
+
+
+def test_an_undelivered_window_of_an_older_run_is_not_kept(tmp_path):
+    """A start clears a kept window: one handed back after a newer start (its answer was still
+    being encoded) is dropped, not delivered as the new run's first window."""
+    rec = make_recorder()
+    handler = ControlHandler(LocalBackend(rec), dump_dir=str(tmp_path))
+
+    async def go():
+        await handler.handle("POST", START_PATH, "", {}, b"")
+        feed(rec, seed=15)
+        old = await handler.handle("POST", DUMP_PATH, "return=bytes", {}, b"")
+        await handler.handle("POST", START_PATH, "", {}, b"")  # another client's start meanwhile
+        new = feed(rec, seed=16)
+        old.undelivered()  # the old answer's client turned out to be gone
+        return new, await handler.handle("POST", DUMP_PATH, "return=bytes", {}, b"")
+
+    new, again = asyncio.run(go())
+    assert again.headers["x-moe-record-window"] == "1" and torch.equal(decode(again.body).total_count(), new)
+
+
+def test_a_dump_over_the_clients_limit_is_413_and_kept(serve, http):
+    """x-moe-record-max-bytes: an answer the client would hang up on is not sent; the window stays."""
+    rec = make_recorder()
+    url = serve(rec).url
+    http.post(url + START_PATH)
+    expected = feed(rec, seed=17)
+    small = http.post(url + DUMP_PATH + "?return=bytes", headers={"x-moe-record-max-bytes": "100", **JSON})
+    assert small.status_code == 413 and small.json()["error"]["code"] == "too_large"
+    assert "over the 100 this client takes" in small.json()["error"]["message"]
+    whole = http.post(url + DUMP_PATH + "?return=bytes")
+    assert whole.headers["x-moe-record-window"] == "1" and torch.equal(decode(whole.content).total_count(), expected)

@@ -10,6 +10,7 @@ framework-free :class:`~moe_record_sdk.server.ControlHandler`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from argparse import Namespace
@@ -22,6 +23,7 @@ from moe_record_sdk import Dump, env
 from moe_record_sdk.errors import AdapterError
 from moe_record_sdk.schema import decode
 from moe_record_sdk.server import ControlError, ControlHandler
+from moe_record_sdk.server.protocol import DUMP_PATH
 
 from .plugin import RPC_DUMP, RPC_START, RPC_STATUS, RPC_STOP, enabled
 from .rpc import raise_errors
@@ -114,12 +116,14 @@ class MoeRecordEndpoints:
                         if size > handler.max_body:
                             break  # handle() answers 413; the rest is never read
                     body = b"".join(chunks)
-                    resp = await handler.handle(request.method, path, request.url.query, request.headers.raw, body)
-                    if resp.undelivered is not None and await request.is_disconnected():
-                        # The client went away (its timeout) during the dump: the window goes
-                        # back to the engine for the next dump, not into a closed socket.
-                        log.warning("moe-record-vllm: dump client went away; the window is kept for the next dump")
-                        resp.undelivered()
+                    # A dump's turn lasts until its answer is on its way or handed back (delivering).
+                    async with handler.controller.delivering() if path == DUMP_PATH else contextlib.nullcontext():
+                        resp = await handler.handle(request.method, path, request.url.query, request.headers.raw, body)
+                        if resp.undelivered is not None and await request.is_disconnected():
+                            # The client went away (its timeout) during the dump: the window goes
+                            # back to the engine for the next dump, not into a closed socket.
+                            log.warning("moe-record-vllm: dump client went away; the window is kept for the next dump")
+                            resp.undelivered()
                 return Response(content=resp.body, status_code=resp.status, headers=resp.headers)
 
             return endpoint
