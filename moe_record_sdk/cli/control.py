@@ -28,7 +28,16 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         "--engine", "-e", action="append", required=True, metavar="URL",
         help="an engine's base URL (http://host:port, or host:port); repeat it, or separate with commas",
     )  # fmt: skip
-    p.add_argument("--api-key", default=None, help=f"bearer token for the engines (default ${env.MOE_RECORD_API_KEY})")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--api-key", default=None, help=f"bearer token for the engines (default ${env.MOE_RECORD_API_KEY})"
+    )
+    keys.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="bearer tokens read from FILE, kept out of the command line (which ps shows): one token for every "
+        "engine, or one 'URL TOKEN' line per engine",
+    )
     p.add_argument(
         "--timeout",
         type=positive,
@@ -89,7 +98,8 @@ def save_dumps(result: Any, directory: str, fmt: str, echo: Callable[[str], None
     windows when they dumped, so these copies are the only ones. The files that did land in
     ``directory`` are then removed, so no run's set is mixed with another's; they stay when
     the new folder fails too. Returns the files written (by engine URL or ``"merged"``) and
-    whether every dump was saved; what failed is echoed."""
+    whether they are all in ``directory``, as asked (a caller exits 1 otherwise: a script
+    reading ``directory`` would find nothing, or another run's files); what failed is echoed."""
     try:
         return result.save(directory, format=fmt), True
     except OSError as e:
@@ -100,16 +110,20 @@ def save_dumps(result: Any, directory: str, fmt: str, echo: Callable[[str], None
         rescue = tempfile.mkdtemp(prefix="moe-record-")
         saved = result.save(rescue, format=fmt)
     except OSError as e:
-        kept = {**getattr(e, "saved", {}), **landed}  # the asked-for folder's copy first
+        kept = {**getattr(e, "saved", {}), **landed}  # where both hold one: the asked-for folder's
+        if rescue is not None:
+            remove_if_empty([rescue])
         where = rescue or f"a temporary folder in {tempfile.gettempdir()}"
-        whole = f" (saved whole: {', '.join(kept.values())})" if kept else ""
-        echo(f"cannot save into {where} either: {_why(e)}: the other dumps are LOST{whole}")
+        lost = (
+            f"the dumps not saved are LOST (saved whole: {', '.join(kept.values())})" if kept else "the dumps are LOST"
+        )
+        echo(f"cannot save into {where} either: {_why(e)}: {lost}")
         return kept, False
     for path in landed.values():
         with contextlib.suppress(OSError):
             os.unlink(path)
-    echo(f"saved into {rescue} instead")
-    return saved, True
+    echo(f"saved into {rescue} instead, not into {directory}")
+    return saved, False
 
 
 def _why(e: OSError) -> str:
@@ -122,9 +136,40 @@ def engines_of(args: argparse.Namespace) -> list[str]:
 
 
 def fleet_of(args: argparse.Namespace) -> Any:
+    """The Fleet the engine options describe; ``ValueError`` names what is wrong with them."""
     from ..client import Fleet
 
-    return Fleet(engines_of(args), api_key=args.api_key, timeout=args.timeout, retries=args.retries)
+    engines = engines_of(args)
+    api_key = args.api_key if args.api_key_file is None else read_api_keys(args.api_key_file, engines)
+    return Fleet(engines, api_key=api_key, timeout=args.timeout, retries=args.retries)
+
+
+def read_api_keys(path: str, engines: list[str]) -> str | dict[str, str]:
+    """``--api-key-file``: a file holding one token (every engine's), or ``URL TOKEN`` lines, one
+    per engine (blank lines and ``#`` comments skipped). Every engine needs its line there."""
+    from ..client import normalize_engine
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(n, line.strip()) for n, line in enumerate(f, 1)]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--api-key-file {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if len(lines) == 1 and len(lines[0][1].split()) == 1:
+        return lines[0][1]
+    keys: dict[str, str] = {}
+    for n, line in lines:
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"--api-key-file {path}, line {n}: expected 'URL TOKEN' (or one token alone in the file)")
+        url = normalize_engine(parts[0])
+        if url in keys:
+            raise ValueError(f"--api-key-file {path}, line {n}: {url} is listed twice")
+        keys[url] = parts[1]
+    missing = [e for e in engines if normalize_engine(e) not in keys]
+    if missing:
+        raise ValueError(f"--api-key-file {path}: no token for {', '.join(missing)}")
+    return keys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -194,14 +239,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"moe-record dump: {problem}", file=sys.stderr)
         return 2
     saved: dict[str, str] = {}
-    complete = True
+    in_place = True
     with fleet:
         if args.action != "dump":
             try:
                 result = fleet.start(args.mode) if args.action == "start" else getattr(fleet, args.action)()
             except KeyboardInterrupt:  # an engine that does not answer, and Ctrl-C: say who did
                 print(f"moe-record {args.action}: interrupted", file=sys.stderr)
-                if fleet.cut_short is not None:
+                if fleet.cut_short is not None and args.json:
+                    json.dump(result_json(fleet.cut_short), sys.stdout, indent=2)
+                    print()
+                elif fleet.cut_short is not None:
                     print_result(fleet.cut_short, echo=lambda line: print(line, file=sys.stderr))
                 return 130
         else:
@@ -209,14 +257,14 @@ def run(args: argparse.Namespace) -> int:
             with wait_on_ctrl_c(echo):  # taken, a dump is gone from the engines: save it whatever comes
                 result = fleet.dump(collect=bool(args.out))
                 if args.out:
-                    saved, complete = save_dumps(result, args.out, args.format, echo)
+                    saved, in_place = save_dumps(result, args.out, args.format, echo)
                     remove_if_empty(made)  # no engine gave a dump: no folder left behind
     if args.json:
         json.dump(result_json(result, saved), sys.stdout, indent=2)
         print()
     else:
         print_result(result, saved)
-    return 0 if result.ok and complete else 1
+    return 0 if result.ok and in_place else 1
 
 
 def result_json(result: Any, saved: dict[str, str] | None = None) -> dict[str, Any]:

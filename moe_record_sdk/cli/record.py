@@ -26,8 +26,8 @@ from .control import (
     OnCtrlC,
     add_engine_options,
     check_out,
-    engines_of,
     finishing_dump,
+    fleet_of,
     missing_folders,
     positive,
     print_result,
@@ -57,11 +57,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..client import Fleet
-
     console = rich_console()
     try:
-        fleet = Fleet(engines_of(args), api_key=args.api_key, timeout=args.timeout, retries=args.retries)
+        fleet = fleet_of(args)
     except ValueError as e:
         console.print(f"moe-record record: {e}", style="red", markup=False)
         return 2
@@ -157,7 +155,7 @@ def record(
         for r in stopped.failed:
             console.print(f"stop failed: {r.describe()}", style="red", markup=False)
         result = fleet.dump()
-        saved, complete = save_dumps(result, out, fmt, echo)
+        saved, in_place = save_dumps(result, out, fmt, echo)
         print_result(result, saved, echo=echo)
         invalid = _validate(result, saved, console)
         if result.merged is not None:
@@ -168,7 +166,7 @@ def record(
             ("some engines FAILED (listed above)", started.failed or stopped.failed or not all(r.ok for r in result)),
             (f"the merge FAILED: {result.merge_error}", result.merge_error),
             ("some files are INVALID (listed above)", invalid),
-            ("some dumps could not be SAVED (above)", not complete),
+            (f"the dumps could not all be saved into {out} (above)", not in_place),
         ) if bad]  # fmt: skip
         if saved:
             where = f"dumps in {os.path.dirname(next(iter(saved.values())))}"  # maybe a rescue folder

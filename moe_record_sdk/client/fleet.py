@@ -27,7 +27,19 @@ from .. import env
 from .._version import __version__
 from ..errors import MoeRecordError
 from ..schema import FORMATS
-from ..server.protocol import DUMP_JSON, H_FILES, H_FORMAT, H_INSTANCE, H_RUN, H_WINDOW, MSGPACK, PATHS, PT, TEXTS
+from ..server.protocol import (
+    DUMP_JSON,
+    H_FILES,
+    H_FORMAT,
+    H_INSTANCE,
+    H_MAX_BYTES,
+    H_RUN,
+    H_WINDOW,
+    MSGPACK,
+    PATHS,
+    PT,
+    TEXTS,
+)
 from ._http import Answer, BodyTooLarge, Http11Transport, Prepared, check_body_size
 from ._models import IN_RESPONSE, ON_SERVER, EngineResult, FleetResult
 
@@ -52,7 +64,7 @@ class _Run:
     def __init__(self, instance: str | None, run: str | None, window: int | None) -> None:
         self.instance, self.run = instance, run
         self.window = window  # the window the next dump should deliver (None: the engine does not say)
-        self.stopped = False  # this fleet stopped it
+        self.stop_sent = False  # this fleet sent a stop there
         self.cut_short: str | None = None  # why the window ended before this fleet's stop
 
 
@@ -67,17 +79,17 @@ def normalize_engine(url: str) -> str:
     """``host:port`` or a URL -> ``http://host:port`` without a trailing slash."""
     given = url
     url = url.strip()
+    if "@" in url:  # checked first, and never echoed: what comes before the @ may hold a password
+        raise ValueError(
+            f"engine: …@{url.rpartition('@')[2]} has credentials in the URL, which are never sent (and would be "
+            "printed); give the bearer token with --api-key, --api-key-file or MOE_RECORD_API_KEY"
+        )
     if "://" not in url:
         url = "http://" + url
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"engine: {given!r} is not an http(s) URL")
-    if "@" in parts.netloc:  # never echoed: it may hold a password
-        raise ValueError(
-            f"engine: {scheme}://…@{parts.netloc.rpartition('@')[2]} has credentials in the URL, which are "
-            "never sent (and would be printed); give the bearer token with --api-key or MOE_RECORD_API_KEY"
-        )
     if parts.query or parts.fragment or url.endswith(("?", "#")):  # the endpoint path would land after it
         raise ValueError(f"engine: {given!r} has a query or fragment; give the engine's base URL")
     try:
@@ -231,16 +243,23 @@ class AsyncFleet:
     async def stop(self) -> FleetResult:
         """Stop recording everywhere. An engine whose recording another client stopped first is
         noted: its window ended there, and the dump reports it (``stopped_early``)."""
+        first = {e for e, run in self._runs.items() if run is not None and not run.stop_sent}
+        for e in first:
+            self._runs[e].stop_sent = True  # type: ignore[union-attr]
         result = await self._fan_out("stop", None, "application/json, text/plain;q=0.5")
         for r in result:
             run = self._runs.get(r.engine)
-            if run is None or not r.ok:
-                continue
-            # A retry whose lost first attempt had stopped it finds it stopped too: not news.
-            if r.info and r.info.get("already_stopped") and r.attempts == 1 and not run.stopped:
+            # Found stopped by this fleet's first stop there, at its first attempt: another
+            # client's (a retry, or a stop sent again after one cut short, may find its own).
+            if (
+                run is not None
+                and r.ok
+                and r.engine in first
+                and r.attempts == 1
+                and (r.info or {}).get("already_stopped")
+            ):
                 run.cut_short = "another client stopped this run's recording before this fleet's stop"
                 r.note = run.cut_short + ": the window ends there"
-            run.stopped = True
         return result
 
     async def status(self, *, timeout: float | None = None) -> FleetResult:
@@ -384,7 +403,8 @@ class AsyncFleet:
                     results[i] = t.result()
             for i, answer in answered.items():
                 if results[i] is None:
-                    results[i] = await _interpret(self.engines[i], action, answer)
+                    results[i] = r = await _interpret(self.engines[i], action, answer)
+                    r.elapsed = answer.received - t0
             self.cut_short = FleetResult(
                 action=action,
                 results=[r or _unanswered(e, action) for e, r in zip(self.engines, results)],
@@ -424,6 +444,8 @@ class AsyncFleet:
                 extensions["deadline"], extensions["max_body"] = limit, _CONTROL_MAX_BODY
             for engine in self.engines:
                 headers = {**self._headers, "accept": accept}
+                if action == "dump":  # our engines then answer 413 and keep the window, rather than lose it
+                    headers[H_MAX_BYTES] = str(self.max_dump_bytes)
                 token = self._keys.get(engine)
                 if token:
                     headers["authorization"] = f"Bearer {token}"
@@ -525,8 +547,8 @@ def _transport_failure(e: httpx.HTTPError, action: str, timeout: float) -> tuple
         message = f"no answer within {timeout:g} s ({type(e).__name__})"
         if action == "dump":
             message += (
-                "; the engine may have taken the window: ours keep a window whose answer finds its client "
-                "gone, so dump again (with a longer timeout) to collect it"
+                "; the engine may have taken the window: ours keep it for the next dump when the answer had "
+                "not begun (dump again, with a longer timeout), and it is in their dump folder where files were asked for"
             )
         return "timeout", message, False
     return "connection", f"connection failed: {type(e).__name__}: {e}", action in IDEMPOTENT
@@ -545,7 +567,8 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
         r.server_timing = _server_timing(timing)
     ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if status != 200:
-        r.error_kind, r.error = "http", f"HTTP {status}: {_error_message(answer, ctype)}"
+        r.error_kind = "too_large" if status == 413 and action == "dump" else "http"
+        r.error = f"HTTP {status}: {_error_message(answer, ctype)}"
         if status == 404 and action == "status":
             r.error += " (no status endpoint: a stock SGLang server has none, or the endpoints are off)"
         elif status == 404:

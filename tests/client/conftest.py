@@ -75,8 +75,10 @@ class Engines:
         rec, d = make_recorder(), self.dir()
         return rec, self._serve(SGLangLike(rec, d)), d
 
-    def slow(self, delay: float, slow_status: bool = False) -> tuple[Recorder, ServerThread]:
-        rec = make_recorder()
+    def slow(
+        self, delay: float, slow_status: bool = False, recorder: Recorder | None = None
+    ) -> tuple[Recorder, ServerThread]:
+        rec = recorder or make_recorder()
         return rec, self._serve(make_app(SlowBackend(rec, delay, slow_status), dump_dir=self.dir()))
 
     def flaky(self, path: str, n: int) -> tuple[Recorder, ServerThread, Flaky]:

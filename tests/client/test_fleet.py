@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from moe_record_sdk import AsyncFleet, EngineError, Fleet
+from moe_record_sdk import AsyncFleet, EngineError, Fleet, Recorder
 from moe_record_sdk.client import IN_RESPONSE, ON_SERVER, normalize_engine
 from moe_record_sdk.schema import load_dump, validate_dump
 from moe_record_sdk.server import LocalBackend, make_app
@@ -161,17 +161,48 @@ def test_another_stop_in_between_is_reported(engines, http_client):
         assert fleet.dump().ok
 
 
+def test_a_stop_sent_again_after_one_cut_short_is_not_another_clients(engines):
+    """This fleet's stop, cancelled after it reached the engine, then sent again: the second finds
+    the run stopped by the first, which is not news (it used to fail the dump as stopped_early)."""
+
+    class SlowStop(LocalBackend):
+        async def stop(self):
+            await super().stop()
+            await asyncio.sleep(0.5)
+
+    rec = make_recorder()
+    server = engines._serve(make_app(SlowStop(rec), dump_dir=engines.dir()))
+    fleet = AsyncFleet([server.url])
+
+    async def go():
+        await fleet.start()
+        expected = feed(rec, seed=14)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(fleet.stop(), 0.2)  # a Ctrl-C, say
+        again = await fleet.stop()
+        result = await fleet.dump()
+        await fleet.aclose()
+        return expected, again, result
+
+    expected, again, result = asyncio.run(go())
+    assert again.ok and again[0].note is None
+    assert result.ok and torch.equal(result.merged.total_count(), expected)
+
+
 def test_dump_whose_client_timed_out_is_kept_for_the_next(engines):
     """The engine finishes a dump after its client gave up: the window goes back to the engine,
     and the next dump delivers it whole, as the window this fleet's start began."""
-    rec, server = engines.slow(delay=1.0)
+    # Counts of 64 layers x 1024 experts: over 256 KiB, encoded on a worker thread, where the
+    # next dump used to take the lock and the next window before this one was handed back.
+    rec, server = engines.slow(delay=1.0, recorder=Recorder(num_layers=64, num_experts=1024, top_k=2))
     with Fleet([server.url], timeout=0.3) as fleet:
         fleet.start()
         expected = feed(rec, seed=11)
         (r,) = fleet.dump().results
         assert r.error_kind == "timeout" and "dump again" in r.error
-        time.sleep(1.5)  # the engine's dump ends, and finds its client gone
-    with Fleet([server.url], timeout=5.0) as again:  # `moe-record dump` run again, as the error says
+    # `moe-record dump` run again at once, as the error says, while the engine still works on the
+    # first: it waits for that one's turn to end, and gets the window handed back, not the next.
+    with Fleet([server.url], timeout=5.0) as again:
         result = again.dump()
     assert result.ok and result[0].window == 1 and torch.equal(result.merged.total_count(), expected)
 
@@ -296,9 +327,12 @@ def test_engine_urls():
         with pytest.raises(ValueError, match="query or fragment"):
             Fleet([bad])
     # Credentials in the URL are never sent: refused, and the password never echoed.
-    with pytest.raises(ValueError, match="credentials in the URL") as e:
-        Fleet(["http://admin:s3cret@10.0.0.1:30000"])
-    assert "s3cret" not in str(e.value) and "admin" not in str(e.value) and "10.0.0.1:30000" in str(e.value)
+    for url in ("http://admin:s3cret@10.0.0.1:30000", "ftp://admin:s3cret@x", "http://admin:s3/c#ret@10.0.0.1:1"):
+        with pytest.raises(ValueError, match="credentials in the URL") as e:
+            Fleet([url])
+        assert "s3" not in str(e.value) and "admin" not in str(e.value)
+    with pytest.raises(ValueError, match="…@10.0.0.1:30000 has credentials"):
+        normalize_engine("http://a:b@10.0.0.1:30000")
 
 
 def test_results_by_url_as_given_and_ipv6_file_names():
@@ -385,6 +419,20 @@ def test_a_fault_in_one_decode_or_in_the_merge_keeps_every_dump_taken(engines, m
         result = fleet.dump()
     assert result.merge_error == "RuntimeError: injected merge fault" and result.merged is None
     assert [torch.equal(r.dump.total_count(), e) for r, e in zip(result, expected)] == [True, True]
+
+
+def test_a_dump_over_max_dump_bytes_is_refused_by_the_engine_which_keeps_it(engines):
+    """The fleet says how much it takes: our engine answers 413 and keeps the window, instead of
+    sending it to a client that hangs up on it (the window was lost that way)."""
+    rec, server = engines.ours()
+    with Fleet([server.url], max_dump_bytes=400) as small:  # the dump: 718 bytes; the 413 answer: ~250
+        small.start()
+        expected = feed(rec, seed=13)
+        (r,) = small.dump().results
+    assert r.error_kind == "too_large" and "the recording is kept" in r.error
+    with Fleet([server.url]) as fleet:
+        result = fleet.dump()
+    assert result.ok and torch.equal(result.merged.total_count(), expected)
 
 
 @pytest.mark.parametrize("cap", [None, 1])
