@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl, quote
 from ..env import DEFAULT_MAX_BODY
 from ..errors import MoeRecordError, RecorderError
 from ..schema import FORMATS, Dump, encode
-from .control import Backend, ControlError, Controller
+from .control import Backend, ControlError, Controller, DumpOutcome
 from .protocol import (
     DUMP_JSON,
     DUMP_PATH,
@@ -353,18 +353,16 @@ class ControlHandler:
             else:  # a small dump encodes in less time than the hop to a worker thread costs
                 data = encode(outcome.merged, fmt)
         except Exception as e:  # noqa: BLE001 - e.g. a count past int32 in SGLang's .pt: the window is taken
-            ctl.keep(outcome)
-            raise ControlError(
-                500, "dump_encode_failed", f"cannot encode the dump as {fmt}: {e}; the recording is kept: "
-                "dump again (msgpack and json hold any count)",
-            ) from None  # fmt: skip
+            where = self._kept(outcome, "dump again (msgpack and json hold any count)")
+            raise ControlError(500, "dump_encode_failed", f"cannot encode the dump as {fmt}: {e}; {where}") from None
         limit = h.get(H_MAX_BYTES, "")
         if limit.isdecimal() and len(data) > int(limit):
-            ctl.keep(outcome)
+            where = self._kept(outcome, "dump again with a larger limit")
             raise ControlError(
-                413, "too_large", f"the dump is {len(data)} bytes, over the {limit} this client takes "
-                f"({H_MAX_BYTES}); the recording is kept: dump again with a larger limit",
-            )  # fmt: skip
+                413,
+                "too_large",
+                f"the dump is {len(data)} bytes, over the {limit} this client takes ({H_MAX_BYTES}); {where}",
+            )
         t2 = time.perf_counter()
         headers = {
             "content-type": MEDIA_TYPES[fmt],
@@ -376,9 +374,16 @@ class ControlHandler:
         }
         if files:
             headers[H_FILES] = json.dumps(files)
-        # Written as files too (return=both), the window is not lost with the answer.
-        undelivered = None if files else lambda: ctl.keep(outcome)
+        undelivered = None if files else lambda: self._kept(outcome)
         return self._finish(Response(200, headers, data, undelivered), window)
+
+    def _kept(self, outcome: DumpOutcome, then: str = "") -> str:
+        """A collected window whose answer cannot go out: kept for the next dump, unless it was
+        written as files too (return=both), which then hold it (kept, it would be delivered twice)."""
+        if outcome.files:
+            return f"the dump is in {', '.join(outcome.files)}"
+        self.controller.keep(outcome)
+        return "the recording is kept" + (f": {then}" if then else "")
 
     async def _status(self, h: dict[str, str]) -> Response:
         ranks = await self.controller.status()

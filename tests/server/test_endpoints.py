@@ -449,3 +449,15 @@ def test_a_dump_over_the_clients_limit_is_413_and_kept(serve, http):
     assert "over the 100 this client takes" in small.json()["error"]["message"]
     whole = http.post(url + DUMP_PATH + "?return=bytes")
     assert whole.headers["x-moe-record-window"] == "1" and torch.equal(decode(whole.content).total_count(), expected)
+
+
+def test_a_dump_over_the_limit_written_as_files_too_is_not_delivered_twice(serve, http, tmp_path):
+    """return=both: the file holds the window; kept as well, the next dump would deliver it again."""
+    rec = make_recorder()
+    url = serve(rec).url
+    http.post(url + START_PATH)
+    feed(rec, seed=18)
+    small = http.post(url + DUMP_PATH + "?return=both", headers={"x-moe-record-max-bytes": "100", **JSON})
+    assert small.status_code == 413 and "the dump is in " + str(tmp_path / "dumps") in small.json()["error"]["message"]
+    after = http.post(url + DUMP_PATH + "?return=bytes")
+    assert after.headers["x-moe-record-window"] == "2" and decode(after.content).total_count().sum() == 0
