@@ -123,7 +123,15 @@ def record(
             console.print("moe-record record: interrupted before any engine started", style="red", markup=False)
             remove_if_empty(made)
             return 130
+
+        def while_starting() -> None:  # a signal during the start: it ends once every engine answered
+            if not interrupted.is_set():
+                echo("stopping: the start ends once every engine has answered (or timed out), then stop and dump")
+            interrupted.set()
+
+        stop_signals.handler = while_starting
         started = fleet.start(mode)
+        stop_signals.handler = interrupted.set
         for r in started.failed:
             console.print(f"start failed: {r.describe()}", style="red", markup=False)
         if not started.succeeded:

@@ -481,3 +481,35 @@ def test_ctrl_c_while_an_engine_hangs_says_who_started(engines):
     assert "moe-record start: interrupted" in output and "Traceback" not in output
     assert f"{ok.url} start: ok" in output
     assert f"{hung_url} start: FAILED (interrupted) no answer before the interrupt" in output
+
+
+def test_ctrl_c_during_records_start_says_what_it_waits_for(engines, tmp_path):
+    """Ctrl-C while `record`'s start waits on an engine that never answers: said at once, then
+    the start ends at the timeout and the engines that started are stopped, dumped and saved."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    rec, ok = engines.ours()
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen()
+    hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moe_record_sdk", "record", "-e", ok.url, "-e", hung_url, "--timeout", "3"]
+    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not rec.status().recording and time.monotonic() < deadline:
+            time.sleep(0.05)
+        expected = feed(rec, seed=19)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        hung.close()
+    assert proc.returncode == 1, output  # the hung engine failed
+    assert "stopping: the start ends once every engine has answered" in output and "Traceback" not in output
+    (saved,) = [f for f in os.listdir(out) if f.startswith("engine-0-")]
+    assert torch.equal(load_dump(str(out / saved)).total_count(), expected)
