@@ -150,19 +150,27 @@ def read_api_keys(path: str, engines: list[str]) -> str | dict[str, str]:
     from ..client import normalize_engine
 
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a BOM, as Windows editors write, is not the token's
             lines = [(n, line.strip()) for n, line in enumerate(f, 1)]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--api-key-file {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
     lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    for n, line in lines:  # an HTTP header carries visible ASCII only (never echoed: it is a secret)
+        if not (line.isascii() and all(part.isprintable() for part in line.split())):
+            raise ValueError(f"--api-key-file {path}, line {n}: holds a character a bearer token cannot have")
     if len(lines) == 1 and len(lines[0][1].split()) == 1:
         return lines[0][1]
+    if not lines:
+        raise ValueError(f"--api-key-file {path}: holds no token")
     keys: dict[str, str] = {}
     for n, line in lines:
         parts = line.split()
         if len(parts) != 2:
             raise ValueError(f"--api-key-file {path}, line {n}: expected 'URL TOKEN' (or one token alone in the file)")
-        url = normalize_engine(parts[0])
+        try:
+            url = normalize_engine(parts[0])
+        except ValueError:  # its message would echo the field: a token, if the line is swapped
+            raise ValueError(f"--api-key-file {path}, line {n}: the first field is not an engine URL") from None
         if url in keys:
             raise ValueError(f"--api-key-file {path}, line {n}: {url} is listed twice")
         keys[url] = parts[1]

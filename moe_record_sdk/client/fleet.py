@@ -164,7 +164,7 @@ class AsyncFleet:
             else {e: api_key or "" for e in self.engines}
         )
         self.timeout = timeout
-        self.max_dump_bytes = _memory_size() if max_dump_bytes is None else max_dump_bytes
+        self.max_dump_bytes = _memory_size() if max_dump_bytes is None else int(max_dump_bytes)
         self.retries = max(0, retries)
         self.backoff = backoff
         # Transports driven directly with requests built once: the client's CPU per request
@@ -231,8 +231,9 @@ class AsyncFleet:
             first = same[0]
             i = self.engines.index(first.engine)
             now = await self._call(first.engine, "status", self._calls_for("status", None, "application/json")[i])
-            if now.ok:
+            if now.ok:  # the run the other entries' starts began: the one first's stop and dump find
                 self._runs[first.engine] = _Run(first.instance_id, now.run_id, now.window)
+                first.run_id, first.window = now.run_id, now.window
             for r in same[1:]:
                 r.ok, r.error_kind = False, "duplicate"
                 r.error = (
@@ -317,6 +318,8 @@ class AsyncFleet:
             )
             return
         if not r.ok:
+            if r.files and r.window is not None:  # the window went into the engine's files: it moved on
+                run.window = r.window
             return
         if run.run and r.run_id and run.run != r.run_id:
             r.ok, r.error_kind = False, "run_changed"
@@ -569,6 +572,8 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
     if status != 200:
         r.error_kind = "too_large" if status == 413 and action == "dump" else "http"
         r.error = f"HTTP {status}: {_error_message(answer, ctype)}"
+        if headers.get(H_FILES):  # a dump that failed after its window went into files: there it is
+            r.files, r.location = _json_list(headers[H_FILES]), ON_SERVER
         if status == 404 and action == "status":
             r.error += " (no status endpoint: a stock SGLang server has none, or the endpoints are off)"
         elif status == 404:

@@ -332,12 +332,31 @@ class ControlHandler:
             raise ControlError(400, "bad_option", f"return: {ret!r} is not one of {', '.join(RETURNS)}")
         if fmt is not None and fmt not in FORMATS:
             raise ControlError(400, "bad_option", f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        raw_limit = h.get(H_MAX_BYTES, "").strip()
+        if raw_limit and not (raw_limit.isdecimal() and len(raw_limit) <= 20):
+            raise ControlError(400, "bad_header", f"{H_MAX_BYTES}: expected a number of bytes, got {raw_limit[:40]!r}")
         asked = _dump_format_accepted(h)
         if ret is None:
             ret = "bytes" if (fmt or asked) else "file"
         fmt = fmt or asked or "msgpack"
         t0 = time.perf_counter()
         outcome = await self.controller.dump(write_files=ret != "bytes")
+        # The window is taken: from here a failure keeps it for the next dump (or names its files).
+        try:
+            return await self._deliver(outcome, ret, fmt, int(raw_limit) if raw_limit else None, h, t0)
+        except ControlError as e:
+            if outcome.files:  # the files hold the window: say which, as a dump's answer does
+                e.headers[H_FILES] = json.dumps(outcome.files)
+            raise
+        except Exception as e:  # noqa: BLE001 - even a bug must not lose the window
+            log.exception("dump: the answer could not be made")
+            where = self._kept(outcome)
+            raise ControlError(500, "engine_error", f"{type(e).__name__}: {e}; {where}") from None
+
+    async def _deliver(
+        self, outcome: DumpOutcome, ret: str, fmt: str, limit: int | None, h: dict[str, str], t0: float
+    ) -> Response:
+        """The answer for a window just taken (``_dump``)."""
         t1 = time.perf_counter()
         ctl = self.controller
         files = list(outcome.files)
@@ -355,8 +374,7 @@ class ControlHandler:
         except Exception as e:  # noqa: BLE001 - e.g. a count past int32 in SGLang's .pt: the window is taken
             where = self._kept(outcome, "dump again (msgpack and json hold any count)")
             raise ControlError(500, "dump_encode_failed", f"cannot encode the dump as {fmt}: {e}; {where}") from None
-        limit = h.get(H_MAX_BYTES, "")
-        if limit.isdecimal() and len(data) > int(limit):
+        if limit is not None and len(data) > limit:
             where = self._kept(outcome, "dump again with a larger limit")
             raise ControlError(
                 413,

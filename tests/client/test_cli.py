@@ -175,6 +175,37 @@ def test_api_keys_from_a_file_one_for_all_or_one_per_engine(engines, tmp_path, c
     assert "line 1: expected 'URL TOKEN'" in capsys.readouterr().err
     assert main(["status", "-e", a.url, "--api-key-file", str(tmp_path / "none")]) == 2
     assert "cannot read it: No such file" in capsys.readouterr().err
+    bom, odd, swapped = (tmp_path / name for name in ("bom", "odd", "swapped"))
+    bom.write_bytes(b"\xef\xbb\xbfkey-a\r\n")  # a Windows editor's file
+    assert main(["status", "-e", a.url, "--api-key-file", str(bom)]) == 0
+    capsys.readouterr()
+    odd.write_text("k\u00e9y-a\n", encoding="utf-8")
+    assert main(["status", "-e", a.url, "--api-key-file", str(odd)]) == 2
+    err = capsys.readouterr().err
+    assert "line 1: holds a character a bearer token cannot have" in err and "Traceback" not in err
+    swapped.write_text(f"se:cr:et {a.url}\nother {b.url}\n")
+    assert main(["status", "-e", a.url, "-e", b.url, "--api-key-file", str(swapped)]) == 2
+    err = capsys.readouterr().err
+    assert "line 1: the first field is not an engine URL" in err and "se:cr:et" not in err
+
+
+def test_record_over_one_engine_listed_twice_raises_no_false_alarm(engines, tmp_path):
+    """127.0.0.1 and localhost: the second start restarts the run; the polls compare with that
+    run, not the first answer's, so no "another client restarted the run" while recording."""
+    import io
+
+    from rich.console import Console
+
+    rec, a = engines.ours()
+    port = a.url.rsplit(":", 1)[1]
+    text = io.StringIO()
+    with Fleet([f"127.0.0.1:{port}", f"localhost:{port}"]) as fleet:
+        status = record(
+            fleet, out=str(tmp_path / "out"), duration=0.6, interval=0.2, during=lambda stop: feed(rec, seed=22),
+            console=Console(file=text, width=250),
+        )  # fmt: skip
+    output = text.getvalue()
+    assert status == 1 and "duplicate" in output and "another client" not in output
 
 
 def test_a_bad_out_folder_is_refused_before_any_engine_is_touched(engines, tmp_path, capsys):

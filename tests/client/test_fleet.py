@@ -435,6 +435,20 @@ def test_a_dump_over_max_dump_bytes_is_refused_by_the_engine_which_keeps_it(engi
     assert result.ok and torch.equal(result.merged.total_count(), expected)
 
 
+def test_a_dump_over_the_limit_that_went_into_files_is_named_and_not_blamed_on_others(engines):
+    """keep_files (return=both) and a dump over max_dump_bytes: the 413 names the engine's file,
+    and this fleet's next dump is its own next window, not "another client's dump"."""
+    rec, server = engines.ours(make_recorder(mode="per_pass"))  # its dump grows with its passes
+    with Fleet([server.url], max_dump_bytes=1500.0) as fleet:  # a float limit is sent as bytes too
+        fleet.start()
+        feed(rec, seed=20, passes=8)  # ~2 KB: over
+        (r,) = fleet.dump(keep_files=True).results
+        assert r.error_kind == "too_large" and len(r.files) == 1 and os.path.exists(r.files[0])
+        later = feed(rec, seed=21, passes=1, tokens=1)  # ~0.8 KB
+        result = fleet.dump()
+    assert result.ok and result[0].window == 2 and torch.equal(result.merged.total_count(), later)
+
+
 @pytest.mark.parametrize("cap", [None, 1])
 def test_async_fleet_serves_one_event_loop_after_another(engines, cap):
     """One AsyncFleet, each call under its own asyncio.run (a script's habit): connections and

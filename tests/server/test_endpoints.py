@@ -459,5 +459,19 @@ def test_a_dump_over_the_limit_written_as_files_too_is_not_delivered_twice(serve
     feed(rec, seed=18)
     small = http.post(url + DUMP_PATH + "?return=both", headers={"x-moe-record-max-bytes": "100", **JSON})
     assert small.status_code == 413 and "the dump is in " + str(tmp_path / "dumps") in small.json()["error"]["message"]
+    (file,) = json.loads(small.headers["x-moe-record-files"])  # as a dump's answer names them
+    assert os.path.dirname(file) == str(tmp_path / "dumps")
     after = http.post(url + DUMP_PATH + "?return=bytes")
     assert after.headers["x-moe-record-window"] == "2" and decode(after.content).total_count().sum() == 0
+
+
+def test_a_malformed_size_limit_is_refused_before_the_window_is_taken(serve, http):
+    rec = make_recorder()
+    url = serve(rec).url
+    http.post(url + START_PATH)
+    expected = feed(rec, seed=19)
+    for bad in ("9" * 5000, "1e9", "-1"):
+        answer = http.post(url + DUMP_PATH + "?return=bytes", headers={"x-moe-record-max-bytes": bad, **JSON})
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_header"
+    whole = http.post(url + DUMP_PATH + "?return=bytes")
+    assert whole.headers["x-moe-record-window"] == "1" and torch.equal(decode(whole.content).total_count(), expected)
