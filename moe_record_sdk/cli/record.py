@@ -151,7 +151,7 @@ def record(
             worker.start()
         stops: list[Any] = []
         try:
-            _progress(fleet, started, duration, interval, console, interrupted, lambda: stops.append(fleet.stop()))
+            _progress(fleet, duration, interval, console, interrupted, lambda: stops.append(fleet.stop()))
         finally:
             stop_event.set()
             if worker:
@@ -192,7 +192,6 @@ def record(
 
 def _progress(
     fleet: Any,
-    started: Any,
     duration: float | None,
     interval: float,
     console: Console,
@@ -204,8 +203,7 @@ def _progress(
     what is left of the duration, at least 0.2 s), and the engines are stopped before the last
     poll: an engine that does not answer its status must not stretch the recording. An engine
     that restarted, or whose run another client stopped, restarted or dumped, is named at once,
-    once (``started``: the start's result, which the polls are compared with)."""
-    runs = {r.engine: r for r in started if r.ok and r.run_id}
+    once (``fleet.cut_into``)."""
     warned: set[str] = set()
     t0 = time.monotonic()
     until = "until Ctrl-C" if duration is None else f"for {duration:g} s"
@@ -217,7 +215,7 @@ def _progress(
     def poll() -> Any:
         status = fleet.status(timeout=max(0.2, left()))
         for r in status:
-            why = _cut_into(r, runs.get(r.engine))
+            why = fleet.cut_into(r)
             if why and r.engine not in warned:
                 warned.add(r.engine)
                 console.print(f"{r.engine}: {why}", style="yellow", markup=False)
@@ -229,7 +227,7 @@ def _progress(
             while (duration is None or time.monotonic() - t0 < duration) and not interrupted.is_set():
                 now = time.monotonic() - t0
                 if now >= next_poll:
-                    live.update(_status_table(poll(), now, until, runs))
+                    live.update(_status_table(poll(), now, until, fleet.cut_into))
                     next_poll = now + interval
                 time.sleep(max(0.0, min(0.1, left())))
             elapsed = time.monotonic() - t0
@@ -245,24 +243,10 @@ def _progress(
         console.print("stopping (Ctrl-C or SIGTERM)")
 
 
-def _cut_into(status: Any, started: Any) -> str | None:
-    """What befell this recording's run on an engine, from its status and its start's answer."""
-    info = status.info if status.ok else None
-    if not info or started is None:
-        return None
-    if info.get("instance_id") not in (None, started.instance_id):
-        return "the engine restarted: what it recorded is lost"
-    if info.get("run_id") != started.run_id:
-        return "another client restarted the run: its dump will be partial"
-    if info.get("recording") is False:
-        return "another client stopped the run: its dump will be partial"
-    if started.window and info.get("window") not in (None, started.window):
-        return "another client's dump took part of the run: its dump will be partial"
-    return None
-
-
-def _status_table(status: Any, elapsed: float, until: str, runs: dict[str, Any] | None = None) -> Table:
-    """``runs``: engine -> its start's result, while recording (``_cut_into``)."""
+def _status_table(
+    status: Any, elapsed: float, until: str, cut_into: Callable[[Any], str | None] | None = None
+) -> Table:
+    """``cut_into``: the fleet's, while recording (what befell the run on an engine)."""
     table = Table(title=f"recording {until}: {elapsed:.1f} s", title_justify="left")
     for col in ("engine", "state", "passes", "tokens"):
         table.add_column(col, justify="right" if col in ("passes", "tokens") else "left")
@@ -270,7 +254,7 @@ def _status_table(status: Any, elapsed: float, until: str, runs: dict[str, Any] 
         if r.ok and r.info:
             ranks = r.info.get("ranks") or []
             state = "recording" if r.info.get("recording") else "idle"
-            if _cut_into(r, (runs or {}).get(r.engine)):
+            if cut_into is not None and cut_into(r):
                 state += " (cut into: see above)"
             passes = str(sum(int(x.get("passes") or 0) for x in ranks))
             tokens = str(max((int(x.get("tokens") or 0) for x in ranks), default=0))

@@ -233,7 +233,6 @@ class AsyncFleet:
             now = await self._call(first.engine, "status", self._calls_for("status", None, "application/json")[i])
             if now.ok:  # the run the other entries' starts began: the one first's stop and dump find
                 self._runs[first.engine] = _Run(first.instance_id, now.run_id, now.window)
-                first.run_id, first.window = now.run_id, now.window
             for r in same[1:]:
                 r.ok, r.error_kind = False, "duplicate"
                 r.error = (
@@ -303,6 +302,23 @@ class AsyncFleet:
                     result.merge_error = f"{type(e).__name__}: {e}"
         return result
 
+    def cut_into(self, status: EngineResult) -> str | None:
+        """What befell this fleet's run on ``status``'s engine since its start, read from a status
+        answer (``record`` says it while recording); None when nothing did, or nothing is known."""
+        run = self._runs.get(status.engine)
+        info = status.info if status.ok else None
+        if run is None or not info:
+            return None
+        if info.get("instance_id") not in (None, run.instance):
+            return "the engine restarted: what it recorded is lost"
+        if run.run and info.get("run_id") != run.run:
+            return "another client restarted the run: its dump will be partial"
+        if info.get("recording") is False and not run.stop_sent:
+            return "another client stopped the run: its dump will be partial"
+        if run.window and info.get("window") not in (None, run.window):
+            return "another client's dump took part of the run: its dump will be partial"
+        return None
+
     # -- one engine ---------------------------------------------------------------------------
     def _check_run(self, r: EngineResult) -> None:
         """Fail a dump that is not this fleet's whole window: the engine restarted, or another
@@ -346,23 +362,19 @@ class AsyncFleet:
         # Where this fleet's start failed, a stop or dump would end, or take and clear, a
         # recording that is not this run's (another client's): such engines are left as they are.
         for i, e in enumerate(self.engines):
-            if action in ("stop", "dump") and e in self._same_as:
-                results[i] = EngineResult(
-                    e,
-                    action,
-                    False,
-                    error_kind="duplicate",
-                    error=f"the same engine as {self._same_as[e]}: {action} there",
+            if action not in ("stop", "dump"):
+                continue
+            if e in self._same_as:
+                kind, why = "duplicate", f"the same engine as {self._same_as[e]}: {action} there"
+            elif e in self._runs and self._runs[e] is None:
+                kind = "not_started"
+                why = (
+                    f"this fleet did not start this engine: not {'stopped' if action == 'stop' else 'dumped'}, "
+                    "so a recording there that is not this run's is left as it is"
                 )
-            elif action in ("stop", "dump") and e in self._runs and self._runs[e] is None:
-                results[i] = EngineResult(
-                    engine=e,
-                    action=action,
-                    ok=False,
-                    error_kind="not_started",
-                    error=f"this fleet did not start this engine: not {'stopped' if action == 'stop' else 'dumped'}, "
-                    "so a recording there that is not this run's is left as it is",
-                )
+            else:
+                continue
+            results[i] = EngineResult(e, action, False, error_kind=kind, error=why)
         # Engines on the lean transport go out in one batch, all written before any answer is
         # awaited (Http11Transport.send_all); the others (https, a transport passed in, a
         # concurrency cap) get a task each.
@@ -727,6 +739,10 @@ class Fleet:
     def cut_short(self) -> FleetResult | None:
         """See :attr:`AsyncFleet.cut_short`."""
         return self._fleet.cut_short
+
+    def cut_into(self, status: EngineResult) -> str | None:
+        """See :meth:`AsyncFleet.cut_into`."""
+        return self._fleet.cut_into(status)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         try:
