@@ -483,64 +483,53 @@ def test_status_of_an_engine_never_started_says_so(engines, capsys):
     assert run_id and line.endswith(f"recording, mode stat, 0 passes, 0 tokens, 1 rank(s), run {run_id}"), line
 
 
-def test_ctrl_c_while_an_engine_hangs_says_who_started(engines):
-    """`moe-record start` over a healthy engine and one that never answers, cut by Ctrl-C: the
-    engines that had answered are listed, the other as interrupted; no traceback."""
+def _ctrl_c_beside_a_hung_engine(engines, *args: str, seed: int | None = None):
+    """``moe-record <args> -e <healthy> -e <hung>`` in its own process, Ctrl-C once the healthy
+    engine records (fed first when ``seed``). The hung engine takes the connection and never
+    answers. Returns (exit status, output, healthy URL, hung URL, the counts fed)."""
     import signal
     import socket
     import subprocess
     import sys
 
     rec, ok = engines.ours()
-    hung = socket.socket()
-    hung.bind(("127.0.0.1", 0))
-    hung.listen()  # takes the connection, never reads nor answers
-    hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
-    cmd = [sys.executable, "-m", "moe_record_sdk", "start", "-e", ok.url, "-e", hung_url]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not rec.status().recording and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        hung.close()
-    assert proc.returncode == 130, output
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        cmd = [sys.executable, "-m", "moe_record_sdk", *args[:1], "-e", ok.url, "-e", hung_url, *args[1:]]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not rec.status().recording and time.monotonic() < deadline:
+                time.sleep(0.05)
+            expected = feed(rec, seed=seed) if seed is not None else None
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            output, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    return proc.returncode, output, ok.url, hung_url, expected
+
+
+def test_ctrl_c_while_an_engine_hangs_says_who_started(engines):
+    """`moe-record start` over a healthy engine and one that never answers, cut by Ctrl-C: the
+    engines that had answered are listed, the other as interrupted; no traceback."""
+    status, output, ok_url, hung_url, _ = _ctrl_c_beside_a_hung_engine(engines, "start")
+    assert status == 130, output
     assert "moe-record start: interrupted" in output and "Traceback" not in output
-    assert f"{ok.url} start: ok" in output
+    assert f"{ok_url} start: ok" in output
     assert f"{hung_url} start: FAILED (interrupted) no answer before the interrupt" in output
 
 
 def test_ctrl_c_during_records_start_says_what_it_waits_for(engines, tmp_path):
     """Ctrl-C while `record`'s start waits on an engine that never answers: said at once, then
     the start ends at the timeout and the engines that started are stopped, dumped and saved."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    rec, ok = engines.ours()
-    hung = socket.socket()
-    hung.bind(("127.0.0.1", 0))
-    hung.listen()
-    hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "moe_record_sdk", "record", "-e", ok.url, "-e", hung_url, "--timeout", "3"]
-    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not rec.status().recording and time.monotonic() < deadline:
-            time.sleep(0.05)
-        expected = feed(rec, seed=19)
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        hung.close()
-    assert proc.returncode == 1, output  # the hung engine failed
+    status, output, _, _, expected = _ctrl_c_beside_a_hung_engine(
+        engines, "record", "--timeout", "3", "--out", str(out), seed=19
+    )
+    assert status == 1, output  # the hung engine failed
     assert "stopping: the start ends once every engine has answered" in output and "Traceback" not in output
     (saved,) = [f for f in os.listdir(out) if f.startswith("engine-0-")]
     assert torch.equal(load_dump(str(out / saved)).total_count(), expected)
