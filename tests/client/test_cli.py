@@ -498,7 +498,12 @@ def _ctrl_c_beside_a_hung_engine(engines, *args: str, seed: int | None = None):
         hung.listen()
         hung_url = f"http://127.0.0.1:{hung.getsockname()[1]}"
         cmd = [sys.executable, "-m", "moe_record_sdk", *args[:1], "-e", ok.url, "-e", hung_url, *args[1:]]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Ctrl-C as at a terminal: a test runner started in the background inherits SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt for it in the child.
+        default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint
+        )
         try:
             deadline = time.monotonic() + 60
             while not rec.status().recording and time.monotonic() < deadline:
