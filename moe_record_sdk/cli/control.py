@@ -318,6 +318,12 @@ def print_result(result: Any, saved: dict[str, str] | None = None, echo: Callabl
         if r.engine in saved:
             line += f" -> {saved[r.engine]}"
         echo(line)
+        if r.error_kind == "too_large" and r.status_code == 413 and not r.files:
+            # This client's limit is the machine's memory: a larger one is no option here.
+            echo(
+                f"  {r.engine} kept its window: `moe-record dump --engine {r.engine}` without --out "
+                "writes it into the engine's dump folder"
+            )
     if "merged" in saved:
         echo(f"merged -> {saved['merged']}")
     if result.merge_error:

@@ -375,7 +375,7 @@ class ControlHandler:
             where = self._kept(outcome, "dump again (msgpack and json hold any count)")
             raise ControlError(500, "dump_encode_failed", f"cannot encode the dump as {fmt}: {e}; {where}") from None
         if limit is not None and len(data) > limit:
-            where = self._kept(outcome, "dump again with a larger limit")
+            where = self._kept(outcome, "dump again with a larger limit, or as files (return=file)")
             raise ControlError(
                 413,
                 "too_large",

@@ -538,3 +538,23 @@ def test_ctrl_c_during_records_start_says_what_it_waits_for(engines, tmp_path):
     assert "stopping: the start ends once every engine has answered" in output and "Traceback" not in output
     (saved,) = [f for f in os.listdir(out) if f.startswith("engine-0-")]
     assert torch.equal(load_dump(str(out / saved)).total_count(), expected)
+
+
+def test_a_dump_too_large_for_this_machine_says_how_to_leave_it_on_the_engine(engines, tmp_path, capsys, monkeypatch):
+    """The CLI takes at most this machine's memory and has no larger limit to offer: a 413 says
+    how to dump anyway (into the engine's own folder), and that works, with the whole window."""
+    from moe_record_sdk.client import fleet as fleet_module
+
+    rec, server = engines.ours()
+    assert main(["start", "-e", server.url]) == 0
+    expected = feed(rec, seed=31)
+    monkeypatch.setattr(fleet_module, "_memory_size", lambda: 400)  # a machine smaller than the dump (718 bytes)
+    capsys.readouterr()
+    assert main(["dump", "-e", server.url, "--out", str(tmp_path / "out")]) == 1
+    text = capsys.readouterr().out
+    assert f"{server.url} kept its window: `moe-record dump --engine {server.url}` without --out" in text
+    monkeypatch.undo()
+    assert main(["dump", "-e", server.url, "--json"]) == 0
+    (engine,) = json.loads(capsys.readouterr().out)["engines"]
+    assert engine["location"] == "server-disk" and len(engine["files"]) == 1
+    assert torch.equal(load_dump(engine["files"][0]).total_count(), expected)
