@@ -55,6 +55,9 @@ class EngineResult:
     run_id: str | None = None
     window: int | None = None
     """Which window of the run (a dump's: the one it delivers); None where the engine does not say."""
+    stopped_by: str | None = None
+    """The client whose stop ended the run (its ``client_id``; ``*``: one that named none), as
+    the answer says; None while the run records, or where the engine does not say."""
     info: dict[str, Any] | None = None
     """The JSON answer of our endpoints (status, identity, files...)."""
     dump: Dump | None = field(default=None, repr=False)  # tensors: describe() says what it holds

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -29,11 +30,13 @@ from ..errors import MoeRecordError
 from ..schema import FORMATS
 from ..server.protocol import (
     DUMP_JSON,
+    H_CLIENT,
     H_FILES,
     H_FORMAT,
     H_INSTANCE,
     H_MAX_BYTES,
     H_RUN,
+    H_STOPPED_BY,
     H_WINDOW,
     MSGPACK,
     PATHS,
@@ -181,7 +184,11 @@ class AsyncFleet:
                 self._transports[e] = self._lean  # type: ignore[assignment]
             else:
                 self._transports[e] = httpx.AsyncHTTPTransport(retries=0)
-        self._headers = {"user-agent": f"moe-record-sdk/{__version__}", **dict(headers or {})}
+        # This fleet's id, sent with every request: an engine names the client whose stop ended
+        # a run (stopped_by), so this fleet tells its own stop (retried, or sent again after one
+        # cut short) from another client's.
+        self.client_id = uuid.uuid4().hex[:16]
+        self._headers = {"user-agent": f"moe-record-sdk/{__version__}", H_CLIENT: self.client_id, **dict(headers or {})}
         self._calls: dict[tuple[Any, ...], list[_Call]] = {}
         self.max_concurrency = max_concurrency
         # The cap, made for each event loop the fleet is used in (_call): a semaphore binds to one.
@@ -249,15 +256,15 @@ class AsyncFleet:
         result = await self._fan_out("stop", None, "application/json, text/plain;q=0.5")
         for r in result:
             run = self._runs.get(r.engine)
-            # Found stopped by this fleet's first stop there, at its first attempt: another
-            # client's (a retry, or a stop sent again after one cut short, may find its own).
-            if (
-                run is not None
-                and r.ok
-                and r.engine in first
-                and r.attempts == 1
-                and (r.info or {}).get("already_stopped")
-            ):
+            if run is None or not r.ok:
+                continue
+            if r.stopped_by is not None:
+                by_another = r.stopped_by != self.client_id
+            else:  # an engine that does not name the stopping client: found stopped by this fleet's first
+                # stop there, at its first attempt (a retry, or a stop sent again after one cut short,
+                # may find its own)
+                by_another = r.engine in first and r.attempts == 1 and bool((r.info or {}).get("already_stopped"))
+            if by_another:
                 run.cut_short = "another client stopped this run's recording before this fleet's stop"
                 r.note = run.cut_short + ": the window ends there"
         return result
@@ -313,7 +320,10 @@ class AsyncFleet:
             return "the engine restarted: what it recorded is lost"
         if run.run and info.get("run_id") != run.run:
             return "another client restarted the run: its dump will be partial"
-        if info.get("recording") is False and not run.stop_sent:
+        stopped_by = status.stopped_by
+        if (stopped_by is not None and stopped_by != self.client_id) or (
+            "stopped_by" not in info and info.get("recording") is False and not run.stop_sent
+        ):
             return "another client stopped the run: its dump will be partial"
         if run.window and info.get("window") not in (None, run.window):
             return "another client's dump took part of the run: its dump will be partial"
@@ -349,7 +359,8 @@ class AsyncFleet:
                 f"this fleet's {'start' if expected == 1 else 'last dump'} (window {expected} -> {r.window}): "
                 "the dump holds only what came after"
             )
-        elif run.cut_short:
+        elif run.cut_short or (r.stopped_by is not None and r.stopped_by != self.client_id):
+            run.cut_short = run.cut_short or "another client stopped this run's recording"
             r.ok, r.error_kind = False, "stopped_early"
             r.error = f"{run.cut_short}: the dump is partial"
 
@@ -577,6 +588,7 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
     status, headers, body = answer.status, answer.headers, answer.body
     r = EngineResult(engine, action, False, status_code=status)
     r.instance_id, r.run_id, r.window = headers.get(H_INSTANCE), headers.get(H_RUN), _int(headers.get(H_WINDOW))
+    r.stopped_by = headers.get(H_STOPPED_BY)
     timing = headers.get("server-timing")
     if timing:
         r.server_timing = _server_timing(timing)
@@ -624,6 +636,7 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
         r.instance_id = info.get("instance_id") or r.instance_id
         r.run_id = info.get("run_id") or r.run_id
         r.window = _int(info.get("window")) or r.window
+        r.stopped_by = info.get("stopped_by") if isinstance(info.get("stopped_by"), str) else r.stopped_by
         if action == "dump":
             r.location, r.files = ON_SERVER, [str(f) for f in info.get("files") or []]
         r.ok = bool(info.get("ok", True))

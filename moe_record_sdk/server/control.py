@@ -6,7 +6,7 @@ through ``collective_rpc``. It answers one entry per rank.
 
 The :class:`Controller` adds what every engine needs on top: which mode names are valid, the
 engine's identity (a per-process ``instance_id``), the ``run_id`` of the current recording and
-the number of its current ``window``, so a client can tell that an engine restarted, or that
+the number of its current ``window`` and who stopped it, so a client can tell that an engine restarted, or that
 another client restarted, dumped or stopped its run, between its start and its dump; merging several
 ranks into one dump; writing dump files, only into the configured directory and with SGLang's
 names; and "nothing recorded" as an error rather than an empty file.
@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..recorder import Recorder
 from ..schema import MODES, Dump, save_dump, sglang_file_name
+from .protocol import ANONYMOUS
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,8 @@ class DumpOutcome:
     """The run the window belongs to (a start may have begun another since)."""
     window: int | None = None
     """Which window of that run this is: 1 from the start, then one more per dump."""
+    stopped_by: str | None = None
+    """Who had stopped the run when the window was taken (``Controller.stopped_by``)."""
 
 
 def merge_ranks(dumps: list[Dump]) -> Dump:
@@ -147,7 +150,9 @@ class Controller:
         # the window). A client that started the run and gets window 2 at its first dump knows
         # another client took the first part.
         self.window: int | None = None
-        self._stopped = False  # a stop request came since the run's start
+        # The client of the first stop request since the run's start (ANONYMOUS: it named none);
+        # None while no stop came.
+        self.stopped_by: str | None = None
         self._runs = 0
         self._pending: DumpOutcome | None = None
         self._lock: asyncio.Lock | None = None
@@ -176,6 +181,7 @@ class Controller:
             "run_id": self.run_id,
             "run_started_at": self.run_started_at,
             "window": self.window,
+            "stopped_by": self.stopped_by,
         }
 
     @staticmethod
@@ -199,16 +205,19 @@ class Controller:
             self._runs += 1
             self.run_id = f"{self.instance_id}-{self._runs}"
             self.run_started_at = time.time()
-            self.window, self._stopped = 1, False
+            self.window, self.stopped_by = 1, None
             return self.run_id
 
-    async def stop(self) -> bool:
+    async def stop(self, client: str | None = None) -> bool:
         """Stop recording; what was recorded stays until the next dump or start. Returns whether
         an earlier stop request had already stopped this run (another client's, or a repeat):
-        a client that started the run learns that its window ended before its own stop."""
+        a client that started the run learns that its window ended before its own stop.
+        ``client``: the stopping client's id, kept as ``stopped_by`` by the run's first stop."""
         async with self._mutex():
             await self.backend.stop()
-            already, self._stopped = self._stopped, True
+            already = self.stopped_by is not None
+            if not already:
+                self.stopped_by = client or ANONYMOUS
             return already
 
     async def status(self) -> list[dict[str, Any]]:
@@ -245,7 +254,7 @@ class Controller:
                     merged = merge_ranks(dumps)
                 except Exception as e:  # noqa: BLE001 - ranks left inconsistent: their windows are taken
                     raise ControlError(500, "dump_merge_failed", await self._salvage(dumps, e)) from None
-                outcome = DumpOutcome(dumps=dumps, merged=merged, run_id=self.run_id, window=window)
+                outcome = DumpOutcome(dumps, merged, run_id=self.run_id, window=window, stopped_by=self.stopped_by)
             if write_files:
                 todo = [outcome.merged] if outcome.merged.mode == "stat" else outcome.dumps
                 try:

@@ -32,9 +32,11 @@ from ..errors import MoeRecordError, RecorderError
 from ..schema import FORMATS, Dump, encode
 from .control import Backend, ControlError, Controller, DumpOutcome
 from .protocol import (
+    CLIENT_ID_CHARS,
     DUMP_JSON,
     DUMP_PATH,
     DUMP_TEXT,
+    H_CLIENT,
     H_DUMP_DIR,
     H_FILES,
     H_FORMAT,
@@ -42,6 +44,7 @@ from .protocol import (
     H_MAX_BYTES,
     H_RANKS,
     H_RUN,
+    H_STOPPED_BY,
     H_WINDOW,
     MEDIA_TYPES,
     MSGPACK,
@@ -56,8 +59,8 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 
-#: (run id, window number): the window of a run an answer is about.
-Window = tuple[str | None, int | None]
+#: (run id, window number, stopped by): the window of a run an answer is about.
+Window = tuple[str | None, int | None, str | None]
 
 
 class Response(NamedTuple):
@@ -111,6 +114,17 @@ def _headers(raw: Mapping[str, str] | Iterable[tuple[Any, Any]] | None) -> dict[
         k = k.lower()
         out[k] = f"{out[k]}, {v}" if k in out else v
     return out
+
+
+def _client(h: dict[str, str]) -> str | None:
+    """The stopping client's id (``H_CLIENT``), checked: it is echoed to every client."""
+    raw = h.get(H_CLIENT)
+    if raw is None:
+        return None
+    client = raw.strip()
+    if not 0 < len(client) <= 128 or not CLIENT_ID_CHARS.issuperset(client):
+        raise ControlError(400, "bad_header", f"{H_CLIENT}: expected 1-128 of A-Z a-z 0-9 . _ : -, got {client[:40]!r}")
+    return client
 
 
 def _query(raw: str | bytes | Mapping[str, str] | None) -> dict[str, str]:
@@ -219,7 +233,7 @@ class ControlHandler:
         denied = check_bearer(h, self.api_key)
         if denied:  # a caller without the key learns nothing of this engine: not its identity, not its run
             resp = self.error(denied, h)
-            for name in (H_INSTANCE, H_RUN, H_WINDOW):
+            for name in (H_INSTANCE, H_RUN, H_WINDOW, H_STOPPED_BY):
                 resp.headers.pop(name, None)
             return resp
         if method.upper() not in route.methods:
@@ -267,7 +281,7 @@ class ControlHandler:
             if action == "start":
                 return await self._start(options, h)
             if action == "stop":
-                already = await self.controller.stop()
+                already = await self.controller.stop(_client(h))
                 return self._answer(h, "stop", STOP_TEXT, recording=False, already_stopped=already)
             if action == "dump":
                 return await self._dump(options, h)
@@ -322,7 +336,7 @@ class ControlHandler:
             return self._text(200, text, window)
         identity = self.controller.identity()
         if window is not None:
-            identity["run_id"], identity["window"] = window
+            identity["run_id"], identity["window"], identity["stopped_by"] = window
         doc = {"ok": True, "action": action, "message": text.strip(), **identity, **extra}
         return self._json(200, doc, window)
 
@@ -360,7 +374,7 @@ class ControlHandler:
         t1 = time.perf_counter()
         ctl = self.controller
         files = list(outcome.files)
-        window = (outcome.run_id, outcome.window)
+        window = (outcome.run_id, outcome.window, outcome.stopped_by)
         if ret == "file":
             return self._answer(
                 h, "dump", DUMP_TEXT, files=files, dump_dir=ctl.dump_dir, mode=outcome.merged.mode,
@@ -423,11 +437,13 @@ class ControlHandler:
         ctl = self.controller
         if self.enabled:  # disabled, "as if not installed": no answer names this instance or its run
             resp.headers[H_INSTANCE] = ctl.instance_id
-            run, number = window or (ctl.run_id, ctl.window)
+            run, number, stopped_by = window or (ctl.run_id, ctl.window, ctl.stopped_by)
             if run:
                 resp.headers[H_RUN] = run
                 if number is not None:
                     resp.headers[H_WINDOW] = str(number)
+                if stopped_by is not None:
+                    resp.headers[H_STOPPED_BY] = stopped_by
         resp.headers["content-length"] = str(len(resp.body))
         return resp
 

@@ -29,6 +29,14 @@ H_FORMAT = "x-moe-record-format"  # a dump in the body: its format
 H_FILES = "x-moe-record-files"  # files written by this dump: a JSON list of paths on the server
 H_DUMP_DIR = "x-moe-record-dump-dir"  # the server's dump directory, percent-encoded
 H_RANKS = "x-moe-record-ranks"  # how many ranks the dump in the body merges
+H_STOPPED_BY = "x-moe-record-stopped-by"  # once the run was stopped: the client that stopped it (H_CLIENT), or "*"
+#: Request header: who sends a stop, a client's own id (``CLIENT_ID_CHARS``, 1-128 of them), the same
+#: for all its requests of a run (retries too). Answers name the client of the stop that ended
+#: the run, so a client tells its own stop from another client's.
+H_CLIENT = "x-moe-record-client"
+CLIENT_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+#: ``H_STOPPED_BY`` for a stop that named no client.
+ANONYMOUS = "*"
 #: Request header: the largest dump answer the client takes, bytes. A larger one is answered
 #: 413 and the window kept, rather than sent to a client that would hang up on it.
 H_MAX_BYTES = "x-moe-record-max-bytes"

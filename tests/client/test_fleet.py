@@ -161,9 +161,69 @@ def test_another_stop_in_between_is_reported(engines, http_client):
         assert fleet.dump().ok
 
 
-def test_a_stop_sent_again_after_one_cut_short_is_not_another_clients(engines):
+def test_another_stop_is_reported_when_this_fleet_dumps_without_stopping(engines, http_client):
+    """No stop of this fleet's to find the run stopped: the dump's answer names who stopped it."""
+    rec, server = engines.ours()
+    with Fleet([server.url]) as fleet:
+        fleet.start()
+        before = feed(rec, seed=22)
+        http_client.post(server.url + "/stop_expert_distribution_record")
+        (polled,) = fleet.status().results
+        assert fleet._fleet.cut_into(polled) == "another client stopped the run: its dump will be partial"
+        result = fleet.dump()
+    (r,) = result.results
+    assert r.error_kind == "stopped_early" and "another client stopped" in r.error and result.merged is None
+    assert torch.equal(r.dump.total_count(), before)
+
+
+def test_another_stop_is_reported_when_this_fleets_stop_was_retried(engines, http_client):
+    """This fleet's stop answered 503 and retried finds the run stopped: by another client (it
+    used to be taken for the fleet's own first attempt), or by the fleet's own, which is no news."""
+    rec, server, flaky = engines.flaky("/stop_expert_distribution_record", n=1)
+    with Fleet([server.url], retries=2, backoff=0.01) as fleet:
+        fleet.start()
+        feed(rec, seed=23)
+        flaky.app, inner = _StopFirst(flaky.app), flaky.app  # another client's stop lands before the retry
+        (stopped,) = fleet.stop().results
+        flaky.app = inner
+        assert stopped.ok and stopped.attempts == 2 and "another client stopped" in stopped.note
+        assert fleet.dump()[0].error_kind == "stopped_early"
+    flaky.left = 1
+    with Fleet([server.url], retries=2, backoff=0.01) as fleet:
+        fleet.start()
+        expected = feed(rec, seed=24)
+        (stopped,) = fleet.stop().results
+        assert stopped.ok and stopped.attempts == 2 and stopped.note is None
+        result = fleet.dump()
+    assert result.ok and torch.equal(result.merged.total_count(), expected)
+
+
+class _StopFirst:
+    """Another client's stop, sent to the app just before the request it wraps."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            await self.app(scope | {"headers": [(b"accept", b"application/json")]}, _no_body, _drop)
+        await self.app(scope, receive, send)
+
+
+async def _no_body():
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _drop(message) -> None:
+    pass
+
+
+@pytest.mark.parametrize("another_stop_first", [False, True])
+def test_a_stop_sent_again_after_one_cut_short(engines, http_client, another_stop_first):
     """This fleet's stop, cancelled after it reached the engine, then sent again: the second finds
-    the run stopped by the first, which is not news (it used to fail the dump as stopped_early)."""
+    the run stopped by the first, which is not news (it used to fail the dump as stopped_early);
+    where another client had stopped the run first, it says so (it used to be taken for this
+    fleet's first)."""
 
     class SlowStop(LocalBackend):
         async def stop(self):
@@ -177,6 +237,8 @@ def test_a_stop_sent_again_after_one_cut_short_is_not_another_clients(engines):
     async def go():
         await fleet.start()
         expected = feed(rec, seed=14)
+        if another_stop_first:
+            await asyncio.to_thread(http_client.post, server.url + "/stop_expert_distribution_record")
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(fleet.stop(), 0.2)  # a Ctrl-C, say
         again = await fleet.stop()
@@ -185,8 +247,12 @@ def test_a_stop_sent_again_after_one_cut_short_is_not_another_clients(engines):
         return expected, again, result
 
     expected, again, result = asyncio.run(go())
-    assert again.ok and again[0].note is None
-    assert result.ok and torch.equal(result.merged.total_count(), expected)
+    if another_stop_first:
+        assert again.ok and "another client stopped" in again[0].note
+        assert result[0].error_kind == "stopped_early"
+    else:
+        assert again.ok and again[0].note is None
+        assert result.ok and torch.equal(result.merged.total_count(), expected)
 
 
 def test_dump_whose_client_timed_out_is_kept_for_the_next(engines):

@@ -475,3 +475,27 @@ def test_a_malformed_size_limit_is_refused_before_the_window_is_taken(serve, htt
         assert answer.status_code == 400 and answer.json()["error"]["code"] == "bad_header"
     whole = http.post(url + DUMP_PATH + "?return=bytes")
     assert whole.headers["x-moe-record-window"] == "1" and torch.equal(decode(whole.content).total_count(), expected)
+
+
+def test_answers_name_the_client_whose_stop_ended_the_run(serve, http):
+    """x-moe-record-client on a stop: the run's first stop is remembered, and every answer names
+    it (JSON stopped_by, the x-moe-record-stopped-by header), a dump's the one its window had."""
+    rec = make_recorder()
+    url = serve(rec, api_key="k").url
+    auth = {"authorization": "Bearer k", **JSON}
+    http.post(url + START_PATH, headers=auth)
+    assert http.get(url + STATUS_PATH, headers=auth).json()["stopped_by"] is None
+    bad = http.post(url + STOP_PATH, headers={"x-moe-record-client": "a b", **auth})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_header" and rec.recording
+    first = http.post(url + STOP_PATH, headers={"x-moe-record-client": "fleet-1", **auth})
+    assert first.json()["stopped_by"] == "fleet-1" and not first.json()["already_stopped"]
+    again = http.post(url + STOP_PATH, headers={"x-moe-record-client": "other", **auth})
+    assert again.json()["already_stopped"] and again.json()["stopped_by"] == "fleet-1"
+    dump = http.post(url + DUMP_PATH + "?return=bytes", headers={"authorization": "Bearer k"})
+    assert dump.headers["x-moe-record-stopped-by"] == "fleet-1"
+    assert "x-moe-record-stopped-by" not in http.get(url + STATUS_PATH).headers  # 401: nothing of the run
+    http.post(url + START_PATH, headers=auth)
+    status = http.get(url + STATUS_PATH, headers=auth)
+    assert status.json()["stopped_by"] is None and "x-moe-record-stopped-by" not in status.headers
+    anonymous = http.post(url + STOP_PATH, headers=auth)  # SGLang's clients name none
+    assert anonymous.json()["stopped_by"] == "*" and anonymous.headers["x-moe-record-stopped-by"] == "*"
