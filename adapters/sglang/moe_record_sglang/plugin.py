@@ -46,7 +46,7 @@ TARGET = "sglang.srt.eplb.expert_distribution.ExpertDistributionRecorder.init_ne
 RUNNER_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.forward"
 _TOP_K_NAMES = ("num_experts_per_tok", "moe_topk", "num_experts_per_token", "experts_per_token")
 
-_state: dict[str, Any] = {"original": None, "original_forward": None, "top_k": None}
+_state: dict[str, Any] = {"original": None, "original_forward": None, "top_k": None, "registered": False}
 
 
 def register() -> None:
@@ -59,11 +59,13 @@ def register() -> None:
 
     HookRegistry.register(TARGET, _around_init_new, HookType.AROUND)
     HookRegistry.register(RUNNER_TARGET, _around_runner_forward, HookType.AROUND)
+    _state["registered"] = True
 
 
 def install(top_k: int | None = None) -> None:
     """Wrap ``init_new`` and ``ModelRunner.forward`` directly, without ``load_plugins()``
-    (scripts, tests); idempotent.
+    (scripts, tests); idempotent. Where ``load_plugins()`` already registered the plugin, its
+    hooks serve and only ``top_k`` is taken (wrapped twice, each call would run, and log, twice).
 
     ``top_k``: routed experts per token, when the model config cannot say (default: read from
     the served model's config).
@@ -72,6 +74,8 @@ def install(top_k: int | None = None) -> None:
     from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder
 
     _state["top_k"] = top_k
+    if _state["registered"]:
+        return
     if _state["original"] is None:
         original = ExpertDistributionRecorder.__dict__["init_new"].__func__
         _state["original"] = original

@@ -11,10 +11,10 @@ import torch
 from moe_record_sdk.errors import AdapterError
 
 
-def test_load_plugins_runs_ours_and_wraps_init_new(sglang_config, model_dir, monkeypatch):
+def test_load_plugins_runs_ours_and_wraps_init_new(sglang_config, model_dir, monkeypatch, caplog):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
-    from moe_record_sglang import SGLangRecorder
-    from moe_record_sglang.plugin import RUNNER_TARGET, TARGET
+    from moe_record_sglang import SGLangRecorder, install
+    from moe_record_sglang.plugin import RUNNER_TARGET, TARGET, _state
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.eplb.expert_distribution import ExpertDistributionRecorder, _ExpertDistributionRecorderReal
     from sglang.srt.eplb.expert_location import ExpertLocationMetadata
@@ -29,16 +29,21 @@ def test_load_plugins_runs_ours_and_wraps_init_new(sglang_config, model_dir, mon
         assert TARGET in HookRegistry._patched and RUNNER_TARGET in HookRegistry._patched
         assert ModelRunner.__dict__["forward"] is not original_forward  # draft passes told apart
         assert ExpertDistributionRecorder.__dict__["init_new"] is not original
+        hooked = ExpertDistributionRecorder.__dict__["init_new"]
         with sglang_config("per_pass"):
             meta = ExpertLocationMetadata.init_trivial(ModelConfig(model_path=model_dir), moe_ep_rank=0)
             rec = ExpertDistributionRecorder.init_new(meta, rank=0)  # as ModelRunner calls it
             assert isinstance(rec, SGLangRecorder)
             assert rec.recorder.top_k == 2 and rec.recorder.num_layers == 4 and rec.recorder.mode == "per_pass"
             assert rec.recorder.mapping is None  # trivial placement: physical == logical
+        # A script's install() beside the loaded plugin wraps nothing more: one wrap, one warning.
+        install()
+        assert ExpertDistributionRecorder.__dict__["init_new"] is hooked
         # stat_approx counts DeepEP dispatch: SGLang's own recorder stays, and without DeepEP
         # answers as it always does.
-        with sglang_config("stat_approx"), pytest.raises(NotImplementedError):
+        with caplog.at_level(logging.WARNING), sglang_config("stat_approx"), pytest.raises(NotImplementedError):
             ExpertDistributionRecorder.init_new(meta, rank=0)
+        assert sum("stays in charge" in r.getMessage() for r in caplog.records) == 1
         with sglang_config(None):  # recording off: SGLang's no-op recorder
             assert not isinstance(ExpertDistributionRecorder.init_new(meta, rank=0), SGLangRecorder)
         with sglang_config("stat", expert_balancedness_report_mode="server_log"):
@@ -53,6 +58,7 @@ def test_load_plugins_runs_ours_and_wraps_init_new(sglang_config, model_dir, mon
         type.__setattr__(ExpertDistributionRecorder, "init_new", original)
         type.__setattr__(ModelRunner, "forward", original_forward)
         HookRegistry.reset()
+        _state["registered"] = False
 
 
 def test_sglang_plugins_whitelist(monkeypatch):
