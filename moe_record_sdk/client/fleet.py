@@ -35,6 +35,7 @@ from ..server.protocol import (
     H_FORMAT,
     H_INSTANCE,
     H_MAX_BYTES,
+    H_RESEND,
     H_RUN,
     H_STOPPED_BY,
     H_WINDOW,
@@ -119,7 +120,9 @@ class AsyncFleet:
         and the whole answer); for a dump, the connect and each wait for the answer's next
         bytes, since moving a large window takes as long as it takes while bytes flow.
     retries:
-        Extra attempts after a failure that is safe to retry (see ``IDEMPOTENT``).
+        Extra attempts after a failure that is safe to retry (see ``IDEMPOTENT``; and a dump of
+        this fleet's run after a dropped connection or a 502/503/504: it names the window it asks
+        for, which the engine sends again if it had answered it already).
     transport:
         An ``httpx.AsyncBaseTransport`` (e.g. ``httpx.ASGITransport(app)``) instead of the network.
     max_concurrency:
@@ -217,7 +220,7 @@ class AsyncFleet:
     async def start(self, mode: str | None = None) -> FleetResult:
         """Clear and start recording everywhere (``mode``: ``stat``, ``per_pass``, ``per_token``)."""
         params = {"mode": mode} if mode else None
-        result = await self._fan_out("start", params, "application/json, text/plain;q=0.5")
+        result = await self._fan_out("start", self._calls_for("start", params, "application/json, text/plain;q=0.5"))
         self._same_as = {}
         for r in result:
             self._runs[r.engine] = _Run(r.instance_id, r.run_id, r.window) if r.ok else None
@@ -253,7 +256,7 @@ class AsyncFleet:
         first = {e for e, run in self._runs.items() if run is not None and not run.stop_sent}
         for e in first:
             self._runs[e].stop_sent = True  # type: ignore[union-attr]
-        result = await self._fan_out("stop", None, "application/json, text/plain;q=0.5")
+        result = await self._fan_out("stop", self._calls_for("stop", None, "application/json, text/plain;q=0.5"))
         for r in result:
             run = self._runs.get(r.engine)
             if run is None or not r.ok:
@@ -274,7 +277,7 @@ class AsyncFleet:
 
         ``timeout``: this call's own, shorter one (a progress poll must not outlast its interval).
         """
-        return await self._fan_out("status", None, "application/json", timeout)
+        return await self._fan_out("status", self._calls_for("status", None, "application/json", timeout))
 
     async def dump(
         self, *, collect: bool = True, keep_files: bool = False, format: str = "msgpack", merge: bool = True
@@ -283,7 +286,9 @@ class AsyncFleet:
 
         ``collect=False`` asks only for SGLang's files on each engine's disk. ``keep_files``
         also writes them when collecting. An engine restarted since this fleet's ``start`` (or
-        restarted by another client) is reported as failed and left out of the merge.
+        restarted by another client) is reported as failed and left out of the merge. Where a
+        dump of this run failed after the engine took its window (the answer lost on the way),
+        the next dump gets that window again (``x-moe-record-resend``).
         """
         if format not in FORMATS:
             raise ValueError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
@@ -294,7 +299,10 @@ class AsyncFleet:
             accept = f"{MSGPACK if format == 'msgpack' else DUMP_JSON if format == 'json' else PT}, application/json;q=0.9, text/plain;q=0.5"
         else:
             params, accept = None, "application/json, text/plain;q=0.5"
-        result = await self._fan_out("dump", params, accept)
+        # The window each engine owes this run: one this fleet was answered before, lost on the
+        # way (a retry, or this fleet's next dump), is sent again instead of a new one taken.
+        resend = {e: {H_RESEND: str(run.window)} for e, run in self._runs.items() if run is not None and run.window}
+        result = await self._fan_out("dump", self._calls_for("dump", params, accept, per_engine=resend))
         for r in result:
             self._check_run(r)
         if merge:
@@ -364,11 +372,9 @@ class AsyncFleet:
             r.ok, r.error_kind = False, "stopped_early"
             r.error = f"{run.cut_short}: the dump is partial"
 
-    async def _fan_out(
-        self, action: str, params: dict[str, str] | None, accept: str, timeout: float | None = None
-    ) -> FleetResult:
+    async def _fan_out(self, action: str, calls: list[_Call]) -> FleetResult:
+        """``calls`` (one per engine, ``_calls_for``) sent together; each engine's outcome."""
         t0 = time.perf_counter()
-        calls = self._calls_for(action, params, accept, timeout)
         results: list[EngineResult | None] = [None] * len(calls)
         # Where this fleet's start failed, a stop or dump would end, or take and clear, a
         # recording that is not this run's (another client's): such engines are left as they are.
@@ -455,13 +461,21 @@ class AsyncFleet:
             return await self._attempts(engine, action, call)
 
     def _calls_for(
-        self, action: str, params: dict[str, str] | None, accept: str, timeout: float | None = None
+        self,
+        action: str,
+        params: dict[str, str] | None,
+        accept: str,
+        timeout: float | None = None,
+        per_engine: Mapping[str, Mapping[str, str]] | None = None,
     ) -> list[_Call]:
-        """Each engine's request for this kind of call (built at its first use, then reused)."""
+        """Each engine's request for this kind of call (built at its first use, then reused;
+        with ``per_engine`` headers, built for this call only)."""
         key = (action, tuple(sorted(params.items())) if params else (), accept, timeout)
-        calls = self._calls.get(key)
+        calls = None if per_engine else self._calls.get(key)
         if calls is None:
-            calls = self._calls[key] = []
+            calls = []
+            if not per_engine:
+                self._calls[key] = calls
             limit = self.timeout if timeout is None else timeout
             extensions: dict[str, Any] = {"timeout": httpx.Timeout(limit).as_dict()}
             if action == "dump":
@@ -469,7 +483,7 @@ class AsyncFleet:
             else:  # a control answer is small: the time limit holds for all of it (_http.py)
                 extensions["deadline"], extensions["max_body"] = limit, _CONTROL_MAX_BODY
             for engine in self.engines:
-                headers = {**self._headers, "accept": accept}
+                headers = {**self._headers, "accept": accept, **(per_engine or {}).get(engine, {})}
                 if action == "dump":  # our engines then answer 413 and keep the window, rather than lose it
                     headers[H_MAX_BYTES] = str(self.max_dump_bytes)
                 token = self._keys.get(engine)
@@ -517,6 +531,9 @@ class AsyncFleet:
     ) -> EngineResult:
         """The call with its retries; ``first``: the first attempt's outcome, when already sent."""
         t0 = time.perf_counter() if t0 is None else t0
+        # A dump that names the window it asks for (H_RESEND) is safe to send again: if the
+        # engine took that window and its answer was lost, it sends the same window again.
+        resends = action == "dump" and H_RESEND in call.request.headers
         attempt = 0
         while True:
             attempt += 1
@@ -529,7 +546,7 @@ class AsyncFleet:
                         raise answer
             except httpx.HTTPError as e:
                 kind, message, retry = _transport_failure(e, action, call.request.extensions["timeout"]["read"])
-                if retry and attempt <= self.retries:
+                if (retry or (resends and kind == "connection")) and attempt <= self.retries:
                     await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
                     continue
                 return EngineResult(
@@ -541,7 +558,7 @@ class AsyncFleet:
                     error=message,
                     error_kind=kind,
                 )
-            if answer.status in _RETRY_STATUS and action in IDEMPOTENT and attempt <= self.retries:
+            if answer.status in _RETRY_STATUS and (action in IDEMPOTENT or resends) and attempt <= self.retries:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
                 continue
             result = await _interpret(engine, action, answer)
@@ -573,8 +590,9 @@ def _transport_failure(e: httpx.HTTPError, action: str, timeout: float) -> tuple
         message = f"no answer within {timeout:g} s ({type(e).__name__})"
         if action == "dump":
             message += (
-                "; the engine may have taken the window: ours keep it for the next dump when the answer had "
-                "not begun (dump again, with a longer timeout), and it is in their dump folder where files were asked for"
+                "; the engine may have taken the window: ours keep it for this fleet's next dump (and for any "
+                "client's when the answer had not begun): dump again, with a longer timeout; it is in their dump "
+                "folder where files were asked for"
             )
         return "timeout", message, False
     return "connection", f"connection failed: {type(e).__name__}: {e}", action in IDEMPOTENT

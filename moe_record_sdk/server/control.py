@@ -105,6 +105,8 @@ class DumpOutcome:
     """Which window of that run this is: 1 from the start, then one more per dump."""
     stopped_by: str | None = None
     """Who had stopped the run when the window was taken (``Controller.stopped_by``)."""
+    client: str | None = None
+    """The client whose dump took the window (``H_CLIENT``), to whom it may be sent again."""
 
 
 def merge_ranks(dumps: list[Dump]) -> Dump:
@@ -155,6 +157,9 @@ class Controller:
         self.stopped_by: str | None = None
         self._runs = 0
         self._pending: DumpOutcome | None = None
+        # The last window whose answer went out, until the next take or start: its client may not
+        # have got it (an answer cut off on the way), and asks for it again by number (resend).
+        self._sent: DumpOutcome | None = None
         self._lock: asyncio.Lock | None = None
         self._delivery: asyncio.Lock | None = None
 
@@ -202,6 +207,7 @@ class Controller:
             if self._pending is not None:
                 log.warning("start: the window kept since a failed dump (run %s) is cleared", self._pending.run_id)
                 self._pending = None
+            self._sent = None
             self._runs += 1
             self.run_id = f"{self.instance_id}-{self._runs}"
             self.run_started_at = time.time()
@@ -224,8 +230,14 @@ class Controller:
         """Each rank's status."""
         return await self.backend.status()
 
-    async def dump(self, *, write_files: bool = True) -> DumpOutcome:
+    async def dump(
+        self, *, write_files: bool = True, client: str | None = None, resend: int | None = None
+    ) -> DumpOutcome:
         """Collect the window from every rank, merge the ranks, optionally write SGLang's files.
+
+        ``client`` asking for window number ``resend`` again: when the last window answered
+        (``sent``) is that one, answered to that client, it is given again instead of a new one
+        being taken (that answer did not arrive). Otherwise these change nothing.
 
         Raises ``ControlError(409)`` when nothing was ever recorded. Once collected, the window
         is not dropped (the recorders have already started a new one): if writing fails
@@ -237,7 +249,10 @@ class Controller:
         async with self._mutex():
             outcome = self._pending
             self._pending = None
+            if outcome is None and self._resends(client, resend):
+                outcome = self._sent
             if outcome is None:
+                self._sent = None  # a new window is taken: the last one's client moved on
                 if self.run_id is None:
                     ranks = await self.backend.status()
                     if not any(s.get("recording") or s.get("passes") or s.get("tokens") for s in ranks):
@@ -254,8 +269,10 @@ class Controller:
                     merged = merge_ranks(dumps)
                 except Exception as e:  # noqa: BLE001 - ranks left inconsistent: their windows are taken
                     raise ControlError(500, "dump_merge_failed", await self._salvage(dumps, e)) from None
-                outcome = DumpOutcome(dumps, merged, run_id=self.run_id, window=window, stopped_by=self.stopped_by)
-            if write_files:
+                outcome = DumpOutcome(
+                    dumps, merged, run_id=self.run_id, window=window, stopped_by=self.stopped_by, client=client
+                )
+            if write_files and not outcome.files:  # a window sent again keeps the files it has
                 todo = [outcome.merged] if outcome.merged.mode == "stat" else outcome.dumps
                 try:
                     outcome.files = await asyncio.to_thread(self._write, todo)
@@ -270,9 +287,24 @@ class Controller:
                     ) from None
             return outcome
 
+    def _resends(self, client: str | None, number: int | None) -> bool:
+        sent = self._sent
+        return (
+            sent is not None
+            and client is not None
+            and (sent.client, sent.window, sent.run_id) == (client, number, self.run_id)
+        )
+
+    def sent(self, outcome: DumpOutcome) -> None:
+        """``outcome``'s answer is on its way: kept until the next take or start, so its client can
+        ask for it again (``dump(client=, resend=)``) should the answer not arrive."""
+        self._sent = outcome
+
     def keep(self, outcome: DumpOutcome) -> None:
         """Keep a collected window that could not be delivered, for the next dump; unless a start
         came since, which clears a kept window (its caller moved on to a new run)."""
+        if self._sent is outcome:
+            self._sent = None  # kept for anyone's next dump: not to be sent twice
         if outcome.run_id != self.run_id:
             log.warning(
                 "dump: run %s's window was not delivered, and a start came since: it is dropped", outcome.run_id

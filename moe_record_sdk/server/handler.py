@@ -43,6 +43,7 @@ from .protocol import (
     H_INSTANCE,
     H_MAX_BYTES,
     H_RANKS,
+    H_RESEND,
     H_RUN,
     H_STOPPED_BY,
     H_WINDOW,
@@ -114,6 +115,16 @@ def _headers(raw: Mapping[str, str] | Iterable[tuple[Any, Any]] | None) -> dict[
         k = k.lower()
         out[k] = f"{out[k]}, {v}" if k in out else v
     return out
+
+
+def _number(h: dict[str, str], name: str, what: str) -> int | None:
+    """A header's whole number (None when absent), refused with a 400 when malformed."""
+    raw = h.get(name, "").strip()
+    if not raw:
+        return None
+    if not (raw.isdecimal() and len(raw) <= 20):
+        raise ControlError(400, "bad_header", f"{name}: expected {what}, got {raw[:40]!r}")
+    return int(raw)
 
 
 def _client(h: dict[str, str]) -> str | None:
@@ -346,18 +357,20 @@ class ControlHandler:
             raise ControlError(400, "bad_option", f"return: {ret!r} is not one of {', '.join(RETURNS)}")
         if fmt is not None and fmt not in FORMATS:
             raise ControlError(400, "bad_option", f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
-        raw_limit = h.get(H_MAX_BYTES, "").strip()
-        if raw_limit and not (raw_limit.isdecimal() and len(raw_limit) <= 20):
-            raise ControlError(400, "bad_header", f"{H_MAX_BYTES}: expected a number of bytes, got {raw_limit[:40]!r}")
+        limit = _number(h, H_MAX_BYTES, "a number of bytes")
+        resend = _number(h, H_RESEND, "a window number")
+        client = _client(h)
         asked = _dump_format_accepted(h)
         if ret is None:
             ret = "bytes" if (fmt or asked) else "file"
         fmt = fmt or asked or "msgpack"
         t0 = time.perf_counter()
-        outcome = await self.controller.dump(write_files=ret != "bytes")
+        outcome = await self.controller.dump(write_files=ret != "bytes", client=client, resend=resend)
         # The window is taken: from here a failure keeps it for the next dump (or names its files).
         try:
-            return await self._deliver(outcome, ret, fmt, int(raw_limit) if raw_limit else None, h, t0)
+            resp = await self._deliver(outcome, ret, fmt, limit, h, t0)
+            self.controller.sent(outcome)
+            return resp
         except ControlError as e:
             if outcome.files:  # the files hold the window: say which, as a dump's answer does
                 e.headers[H_FILES] = json.dumps(outcome.files)

@@ -37,6 +37,11 @@ H_CLIENT = "x-moe-record-client"
 CLIENT_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 #: ``H_STOPPED_BY`` for a stop that named no client.
 ANONYMOUS = "*"
+#: Request header of a dump: a window number the client asks for again, its answer having not
+#: arrived. The engine keeps the last window it answered, with the client it answered (H_CLIENT),
+#: until the next dump takes one or a start: the same client naming that window gets it again,
+#: and otherwise the header changes nothing (the dump takes the current window).
+H_RESEND = "x-moe-record-resend"
 #: Request header: the largest dump answer the client takes, bytes. A larger one is answered
 #: 413 and the window kept, rather than sent to a client that would hang up on it.
 H_MAX_BYTES = "x-moe-record-max-bytes"

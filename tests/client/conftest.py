@@ -1,4 +1,5 @@
-"""Engines for the fleet tests: ours, a stock-SGLang-like one, a dead one, a slow one, a flaky one."""
+"""Engines for the fleet tests: ours, a stock-SGLang-like one, a dead one, a slow one, a flaky one,
+one whose answers are cut on the way."""
 
 from __future__ import annotations
 
@@ -51,6 +52,32 @@ class Flaky:
         await self.app(scope, receive, send)
 
 
+class CutAnswer:
+    """Fault injection: the first ``n`` answers on ``path`` stop after their headers and a few
+    bytes of body, as a connection dropped on the way does; the app below sees its answer sent."""
+
+    def __init__(self, app: Any, path: str, n: int) -> None:
+        self.app, self.path, self.left = app, path, n
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path or self.left <= 0:
+            await self.app(scope, receive, send)
+            return
+        self.left -= 1
+        started = False
+
+        async def cut(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.body":
+                if not started:  # the rest never leaves: the server closes the connection
+                    await send({"type": "http.response.body", "body": message["body"][:64], "more_body": True})
+                    started = True
+                return
+            await send(message)
+
+        await self.app(scope, receive, cut)
+
+
 class Engines:
     def __init__(self, tmp_path: Any) -> None:
         self.tmp_path = tmp_path
@@ -84,6 +111,11 @@ class Engines:
     def flaky(self, path: str, n: int) -> tuple[Recorder, ServerThread, Flaky]:
         rec = make_recorder()
         app = Flaky(make_app(LocalBackend(rec), dump_dir=self.dir()), path, n)
+        return rec, self._serve(app), app
+
+    def cut(self, path: str, n: int, recorder: Recorder | None = None) -> tuple[Recorder, ServerThread, CutAnswer]:
+        rec = recorder or make_recorder()
+        app = CutAnswer(make_app(LocalBackend(rec), dump_dir=self.dir()), path, n)
         return rec, self._serve(app), app
 
     @staticmethod

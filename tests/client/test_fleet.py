@@ -255,6 +255,35 @@ def test_a_stop_sent_again_after_one_cut_short(engines, http_client, another_sto
         assert result.ok and torch.equal(result.merged.total_count(), expected)
 
 
+def test_a_dump_answer_cut_on_the_way_is_sent_again_not_lost(engines):
+    """The engine sent the whole answer, which never arrived whole (a dropped connection): the
+    fleet asks for the same window again, and gets it, instead of losing it (a dump was never
+    retried: a second one took the next, empty window)."""
+    rec, server, cut = engines.cut("/dump_expert_distribution_record", n=1)
+    with Fleet([server.url], retries=1, backoff=0.01) as fleet:
+        fleet.start()
+        expected = feed(rec, seed=26)
+        result = fleet.dump()
+        assert cut.left == 0 and result.ok and result[0].attempts == 2 and result[0].window == 1
+        assert torch.equal(result.merged.total_count(), expected)
+        later = feed(rec, seed=27)  # what the run records next: the resend took no window of its own
+        fleet.stop()
+        again = fleet.dump()
+    assert again.ok and again[0].window == 2 and torch.equal(again.merged.total_count(), later)
+
+
+def test_a_dump_cut_on_the_way_with_no_retry_left_is_sent_by_the_next(engines):
+    """No retry left: the dump fails, and this fleet's next dump gets that window."""
+    rec, server, cut = engines.cut("/dump_expert_distribution_record", n=1)
+    with Fleet([server.url], retries=0) as fleet:
+        fleet.start()
+        expected = feed(rec, seed=28)
+        (failed,) = fleet.dump().results
+        assert failed.error_kind == "connection"
+        result = fleet.dump()
+    assert result.ok and result[0].window == 1 and torch.equal(result.merged.total_count(), expected)
+
+
 def test_dump_whose_client_timed_out_is_kept_for_the_next(engines):
     """The engine finishes a dump after its client gave up: the window goes back to the engine,
     and the next dump delivers it whole, as the window this fleet's start began."""

@@ -499,3 +499,33 @@ def test_answers_name_the_client_whose_stop_ended_the_run(serve, http):
     assert status.json()["stopped_by"] is None and "x-moe-record-stopped-by" not in status.headers
     anonymous = http.post(url + STOP_PATH, headers=auth)  # SGLang's clients name none
     assert anonymous.json()["stopped_by"] == "*" and anonymous.headers["x-moe-record-stopped-by"] == "*"
+
+
+def test_a_window_is_sent_again_only_to_the_client_it_was_answered_to(serve, http):
+    """x-moe-record-resend: the last window answered is kept until the next take or start, and
+    sent again to its own client; anyone else's dump takes the next window as before."""
+    rec = make_recorder()
+    url = serve(rec).url
+    a, b = {"x-moe-record-client": "a"}, {"x-moe-record-client": "b"}
+
+    def dump(headers: dict[str, str]) -> tuple[str, torch.Tensor]:
+        r = http.post(url + DUMP_PATH + "?return=bytes", headers=headers)
+        assert r.status_code == 200, r.text
+        return r.headers["x-moe-record-window"], decode(r.content).total_count()
+
+    http.post(url + START_PATH)
+    first = feed(rec, seed=40)
+    assert dump(a)[0] == "1"
+    again = dump({**a, "x-moe-record-resend": "1"})
+    assert again[0] == "1" and torch.equal(again[1], first)
+    bad = http.post(url + DUMP_PATH, headers={**a, **JSON, "x-moe-record-resend": "one"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_header"
+    second = feed(rec, seed=41)
+    theirs = dump({**b, "x-moe-record-resend": "1"})  # not b's window: the next one is taken
+    assert theirs[0] == "2" and torch.equal(theirs[1], second)
+    window, counts = dump({**a, "x-moe-record-resend": "1"})  # no longer held: a new take
+    assert window == "3" and counts.sum() == 0
+    http.post(url + START_PATH)
+    feed(rec, seed=42)
+    window, _ = dump({**a, "x-moe-record-resend": "3"})  # a start let it go
+    assert window == "1"
