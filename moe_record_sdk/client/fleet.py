@@ -125,6 +125,10 @@ class AsyncFleet:
         for, which the engine sends again if it had answered it already).
     transport:
         An ``httpx.AsyncBaseTransport`` (e.g. ``httpx.ASGITransport(app)``) instead of the network.
+    headers:
+        Sent with every request. An ``x-moe-record-client`` among them is this fleet's
+        ``client_id`` (default: a random one), by which engines tell its stops and dumps from
+        other clients'.
     max_concurrency:
         At most this many requests in flight (default: one per engine).
     max_dump_bytes:
@@ -190,8 +194,9 @@ class AsyncFleet:
         # This fleet's id, sent with every request: an engine names the client whose stop ended
         # a run (stopped_by), so this fleet tells its own stop (retried, or sent again after one
         # cut short) from another client's.
-        self.client_id = uuid.uuid4().hex[:16]
-        self._headers = {"user-agent": f"moe-record-sdk/{__version__}", H_CLIENT: self.client_id, **dict(headers or {})}
+        given = {k.lower(): v for k, v in (headers or {}).items()}
+        self.client_id = given.get(H_CLIENT) or uuid.uuid4().hex[:16]  # one given in headers= is used as is
+        self._headers = {"user-agent": f"moe-record-sdk/{__version__}", **given, H_CLIENT: self.client_id}
         self._calls: dict[tuple[Any, ...], list[_Call]] = {}
         self.max_concurrency = max_concurrency
         # The cap, made for each event loop the fleet is used in (_call): a semaphore binds to one.
@@ -770,6 +775,11 @@ class Fleet:
     def cut_short(self) -> FleetResult | None:
         """See :attr:`AsyncFleet.cut_short`."""
         return self._fleet.cut_short
+
+    @property
+    def client_id(self) -> str:
+        """See :attr:`AsyncFleet.client_id`."""
+        return self._fleet.client_id
 
     def cut_into(self, status: EngineResult) -> str | None:
         """See :meth:`AsyncFleet.cut_into`."""

@@ -198,6 +198,19 @@ def test_another_stop_is_reported_when_this_fleets_stop_was_retried(engines, htt
     assert result.ok and torch.equal(result.merged.total_count(), expected)
 
 
+def test_a_client_id_given_in_headers_is_the_fleets_own(engines):
+    """headers={"X-MoE-Record-Client": ...} names the fleet: its own stop is no other client's."""
+    rec, server = engines.ours()
+    with Fleet([server.url], headers={"X-MoE-Record-Client": "planner-7"}) as fleet:
+        assert fleet.client_id == "planner-7"
+        fleet.start()
+        expected = feed(rec, seed=29)
+        (stopped,) = fleet.stop().results
+        assert stopped.stopped_by == "planner-7" and stopped.note is None
+        result = fleet.dump()
+    assert result.ok and torch.equal(result.merged.total_count(), expected)
+
+
 class _StopFirst:
     """Another client's stop, sent to the app just before the request it wraps."""
 
