@@ -270,6 +270,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(result_json(result, saved), sys.stdout, indent=2)
         print()
+        for hint in filter(None, map(_too_large_hint, result)):
+            print(hint, file=sys.stderr)
     else:
         print_result(result, saved)
     return 0 if result.ok and in_place else 1
@@ -283,7 +285,8 @@ def result_json(result: Any, saved: dict[str, str] | None = None) -> dict[str, A
         doc = {
             "engine": r.engine, "ok": r.ok, "status_code": r.status_code, "elapsed_s": round(r.elapsed, 6),
             "attempts": r.attempts, "error": r.error, "error_kind": r.error_kind, "flavor": r.flavor,
-            "instance_id": r.instance_id, "run_id": r.run_id, "location": r.location, "files": r.files,
+            "instance_id": r.instance_id, "run_id": r.run_id, "window": r.window, "stopped_by": r.stopped_by,
+            "location": r.location, "files": r.files,
             "note": r.note, "saved": saved.get(r.engine),
         }  # fmt: skip
         if r.info is not None:
@@ -299,6 +302,17 @@ def result_json(result: Any, saved: dict[str, str] | None = None) -> dict[str, A
         "action": result.action, "ok": result.ok, "elapsed_s": round(result.elapsed, 6), "engines": engines,
         "merged": saved.get("merged"), "merge_error": result.merge_error,
     }  # fmt: skip
+
+
+def _too_large_hint(r: Any) -> str | None:
+    """How to dump anyway a window the engine kept after a 413: this CLI's limit is the machine's
+    memory, so a larger one is no option here."""
+    if r.error_kind != "too_large" or r.status_code != 413 or r.files:
+        return None
+    return (
+        f"  {r.engine} kept its window: `moe-record dump --engine {r.engine}` (and your key option) without --out "
+        "writes it into the engine's dump folder"
+    )
 
 
 def print_result(result: Any, saved: dict[str, str] | None = None, echo: Callable[[str], Any] = print) -> None:
@@ -318,12 +332,9 @@ def print_result(result: Any, saved: dict[str, str] | None = None, echo: Callabl
         if r.engine in saved:
             line += f" -> {saved[r.engine]}"
         echo(line)
-        if r.error_kind == "too_large" and r.status_code == 413 and not r.files:
-            # This client's limit is the machine's memory: a larger one is no option here.
-            echo(
-                f"  {r.engine} kept its window: `moe-record dump --engine {r.engine}` without --out "
-                "writes it into the engine's dump folder"
-            )
+        hint = _too_large_hint(r)
+        if hint:
+            echo(hint)
     if "merged" in saved:
         echo(f"merged -> {saved['merged']}")
     if result.merge_error:

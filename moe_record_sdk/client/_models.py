@@ -58,6 +58,8 @@ class EngineResult:
     stopped_by: str | None = None
     """The client whose stop ended the run (its ``client_id``; ``*``: one that named none), as
     the answer says; None while the run records, or where the engine does not say."""
+    resent: bool = False
+    """A dump's window sent again (its first answer did not arrive: ``x-moe-record-resend``)."""
     info: dict[str, Any] | None = None
     """The JSON answer of our endpoints (status, identity, files...)."""
     dump: Dump | None = field(default=None, repr=False)  # tensors: describe() says what it holds

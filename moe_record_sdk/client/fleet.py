@@ -36,6 +36,7 @@ from ..server.protocol import (
     H_INSTANCE,
     H_MAX_BYTES,
     H_RESEND,
+    H_RESENT,
     H_RUN,
     H_STOPPED_BY,
     H_WINDOW,
@@ -43,6 +44,7 @@ from ..server.protocol import (
     PATHS,
     PT,
     TEXTS,
+    check_client_id,
 )
 from ._http import Answer, BodyTooLarge, Http11Transport, Prepared, check_body_size
 from ._models import IN_RESPONSE, ON_SERVER, EngineResult, FleetResult
@@ -58,6 +60,8 @@ T = TypeVar("T")
 IDEMPOTENT = frozenset({"status", "start", "stop"})
 _RETRY_STATUS = (502, 503, 504)
 _INLINE_DECODE = 1 << 20
+# A dump's failures after which the engine may hold this fleet's window (sent again on request).
+_MAY_HAVE_TAKEN = frozenset({"connection", "timeout", "interrupted", "bad_dump", "protocol"})
 _CONTROL_MAX_BODY = 16 << 20  # start/stop/status answers are a few hundred bytes; a dump is limited by max_dump_bytes
 _SGLANG_DIR_HINT = "in the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR (SGLang's default: /tmp)"
 
@@ -70,6 +74,9 @@ class _Run:
         self.window = window  # the window the next dump should deliver (None: the engine does not say)
         self.stop_sent = False  # this fleet sent a stop there
         self.cut_short: str | None = None  # why the window ended before this fleet's stop
+        # This fleet's last dump there got no answer (or none it could read): the engine may
+        # have taken the window, which it keeps for this fleet's next dump (H_RESEND).
+        self.unanswered = False
 
 
 class _Call(NamedTuple):
@@ -195,7 +202,7 @@ class AsyncFleet:
         # a run (stopped_by), so this fleet tells its own stop (retried, or sent again after one
         # cut short) from another client's.
         given = {k.lower(): v for k, v in (headers or {}).items()}
-        self.client_id = given.get(H_CLIENT) or uuid.uuid4().hex[:16]  # one given in headers= is used as is
+        self.client_id = check_client_id(given[H_CLIENT]) if H_CLIENT in given else uuid.uuid4().hex[:16]
         self._headers = {"user-agent": f"moe-record-sdk/{__version__}", **given, H_CLIENT: self.client_id}
         self._calls: dict[tuple[Any, ...], list[_Call]] = {}
         self.max_concurrency = max_concurrency
@@ -307,7 +314,12 @@ class AsyncFleet:
         # The window each engine owes this run: one this fleet was answered before, lost on the
         # way (a retry, or this fleet's next dump), is sent again instead of a new one taken.
         resend = {e: {H_RESEND: str(run.window)} for e, run in self._runs.items() if run is not None and run.window}
-        result = await self._fan_out("dump", self._calls_for("dump", params, accept, per_engine=resend))
+        try:
+            result = await self._fan_out("dump", self._calls_for("dump", params, accept, per_engine=resend))
+        except BaseException:  # cut short: the windows that did arrive are this fleet's, not to be sent again
+            for r in self.cut_short or ():
+                self._check_run(r)
+            raise
         for r in result:
             self._check_run(r)
         if merge:
@@ -338,7 +350,10 @@ class AsyncFleet:
             "stopped_by" not in info and info.get("recording") is False and not run.stop_sent
         ):
             return "another client stopped the run: its dump will be partial"
-        if run.window and info.get("window") not in (None, run.window):
+        window = info.get("window")
+        # After a dump of this fleet's that got no answer, the engine may be a window further on:
+        # the one it keeps for this fleet.
+        if run.window and window not in (None, run.window) and not (run.unanswered and window == run.window + 1):
             return "another client's dump took part of the run: its dump will be partial"
         return None
 
@@ -359,12 +374,22 @@ class AsyncFleet:
         if not r.ok:
             if r.files and r.window is not None:  # the window went into the engine's files: it moved on
                 run.window = r.window
+            elif r.error_kind in _MAY_HAVE_TAKEN and run.window:
+                run.unanswered = True
+                if r.error_kind == "bad_dump":
+                    r.error += "; the engine keeps this window for this fleet's next dump (another format may decode)"
             return
         if run.run and r.run_id and run.run != r.run_id:
             r.ok, r.error_kind = False, "run_changed"
             r.error = f"recording restarted by another start since this fleet's (run {run.run} -> {r.run_id}): the dump is partial"
             return
         expected, run.window = run.window, (r.window + 1 if r.window is not None else None)
+        if run.unanswered and r.window == expected and r.resent:
+            r.note = (
+                f"window {expected}, whose answer to an earlier dump was lost on the way; what the engine "
+                "recorded since is its next window: dump again to collect it"
+            )
+        run.unanswered = False
         if expected is not None and r.window is not None and r.window != expected:
             r.ok, r.error_kind = False, "window_taken"
             r.error = (
@@ -413,7 +438,7 @@ class AsyncFleet:
             # An error, a retry, a large dump may wait: a task of its own, begun at once, so an
             # engine's retry does not wait for the slowest engine's answer.
             i = batch[j]
-            if self._final(action, answer):
+            if self._final(action, calls[i], answer):
                 answered[i] = answer  # type: ignore[assignment]  # _final: an Answer
             else:
                 tasks.append((i, asyncio.ensure_future(self._attempts(self.engines[i], action, calls[i], t0, answer))))
@@ -423,7 +448,7 @@ class AsyncFleet:
             if batch:
                 answers = await self._lean.send_all([calls[i].prepared for i in batch], on_answer)  # type: ignore[union-attr,misc]
                 for i, answer in zip(batch, answers):
-                    if self._final(action, answer):
+                    if self._final(action, calls[i], answer):
                         # Interpreted here, without a task: it never waits (a small answer).
                         t1 = time.perf_counter()
                         r = await _interpret(self.engines[i], action, answer)  # type: ignore[arg-type]
@@ -450,11 +475,11 @@ class AsyncFleet:
             raise
         return FleetResult(action=action, results=results, elapsed=time.perf_counter() - t0)  # type: ignore[arg-type]
 
-    def _final(self, action: str, answer: Answer | httpx.HTTPError) -> bool:
+    def _final(self, action: str, call: _Call, answer: Answer | httpx.HTTPError) -> bool:
         """Whether this first answer settles the call without waiting (no retry, no big decode)."""
         if not isinstance(answer, Answer) or len(answer.body) > _INLINE_DECODE:
             return False
-        return not (answer.status in _RETRY_STATUS and action in IDEMPOTENT and self.retries > 0)
+        return not (answer.status in _RETRY_STATUS and _safe_to_repeat(action, call) and self.retries > 0)
 
     async def _call(self, engine: str, action: str, call: _Call) -> EngineResult:
         if not self.max_concurrency:
@@ -536,9 +561,7 @@ class AsyncFleet:
     ) -> EngineResult:
         """The call with its retries; ``first``: the first attempt's outcome, when already sent."""
         t0 = time.perf_counter() if t0 is None else t0
-        # A dump that names the window it asks for (H_RESEND) is safe to send again: if the
-        # engine took that window and its answer was lost, it sends the same window again.
-        resends = action == "dump" and H_RESEND in call.request.headers
+        repeatable = _safe_to_repeat(action, call)
         attempt = 0
         while True:
             attempt += 1
@@ -551,7 +574,7 @@ class AsyncFleet:
                         raise answer
             except httpx.HTTPError as e:
                 kind, message, retry = _transport_failure(e, action, call.request.extensions["timeout"]["read"])
-                if (retry or (resends and kind == "connection")) and attempt <= self.retries:
+                if (retry or (repeatable and kind == "connection")) and attempt <= self.retries:
                     await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
                     continue
                 return EngineResult(
@@ -563,12 +586,19 @@ class AsyncFleet:
                     error=message,
                     error_kind=kind,
                 )
-            if answer.status in _RETRY_STATUS and (action in IDEMPOTENT or resends) and attempt <= self.retries:
+            if answer.status in _RETRY_STATUS and repeatable and attempt <= self.retries:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
                 continue
             result = await _interpret(engine, action, answer)
             result.elapsed, result.attempts = time.perf_counter() - t0, attempt
             return result
+
+
+def _safe_to_repeat(action: str, call: _Call) -> bool:
+    """Whether a call that may have reached the engine can be sent again: start, stop, status,
+    and a dump that names the window it asks for (H_RESEND: an engine that took that window and
+    lost its answer sends the same window again)."""
+    return action in IDEMPOTENT or (action == "dump" and H_RESEND in call.request.headers)
 
 
 def _unanswered(engine: str, action: str) -> EngineResult:
@@ -611,7 +641,7 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
     status, headers, body = answer.status, answer.headers, answer.body
     r = EngineResult(engine, action, False, status_code=status)
     r.instance_id, r.run_id, r.window = headers.get(H_INSTANCE), headers.get(H_RUN), _int(headers.get(H_WINDOW))
-    r.stopped_by = headers.get(H_STOPPED_BY)
+    r.stopped_by, r.resent = headers.get(H_STOPPED_BY), headers.get(H_RESENT) == "true"
     timing = headers.get("server-timing")
     if timing:
         r.server_timing = _server_timing(timing)

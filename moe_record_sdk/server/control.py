@@ -106,7 +106,9 @@ class DumpOutcome:
     stopped_by: str | None = None
     """Who had stopped the run when the window was taken (``Controller.stopped_by``)."""
     client: str | None = None
-    """The client whose dump took the window (``H_CLIENT``), to whom it may be sent again."""
+    """The client it was last answered to (``H_CLIENT``), to whom it may be sent again."""
+    resent: bool = False
+    """Whether it was sent again (``H_RESEND``): its first answer did not arrive."""
 
 
 def merge_ranks(dumps: list[Dump]) -> Dump:
@@ -251,6 +253,7 @@ class Controller:
             self._pending = None
             if outcome is None and self._resends(client, resend):
                 outcome = self._sent
+                outcome.resent = True
             if outcome is None:
                 self._sent = None  # a new window is taken: the last one's client moved on
                 if self.run_id is None:
@@ -269,15 +272,13 @@ class Controller:
                     merged = merge_ranks(dumps)
                 except Exception as e:  # noqa: BLE001 - ranks left inconsistent: their windows are taken
                     raise ControlError(500, "dump_merge_failed", await self._salvage(dumps, e)) from None
-                outcome = DumpOutcome(
-                    dumps, merged, run_id=self.run_id, window=window, stopped_by=self.stopped_by, client=client
-                )
+                outcome = DumpOutcome(dumps, merged, run_id=self.run_id, window=window, stopped_by=self.stopped_by)
             if write_files and not outcome.files:  # a window sent again keeps the files it has
                 todo = [outcome.merged] if outcome.merged.mode == "stat" else outcome.dumps
                 try:
                     outcome.files = await asyncio.to_thread(self._write, todo)
                 except Exception as e:  # noqa: BLE001 - a full disk, a count SGLang's .pt cannot hold...
-                    self._pending = outcome
+                    self._pending, self._sent = outcome, None  # kept for anyone's next dump: not sent twice
                     why = (e.strerror or e) if isinstance(e, OSError) else e
                     raise ControlError(
                         500,
@@ -295,16 +296,17 @@ class Controller:
             and (sent.client, sent.window, sent.run_id) == (client, number, self.run_id)
         )
 
-    def sent(self, outcome: DumpOutcome) -> None:
-        """``outcome``'s answer is on its way: kept until the next take or start, so its client can
-        ask for it again (``dump(client=, resend=)``) should the answer not arrive."""
-        self._sent = outcome
+    def sent(self, outcome: DumpOutcome, client: str | None) -> None:
+        """``outcome``'s answer is on its way to ``client``: kept until the next take or start, so
+        that client can ask for it again (``dump(client=, resend=)``) should the answer not
+        arrive. A client without an id could not ask: nothing is kept for it."""
+        outcome.client = client
+        self._sent = outcome if client is not None else None
 
     def keep(self, outcome: DumpOutcome) -> None:
         """Keep a collected window that could not be delivered, for the next dump; unless a start
         came since, which clears a kept window (its caller moved on to a new run)."""
-        if self._sent is outcome:
-            self._sent = None  # kept for anyone's next dump: not to be sent twice
+        self._sent = None  # kept for anyone's next dump: not to be sent twice
         if outcome.run_id != self.run_id:
             log.warning(
                 "dump: run %s's window was not delivered, and a start came since: it is dropped", outcome.run_id

@@ -32,7 +32,6 @@ from ..errors import MoeRecordError, RecorderError
 from ..schema import FORMATS, Dump, encode
 from .control import Backend, ControlError, Controller, DumpOutcome
 from .protocol import (
-    CLIENT_ID_CHARS,
     DUMP_JSON,
     DUMP_PATH,
     DUMP_TEXT,
@@ -44,6 +43,7 @@ from .protocol import (
     H_MAX_BYTES,
     H_RANKS,
     H_RESEND,
+    H_RESENT,
     H_RUN,
     H_STOPPED_BY,
     H_WINDOW,
@@ -55,6 +55,7 @@ from .protocol import (
     STATUS_PATH,
     STOP_PATH,
     STOP_TEXT,
+    check_client_id,
 )
 
 log = logging.getLogger(__name__)
@@ -128,14 +129,14 @@ def _number(h: dict[str, str], name: str, what: str) -> int | None:
 
 
 def _client(h: dict[str, str]) -> str | None:
-    """The stopping client's id (``H_CLIENT``), checked: it is echoed to every client."""
+    """The client's id (``H_CLIENT``), checked: it is echoed to every client."""
     raw = h.get(H_CLIENT)
     if raw is None:
         return None
-    client = raw.strip()
-    if not 0 < len(client) <= 128 or not CLIENT_ID_CHARS.issuperset(client):
-        raise ControlError(400, "bad_header", f"{H_CLIENT}: expected 1-128 of A-Z a-z 0-9 . _ : -, got {client[:40]!r}")
-    return client
+    try:
+        return check_client_id(raw)
+    except ValueError as e:
+        raise ControlError(400, "bad_header", str(e)) from None
 
 
 def _query(raw: str | bytes | Mapping[str, str] | None) -> dict[str, str]:
@@ -288,6 +289,7 @@ class ControlHandler:
         """
         action = _BY_PATH[path].action
         try:
+            _client(h)  # a malformed client id is refused by every action, before the first (a start) takes effect
             options = self._options(action, _query(query), body, h)
             if action == "start":
                 return await self._start(options, h)
@@ -369,7 +371,9 @@ class ControlHandler:
         # The window is taken: from here a failure keeps it for the next dump (or names its files).
         try:
             resp = await self._deliver(outcome, ret, fmt, limit, h, t0)
-            self.controller.sent(outcome)
+            if outcome.resent:
+                resp.headers[H_RESENT] = "true"
+            self.controller.sent(outcome, client)
             return resp
         except ControlError as e:
             if outcome.files:  # the files hold the window: say which, as a dump's answer does

@@ -30,11 +30,23 @@ H_FILES = "x-moe-record-files"  # files written by this dump: a JSON list of pat
 H_DUMP_DIR = "x-moe-record-dump-dir"  # the server's dump directory, percent-encoded
 H_RANKS = "x-moe-record-ranks"  # how many ranks the dump in the body merges
 H_STOPPED_BY = "x-moe-record-stopped-by"  # once the run was stopped: the client that stopped it (H_CLIENT), or "*"
-#: Request header: who sends a stop, a client's own id (``CLIENT_ID_CHARS``, 1-128 of them), the same
-#: for all its requests of a run (retries too). Answers name the client of the stop that ended
-#: the run, so a client tells its own stop from another client's.
+#: Request header: the client's own id (``check_client_id``), the same for all its requests of a
+#: run (retries too). Answers name the client of the stop that ended the run, so a client tells
+#: its own stop from another client's; a dump's window is sent again only to its client (H_RESEND).
 H_CLIENT = "x-moe-record-client"
 CLIENT_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
+
+
+def check_client_id(value: str) -> str:
+    """``value`` as a client id (``H_CLIENT``): trimmed, 1-128 of ``CLIENT_ID_CHARS``; else ``ValueError``."""
+    client = value.strip()
+    if not 0 < len(client) <= 128 or not CLIENT_ID_CHARS.issuperset(client):
+        raise ValueError(
+            f"{H_CLIENT}: expected 1-128 of A-Z a-z 0-9 . _ : -, got {len(client)} characters: {client[:40]!r}"
+        )
+    return client
+
+
 #: ``H_STOPPED_BY`` for a stop that named no client.
 ANONYMOUS = "*"
 #: Request header of a dump: a window number the client asks for again, its answer having not
@@ -42,6 +54,7 @@ ANONYMOUS = "*"
 #: until the next dump takes one or a start: the same client naming that window gets it again,
 #: and otherwise the header changes nothing (the dump takes the current window).
 H_RESEND = "x-moe-record-resend"
+H_RESENT = "x-moe-record-resent"  # on a dump's answer: "true" when it is a window sent again (H_RESEND)
 #: Request header: the largest dump answer the client takes, bytes. A larger one is answered
 #: 413 and the window kept, rather than sent to a client that would hang up on it.
 H_MAX_BYTES = "x-moe-record-max-bytes"

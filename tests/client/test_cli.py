@@ -552,7 +552,7 @@ def test_a_dump_too_large_for_this_machine_says_how_to_leave_it_on_the_engine(en
     capsys.readouterr()
     assert main(["dump", "-e", server.url, "--out", str(tmp_path / "out")]) == 1
     text = capsys.readouterr().out
-    assert f"{server.url} kept its window: `moe-record dump --engine {server.url}` without --out" in text
+    assert f"{server.url} kept its window: `moe-record dump --engine {server.url}` (and your key option)" in text
     monkeypatch.undo()
     assert main(["dump", "-e", server.url, "--json"]) == 0
     (engine,) = json.loads(capsys.readouterr().out)["engines"]

@@ -286,15 +286,64 @@ def test_a_dump_answer_cut_on_the_way_is_sent_again_not_lost(engines):
 
 
 def test_a_dump_cut_on_the_way_with_no_retry_left_is_sent_by_the_next(engines):
-    """No retry left: the dump fails, and this fleet's next dump gets that window."""
+    """No retry left: the dump fails, and this fleet's next dump gets that window, saying that
+    what came since waits on the engine; a progress poll meanwhile raises no alarm."""
     rec, server, cut = engines.cut("/dump_expert_distribution_record", n=1)
     with Fleet([server.url], retries=0) as fleet:
         fleet.start()
         expected = feed(rec, seed=28)
         (failed,) = fleet.dump().results
         assert failed.error_kind == "connection"
+        (polled,) = fleet.status().results  # window 2 there: the engine keeps window 1 for this fleet
+        assert polled.window == 2 and fleet.cut_into(polled) is None
+        later = feed(rec, seed=30)
+        fleet.stop()
         result = fleet.dump()
-    assert result.ok and result[0].window == 1 and torch.equal(result.merged.total_count(), expected)
+        assert result.ok and result[0].window == 1 and torch.equal(result.merged.total_count(), expected)
+        assert "recorded since is its next window: dump again" in result[0].note
+        rest = fleet.dump()
+    assert rest.ok and rest[0].window == 2 and rest[0].note is None and torch.equal(rest.merged.total_count(), later)
+
+
+def test_a_dump_answered_503_is_sent_again(engines):
+    """A dump that names its window is retried after a 503 on the default transport too."""
+    rec, server, flaky = engines.flaky("/dump_expert_distribution_record", n=1)
+    with Fleet([server.url], retries=1, backoff=0.01) as fleet:
+        fleet.start()
+        expected = feed(rec, seed=31)
+        result = fleet.dump()
+    assert flaky.left == 0 and result.ok and result[0].attempts == 2
+    assert torch.equal(result.merged.total_count(), expected)
+
+
+def test_a_dump_cut_short_keeps_what_arrived_as_delivered(engines):
+    """Cancelled while a slow engine works: the windows that arrived are not asked for again,
+    so the next dump brings what came since (it used to bring the same window twice)."""
+    rec, fast = engines.ours()
+    _, slow = engines.slow(delay=1.0)
+    fleet = AsyncFleet([fast.url, slow.url])
+
+    async def go():
+        await fleet.start()
+        first = feed(rec, seed=32)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(fleet.dump(), 0.5)  # a Ctrl-C, say
+        arrived = fleet.cut_short[0]
+        later = feed(rec, seed=33)
+        result = await fleet.dump()
+        await fleet.aclose()
+        return first, arrived, later, result
+
+    first, arrived, later, result = asyncio.run(go())
+    assert arrived.ok and torch.equal(arrived.dump.total_count(), first)
+    assert result[0].ok and result[0].window == 2 and torch.equal(result[0].dump.total_count(), later)
+
+
+def test_a_client_id_in_headers_is_checked_and_trimmed():
+    with pytest.raises(ValueError, match=r"x-moe-record-client: expected 1-128 .* got 5 characters: 'job 1'"):
+        Fleet(["127.0.0.1:1"], headers={"X-MoE-Record-Client": "job 1"})
+    with Fleet(["127.0.0.1:1"], headers={"X-MoE-Record-Client": "job-1 "}) as fleet:
+        assert fleet.client_id == "job-1"
 
 
 def test_dump_whose_client_timed_out_is_kept_for_the_next(engines):

@@ -529,3 +529,42 @@ def test_a_window_is_sent_again_only_to_the_client_it_was_answered_to(serve, htt
     feed(rec, seed=42)
     window, _ = dump({**a, "x-moe-record-resend": "3"})  # a start let it go
     assert window == "1"
+
+
+def test_a_kept_window_answered_to_another_client_is_not_sent_again_to_the_first(serve, http):
+    """A's dump over its limit: the engine keeps the window and gives it to B's dump (as the CLI
+    advises); A asking for it again then gets the next window, not B's a second time."""
+    rec = make_recorder()
+    url = serve(rec).url
+    a, b = {"x-moe-record-client": "a"}, {"x-moe-record-client": "b"}
+    http.post(url + START_PATH)
+    feed(rec, seed=43)
+    small = http.post(url + DUMP_PATH + "?return=bytes", headers={**a, "x-moe-record-max-bytes": "100"})
+    assert small.status_code == 413
+    theirs = http.post(url + DUMP_PATH + "?return=bytes", headers=b)
+    assert theirs.headers["x-moe-record-window"] == "1" and "x-moe-record-resent" not in theirs.headers
+    again = http.post(url + DUMP_PATH + "?return=bytes", headers={**a, "x-moe-record-resend": "1"})
+    assert again.headers["x-moe-record-window"] == "2" and decode(again.content).total_count().sum() == 0
+    mine = http.post(url + DUMP_PATH + "?return=bytes", headers={**a, "x-moe-record-resend": "2"})
+    assert mine.headers["x-moe-record-window"] == "2" and mine.headers["x-moe-record-resent"] == "true"
+
+
+def test_a_malformed_client_id_is_refused_before_a_start(serve, http):
+    rec = make_recorder()
+    url = serve(rec).url
+    r = http.post(url + START_PATH, headers={"x-moe-record-client": "x" * 129, **JSON})
+    assert r.status_code == 400 and "got 129 characters" in r.json()["error"]["message"] and not rec.recording
+
+
+def test_nothing_is_kept_for_a_client_that_could_not_ask_for_it_again(tmp_path):
+    """A dump without a client id (curl, SGLang's clients): no copy stays in the engine's memory."""
+    rec = make_recorder()
+    handler = ControlHandler(LocalBackend(rec), dump_dir=str(tmp_path))
+
+    async def go(headers):
+        await handler.handle("POST", START_PATH, None, None)
+        feed(rec, seed=44)
+        return await handler.handle("POST", DUMP_PATH, "return=bytes", headers)
+
+    assert asyncio.run(go({})).status == 200 and handler.controller._sent is None
+    assert asyncio.run(go({"x-moe-record-client": "a"})).status == 200 and handler.controller._sent is not None
