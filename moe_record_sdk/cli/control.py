@@ -17,6 +17,7 @@ from typing import Any
 from .. import env
 from ..client._models import run_file_kind
 from ..schema import FORMATS, MODES
+from ..server.protocol import H_CLIENT
 from . import COMMANDS, add_command
 
 ACTIONS = ("start", "stop", "dump", "status")
@@ -45,6 +46,12 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
         help="seconds per request (default 60): the whole call for start/stop/status, each wait for bytes for a dump",
     )
     p.add_argument("--retries", type=int, default=2, help="extra attempts where safe (default 2)")
+    p.add_argument(
+        "--client-id",
+        metavar="ID",
+        help="this client's id (x-moe-record-client; default: a new one per run of the command): give the one "
+        "a failed dump named to collect the window the engine keeps for it (with dump --resend)",
+    )
 
 
 def positive(text: str) -> float:
@@ -141,7 +148,8 @@ def fleet_of(args: argparse.Namespace) -> Any:
 
     engines = engines_of(args)
     api_key = args.api_key if args.api_key_file is None else read_api_keys(args.api_key_file, engines)
-    return Fleet(engines, api_key=api_key, timeout=args.timeout, retries=args.retries)
+    headers = {H_CLIENT: args.client_id} if args.client_id is not None else None
+    return Fleet(engines, api_key=api_key, timeout=args.timeout, retries=args.retries, headers=headers)
 
 
 def read_api_keys(path: str, engines: list[str]) -> str | dict[str, str]:
@@ -195,6 +203,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             )
             p.add_argument(
                 "--format", choices=FORMATS, default="pt", help="file format with --out (default pt, SGLang's)"
+            )
+            p.add_argument(
+                "--resend",
+                type=int,
+                metavar="W",
+                help="ask for window W again, as a failed dump of --client-id's names it (its answer was lost)",
             )
         p.set_defaults(func=run, action=action)
 
@@ -263,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             echo = lambda line: print(line, file=sys.stderr)  # noqa: E731
             with wait_on_ctrl_c(echo):  # taken, a dump is gone from the engines: save it whatever comes
-                result = fleet.dump(collect=bool(args.out))
+                result = fleet.dump(collect=bool(args.out), resend=args.resend)
                 if args.out:
                     saved, in_place = save_dumps(result, args.out, args.format, echo)
                     remove_if_empty(made)  # no engine gave a dump: no folder left behind

@@ -61,7 +61,7 @@ IDEMPOTENT = frozenset({"status", "start", "stop"})
 _RETRY_STATUS = (502, 503, 504)
 _INLINE_DECODE = 1 << 20
 # A dump's failures after which the engine may hold this fleet's window (sent again on request).
-_MAY_HAVE_TAKEN = frozenset({"connection", "timeout", "interrupted", "bad_dump", "protocol"})
+_MAY_HAVE_TAKEN = frozenset({"connection", "timeout", "interrupted", "bad_dump", "protocol"})  # and 413s, 5xx
 _CONTROL_MAX_BODY = 16 << 20  # start/stop/status answers are a few hundred bytes; a dump is limited by max_dump_bytes
 _SGLANG_DIR_HINT = "in the server's SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR (SGLang's default: /tmp)"
 
@@ -292,7 +292,13 @@ class AsyncFleet:
         return await self._fan_out("status", self._calls_for("status", None, "application/json", timeout))
 
     async def dump(
-        self, *, collect: bool = True, keep_files: bool = False, format: str = "msgpack", merge: bool = True
+        self,
+        *,
+        collect: bool = True,
+        keep_files: bool = False,
+        format: str = "msgpack",
+        merge: bool = True,
+        resend: int | None = None,
     ) -> FleetResult:
         """Dump everywhere; collect each engine's dump and merge them.
 
@@ -301,6 +307,10 @@ class AsyncFleet:
         restarted by another client) is reported as failed and left out of the merge. Where a
         dump of this run failed after the engine took its window (the answer lost on the way),
         the next dump gets that window again (``x-moe-record-resend``).
+
+        ``resend``: ask every engine for this window again, as an earlier process with this
+        fleet's ``client_id`` would have (its error names both), in place of the windows this
+        fleet's own run expects.
         """
         if format not in FORMATS:
             raise ValueError(f"format: {format!r} is not one of {', '.join(FORMATS)}")
@@ -313,9 +323,16 @@ class AsyncFleet:
             params, accept = None, "application/json, text/plain;q=0.5"
         # The window each engine owes this run: one this fleet was answered before, lost on the
         # way (a retry, or this fleet's next dump), is sent again instead of a new one taken.
-        resend = {e: {H_RESEND: str(run.window)} for e, run in self._runs.items() if run is not None and run.window}
+        if resend is not None:
+            windows = dict.fromkeys(self.engines, resend)
+        else:
+            windows = {e: run.window for e, run in self._runs.items() if run is not None and run.window}
+        self.cut_short = None
         try:
-            result = await self._fan_out("dump", self._calls_for("dump", params, accept, per_engine=resend))
+            calls = self._calls_for(
+                "dump", params, accept, per_engine={e: {H_RESEND: str(w)} for e, w in windows.items()}
+            )
+            result = await self._fan_out("dump", calls)
         except BaseException:  # cut short: the windows that did arrive are this fleet's, not to be sent again
             for r in self.cut_short or ():
                 self._check_run(r)
@@ -374,10 +391,16 @@ class AsyncFleet:
         if not r.ok:
             if r.files and r.window is not None:  # the window went into the engine's files: it moved on
                 run.window = r.window
-            elif r.error_kind in _MAY_HAVE_TAKEN and run.window:
+            elif run.window and r.error_kind in _MAY_HAVE_TAKEN:
                 run.unanswered = True
-                if r.error_kind == "bad_dump":
-                    r.error += "; the engine keeps this window for this fleet's next dump (another format may decode)"
+                r.error += (
+                    f"; the engine keeps window {run.window} for this fleet (client {self.client_id}): its next dump "
+                    f"gets it, as does `moe-record dump -e {r.engine} --client-id {self.client_id} --resend {run.window} "
+                    "--out DIR`"
+                    + (" (in another format, if this one does not decode)" if r.error_kind == "bad_dump" else "")
+                )
+            elif run.window and (r.status_code == 413 or (r.status_code or 0) >= 500):
+                run.unanswered = True  # the engine kept the window for the next dump (its answer says so)
             return
         if run.run and r.run_id and run.run != r.run_id:
             r.ok, r.error_kind = False, "run_changed"

@@ -106,9 +106,10 @@ class DumpOutcome:
     stopped_by: str | None = None
     """Who had stopped the run when the window was taken (``Controller.stopped_by``)."""
     client: str | None = None
-    """The client it was last answered to (``H_CLIENT``), to whom it may be sent again."""
+    """The client it was taken for, then the one it was last answered to (``H_CLIENT``): the
+    one to whom it may be sent again."""
     resent: bool = False
-    """Whether it was sent again (``H_RESEND``): its first answer did not arrive."""
+    """Whether this dump request asked for it again (``H_RESEND``), its earlier answer lost."""
 
 
 def merge_ranks(dumps: list[Dump]) -> Dump:
@@ -251,10 +252,13 @@ class Controller:
         async with self._mutex():
             outcome = self._pending
             self._pending = None
-            if outcome is None and self._resends(client, resend):
+            if outcome is None and self._asks_again(self._sent, client, resend):
                 outcome = self._sent
-                outcome.resent = True
-            if outcome is None:
+            if outcome is not None:
+                # Set for this request (it is read as the dump returns): the window was this
+                # client's, as it asks; a kept window going to another client is not "again".
+                outcome.resent = self._asks_again(outcome, client, resend)
+            else:
                 self._sent = None  # a new window is taken: the last one's client moved on
                 if self.run_id is None:
                     ranks = await self.backend.status()
@@ -272,7 +276,9 @@ class Controller:
                     merged = merge_ranks(dumps)
                 except Exception as e:  # noqa: BLE001 - ranks left inconsistent: their windows are taken
                     raise ControlError(500, "dump_merge_failed", await self._salvage(dumps, e)) from None
-                outcome = DumpOutcome(dumps, merged, run_id=self.run_id, window=window, stopped_by=self.stopped_by)
+                outcome = DumpOutcome(
+                    dumps, merged, run_id=self.run_id, window=window, stopped_by=self.stopped_by, client=client
+                )
             if write_files and not outcome.files:  # a window sent again keeps the files it has
                 todo = [outcome.merged] if outcome.merged.mode == "stat" else outcome.dumps
                 try:
@@ -288,12 +294,12 @@ class Controller:
                     ) from None
             return outcome
 
-    def _resends(self, client: str | None, number: int | None) -> bool:
-        sent = self._sent
+    def _asks_again(self, outcome: DumpOutcome | None, client: str | None, number: int | None) -> bool:
+        """Whether ``client`` asks for ``outcome``, a window already taken for it, by its number."""
         return (
-            sent is not None
+            outcome is not None
             and client is not None
-            and (sent.client, sent.window, sent.run_id) == (client, number, self.run_id)
+            and (outcome.client, outcome.window, outcome.run_id) == (client, number, self.run_id)
         )
 
     def sent(self, outcome: DumpOutcome, client: str | None) -> None:

@@ -368,10 +368,11 @@ class ControlHandler:
         fmt = fmt or asked or "msgpack"
         t0 = time.perf_counter()
         outcome = await self.controller.dump(write_files=ret != "bytes", client=client, resend=resend)
+        resent = outcome.resent  # read at once: it describes this request
         # The window is taken: from here a failure keeps it for the next dump (or names its files).
         try:
             resp = await self._deliver(outcome, ret, fmt, limit, h, t0)
-            if outcome.resent:
+            if resent:
                 resp.headers[H_RESENT] = "true"
             self.controller.sent(outcome, client)
             return resp

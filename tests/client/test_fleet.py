@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -303,6 +304,59 @@ def test_a_dump_cut_on_the_way_with_no_retry_left_is_sent_by_the_next(engines):
         assert "recorded since is its next window: dump again" in result[0].note
         rest = fleet.dump()
     assert rest.ok and rest[0].window == 2 and rest[0].note is None and torch.equal(rest.merged.total_count(), later)
+
+
+def test_a_dump_that_timed_out_comes_back_with_a_note_and_no_false_alarm(engines):
+    """The fleet gave up on a slow dump: the engine kept the window, a poll meanwhile raises no
+    alarm, and the next dump brings that window back, saying what came since waits there."""
+
+    class FirstDumpSlow(LocalBackend):
+        slow = True
+
+        async def dump(self):
+            if self.slow:
+                self.slow = False
+                await asyncio.sleep(1.0)
+            return await super().dump()
+
+    rec = make_recorder()
+    server = engines._serve(make_app(FirstDumpSlow(rec), dump_dir=engines.dir()))
+    with Fleet([server.url], timeout=0.4) as fleet:
+        fleet.start()
+        first = feed(rec, seed=34)
+        (failed,) = fleet.dump().results
+        assert failed.error_kind == "timeout" and f"--client-id {fleet.client_id} --resend 1" in failed.error
+        time.sleep(1.0)  # the engine finishes that dump, finds its client gone and keeps the window
+        (polled,) = fleet.status().results
+        assert polled.window == 2 and fleet.cut_into(polled) is None
+        later = feed(rec, seed=35)
+        fleet.stop()
+        result = fleet.dump()
+        assert result.ok and result[0].window == 1 and result[0].resent and "dump again" in result[0].note
+        assert torch.equal(result.merged.total_count(), first)
+        rest = fleet.dump()
+    assert rest.ok and rest[0].window == 2 and torch.equal(rest.merged.total_count(), later)
+
+
+def test_a_window_lost_three_times_is_collected_by_a_later_command(engines, tmp_path, capsys):
+    """Every attempt's answer cut: the error names this fleet's client id and window, and a later
+    `moe-record dump --client-id ... --resend ...` collects the window the engine keeps for it."""
+    from moe_record_sdk.cli import main
+
+    rec, server, cut = engines.cut("/dump_expert_distribution_record", n=3)
+    with Fleet([server.url], retries=2, backoff=0.01) as fleet:
+        fleet.start()
+        expected = feed(rec, seed=36)
+        (failed,) = fleet.dump().results
+        client = fleet.client_id
+    assert cut.left == 0 and failed.attempts == 3 and failed.error_kind == "connection"
+    command = f"moe-record dump -e {server.url} --client-id {client} --resend 1 --out DIR"
+    assert command in failed.error
+    out = tmp_path / "out"
+    argv = command.split()[1:-1] + [str(out), "--json"]
+    assert main(argv) == 0
+    (engine,) = json.loads(capsys.readouterr().out)["engines"]
+    assert engine["window"] == 1 and torch.equal(load_dump(engine["saved"]).total_count(), expected)
 
 
 def test_a_dump_answered_503_is_sent_again(engines):

@@ -568,3 +568,26 @@ def test_nothing_is_kept_for_a_client_that_could_not_ask_for_it_again(tmp_path):
 
     assert asyncio.run(go({})).status == 200 and handler.controller._sent is None
     assert asyncio.run(go({"x-moe-record-client": "a"})).status == 200 and handler.controller._sent is not None
+
+
+def test_resent_marks_a_window_its_own_client_asked_for_again(serve, http):
+    """x-moe-record-resent says this request got its own window again: a kept window counts when
+    its client asks for it, and not when it goes to another client's dump."""
+    rec = make_recorder()
+    url = serve(rec).url
+    a, b = {"x-moe-record-client": "a"}, {"x-moe-record-client": "b"}
+    small = {"x-moe-record-max-bytes": "100"}
+
+    def dump(*headers: dict[str, str]):
+        return http.post(url + DUMP_PATH + "?return=bytes", headers={k: v for h in headers for k, v in h.items()})
+
+    http.post(url + START_PATH)
+    feed(rec, seed=45)
+    assert dump(a).headers["x-moe-record-window"] == "1"
+    assert dump(a, {"x-moe-record-resend": "1"}, small).status_code == 413  # sent again, then kept
+    theirs = dump(b)
+    assert theirs.headers["x-moe-record-window"] == "1" and "x-moe-record-resent" not in theirs.headers
+    feed(rec, seed=46)
+    assert dump(a, small).status_code == 413  # window 2, kept for the next dump
+    mine = dump(a, {"x-moe-record-resend": "2"})
+    assert mine.headers["x-moe-record-window"] == "2" and mine.headers["x-moe-record-resent"] == "true"
