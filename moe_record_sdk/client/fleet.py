@@ -597,8 +597,9 @@ class AsyncFleet:
                     if isinstance(answer, httpx.HTTPError):
                         raise answer
             except httpx.HTTPError as e:
-                kind, message, retry = _transport_failure(e, action, call.request.extensions["timeout"]["read"])
-                if (retry or (repeatable and kind == "connection")) and attempt <= self.retries:
+                timeout = call.request.extensions["timeout"]["read"]
+                kind, message, retry = _transport_failure(e, action, timeout, repeatable)
+                if retry and attempt <= self.retries:
                     await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
                     continue
                 return EngineResult(
@@ -650,8 +651,9 @@ def _unanswered(engine: str, action: str) -> EngineResult:
     )
 
 
-def _transport_failure(e: httpx.HTTPError, action: str, timeout: float) -> tuple[str, str, bool]:
-    """(error kind, message, safe to retry) for a request that got no HTTP answer."""
+def _transport_failure(e: httpx.HTTPError, action: str, timeout: float, repeatable: bool) -> tuple[str, str, bool]:
+    """(error kind, message, safe to retry) for a request that got no HTTP answer; ``repeatable``:
+    the call may be sent again after it reached the engine (``_safe_to_repeat``)."""
     if isinstance(e, BodyTooLarge):
         limit = "max_dump_bytes" if action == "dump" else "a control answer's"
         return "too_large", f"answer refused: {e} ({limit})", False
@@ -668,7 +670,7 @@ def _transport_failure(e: httpx.HTTPError, action: str, timeout: float) -> tuple
                 "folder where files were asked for"
             )
         return "timeout", message, False
-    return "connection", f"connection failed: {type(e).__name__}: {e}", action in IDEMPOTENT
+    return "connection", f"connection failed: {type(e).__name__}: {e}", repeatable
 
 
 async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
