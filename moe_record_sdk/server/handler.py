@@ -289,15 +289,15 @@ class ControlHandler:
         """
         action = _BY_PATH[path].action
         try:
-            _client(h)  # a malformed client id is refused by every action, before the first (a start) takes effect
+            client = _client(h)  # a malformed one is refused by every action, before a start takes effect
             options = self._options(action, _query(query), body, h)
             if action == "start":
                 return await self._start(options, h)
             if action == "stop":
-                already = await self.controller.stop(_client(h))
+                already = await self.controller.stop(client)
                 return self._answer(h, "stop", STOP_TEXT, recording=False, already_stopped=already)
             if action == "dump":
-                return await self._dump(options, h)
+                return await self._dump(options, h, client)
             return await self._status(h)
         except ControlError as e:
             return self.error(e, h)
@@ -353,7 +353,7 @@ class ControlHandler:
         doc = {"ok": True, "action": action, "message": text.strip(), **identity, **extra}
         return self._json(200, doc, window)
 
-    async def _dump(self, options: dict[str, str], h: dict[str, str]) -> Response:
+    async def _dump(self, options: dict[str, str], h: dict[str, str], client: str | None) -> Response:
         ret, fmt = options.get("return"), options.get("format")
         if ret is not None and ret not in RETURNS:
             raise ControlError(400, "bad_option", f"return: {ret!r} is not one of {', '.join(RETURNS)}")
@@ -361,7 +361,6 @@ class ControlHandler:
             raise ControlError(400, "bad_option", f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
         limit = _number(h, H_MAX_BYTES, "a number of bytes")
         resend = _number(h, H_RESEND, "a window number")
-        client = _client(h)
         asked = _dump_format_accepted(h)
         if ret is None:
             ret = "bytes" if (fmt or asked) else "file"
