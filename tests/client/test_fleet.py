@@ -393,6 +393,35 @@ def test_a_dump_cut_short_keeps_what_arrived_as_delivered(engines):
     assert result[0].ok and result[0].window == 2 and torch.equal(result[0].dump.total_count(), later)
 
 
+def test_a_dump_cut_short_before_sending_leaves_the_runs_as_they_were(engines, monkeypatch):
+    """A Ctrl-C before a dump's requests leave re-checks nothing: the outcomes of an earlier call
+    cut short (a status here) are not taken for the dump's (they moved the run a window on)."""
+    rec, fast = engines.ours()
+    _, slow = engines.slow(delay=1.0, slow_status=True)
+    fleet = AsyncFleet([fast.url, slow.url])
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    async def go():
+        await fleet.start()
+        expected = feed(rec, seed=34)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(fleet.status(), 0.5)
+        assert fleet.cut_short[0].ok and fleet.cut_short[0].window == 1
+        with monkeypatch.context() as m:
+            m.setattr(fleet, "_calls_for", ctrl_c)
+            with pytest.raises(KeyboardInterrupt):
+                await fleet.dump()
+        result = await fleet.dump()
+        await fleet.aclose()
+        return expected, result
+
+    expected, result = asyncio.run(go())
+    assert result[0].ok, result[0].error
+    assert result[0].window == 1 and torch.equal(result[0].dump.total_count(), expected)
+
+
 def test_a_client_id_in_headers_is_checked_and_trimmed():
     with pytest.raises(ValueError, match=r"x-moe-record-client: expected 1-128 .* got 5 characters: 'job 1'"):
         Fleet(["127.0.0.1:1"], headers={"X-MoE-Record-Client": "job 1"})
