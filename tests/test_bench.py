@@ -40,7 +40,10 @@ def test_bench_names_a_device_it_cannot_use(capsys):
         ("bogus", "'bogus' is not a device: expected cuda, cuda:N or cpu"),
         ("cuda:x", "'cuda:x' is not a device"),
         ("meta", "'meta': the bench runs on cuda, cuda:N or cpu"),
-        (missing, f"this machine has {gpus} CUDA GPU(s)" if gpus else "'cuda': no CUDA GPU is available here"),
+        (
+            missing,
+            f"'{missing}': this machine has {gpus} CUDA GPU(s)" if gpus else "'cuda': no CUDA GPU is available here",
+        ),
     ]:
         assert main(["bench", "--device", device, "--quick", "--experts", "4", "--top-k", "2"]) == 2, device
         err = capsys.readouterr().err

@@ -34,8 +34,27 @@ def _random_ids(gen: torch.Generator, T: int, k: int, S: int, dtype: torch.dtype
 
 def test_kernel_is_chosen_on_cuda():
     pytest.importorskip("triton")
-    assert Counter([0], 8, 2, "cuda").kernel == "triton"
-    assert Counter([0], 8, 2, "cpu").kernel == "torch"
+    c = Counter([0], 8, 2, "cuda")
+    assert c.kernel == "triton" and Counter([0], 8, 2, "cpu").kernel == "torch"
+    # On NVIDIA the counting is the PTX shared-memory histogram, not one atomic per id.
+    hist, _ = counter_triton._histogram(c, torch.device("cuda"), 1 << 20, 4, 16)
+    assert "red.shared.add.u32" in hist and torch.version.hip is None
+
+
+def test_more_bins_than_shared_memory_holds_are_counted_with_atomics():
+    """Past MAX_BINS expert slots the histogram does not fit: one atomic per id, still exact."""
+    pytest.importorskip("triton")
+    S = counter_triton.MAX_BINS
+    c = Counter([0], S, 4, "cuda")
+    assert counter_triton._histogram(c, torch.device("cuda"), 1 << 20, 4, 16) == ("", "")
+    c.set_enabled(True, False)
+    ids = torch.randint(-1, S + 1, (5000, 4), generator=torch.Generator().manual_seed(9)).cuda()
+    c.record(0, ids, 4000)
+    head = ids[:4000].flatten().cpu()
+    ok = (head >= 0) & (head < S)
+    ref = torch.bincount(torch.where(ok, head, S), minlength=S + 2)
+    ref[S + 1] = 1000 * 4
+    assert torch.equal(c.total_counts()[0].cpu(), ref)
 
 
 def test_triton_equals_torch_path(request):
@@ -77,13 +96,14 @@ def test_triton_equals_torch_path(request):
         assert pair[1].tap_launches
 
 
-# Launch shapes the tuner compares (tests/perf/tune_tap.py): each must count exactly. Small
-# blocks and program caps make the grid-stride loop, the stripes and the atomic share all run.
+# Launch shapes the tuner compares (tests/perf/tune_tap.py): each must count exactly. One-warp
+# programs zero and flush more bins than they have threads; the atomics shape is the path of
+# decode batches and of GPUs where the PTX histogram cannot serve.
 SHAPES = {
-    "stripes": {"STRIPES": 5, "DIRECT_MAX": 64, "HIST_BLOCKS": (64, 128), "MAX_PROGRAMS": 7},
-    "direct": {"STRIPES": 3, "DIRECT_MAX": 1 << 62, "DIRECT_BLOCK": 512, "DIRECT_WARPS": 4},
-    "split": {"STRIPES": 4, "DIRECT_MAX": 64, "HIST_BLOCKS": (128,), "ATOMIC_BLOCK": 64, "MAX_PROGRAMS": 5},
-    "one_stripe": {"STRIPES": 1, "DIRECT_MAX": 64, "HIST_BLOCKS": (256,), "NUM_WARPS": 4},
+    "stripes": {"STRIPES": 5, "ATOMICS_MAX": 0, "LAUNCH": ((64, 1, 1), (4096, 2, 4), (None, 4, 16))},
+    "one_warp": {"STRIPES": 3, "ATOMICS_MAX": 0, "LAUNCH": ((None, 4, 1),)},
+    "one_stripe": {"STRIPES": 1, "ATOMICS_MAX": 0, "LAUNCH": ((None, 8, 8),)},
+    "atomics": {"STRIPES": 4, "ATOMICS_MAX": 1 << 62},
 }
 
 

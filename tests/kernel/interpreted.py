@@ -14,7 +14,7 @@ import triton.language as tl
 import triton.runtime.interpreter as interpreter
 
 from moe_record_sdk.counter import Counter
-from moe_record_sdk.counter_triton import DIRECT_MAX
+from moe_record_sdk.counter_triton import LAUNCH
 
 
 def _fix_comparisons() -> None:
@@ -68,8 +68,8 @@ def main() -> int:
     for mode in ("stat", "per_pass", "per_token"):
         for E, k in ((16, 2), (60, 8)):
             kernel, reference = _pair(mode, E, k)
-            # Decode-sized batches (one atomic per id) and prefill-sized ones (the histogram).
-            for T in (0, 1, 3, 40, 97, DIRECT_MAX // k + 7):
+            # Decode-sized batches and prefill-sized ones (another launch shape).
+            for T in (0, 1, 3, 40, 97, LAUNCH[0][0] // k + 7):
                 for layer in (0, 2, 3):
                     dtype = (torch.int32, torch.int64)[cases % 2]
                     ids = torch.randint(-3, E + 3, (T, k), generator=g, dtype=dtype)
