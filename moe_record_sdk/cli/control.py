@@ -206,9 +206,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             )
             p.add_argument(
                 "--resend",
-                type=int,
+                type=_window,
                 metavar="W",
-                help="ask for window W again, as a failed dump of --client-id's names it (its answer was lost)",
+                help="ask for window W again, as a failed dump of --client-id's names it (its answer was lost); "
+                "needs --client-id",
             )
         p.set_defaults(func=run, action=action)
 
@@ -249,7 +250,19 @@ def wait_on_ctrl_c(echo: Callable[[str], None]) -> OnCtrlC:
     return OnCtrlC(finishing_dump(echo))
 
 
+def _window(text: str) -> int:
+    """An argparse type: a window number (1, 2, ...)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a window number: expected 1, 2, ...")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "resend", None) is not None and args.client_id is None:
+        # An engine keeps a window for the client its answer went to: under a new random id the
+        # resend would be ignored, and the dump would take (and clear) the current window instead.
+        print("moe-record dump: --resend needs --client-id, the id the failed dump named", file=sys.stderr)
+        return 2
     try:
         fleet = fleet_of(args)
     except ValueError as e:
@@ -301,7 +314,7 @@ def result_json(result: Any, saved: dict[str, str] | None = None) -> dict[str, A
             "attempts": r.attempts, "error": r.error, "error_kind": r.error_kind, "flavor": r.flavor,
             "instance_id": r.instance_id, "run_id": r.run_id, "window": r.window, "stopped_by": r.stopped_by,
             "location": r.location, "files": r.files,
-            "note": r.note, "saved": saved.get(r.engine),
+            "note": r.note, "resent": r.resent, "saved": saved.get(r.engine),
         }  # fmt: skip
         if r.info is not None:
             doc["info"] = r.info

@@ -340,6 +340,12 @@ class AsyncFleet:
             raise
         for r in result:
             self._check_run(r)
+            if resend is not None and r.ok and not r.resent:
+                r.note = (
+                    f"window {resend} was not sent again (the engine keeps no such window for client "
+                    f"{self.client_id}): this dump took the window it was recording"
+                    + (f", window {r.window}" if r.window is not None else "")
+                )
         if merge:
             collected = [r for r in result if r.ok and r.dump is not None]
             if collected:

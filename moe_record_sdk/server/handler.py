@@ -243,11 +243,8 @@ class ControlHandler:
         if route is None:
             return self.error(ControlError(404, "not_found", f"no endpoint {path}"), h)
         denied = check_bearer(h, self.api_key)
-        if denied:  # a caller without the key learns nothing of this engine: not its identity, not its run
-            resp = self.error(denied, h)
-            for name in (H_INSTANCE, H_RUN, H_WINDOW, H_STOPPED_BY):
-                resp.headers.pop(name, None)
-            return resp
+        if denied:
+            return self.error(denied, h)
         if method.upper() not in route.methods:
             allow = ", ".join(route.methods)
             return self.error(
@@ -325,7 +322,10 @@ class ControlHandler:
             for k, v in obj.items():
                 if v is not None and not isinstance(v, str):
                     raise ControlError(400, "bad_body", f"body.{k}: expected a string, got {type(v).__name__}")
-                options[k] = v
+                if v in (None, ""):  # as if not given: the query's value, if any, stands
+                    options.setdefault(k, v)
+                else:
+                    options[k] = v
         unknown = sorted(set(options) - _OPTIONS[action])
         if unknown:
             allowed = ", ".join(sorted(_OPTIONS[action])) or "none"
@@ -481,6 +481,11 @@ class ControlHandler:
             line = " ".join(e.message.splitlines())
             resp = self._text(e.status, f"{line}\n")
         resp.headers.update(e.headers)
+        if e.status == 401 or (e.status == 404 and self.api_key is not None):
+            # A caller without the key (or one probing paths) learns nothing of this engine:
+            # not its identity, not its run.
+            for name in (H_INSTANCE, H_RUN, H_WINDOW, H_STOPPED_BY):
+                resp.headers.pop(name, None)
         return resp
 
     def too_large(self, headers: Any = None) -> Response:

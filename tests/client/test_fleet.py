@@ -356,7 +356,35 @@ def test_a_window_lost_three_times_is_collected_by_a_later_command(engines, tmp_
     argv = command.split()[1:-1] + [str(out), "--json"]
     assert main(argv) == 0
     (engine,) = json.loads(capsys.readouterr().out)["engines"]
-    assert engine["window"] == 1 and torch.equal(load_dump(engine["saved"]).total_count(), expected)
+    assert engine["window"] == 1 and engine["resent"] and engine["note"] is None
+    assert torch.equal(load_dump(engine["saved"]).total_count(), expected)
+
+
+def test_a_resend_the_engine_cannot_honour_is_said(engines, tmp_path, capsys):
+    """Under a mistyped id the engine ignores the resend and takes its current window: the
+    result says so (it used to pass as the window asked for). Without --client-id, or with no
+    window number, the command refuses at once (exit 2): a random id could never be answered."""
+    from moe_record_sdk.cli import main
+
+    rec, server = engines.ours()
+    with Fleet([server.url], headers={"x-moe-record-client": "job-1"}) as fleet:
+        fleet.start()
+        feed(rec, seed=37)
+        assert fleet.dump()[0].window == 1
+        later = feed(rec, seed=38)
+    with Fleet([server.url], headers={"x-moe-record-client": "job-2"}) as other:
+        (r,) = other.dump(resend=1).results
+    assert r.ok and not r.resent and r.window == 2 and torch.equal(r.dump.total_count(), later)
+    assert r.note == (
+        "window 1 was not sent again (the engine keeps no such window for client job-2): this dump took "
+        "the window it was recording, window 2"
+    )
+    capsys.readouterr()
+    for extra in (["--resend", "1"], ["--client-id", "job-1", "--resend", "0"]):
+        assert main(["dump", "-e", server.url, *extra, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert "--resend needs --client-id" in err or "'0' is not a window number" in err, err
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_dump_answered_503_is_sent_again(engines):

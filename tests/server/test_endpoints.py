@@ -76,6 +76,10 @@ def test_start_mode_from_query_and_body(serve, http):
     server = serve(rec)
     assert http.post(server.url + START_PATH + "?mode=per_pass").status_code == 200
     assert http.get(server.url + STATUS_PATH).json()["ranks"][0]["mode"] == "per_pass"
+    # null or empty in the body is "not given": the query's value stands (it used to be erased)
+    for mode, body in (("stat", {"mode": None}), ("per_pass", {"mode": ""})):
+        assert http.post(server.url + START_PATH + f"?mode={mode}", json=body).status_code == 200
+        assert rec.mode == mode
     r = http.post(server.url + START_PATH, json={"mode": "per_token"})
     assert r.status_code == 200 and rec.mode == "per_token"
     feed(rec, seed=3, passes=2)
@@ -167,6 +171,8 @@ def test_bearer_token(serve, http):
     for headers in ({}, {"authorization": "Bearer wrong", "accept": "application/json"}):
         r = http.post(server.url + STATUS_PATH, headers=headers)
         assert r.status_code == 401 and not any(k.startswith("x-moe-record") for k in r.headers), r.headers
+    r = http.get(server.url + "/nope")  # nor does probing paths (it did: a 404 named the instance)
+    assert r.status_code == 404 and not any(k.startswith("x-moe-record") for k in r.headers), r.headers
     assert http.get(server.url + STATUS_PATH, headers={"authorization": "Bearer s3cret"}).json()["auth"] is True
     # The scheme is case-insensitive (RFC 7235); the token is not.
     assert http.get(server.url + STATUS_PATH, headers={"authorization": "bearer s3cret"}).status_code == 200

@@ -117,7 +117,8 @@ def test_generate_text_and_bad_requests(served):
 def test_api_key_guards_generate_but_not_health(served):
     server = served(ReferenceEngine.tiny(), api_key="k")
     with httpx.Client(base_url=server.url, timeout=30, trust_env=False) as http:
-        assert http.post("/generate", json={"text": "a"}).status_code == 401
+        r = http.post("/generate", json={"text": "a"})
+        assert r.status_code == 401 and not any(k.startswith("x-moe-record") for k in r.headers), r.headers
         assert http.post("/generate", json={"text": "a"}, headers={"authorization": "Bearer k"}).status_code == 200
         assert http.get("/health").status_code == 200
 
