@@ -85,9 +85,9 @@ KNOWN_ROUTERS: dict[str, Extract] = {
         "TinyMoERouter",
     )
 }
-# Other transformers families name their router ``*TopKRouter`` too and most return the ids as
+# Other transformers families name their router ``*TopKRouter`` (DeepSeek-V4 also ``*HashRouter``) and return the ids as
 # the one integer tensor of the output (some at index 0, most at 2): tapped on a best-effort basis.
-_GENERIC_ROUTER = re.compile(r"Top[Kk]Router$")
+_GENERIC_ROUTER = re.compile(r"(Top[Kk]|Hash)Router$")
 
 
 @dataclass(frozen=True)

@@ -329,3 +329,34 @@ def test_an_extract_that_does_not_fit_the_router_is_named() -> None:
             model(torch.tensor([[1, 2, 3]]))
     with pytest.raises(AdapterError, match=r"layers: \[\] selects none of"):
         attach(model, layers=[])
+
+
+def test_deepseek_v4_hash_routed_layers_are_counted() -> None:
+    """DeepSeek-V4's first MoE layers route by a token-id table (``DeepseekV4HashRouter``): they
+    are found with the learned routers (they were skipped, their tokens missing from the counts)."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config = CONFIG_MAPPING["deepseek_v4"](
+        vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+        head_dim=8, max_position_embeddings=128, moe_intermediate_size=16, num_local_experts=8,
+        num_experts_per_tok=2, q_lora_rank=16, qk_rope_head_dim=8, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        mlp_layer_types=["hash_moe", "moe", "moe"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    hash_router = model.model.layers[0].mlp.gate
+    assert type(hash_router).__name__ == "DeepseekV4HashRouter"
+    hash_router.tid2eid.copy_(
+        torch.randint(0, 8, hash_router.tid2eid.shape, generator=torch.Generator().manual_seed(1))
+    )
+    att = attach(model)
+    assert list(att.layer_map.moe_layer_ids) == [0, 1, 2], att.layer_map
+    assert att.recorder.num_experts == 8, att.layer_map
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    att.recorder.start()
+    with torch.no_grad():
+        model(ids)
+    counts = att.recorder.dump().total_count()
+    assert torch.equal(counts[0], torch.bincount(hash_router.tid2eid[ids.flatten()].flatten(), minlength=8))
+    assert counts.sum(1).tolist() == [2 * 7 * 2] * 3
+    att.detach()
