@@ -223,6 +223,22 @@ def _runs(members: list[_Member]) -> list[list[_Member]]:
     return list(runs.values())
 
 
+def _missing(n: int, present: set[int], shown: int = 8) -> str:
+    """Which of 0 .. n-1 are not in ``present`` ("" when none), the first few listed: n comes from
+    a file, so the range is never built (a few bytes must not decide how much memory is taken)."""
+    count = n - len({i for i in present if 0 <= i < n})
+    if count <= 0:
+        return ""
+    first: list[int] = []
+    i = 0
+    while len(first) < min(count, shown):
+        if i not in present:
+            first.append(i)
+        i += 1
+    listed = ", ".join(map(str, first))
+    return f"[{listed}]" if count == len(first) else f"[{listed}, ...] ({count} in all)"
+
+
 def _groups(run: list[_Member], allow_partial: bool, run_name: str) -> list[tuple[str, list[_Member]]]:
     shards = {m.dump.topology.num_token_shards for m in run}
     if len(shards) > 1:
@@ -230,18 +246,14 @@ def _groups(run: list[_Member], allow_partial: bool, run_name: str) -> list[tupl
     groups: dict[int, list[_Member]] = {}
     for m in run:
         groups.setdefault(m.dump.topology.token_shard, []).append(m)
-    missing = sorted(set(range(shards.pop())) - set(groups))
+    missing = _missing(shards.pop(), set(groups))
     if missing and not allow_partial:
         raise MergeError(
             f"{run_name}token shards {missing} are missing (present: {sorted(groups)}); their tokens would not be "
             "counted. Pass allow_partial=True (--allow-partial) to merge what is there"
         )
     stages = run[0].dump.topology.pp_size
-    missing = (
-        sorted(set(range(stages)) - {m.dump.topology.pp_rank for m in run})
-        if run[0].dump.topology.world_size > 1
-        else []
-    )
+    missing = _missing(stages, {m.dump.topology.pp_rank for m in run}) if run[0].dump.topology.world_size > 1 else ""
     if missing and not allow_partial:  # missing from every shard: the shards' layers still agree
         raise MergeError(
             f"{run_name}pipeline stages {missing} of {stages} are missing; their layers would read as never used. "
@@ -435,14 +447,17 @@ def merge_dumps(dumps: Sequence[Dump], *, sources: Sequence[str] | None = None, 
         run_name = f"run {r} ({run[0].dump.engine.name}): " if len(runs) > 1 else ""
         parts += [_reduce_group(name, group, mode) for name, group in _groups(run, allow_partial, run_name)]
 
+    # A group that counted nothing (an idle engine or DP rank) tells nothing of its layers: SGLang's
+    # files do not list them, and for an all-zero file the reader can only guess every layer.
+    busy = [p for p in parts if bool(p.total.any())] or parts
     if not allow_partial:
-        for p in parts[1:]:
-            if p.layers != parts[0].layers:
+        for p in busy[1:]:
+            if p.layers != busy[0].layers:
                 raise MergeError(
-                    f"{p.name} observed layers {sorted(p.layers)}, but {parts[0].name} observed {sorted(parts[0].layers)}: "
+                    f"{p.name} observed layers {sorted(p.layers)}, but {busy[0].name} observed {sorted(busy[0].layers)}: "
                     "a pipeline stage's dump is missing? Pass allow_partial=True (--allow-partial) to merge anyway"
                 )
-    return _combine(parts, members, mode, keep_phys)
+    return _combine(parts, members, mode, keep_phys, sorted(set().union(*(p.layers for p in busy))))
 
 
 def _sum(counts: list[torch.Tensor], what: str) -> torch.Tensor:
@@ -457,7 +472,7 @@ def _sum(counts: list[torch.Tensor], what: str) -> torch.Tensor:
     return out
 
 
-def _combine(parts: list[_Part], members: list[_Member], mode: str, keep_phys: bool) -> Dump:
+def _combine(parts: list[_Part], members: list[_Member], mode: str, keep_phys: bool, layers: list[int]) -> Dump:
     first = members[0].dump
     total = _sum([p.total for p in parts], "total counts")
     phys = None
@@ -500,7 +515,6 @@ def _combine(parts: list[_Part], members: list[_Member], mode: str, keep_phys: b
     tp, dp, ep, pp = topos.pop() if len(topos) == 1 else (1, 1, 1, 1)
     starts = [t for p in parts for t in p.starts]
     stops = [t for p in parts for t in p.stops]
-    layers = sorted(set().union(*(p.layers for p in parts)))
     return Dump(
         engine=engine,
         model=ModelInfo(

@@ -234,6 +234,37 @@ def test_physical_counts_kept_only_with_one_map() -> None:
     assert torch.equal(merged.total_count(), a.total_count() + c.total_count()) and validate_dump(merged) == []
 
 
+def test_a_huge_shard_or_stage_count_from_a_file_is_refused_without_taking_memory() -> None:
+    """A few bytes claiming 2**40 token shards or pipeline stages: refused naming the first missing
+    ones (the merge used to build the whole range, and ran out of memory)."""
+    huge = 2**40
+    shards = msgspec.structs.replace(random_dump(1), topology=Topology(rank=0, world_size=2, num_token_shards=huge))
+    with pytest.raises(MergeError, match=r"token shards \[1, 2, 3, 4, 5, 6, 7, 8, \.\.\.\] \(1099511627775 in all\)"):
+        merge_dumps([shards])
+    stages = msgspec.structs.replace(random_dump(1), topology=Topology(rank=0, world_size=2, pp_size=huge))
+    with pytest.raises(MergeError, match=r"pipeline stages \[1, 2, .*\] \(1099511627775 in all\) of 1099511627776"):
+        merge_dumps([stages])
+
+
+def test_an_idle_sglang_engine_merges_as_zeros(tmp_path, capsys) -> None:
+    """SGLang's files do not list their layers: an engine idle in the window (all-zero counts) read
+    as observing every layer, dense ones included, and the merge refused the folder ("a pipeline
+    stage's dump is missing?"). It adds zeros; the layers are the busy engine's."""
+    busy = torch.randint(1, 50, (4, 3, 8), dtype=torch.int32, generator=torch.Generator().manual_seed(5))
+    busy[:, 0] = 0  # layer 0 is dense (DeepSeek's first_k_dense_replace): no counts
+    paths = []
+    for name, counts in (("a", busy), ("b", torch.zeros_like(busy))):
+        folder = tmp_path / name
+        folder.mkdir()
+        paths.append(str(folder / "expert_distribution_recorder_1700000000.0.pt"))
+        torch.save({"rank": 0, "logical_count": counts}, paths[-1])
+    out = tmp_path / "merged.msgpack"
+    assert main(["merge", *paths, "-o", str(out)]) == 0, capsys.readouterr().err
+    merged = load_dump(out)
+    assert list(merged.model.moe_layer_ids) == [1, 2] and validate_dump(merged) == []
+    assert torch.equal(merged.total_count(), busy.sum(0).to(torch.int64))
+
+
 def test_cli_merge(tmp_path, capsys) -> None:
     paths = []
     for s in range(2):

@@ -124,4 +124,10 @@ def load_megatron_tpe(paths: Sequence[str], *, ep_size: int = 1, num_layers: int
             f"{', '.join(paths)}: no file of expert-parallel rank(s) {missing} of ep_size={ep_size}: "
             "give every rank's file (or the right --megatron-ep-size)"
         )
+    if len(ranks) % ep_size:  # some expert-parallel rank has more files than another: a wrong EP size
+        raise DumpFormatError(
+            f"{', '.join(paths)}: {len(ranks)} rank files are not a whole number of expert-parallel groups of "
+            f"ep_size={ep_size}: give every rank's file, and Megatron's --expert-model-parallel-size as "
+            "--megatron-ep-size"
+        )
     return dump

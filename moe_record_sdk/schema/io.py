@@ -112,6 +112,10 @@ def decode(data: bytes, fmt: str | None = None, source: str = "<bytes>") -> Dump
 
 def sniff(head: bytes, source: str) -> str:
     """The format of a dump from its first bytes."""
+    if not head:
+        raise DumpFormatError(f"{source}: empty (0 bytes)")
+    if head.startswith(b"\xef\xbb\xbf"):
+        raise DumpFormatError(f"{source}: starts with a UTF-8 byte-order mark; a JSON dump has none (save it without)")
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         return "pt"  # torch.save's zip, or a legacy pickle
     if head.lstrip()[:1] in (b"{", b"["):

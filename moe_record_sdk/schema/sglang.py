@@ -427,6 +427,18 @@ def _check_zip(f: str | BinaryIO, size: int, source: str) -> None:
         )
 
 
+def _not_dense(t: torch.Tensor) -> str | None:
+    """What a tensor is instead of a dense CPU one (``torch.load(weights_only=True)`` rebuilds sparse,
+    meta and quantized tensors too), or None."""
+    if t.layout != torch.strided:
+        return "sparse"
+    if t.is_meta:
+        return "meta"
+    if t.is_quantized:
+        return "quantized"
+    return None
+
+
 def _check_tensors(obj: Any, size: int, source: str) -> None:
     """Every tensor of a loaded ``.pt``, before anything copies it: shape, view and storage."""
     stack: list[tuple[Any, str]] = [(obj, "$")]
@@ -438,6 +450,9 @@ def _check_tensors(obj: Any, size: int, source: str) -> None:
             stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
         elif isinstance(node, torch.Tensor):
             where = f"{source}: {path.removeprefix('$.')}"
+            kind = _not_dense(node)
+            if kind:  # no storage to measure, no copy, no integer view: refused before any is tried
+                raise DumpFormatError(f"{where}: a {kind} tensor; dumps hold dense tensors")
             check_shape(list(node.shape), where)
             storage = node.untyped_storage().nbytes()
             if node.numel() * node.element_size() > storage:

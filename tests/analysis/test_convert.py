@@ -119,6 +119,10 @@ def test_megatron_jsonl_expert_parallel(tmp_path):
     dump = load_megatron_tpe(paths, ep_size=2)
     with pytest.raises(DumpFormatError, match=r"no file of expert-parallel rank\(s\) \[1\] of ep_size=2"):
         load_megatron_tpe([p for p in paths if "rank1" not in p and "rank3" not in p], ep_size=2)
+    # A wrong EP size that still names every EP rank: 4 files are no whole number of groups of 3
+    # (it used to give 9 experts, some ranks' counts added onto others').
+    with pytest.raises(DumpFormatError, match="4 rank files are not a whole number of expert-parallel groups"):
+        load_megatron_tpe(paths, ep_size=3)
     assert validate_dump(dump) == []
     assert dump.engine.name == "megatron" and dump.model.num_logical_experts == 6
     assert [r.forward_pass_id for r in dump.records] == [100, 200]

@@ -169,6 +169,33 @@ def test_a_rank_that_is_not_one_is_refused_by_name(tmp_path, rank):
         load_dump(stat)
 
 
+@pytest.mark.parametrize(
+    "kind, make",
+    [
+        ("sparse", lambda t: t.to_sparse()),
+        ("meta", lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")),
+        ("quantized", lambda t: torch.quantize_per_tensor(t.float(), 1.0, 0, torch.qint8)),
+    ],
+)
+def test_a_tensor_that_is_not_dense_is_refused_by_name(tmp_path, capsys, kind, make):
+    """torch.load(weights_only=True) rebuilds sparse, meta and quantized tensors: refused naming the
+    field, where every command used to end in a traceback (no storage, no copy, no int view)."""
+    from moe_record_sdk.cli import main
+    from moe_record_sdk.errors import DumpFormatError
+
+    counts = torch.randint(0, 9, (1, 2, 4), dtype=torch.int32)
+    stat = tmp_path / "expert_distribution_recorder_1700000000.0.pt"
+    torch.save({"rank": 0, "logical_count": make(counts)}, stat)
+    with pytest.raises(DumpFormatError, match=rf"logical_count: a {kind} tensor; dumps hold dense tensors"):
+        load_dump(stat)
+    record = {"forward_pass_id": 0, "rank": 0, "gatherer_key": "primary", "global_physical_count": make(counts[0])}
+    per_pass = tmp_path / "expert_distribution_recorder_1700000000.0_0.pt"
+    torch.save({"records": [record], "last_physical_to_logical_map": torch.arange(4).repeat(2, 1)}, per_pass)
+    assert main(["validate", str(per_pass)]) == 1
+    err = capsys.readouterr()
+    assert f"records[0].global_physical_count: a {kind} tensor" in err.out + err.err and "Traceback" not in err.err
+
+
 def test_eplb_outputs_read_as_dumps_say_what_they_are(tmp_path, capsys):
     """A placement or a bare count tensor passed where a dump goes: the error says what the file
     is and where it belongs, not only what it lacks."""

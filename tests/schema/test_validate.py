@@ -97,6 +97,20 @@ def test_truncated_file(tmp_path, capsys, suffix):
     assert code == 1 and "INVALID" in out and str(path) in out
 
 
+@pytest.mark.parametrize("suffix", [".json", ".msgpack"])
+def test_an_empty_file_or_a_byte_order_mark_is_said(tmp_path, capsys, suffix):
+    """Both read as "unknown format" before; a JSON dump saved with a BOM is named as such."""
+    empty = tmp_path / f"empty{suffix}"
+    empty.write_bytes(b"")
+    code, out = validate(capsys, str(empty))
+    assert code == 1 and str(empty) in out and "empty (0 bytes)" in out
+    bom = tmp_path / f"bom{suffix}"
+    random_dump(3).save(str(tmp_path / "d.json"))
+    bom.write_bytes(b"\xef\xbb\xbf" + (tmp_path / "d.json").read_bytes())
+    code, out = validate(capsys, str(bom))
+    assert code == 1 and "starts with a UTF-8 byte-order mark" in out
+
+
 def test_tensor_bytes_disagree_with_shape(tmp_path, capsys):
     raw = raw_dump()
     raw["logical_count"]["shape"] = [1000, 1000, 1000]
