@@ -31,6 +31,7 @@ In a captured CUDA graph the tap replays with the graph; ``recorder.stop()`` gat
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -56,12 +57,22 @@ _TAPPED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 class _Padding:
     """The top call's 2-D attention mask, turned per row count into (row order, valid rows)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.mask: torch.Tensor | None = None
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Where forward takes attention_mask by position (``model(ids, mask)``), if it does.
+        try:
+            params = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):  # a forward whose signature cannot be read: keywords only
+            params = []
+        self.position = next(
+            (i for i, p in enumerate(params) if p.name == "attention_mask" and p.kind == p.POSITIONAL_OR_KEYWORD), None
+        )
 
-    def begin(self, kwargs: dict[str, Any]) -> None:
+    def begin(self, args: tuple, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
+        if mask is None and self.position is not None and len(args) > self.position:
+            mask = args[self.position]
         if isinstance(mask, dict):  # one mask per attention type (GptOss: full and sliding)
             mask = mask.get("full_attention")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
@@ -269,7 +280,7 @@ def attach(
             )
         _check_fits(recorder, lm)
 
-    padding = _Padding() if mask_padding else None
+    padding = _Padding(model) if mask_padding else None
     handles = []
     left_open = False  # a call began and did not end: a BaseException left it (no hook runs then)
 
@@ -281,7 +292,7 @@ def attach(
             recorder.step()
         left_open = True
         if padding is not None:
-            padding.begin(kwargs)
+            padding.begin(args, kwargs)
 
     def end(module: nn.Module, args: tuple, output: Any) -> None:
         nonlocal left_open

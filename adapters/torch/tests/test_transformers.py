@@ -259,6 +259,12 @@ def test_padding_rows_are_not_counted() -> None:
     assert dump.window.num_tokens == [real + 3 * 3 if layer in moe_layers else 0 for layer in range(4)]
     assert dump.total_count().sum() == (real + 9) * K * len(moe_layers)
 
+    # The mask given by position counts the same (it was ignored: padding counted).
+    with attach(model) as att:
+        att.recorder.start()
+        model(prompt, mask)
+        assert att.recorder.dump().window.num_tokens == [real if layer in moe_layers else 0 for layer in range(4)]
+
     # mask_padding=False counts every row.
     with attach(model, mask_padding=False) as att:
         att.recorder.start()
