@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(result_json(result, saved), sys.stdout, indent=2)
         print()
-        for hint in filter(None, map(_too_large_hint, result)):
+        for hint in filter(None, map(_hint, result)):
             print(hint, file=sys.stderr)
     else:
         print_result(result, saved)
@@ -331,9 +331,19 @@ def result_json(result: Any, saved: dict[str, str] | None = None) -> dict[str, A
     }  # fmt: skip
 
 
-def _too_large_hint(r: Any) -> str | None:
-    """How to dump anyway a window the engine kept after a 413: this CLI's limit is the machine's
-    memory, so a larger one is no option here."""
+def recording_state(info: dict[str, Any]) -> str:
+    """An engine's state from its status: recording, stopped (a run started and ended), or idle."""
+    if info.get("recording"):
+        return "recording"
+    return "stopped" if info.get("run_id") else "idle"
+
+
+def _hint(r: Any) -> str | None:
+    """What to do about an engine's failure, where this CLI knows: a 401 wants a key option; a
+    window the engine kept after a 413 is dumped anyway into the engine's folder (this CLI's limit
+    is the machine's memory, so a larger one is no option here)."""
+    if r.status_code == 401:
+        return f"  {r.engine} wants a bearer token: --api-key T, $MOE_RECORD_API_KEY, or --api-key-file F"
     if r.error_kind != "too_large" or r.status_code != 413 or r.files:
         return None
     return (
@@ -349,7 +359,7 @@ def print_result(result: Any, saved: dict[str, str] | None = None, echo: Callabl
         line = r.describe()
         if r.action == "status" and r.ok and r.info:
             ranks = r.info.get("ranks") or []
-            state = "recording" if r.info.get("recording") else "idle"
+            state = recording_state(r.info)
             mode = ranks[0].get("mode") if ranks else "?"
             passes = sum(int(x.get("passes") or 0) for x in ranks)
             tokens = max((int(x.get("tokens") or 0) for x in ranks), default=0)
@@ -359,7 +369,7 @@ def print_result(result: Any, saved: dict[str, str] | None = None, echo: Callabl
         if r.engine in saved:
             line += f" -> {saved[r.engine]}"
         echo(line)
-        hint = _too_large_hint(r)
+        hint = _hint(r)
         if hint:
             echo(hint)
     if "merged" in saved:

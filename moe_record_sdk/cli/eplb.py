@@ -110,6 +110,15 @@ def compare(dump: Dump, plan: EplbPlan, weight: torch.Tensor) -> dict[str, dict[
     return rows
 
 
+#: ``rebalance``'s check messages, in the flags' words.
+_FLAGS = {
+    "num_replicas: ": "--replicas: ",
+    "num_gpus=": "--gpus ",
+    "num_nodes: ": "--nodes: ",
+    "num_groups: ": "--groups: ",
+}
+
+
 def run(args: argparse.Namespace) -> int:
     written: list[tuple[str, str]] = []
     try:
@@ -139,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     except (MoeRecordError, OSError, ValueError) as e:
         for _, path in written:  # a later write failed (a full disk): leave no half of the outputs
             os.remove(path)
-        return fail("eplb", e)
+        return fail("eplb", e, _FLAGS)
     rows = compare(dump, plan, weight)
     L, E = weight.shape
     if args.json:

@@ -31,6 +31,7 @@ from .control import (
     missing_folders,
     positive,
     print_result,
+    recording_state,
     remove_if_empty,
     save_dumps,
 )
@@ -253,7 +254,7 @@ def _status_table(
     for r in status or []:
         if r.ok and r.info:
             ranks = r.info.get("ranks") or []
-            state = "recording" if r.info.get("recording") else "idle"
+            state = recording_state(r.info)
             if cut_into is not None and cut_into(r):
                 state += " (cut into: see above)"
             passes = str(sum(int(x.get("passes") or 0) for x in ranks))

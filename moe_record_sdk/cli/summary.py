@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             for label, dump in dumps
         ]
     except (MoeRecordError, OSError, ValueError) as e:
-        return fail("summary", e)
+        return fail("summary", e, {"ep_size: ": "--ep-size: ", "give a physical_to_logical_map": "give --placement"})
     if args.json:
         sys.stdout.write(to_json(summaries) + "\n")
     elif args.csv:

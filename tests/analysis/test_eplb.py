@@ -191,8 +191,14 @@ def test_cli_writes_sglang_init_file_and_weight(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0 and "plan" in text and "trivial (12 slots)" in text
 
+    # The checks name the flags to change, not the library's parameters (num_replicas, num_gpus=4).
     assert main(["eplb", src, "--replicas", "10", "--gpus", "4"]) == 2
-    assert "multiple of num_gpus=4" in capsys.readouterr().err
+    assert "moe-record eplb: --replicas: 10 must be a multiple of --gpus 4" in capsys.readouterr().err
+    assert main(["eplb", src, "--replicas", "12", "--gpus", "4", "--groups", "3"]) == 2
+    assert "moe-record eplb: --groups: 3 must divide the 8 logical experts" in capsys.readouterr().err
+    assert main(["summary", src, "--ep-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "moe-record summary: --ep-size: 3 does not divide the 8 experts; give --placement" in err, err
 
 
 @pytest.mark.parametrize(

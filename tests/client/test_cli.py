@@ -166,7 +166,8 @@ def test_api_keys_from_a_file_one_for_all_or_one_per_engine(engines, tmp_path, c
     bad.write_text(f"{a.url} key-a extra\n{b.url} key-b\n")
     assert main(["status", "-e", a.url, "--api-key-file", str(one)]) == 0
     assert main(["status", "-e", a.url, "-e", b.url, "--api-key-file", str(one)]) == 1  # b wants its own
-    assert "HTTP 401" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "HTTP 401" in out and f"{b.url} wants a bearer token: --api-key T, $MOE_RECORD_API_KEY" in out
     assert main(["status", "-e", a.url, "-e", b.url, "--api-key-file", str(each)]) == 0
     capsys.readouterr()
     assert main(["status", "-e", a.url, "-e", b.url, "--api-key-file", str(short)]) == 2
@@ -481,6 +482,10 @@ def test_status_of_an_engine_never_started_says_so(engines, capsys):
     assert main(["status", "-e", a.url]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert run_id and line.endswith(f"recording, mode stat, 0 passes, 0 tokens, 1 rank(s), run {run_id}"), line
+    # A run that ended reads "stopped", not "idle" as if it never recorded (record's last table said so).
+    assert main(["stop", "-e", a.url]) == 0 and main(["status", "-e", a.url]) == 0
+    line = capsys.readouterr().out.splitlines()[-2]
+    assert line.endswith(f"stopped, mode stat, 0 passes, 0 tokens, 1 rank(s), run {run_id}"), line
 
 
 def _ctrl_c_beside_a_hung_engine(engines, *args: str, seed: int | None = None):
