@@ -111,9 +111,11 @@ class Found:
 
 
 def _decoder_index(model: nn.Module, name: str) -> tuple[int, int, str] | None:
-    """(index in the enclosing ModuleList, its length, the list's name) for a module name."""
+    """(index in the outermost enclosing ModuleList, its length, the list's name) for a module name:
+    the decoder layer list, also where a layer holds a list of its own (T5/Switch:
+    ``encoder.block.N.layer.M.mlp.router`` is layer N)."""
     parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
+    for i in range(1, len(parts)):
         if not parts[i].isdigit():
             continue
         parent_name = ".".join(parts[:i])

@@ -366,3 +366,17 @@ def test_deepseek_v4_hash_routed_layers_are_counted() -> None:
     assert torch.equal(counts[0], torch.bincount(hash_router.tid2eid[ids.flatten()].flatten(), minlength=8))
     assert counts.sum(1).tolist() == [2 * 7 * 2] * 3
     att.detach()
+
+
+def test_routers_in_a_layer_that_holds_a_list_take_the_layer_index() -> None:
+    """Switch-Transformers: ``encoder.block.N.layer.M.mlp.router``. The layer is N (the block),
+    not M (the sub-layer): both sparse blocks used to read as layer 1 and were refused."""
+    config = T.SwitchTransformersConfig(
+        vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=4, num_decoder_layers=4,
+        num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, num_experts=8, decoder_start_token_id=0,
+    )  # fmt: skip
+    model = T.SwitchTransformersModel(config).eval()
+    routers = [n for n, _ in model.named_modules() if n.startswith("encoder") and n.endswith(".router")]
+    assert routers == ["encoder.block.1.layer.1.mlp.router", "encoder.block.3.layer.1.mlp.router"]
+    lm = layer_map(model, routers="encoder.*.router", num_experts=8, top_k=1)
+    assert (lm.num_layers, list(lm.moe_layer_ids)) == (4, [1, 3])
