@@ -265,6 +265,21 @@ def test_an_idle_sglang_engine_merges_as_zeros(tmp_path, capsys) -> None:
     assert torch.equal(merged.total_count(), busy.sum(0).to(torch.int64))
 
 
+def test_eplb_and_summary_take_allow_partial_as_their_error_says(tmp_path, capsys) -> None:
+    """A merge with a shard missing suggests --allow-partial: eplb and summary --merge take it
+    now (it was "unrecognized arguments" there, so such a folder could not be planned from)."""
+    paths = [
+        record(s, Topology(rank=s, world_size=3, token_shard=s, num_token_shards=3)).save(str(tmp_path / f"r{s}.pt"))
+        for s in (0, 2)
+    ]
+    for command in (["eplb", *paths, "--replicas", "16", "--gpus", "4"], ["summary", "--merge", *paths]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "token shards [1] are missing" in err and "(--allow-partial)" in err, err
+        assert main([*command, "--allow-partial"]) == 0, capsys.readouterr().err
+        capsys.readouterr()
+
+
 def test_cli_merge(tmp_path, capsys) -> None:
     paths = []
     for s in range(2):

@@ -109,13 +109,18 @@ def _some(names: list[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def merged(dumps: list[tuple[str, Dump]]) -> tuple[str, Dump]:
+ALLOW_PARTIAL_HELP = "merge even if token shards or pipeline stages are missing"
+
+
+def merged(dumps: list[tuple[str, Dump]], allow_partial: bool = False) -> tuple[str, Dump]:
     """One run from several inputs, by ``moe_record_sdk.merge``'s rules (ranks and engines)."""
     from ..merge import merge_dumps
 
     labels = [label for label, _ in dumps]
     refuse_merge_beside_its_inputs(labels)
-    return f"merged({', '.join(labels)})", merge_dumps([d for _, d in dumps], sources=labels)
+    return f"merged({', '.join(labels)})", merge_dumps(
+        [d for _, d in dumps], sources=labels, allow_partial=allow_partial
+    )
 
 
 def refuse_merge_beside_its_inputs(files: Sequence[str]) -> None:

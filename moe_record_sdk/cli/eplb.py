@@ -18,6 +18,7 @@ from ..schema.io import save_torch
 from ..schema.sglang import check_init_expert_location_name
 from . import add_command, rich_console
 from .convert import (
+    ALLOW_PARTIAL_HELP,
     INPUTS_HELP,
     add_input_options,
     check_outputs,
@@ -71,6 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="K",
         help="expert groups of group-limited routing (DeepSeek's n_group)",
     )
+    p.add_argument("--allow-partial", action="store_true", help=f"several inputs: {ALLOW_PARTIAL_HELP}")
     p.add_argument(
         "--sglang-out",
         metavar="PT",
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             if not os.path.isdir(folder):
                 raise MoeRecordError(f"{out}: cannot write the file: No such file or directory (no folder {folder})")
         dumps = read_args_inputs(args, args.paths, merges=True)
-        label, dump = dumps[0] if len(dumps) == 1 else merged(dumps)
+        label, dump = dumps[0] if len(dumps) == 1 else merged(dumps, args.allow_partial)
         weight = dump.total_count().to(torch.int64)
         if weight.numel() and not bool(weight.any()):  # any plan "balances" no load: it would mean nothing
             raise MoeRecordError(

@@ -11,7 +11,7 @@ from ..errors import MoeRecordError
 from ..merge import merge_dumps
 from ..schema import save_dump
 from . import add_command
-from .convert import check_outputs, fail, refuse_merge_beside_its_inputs
+from .convert import ALLOW_PARTIAL_HELP, check_outputs, fail, refuse_merge_beside_its_inputs
 from .validate import resolve_dump_files
 
 
@@ -21,9 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="merged dump; format by suffix (.pt, .msgpack, .json)"
     )
-    p.add_argument(
-        "--allow-partial", action="store_true", help="merge even if token shards or pipeline stages are missing"
-    )
+    p.add_argument("--allow-partial", action="store_true", help=ALLOW_PARTIAL_HELP)
     p.set_defaults(func=run)
     return p
 

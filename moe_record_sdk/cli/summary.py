@@ -13,7 +13,7 @@ from ..errors import MoeRecordError
 from ..schema.io import check_regular_file
 from ..schema.sglang import PLACEMENT_KEYS, torch_load
 from . import add_command, rich_console
-from .convert import INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs
+from .convert import ALLOW_PARTIAL_HELP, INPUTS_HELP, add_input_options, fail, merged, positive_int, read_args_inputs
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="merge the inputs first (per-rank dumps of one run; see `moe-record merge`)",
     )
+    p.add_argument("--allow-partial", action="store_true", help=f"with --merge: {ALLOW_PARTIAL_HELP}")
     p.add_argument("--hot", type=positive_int, default=3, metavar="N", help="hot experts to name per layer (default 3)")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="JSON on stdout (a list, one summary per input)")
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         mapping = load_placement(args.placement) if args.placement else None
         dumps = read_args_inputs(args, args.paths, merges=args.merge)
         if args.merge and len(dumps) > 1:
-            dumps = [merged(dumps)]
+            dumps = [merged(dumps, args.allow_partial)]
         summaries = [
             summarize(dump, ep_size=args.ep_size, physical_to_logical_map=mapping, hot=args.hot, source=label)
             for label, dump in dumps
