@@ -159,14 +159,15 @@ def check_outputs(inputs: Sequence[str], outputs: Sequence[str | None]) -> None:
 
 
 def fail(command: str, error: Exception, flags: dict[str, str] | None = None) -> int:
-    """Print the error for ``command``; exit status 2. ``flags``: the library's words its check
-    messages use (``num_gpus=``) and the command's flag to say instead (``--gpus ``)."""
+    """Print the error for ``command``; exit status 2. ``flags``: the words the analysis functions'
+    argument checks (ValueError) use (``num_gpus=``) and the command's flag to say instead (``--gpus ``)."""
     message = str(error)
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         # "path: cause" like our other errors, not Python's "[Errno 2] cause: 'path'".
         message = f"{error.filename}: {error.strerror}"
-    for words, flag in (flags or {}).items():
-        message = message.replace(words, flag)
+    elif isinstance(error, ValueError):
+        for words, flag in (flags or {}).items():
+            message = message.replace(words, flag)
     print(f"moe-record {command}: {message}", file=sys.stderr)
     return 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -52,11 +53,16 @@ def _not_int(dtype: torch.dtype) -> bool:
 
 
 def load_placement(path: str) -> torch.Tensor:
-    """The [L, P] map of an SGLang ``--init-expert-location`` style ``.pt``, or of a plan ``eplb
-    --plan-out`` wrote, or a bare tensor."""
+    """The [L, P] map of an SGLang ``--init-expert-location`` file (``.pt``, or ``.json`` as SGLang
+    also takes), or of a plan ``eplb --plan-out`` wrote, or a bare tensor."""
     check_regular_file(path)  # a FIFO would block the open
     with open(path, "rb") as f:  # sizes checked before anything is allocated, as for dumps
-        obj = torch_load(f, os.fstat(f.fileno()).st_size, path)
+        size = os.fstat(f.fileno()).st_size
+        obj = (
+            _json_placement(f.read(MAX_JSON_PLACEMENT + 1), path)
+            if path.endswith(".json")
+            else torch_load(f, size, path)
+        )
     key, mapping = PLACEMENT_KEYS[0], obj
     if isinstance(obj, dict):
         key = next((k for k in PLACEMENT_KEYS if k in obj), None)
@@ -67,6 +73,35 @@ def load_placement(path: str) -> torch.Tensor:
         got = f"{mapping.dtype} {list(mapping.shape)}" if isinstance(mapping, torch.Tensor) else type(mapping).__name__
         raise MoeRecordError(f"{path}: {key}: expected an int tensor [layers, physical experts], got {got}")
     return mapping.to(torch.int64)
+
+
+MAX_JSON_PLACEMENT = 64 << 20  # bytes: [1000 layers, 4096 slots] of ints fits many times over
+
+
+def _json_placement(raw: bytes, path: str) -> dict[str, torch.Tensor]:
+    """SGLang's JSON form of ``--init-expert-location``: an object whose placement key holds a
+    [layers, physical slots] list of lists of ints."""
+    if len(raw) > MAX_JSON_PLACEMENT:
+        raise MoeRecordError(f"{path}: over {MAX_JSON_PLACEMENT >> 20} MiB: not a placement file")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MoeRecordError(f"{path}: not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise MoeRecordError(f"{path}: expected a JSON object with {' or '.join(PLACEMENT_KEYS)}")
+    out = {}
+    for key in PLACEMENT_KEYS:
+        rows = obj.get(key)
+        if rows is None:
+            continue
+        ok = isinstance(rows, list) and rows and all(isinstance(r, list) and len(r) == len(rows[0]) for r in rows)
+        if not ok or not all(type(v) is int for r in rows for v in r):
+            raise MoeRecordError(f"{path}: {key}: expected [layers, physical slots] lists of equal length, of ints")
+        try:
+            out[key] = torch.tensor(rows, dtype=torch.int64)
+        except RuntimeError:  # an int past int64
+            raise MoeRecordError(f"{path}: {key}: an entry exceeds int64") from None
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +115,10 @@ def run(args: argparse.Namespace) -> int:
             for label, dump in dumps
         ]
     except (MoeRecordError, OSError, ValueError) as e:
-        return fail("summary", e, {"ep_size: ": "--ep-size: ", "give a physical_to_logical_map": "give --placement"})
+        flags = {"ep_size: ": "--ep-size: ", "give a physical_to_logical_map": "give --placement"}
+        if args.placement:  # the placement's checks name the file they are about
+            flags["physical_to_logical_map: "] = f"--placement {args.placement}: "
+        return fail("summary", e, flags)
     if args.json:
         sys.stdout.write(to_json(summaries) + "\n")
     elif args.csv:

@@ -192,10 +192,19 @@ def test_cli_placement_must_place_every_loaded_expert_and_know_the_gpus(tmp_path
     assert s["placement"] == "physical_to_logical_map" and s["layers"][0]["gpus"]["mean"] == 9.0  # 18 / 2
     assert main(["summary", path, "--placement", miss, "--ep-size", "2"]) == 2  # not a mean of 7.5
     err = capsys.readouterr().err
-    assert "physical_to_logical_map: layer 0 has no slot for expert 7, which got 3 token(s)" in err
+    # The placement's checks name its file (they named only the parameter).
+    assert f"--placement {miss}: layer 0 has no slot for expert 7, which got 3 token(s)" in err
     assert "3 more such (layer, expert) pairs" in err
     assert main(["summary", path, "--placement", full]) == 2  # the dump does not say its GPUs
-    assert "physical_to_logical_map: a placement needs the GPU count (ep_size, --ep-size)" in capsys.readouterr().err
+    assert f"--placement {full}: a placement needs the GPU count (ep_size, --ep-size)" in capsys.readouterr().err
+    # SGLang's --init-expert-location also takes JSON: so does --placement (it was "not a loadable .pt").
+    as_json = tmp_path / "init.json"
+    as_json.write_text(json.dumps({"physical_to_logical_map": torch.arange(8).expand(4, 8).tolist()}))
+    assert main(["summary", path, "--placement", str(as_json), "--ep-size", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["layers"][0]["gpus"]["mean"] == 9.0
+    as_json.write_text(json.dumps({"physical_to_logical_map": [[0, 1], [2]]}))
+    assert main(["summary", path, "--placement", str(as_json), "--ep-size", "2"]) == 2
+    assert f"{as_json}: physical_to_logical_map: expected [layers, physical slots] lists" in capsys.readouterr().err
     assert main(["summary", path, "--placement", flt, "--ep-size", "2"]) == 2
     err = capsys.readouterr().err
     assert f"{flt}: physical_to_logical_map: expected an int tensor" in err and "got torch.float32 [4, 8]" in err
