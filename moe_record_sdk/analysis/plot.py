@@ -125,7 +125,7 @@ def _imbalance(ax, dump: Dump, ep_size: int | None) -> None:
     ax.set_xlabel("layer")
     ax.set_ylabel("max / mean")
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_title("imbalance per layer")
+    ax.set_title("max / mean per layer (imbalance + 1)")
     twin = ax.twinx()
     twin.plot(
         range(len(layers)), m.balancedness(x).numpy(), "o-", color="tab:blue", ms=3, label="balancedness (experts)"
@@ -172,7 +172,7 @@ def _passes(ax, dump: Dump, ep_size: int | None) -> None:
             axis.plot(x[sel].numpy(), y[sel].numpy(), color=color, lw=lw, label=None if i else label)
     ax.set_xlabel("forward pass")
     ax.set_ylabel("assignments per pass")
-    ax.set_title("load over passes" + (f" ({len(lines)} ranks, a line each)" if len(lines) > 1 else ""))
+    ax.set_title("load over passes" + (f" ({len(lines)} token groups, a line each)" if len(lines) > 1 else ""))
     twin.set_ylim(0, 1.05)
     twin.set_ylabel("balancedness")
     h1, l1 = ax.get_legend_handles_labels()

@@ -398,8 +398,9 @@ def print_summary(summary: Summary, console: Any = None, *, max_pass_rows: int =
     # max/mean is imbalance + 1: in the JSON and CSV, not on screen.
     cols = ["imbalance", "balance", "Jain", "CV"]
     caption = (
-        "imbalance: (max−mean)/mean (TensorRT-LLM); balance: mean/max (SGLang); hot: load/mean; mean: over "
-        "the MoE layers with load (SGLang's logged balancedness averages dense layers in too, as 1.0)"
+        "imbalance: (max−mean)/mean (TensorRT-LLM); balance: mean/max (SGLang); hot: load/mean; all: the "
+        "metrics' mean over the MoE layers with load (SGLang's logged balancedness averages dense layers in "
+        "too, as 1.0), the run's tokens, the dead experts of every layer"
     )
 
     def metric_cells(mt: Metrics) -> list[str]:
@@ -424,7 +425,7 @@ def print_summary(summary: Summary, console: Any = None, *, max_pass_rows: int =
     t.add_section()
     worst = f"worst layer {o.worst_layer}" if o.worst_layer is not None else ""
     t.add_row(
-        "mean",
+        "all",
         "–" if o.tokens is None else str(o.tokens),
         *metric_cells(o.experts),
         worst,
@@ -448,11 +449,13 @@ def print_summary(summary: Summary, console: Any = None, *, max_pass_rows: int =
 
     if s.passes:
         extra = ["GPU imbalance", "GPU balance"] if s.passes[0].gpus is not None else []
-        ranks = len({p.rank for p in s.passes})  # a merge's token groups: passes run side by side
+        # The records' ranks: token groups (DP ranks, or the engines a fleet's dump merged) whose
+        # passes ran side by side.
+        ranks = len({p.rank for p in s.passes})
         t = table(
-            f"Over {len(s.passes)} passes" + (f" of {ranks} ranks" if ranks > 1 else "")
+            f"Over {len(s.passes)} passes" + (f" of {ranks} token groups (DP ranks or engines)" if ranks > 1 else "")
             + " (per-pass values, mean over layers)",
-            ["rank"] * (ranks > 1) + ["passes", "assignments", "imbalance", "balance", *extra],
+            ["group"] * (ranks > 1) + ["passes", "assignments", "imbalance", "balance", *extra],
             "",
         )  # fmt: skip
         for label, group in _pass_chunks(s.passes, max_pass_rows):

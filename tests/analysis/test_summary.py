@@ -344,7 +344,7 @@ def test_passes_of_a_merge_are_told_apart_by_rank():
     out = io.StringIO()
     print_summary(s, Console(file=out, width=200), max_pass_rows=2)
     text = out.getvalue()
-    assert "Over 5 passes of 2 ranks" in text
+    assert "Over 5 passes of 2 token groups (DP ranks or engines)" in text
     rows = [line.split()[:2] for line in text.splitlines() if "–" in line and line.split()[0] in ("0", "1")]
     assert rows == [["0", "0–1"], ["1", "0–2"]], text  # by pass id, a chunk never spans two ranks
     table = list(csv.DictReader(io.StringIO(to_csv(s))))
@@ -361,7 +361,7 @@ def test_plot_draws_each_rank_of_a_merge_as_its_own_line():
     _passes(ax, merged_per_pass(), None)
     lines = ax.get_lines()  # assignments: one line per rank, each over its own pass ids
     assert [list(line.get_xdata()) for line in lines] == [[0, 1], [0, 1, 2]]
-    assert "2 ranks" in ax.get_title()
+    assert "2 token groups" in ax.get_title()
 
 
 def test_tables_on_a_pipe_are_not_folded_at_80_columns(tmp_path, capsys, monkeypatch):
