@@ -99,7 +99,8 @@ class Counter:
         self.kernel = "triton" if dev.type == "cuda" and counter_triton.available() else "torch"
         if token_slots:
             # Row N is the trash row for padding, disabled and overflowing writes.
-            self.token_ids = torch.full((N + 1, R, top_k), -1, dtype=torch.int32, device=dev)
+            # Layer-major: a tap's tokens land side by side (coalesced writes); slot N is the trash.
+            self.token_ids = torch.full((R, N + 1, top_k), -1, dtype=torch.int32, device=dev)
             self.token_pass = torch.full((N + 1,), -1, dtype=torch.int64, device=dev)
             self.token_arange = torch.arange(N + 1, device=dev)
         self.tap_args = counter_triton.tap_args(self)  # the kernel's fixed arguments
@@ -196,7 +197,7 @@ class Counter:
         slot = torch.where(keep, (self.token_cursor + t) % N, N)
         # Indexed on the whole ring, not through a view of its layer: under torch.compile a write
         # into a view of a graph input copied the whole ring (max_bytes) every pass.
-        at = (slot, torch.full_like(slot, row))
+        at = (torch.full_like(slot, row), slot)
         self.token_ids.index_put_(at, torch.where(invalid, -1, ids).to(torch.int32))
         self.token_pass.index_copy_(0, slot, self.passes.expand(T))
 
@@ -270,7 +271,7 @@ class Counter:
         assert 0 <= hi - lo <= N, (lo, hi, N)
         first, n = lo % N, hi - lo
         spans = [(first, min(n, N - first))] + ([(0, first + n - N)] if first + n > N else [])
-        ids = torch.cat([self.token_ids[a : a + m].to("cpu", copy=True) for a, m in spans])
+        ids = torch.cat([self.token_ids[:, a : a + m].to("cpu", copy=True) for a, m in spans], dim=1).transpose(0, 1)
         passes = torch.cat([self.token_pass[a : a + m].to("cpu", copy=True) for a, m in spans])
         after = int(self.token_cursor) + int(self.pass_tokens)
         return ids, passes, after

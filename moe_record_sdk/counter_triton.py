@@ -28,11 +28,12 @@ used, so Dynamo sees a user-defined Triton kernel.
 Notes (E=256, k=8, int32 ids, in a CUDA graph, us per call; ``moe-record bench`` and
 ``tests/perf/tune_tap.py`` print these):
 
-* NVIDIA H200, torch 2.11, Triton 3.6, 2026-11-29 (``moe-record bench --experts 256,64``, median
-  of 30): stat 1.11 / 1.14 / 1.25 / 1.32 / 1.39 / 1.52 at T = 1 / 16 / 128 / 1024 / 4096 /
-  16384 against a bare copy's 0.97 / 1.03 / 1.09 / 1.15 / 1.26 / 1.28, i.e. 1.15 / 1.11 / 1.14 /
-  1.16 / 1.10 / 1.19x (E=64: 1.07-1.16x); ``scatter_add_`` takes 22.9x ours at T = 16384.
-  ``per_token`` 1.27-1.70x the copy.
+* NVIDIA H200, torch 2.11, Triton 3.6, 2026-11-29 (``moe-record bench --experts 256``, median
+  of 30): stat 1.15 / 1.19 / 1.27 / 1.32 / 1.39 / 1.53 at T = 1 / 16 / 128 / 1024 / 4096 /
+  16384 against a bare copy's 1.08 / 1.06 / 1.08 / 1.14 / 1.21 / 1.29, i.e. 1.07 / 1.12 / 1.18 /
+  1.16 / 1.15 / 1.18x (E=64, an earlier run: 1.07-1.16x); ``scatter_add_`` takes 22.9x ours at
+  T = 16384. ``per_token`` 1.20-1.58x the copy (1.27-1.70x with the ring token-major, before
+  ``Counter.token_ids`` became [R, N + 1, K]: a tap's writes now land side by side).
 * The launch shapes, same card and day (``tune_tap.py``, stat / copy at T = 1 ... 16384): one
   atomic per id at every T 1.16 / 1.12 / 1.19 / 1.24 / 1.91 / 4.25 (its atomics' throughput);
   the histogram in 256-id programs (1 id per thread, 8 warps) 1.18 / 1.12 / 1.16 / 1.16 / 1.24 /
@@ -51,9 +52,8 @@ Notes (E=256, k=8, int32 ids, in a CUDA graph, us per call; ``moe-record bench``
   private torch API: the PTX here is that kernel's counting, launched by Triton.
 * ``per_token`` adds ~0.2-0.3 us at small T (H200, ``tests/perf/per_token_cost.py``, 2026-11-28):
   ~0.17 us is its three scalar loads (cursor, pass id, flag) feeding the ring writes, ~0.07 the
-  writes; at large T the ring's writes are strided (one token's k ids per layer row). It does
-  stat's work plus a copy's, so it cannot reach 1.2x the copy. The ring's size N is a
-  compile-time constant: ``cursor % N`` with N a runtime argument (a float64 division) cost
+  writes. It does stat's work plus a copy's, so it cannot reach 1.2x the copy. The ring's size
+  N is a compile-time constant: ``cursor % N`` with N a runtime argument (a float64 division) cost
   0.33 us per call.
 * Noise floor: two kernels with identical SASS timed 0.17 us apart at T=16 with differently
   placed buffers (L2's near and far partitions), so differences below ~0.15 us at T <= 1024 are
@@ -141,9 +141,8 @@ if triton is not None:
         enabled_ptr,  # int64 scalar: 0 = count nothing
         counts_ptr,  # int64 [G, R, S + 2]: Counter.stripes
         stripe_stride,  # R * (S + 2)
-        tok_ids_ptr,  # int32 [N + 1, R, K]: Counter.token_ids
+        tok_ids_ptr,  # int32 [R, N + 1, K]: Counter.token_ids
         tok_pass_ptr,  # int64 [N + 1]
-        R,
         token_enabled_ptr,  # int64 scalar
         cursor_ptr,  # int64 scalar: ring position of this pass's first token
         pass_tokens_ptr,  # int64 scalar: tokens this pass announced so far
@@ -179,7 +178,7 @@ if triton is not None:
             tok_on = tl.load(token_enabled_ptr) != 0
             cursor = tl.load(cursor_ptr)
             pass_id = tl.load(passes_ptr)
-            tok_ids_ptr += row * K
+            tok_ids_ptr += tl.cast(row, tl.int64) * ((N + 1) * K)  # the layer's ring: [N + 1, K]
             base = (cursor % N).to(tl.int32)  # the cursor only grows from 0
             # Announce the pass's tokens before writing any: a dump that re-reads pass_tokens
             # after copying the ring knows which slots these writes may have overwritten. The
@@ -199,7 +198,7 @@ if triton is not None:
             else:
                 tl.atomic_add(counts_ptr + b, 1, mask=b >= 0, sem="relaxed")
         if TOKENS:
-            _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, R, K)
+            _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, K)
 
     # Scalar atomics, issued as block-shaped ones with a single live lane: Triton gives a scalar
     # atomic's result to every thread through shared memory and a barrier, so all of them would
@@ -218,13 +217,13 @@ if triton is not None:
 
     @triton.jit
     def _store_tokens(
-        tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N: tl.constexpr, R, K: tl.constexpr
+        tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N: tl.constexpr, K: tl.constexpr
     ):
         t = e // K
         # Only the pass's last N valid tokens fit in the ring; earlier ones would collide.
         keep = (e < valid_el) & (t >= nv - N) & tok_on
         slot = (base + t) % N
-        tl.store(tok_ids_ptr + slot.to(tl.int64) * (R * K) + e % K, tl.where(ok, x, -1).to(tl.int32), mask=keep)
+        tl.store(tok_ids_ptr + slot.to(tl.int64) * K + e % K, tl.where(ok, x, -1).to(tl.int32), mask=keep)
         tl.store(tok_pass_ptr + slot, pass_id, mask=keep & (e % K == 0))
 
 
@@ -323,7 +322,6 @@ def tap_args(counter: Counter) -> tuple:
         stripes.stride(0),
         tok_ids,
         tok_pass,
-        len(counter.layer_ids),
         counter.token_enabled,
         counter.token_cursor,
         counter.pass_tokens,

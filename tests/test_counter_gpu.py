@@ -21,7 +21,7 @@ def _state(c: Counter) -> list[torch.Tensor]:
     if c.rows is not None:
         out += [c.rows, c.row_pass]
     if c.token_ids is not None:
-        out += [c.token_ids[: c.token_slots], c.token_pass[: c.token_slots]]
+        out += [c.token_ids[:, : c.token_slots], c.token_pass[: c.token_slots]]
     return [t.cpu() for t in out]
 
 

@@ -51,7 +51,7 @@ def _same(kernel: Counter, reference: Counter) -> list[str]:
             bad.append(name)
     if kernel.token_ids is not None:
         N = kernel.token_slots
-        if not torch.equal(kernel.token_ids[:N], reference.token_ids[:N]):
+        if not torch.equal(kernel.token_ids[:, :N], reference.token_ids[:, :N]):
             bad.append("token_ids")
         if not torch.equal(kernel.token_pass[:N], reference.token_pass[:N]):
             bad.append("token_pass")

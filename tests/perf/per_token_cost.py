@@ -26,7 +26,7 @@ EDITS = {
     "no_pass_store": [("tl.store(tok_pass_ptr + slot, pass_id, mask=keep & (e % K == 0))", "pass")],
     "no_id_store": [
         (
-            "tl.store(tok_ids_ptr + slot.to(tl.int64) * (R * K) + e % K, tl.where(ok, x, -1).to(tl.int32), mask=keep)",
+            "tl.store(tok_ids_ptr + slot.to(tl.int64) * K + e % K, tl.where(ok, x, -1).to(tl.int32), mask=keep)",
             "pass",
         )
     ],
