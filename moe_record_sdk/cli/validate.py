@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -41,6 +42,19 @@ def iter_dump_files(paths: list[str]) -> Iterator[str]:
             yield path
 
 
+def _decode_error(message: str) -> dict[str, str]:
+    """A reader's error as ``{"field", "message"}``: msgspec's "... - at `$.engine.name`" names the
+    field at the end (a tensor's part first: ".dtype: ..."); "$" where none is named."""
+    m = re.fullmatch(r"(?s)(.*) - at `\$\.?(.*)`", message)
+    if m is None:
+        return {"field": "$", "message": message}
+    message, field = m.group(1), m.group(2) or "$"
+    if message.startswith("."):  # "$: .dtype: ..." reaches us as ".dtype: ..."
+        part, _, message = message[1:].partition(": ")
+        field = f"{field}.{part}"
+    return {"field": field, "message": message}
+
+
 def check_file(path: str) -> dict:
     """``{"path", "format", "ok", "errors": [{"field", "message"}]}`` for one file."""
     result: dict = {"path": path, "format": None, "ok": False, "errors": []}
@@ -50,7 +64,7 @@ def check_file(path: str) -> dict:
     except (MoeRecordError, OSError) as e:
         message = str(e)  # the readers' messages begin with the file, which the result names already
         message = message[len(path) + 2 :] if message.startswith(f"{path}: ") else message
-        result["errors"].append({"field": "$", "message": message})
+        result["errors"].append(_decode_error(message))
         return result
     problems = validate_dump(dump)
     result["errors"] = [{"field": f, "message": m} for f, m in problems]

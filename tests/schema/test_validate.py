@@ -111,6 +111,22 @@ def test_an_empty_file_or_a_byte_order_mark_is_said(tmp_path, capsys, suffix):
     assert code == 1 and "starts with a UTF-8 byte-order mark" in out
 
 
+def test_a_decode_error_names_its_field(tmp_path, capsys):
+    """msgspec names the field at the end of its message ("- at `$.engine.name`"): the result's
+    field column carries it (it said "$", the field buried in the text)."""
+    raw = raw_dump()
+    raw["logical_count"]["dtype"] = "complex64"
+    raw["engine"]["name"] = 5
+    code, out = validate(capsys, write_raw(tmp_path / "a.msgpack", raw), json_out=True)
+    (error,) = json.loads(out)["files"][0]["errors"]
+    assert code == 1 and error["field"] in ("engine.name", "logical_count.dtype"), error
+    raw = raw_dump()
+    raw["logical_count"]["dtype"] = "complex64"
+    code, out = validate(capsys, write_raw(tmp_path / "b.msgpack", raw), json_out=True)
+    (error,) = json.loads(out)["files"][0]["errors"]
+    assert error == {"field": "logical_count.dtype", "message": "unknown tensor dtype 'complex64'"}
+
+
 def test_tensor_bytes_disagree_with_shape(tmp_path, capsys):
     raw = raw_dump()
     raw["logical_count"]["shape"] = [1000, 1000, 1000]
