@@ -46,8 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """Add command ``name`` to ``sub`` with its help from ``COMMANDS``."""
-    return sub.add_parser(name, help=COMMANDS[name][1], **kwargs)
+    """Add command ``name`` to ``sub`` with its help from ``COMMANDS`` (also its description, unless given)."""
+    short = COMMANDS[name][1]
+    kwargs.setdefault("description", short[:1].upper() + short[1:] + ".")
+    return sub.add_parser(name, help=short, **kwargs)
 
 
 def rich_console() -> Any:

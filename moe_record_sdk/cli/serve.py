@@ -34,14 +34,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--mode", choices=MODES, default=None, help=f"recording mode (default ${env.MOE_RECORD_MODE} or stat)"
     )
-    p.add_argument("--buffer-size", type=int, default=None, help="rows of the per-pass ring (SGLang's buffer)")
+    p.add_argument(
+        "--buffer-size",
+        type=int,
+        default=None,
+        help="rows of the per-pass ring (SGLang's buffer; default: none in stat mode, 1000 in per_pass and per_token)",
+    )
     p.add_argument(
         "--max-bytes", type=int, default=None, help="per_token: bound on the token and pass rings (default 256 MiB)"
     )
     p.add_argument(
         "--dump-dir",
         default=None,
-        help=f"where dump files go (default ${env.MOE_RECORD_DUMP_DIR}, else ${env.SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR}, else /tmp)",
+        help=f"where dump files go (default ${env.MOE_RECORD_DUMP_DIR}, else ${env.SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR}, "
+        f"else ${env.VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR}, else /tmp)",
     )
     p.add_argument("--api-key", default=None, help=f"require this bearer token (default ${env.MOE_RECORD_API_KEY})")
     p.add_argument("--no-control", action="store_true", help="leave the recording endpoints out (404)")

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         sub,
         "validate",
         epilog="exit status: 0 every file is valid, 1 some file is INVALID (not a valid dump, or not a regular file: "
-        "a FIFO, a device), 2 a path that is not there",
+        "a FIFO, a device), 2 a path that is not there, or no dump file found in the folders given",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="dump files, or folders to search for them")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout instead of lines")
