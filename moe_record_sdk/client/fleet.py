@@ -29,6 +29,7 @@ from .._version import __version__
 from ..errors import MoeRecordError
 from ..schema import FORMATS
 from ..server.protocol import (
+    ANONYMOUS,
     DUMP_JSON,
     H_CLIENT,
     H_FILES,
@@ -272,6 +273,9 @@ class AsyncFleet:
         result = await self._fan_out("stop", self._calls_for("stop", None, "application/json, text/plain;q=0.5"))
         for r in result:
             run = self._runs.get(r.engine)
+            if r.ok and run is None and (r.info or {}).get("already_stopped"):  # not this fleet's run: say so
+                by = f" by client {r.stopped_by}" if r.stopped_by not in (None, ANONYMOUS) else ""
+                r.note = f"already stopped{by}: nothing changed"
             if run is None or not r.ok:
                 continue
             if r.stopped_by is not None:

@@ -483,9 +483,12 @@ def test_status_of_an_engine_never_started_says_so(engines, capsys):
     line = capsys.readouterr().out.splitlines()[0]
     assert run_id and line.endswith(f"recording, mode stat, 0 passes, 0 tokens, 1 rank(s), run {run_id}"), line
     # A run that ended reads "stopped", not "idle" as if it never recorded (record's last table said so).
-    assert main(["stop", "-e", a.url]) == 0 and main(["status", "-e", a.url]) == 0
+    assert main(["stop", "-e", a.url, "--client-id", "ops"]) == 0 and main(["status", "-e", a.url]) == 0
     line = capsys.readouterr().out.splitlines()[-2]
     assert line.endswith(f"stopped, mode stat, 0 passes, 0 tokens, 1 rank(s), run {run_id}"), line
+    # A stop of a stopped run says so, and whose stop it was (it read a plain "ok").
+    assert main(["stop", "-e", a.url]) == 0
+    assert "(already stopped by client ops: nothing changed)" in capsys.readouterr().out
 
 
 def _ctrl_c_beside_a_hung_engine(engines, *args: str, seed: int | None = None):
