@@ -121,6 +121,8 @@ def validate_dump(dump: Dump) -> list[Problem]:
     if not _counts(dump.logical_count, "logical_count", [None, L, E], out):
         return out
     B = dump.logical_count.shape[0]
+    if w.mode == "stat" and max(w.buffer_size, 1) < B:
+        out.append(("logical_count", f"{B} rows, but window.buffer_size is {w.buffer_size} (0: one cumulative row)"))
     total, over = _exact_sum(dump.logical_count, row_sum, B)
     if bool(over.any()):
         _past_int64("logical_count[:, {0}, {1}]", "the rows sum past int64", over, out)
@@ -206,6 +208,10 @@ def _check_records(dump: Dump, B: int, out: list[Problem]) -> None:
     if len(dump.records) != B:
         out.append(("records", f"{len(dump.records)} records, but logical_count has {B} rows"))
         return
+    if w.num_passes != B + w.dropped_passes:  # every pass of the window is a row, or was dropped from the ring
+        out.append(
+            ("window.num_passes", f"{w.num_passes}, but the dump holds {B} passes and dropped {w.dropped_passes}")
+        )
     seen: set[tuple[int, int]] = set()
     width = m.num_physical_experts or m.num_logical_experts
     rows = dump.physical_count if dump.physical_count is not None else dump.logical_count

@@ -127,6 +127,24 @@ def test_a_decode_error_names_its_field(tmp_path, capsys):
     assert error == {"field": "logical_count.dtype", "message": "unknown tensor dtype 'complex64'"}
 
 
+def test_window_counters_that_contradict_the_rows_are_invalid():
+    """A per_pass window of 4 rows claiming 99 (or 0) passes, and a stat dump without a ring that
+    holds 4 rows: each was accepted (summary then printed "99 passes")."""
+    from moe_record_sdk import validate_dump
+
+    per_pass = random_dump(1, "per_pass")
+    assert validate_dump(per_pass) == [] and per_pass.window.num_passes == 4
+    for claimed in (99, 0):
+        bad = msgspec.structs.replace(per_pass, window=msgspec.structs.replace(per_pass.window, num_passes=claimed))
+        assert ("window.num_passes", f"{claimed}, but the dump holds 4 passes and dropped 0") in validate_dump(bad)
+    dropped = msgspec.structs.replace(per_pass.window, num_passes=10, dropped_passes=6)
+    assert validate_dump(msgspec.structs.replace(per_pass, window=dropped)) == []
+    stat = random_dump(2, "stat", buffer_size=4)
+    assert validate_dump(stat) == [] and stat.logical_count.shape[0] == 4
+    bad = msgspec.structs.replace(stat, window=msgspec.structs.replace(stat.window, buffer_size=0))
+    assert ("logical_count", "4 rows, but window.buffer_size is 0 (0: one cumulative row)") in validate_dump(bad)
+
+
 def test_tensor_bytes_disagree_with_shape(tmp_path, capsys):
     raw = raw_dump()
     raw["logical_count"]["shape"] = [1000, 1000, 1000]
@@ -263,6 +281,6 @@ def test_sums_up_to_int64_max_are_exact(tmp_path, capsys):
     count[:, 0, :2] = 1 << 60  # layer 0 sums to 2^62, within int64 past the cheap bound
     count[0, 1, 0], count[1, 1, 0] = INT64_MAX - 5, 5  # one expert's rows: INT64_MAX exactly
     raw["logical_count"] = tensor_to_wire(count)
-    raw["window"].update(num_tokens=[1 << 61, 1 << 62, 0], discarded=[0, 1, 0])
+    raw["window"].update(num_tokens=[1 << 61, 1 << 62, 0], discarded=[0, 1, 0], buffer_size=2)  # a 2-row ring
     code, out = validate(capsys, write_raw(tmp_path / "big.msgpack", raw))
     assert code == 0, out
