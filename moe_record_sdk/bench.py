@@ -7,6 +7,8 @@ through, in one run and interleaved:
 * ``torch``: the same tap through the torch path (``Counter.kernel = "torch"``): the reference
   the kernel replaces, on CUDA; on CPU it is ``ours``;
 * ``per_token``: ``Recorder.record`` in ``per_token`` mode (counts and the token ring);
+* ``ring``: the same ``per_token`` tap with counting switched off on the device: the ring write
+  alone, what ``per_token`` adds to ``stat`` (its flag, cursor and pass-id loads, then the ids);
 * ``stopped``: ``Recorder.record`` after ``stop()``: what an attached, idle recorder costs;
 * ``sglang``: SGLang's ``stat`` tap (flatten, mask, ``scatter_add_`` of ones into int32 [L, E]);
 * ``scatter``: the ``scatter_add_`` kernel alone, on a ready index;
@@ -38,7 +40,7 @@ from .recorder import Recorder
 TOKENS = (1, 16, 128, 1024, 4096, 16384)
 EXPERTS = (64, 256)
 LAYERS = 8  # layers (and id buffers) the taps cycle over
-METHODS = ("ours", "torch", "per_token", "stopped", "sglang", "scatter", "copy")
+METHODS = ("ours", "torch", "per_token", "ring", "stopped", "sglang", "scatter", "copy")
 
 
 def _sglang_tap(counts: torch.Tensor, num_experts: int) -> Callable[[int, torch.Tensor], None]:
@@ -58,11 +60,14 @@ def _methods(device: torch.device, E: int, T: int, k: int, dtype: torch.dtype) -
     ids = [torch.randint(0, E, (T, k), generator=gen, dtype=dtype).to(device) for _ in range(LAYERS)]
     stat = Recorder(LAYERS, E, k, device, "stat")
     per_token = Recorder(LAYERS, E, k, device, "per_token")
+    ring = Recorder(LAYERS, E, k, device, "per_token")
     stopped = Recorder(LAYERS, E, k, device, "stat")
     reference = Recorder(LAYERS, E, k, device, "stat")
     reference.counter.kernel = "torch"
     stat.start()
     per_token.start()
+    ring.start()
+    ring.counter.enabled.zero_()  # the tap's counting flag: off, its token ring still on
     reference.start()
     sglang = _sglang_tap(torch.zeros(LAYERS, E, dtype=torch.int32, device=device), E)
     scatter_counts = torch.zeros(LAYERS, E, dtype=torch.int32, device=device)
@@ -73,12 +78,13 @@ def _methods(device: torch.device, E: int, T: int, k: int, dtype: torch.dtype) -
         "ours": lambda i: stat.record(i % LAYERS, ids[i % LAYERS]),
         "torch": lambda i: reference.record(i % LAYERS, ids[i % LAYERS]),
         "per_token": lambda i: per_token.record(i % LAYERS, ids[i % LAYERS]),
+        "ring": lambda i: ring.record(i % LAYERS, ids[i % LAYERS]),
         "stopped": lambda i: stopped.record(i % LAYERS, ids[i % LAYERS]),
         "sglang": lambda i: sglang(i % LAYERS, ids[i % LAYERS]),
         "scatter": lambda i: scatter_counts[i % LAYERS].scatter_add_(0, index[i % LAYERS], ones),
         "copy": lambda i: out.copy_(ids[i % LAYERS]),
     }
-    return fns, [stat, per_token, stopped]
+    return fns, [stat, per_token, stopped, ring]
 
 
 def _eager_timer(fn: Callable[[int], Any], device: torch.device, taps: int) -> Callable[[], float]:
@@ -187,15 +193,19 @@ def run_bench(
                         samples[name].append(once())
                 rows.append({"E": E, "T": T, "where": where} | {n: statistics.median(s) for n, s in samples.items()})
             if T:
-                _check_counts(recorders[0], recorders[2])
+                _check_counts(*recorders)
             del timers, fns, recorders
     return rows
 
 
-def _check_counts(stat: Recorder, stopped: Recorder) -> None:
-    """The timed taps counted something, and the stopped one nothing: the timing is of real work."""
+def _check_counts(stat: Recorder, per_token: Recorder, stopped: Recorder, ring: Recorder) -> None:
+    """The timed taps counted something, the stopped one nothing, and the ring-only tap wrote ids
+    but counted none: the timing is of the work it names."""
+    assert ring.counter.token_ids is not None
     if stat.counter.total_counts().sum().item() == 0 or stopped.counter.total_counts().sum().item() != 0:
         raise AssertionError("benchmark sanity: the recording tap counted nothing or the stopped one counted")
+    if ring.counter.total_counts().sum().item() != 0 or (ring.counter.token_ids < 0).all().item():
+        raise AssertionError("benchmark sanity: the ring-only tap counted, or wrote no id")
 
 
 def environment(device: str | torch.device | None = None) -> dict[str, Any]:

@@ -28,12 +28,17 @@ used, so Dynamo sees a user-defined Triton kernel.
 Notes (E=256, k=8, int32 ids, in a CUDA graph, us per call; ``moe-record bench`` and
 ``tests/perf/tune_tap.py`` print these):
 
-* NVIDIA H200, torch 2.11, Triton 3.6, 2026-11-29 (``moe-record bench --experts 256``, median
-  of 30): stat 1.15 / 1.19 / 1.27 / 1.32 / 1.39 / 1.53 at T = 1 / 16 / 128 / 1024 / 4096 /
-  16384 against a bare copy's 1.08 / 1.06 / 1.08 / 1.14 / 1.21 / 1.29, i.e. 1.07 / 1.12 / 1.18 /
-  1.16 / 1.15 / 1.18x (E=64, an earlier run: 1.07-1.16x); ``scatter_add_`` takes 22.9x ours at
-  T = 16384. ``per_token`` 1.20-1.58x the copy (1.27-1.70x with the ring token-major, before
-  ``Counter.token_ids`` became [R, N + 1, K]: a tap's writes now land side by side).
+* NVIDIA H200, torch 2.11, Triton 3.6, 2026-11-29 (``moe-record bench --experts 256,64``,
+  median of 30): stat 1.10 / 1.17 / 1.25 / 1.32 / 1.38 / 1.52 at T = 1 / 16 / 128 / 1024 / 4096 /
+  16384 against a bare copy's 1.02 / 1.03 / 1.10 / 1.16 / 1.21 / 1.30, i.e. 1.07 / 1.14 / 1.14 /
+  1.15 / 1.14 / 1.17x (E=64: 1.08-1.16x); ``scatter_add_`` takes 11.8x ours at T = 16384 (22.9x
+  in a run of that T alone: its own time varies, 18-35 us). ``per_token`` 1.18 / 1.25 / 1.22 /
+  1.24 / 1.36 / 1.42x the copy; its ring write alone (the bench's ``ring``) 1.09-1.23x.
+  ``per_token`` was 1.27-1.70x with the ring token-major and written after the counting; the
+  ring became layer-major [R, N + 1, K] (a tap's writes side by side), its writes go out before
+  the histogram's barriers (1.58 -> 1.50x at T = 16384), and a thread holding several ids writes
+  them with one wide store where the block's slots do not wrap (1.50 -> 1.40x; with one id per
+  thread that branch only cost, +0.08 us, so it is compiled in only for ITEMS > 1).
 * The launch shapes, same card and day (``tune_tap.py``, stat / copy at T = 1 ... 16384): one
   atomic per id at every T 1.16 / 1.12 / 1.19 / 1.24 / 1.91 / 4.25 (its atomics' throughput);
   the histogram in 256-id programs (1 id per thread, 8 warps) 1.18 / 1.12 / 1.16 / 1.16 / 1.24 /
@@ -50,11 +55,11 @@ Notes (E=256, k=8, int32 ids, in a CUDA graph, us per call; ``moe-record bench``
   slower still. A CUDA C++ shared-memory histogram built with NVRTC reached 1.25x / 1.29x on the
   H100 but paid 0.14 us more per launch than Triton (its own launch path) and rested on a
   private torch API: the PTX here is that kernel's counting, launched by Triton.
-* ``per_token`` adds ~0.2-0.3 us at small T (H200, ``tests/perf/per_token_cost.py``, 2026-11-28):
-  ~0.17 us is its three scalar loads (cursor, pass id, flag) feeding the ring writes, ~0.07 the
-  writes. It does stat's work plus a copy's, so it cannot reach 1.2x the copy. The ring's size
-  N is a compile-time constant: ``cursor % N`` with N a runtime argument (a float64 division) cost
-  0.33 us per call.
+* ``per_token`` adds ~0.1-0.3 us at small T (H200, ``tests/perf/per_token_cost.py``, 2026-11-28):
+  ~0.17 us was its three scalar loads (cursor, pass id, flag) feeding the ring writes, ~0.07 the
+  writes. It does stat's work plus the ring's write (which writes 25% more bytes than a copy: a
+  pass id per token), so it stays above 1.2x the copy. The ring's size N is a compile-time
+  constant: ``cursor % N`` with N a runtime argument (a float64 division) cost 0.33 us per call.
 * Noise floor: two kernels with identical SASS timed 0.17 us apart at T=16 with differently
   placed buffers (L2's near and far partitions), so differences below ~0.15 us at T <= 1024 are
   not attributable to code.
@@ -186,6 +191,8 @@ if triton is not None:
             # issued before the writes, re-read after the copy completed. (acq_rel here cost
             # 0.5 us per layer on an H100 and would not order the DMA either.)
             _max_lane0(pass_tokens_ptr, nv.to(tl.int64), tok_on & (nv > 0), lane)
+            # The ring writes go out before the counting, so they overlap its barriers.
+            _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, K, ITEMS)
         if on:  # the same for every thread: the histogram's barriers see all of them
             # Each id's bin: its expert, the discard bin S (invalid id), the padding bin S + 1
             # (a row past num_valid_tokens), or none (-1: past the batch).
@@ -197,8 +204,6 @@ if triton is not None:
                 )
             else:
                 tl.atomic_add(counts_ptr + b, 1, mask=b >= 0, sem="relaxed")
-        if TOKENS:
-            _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, K)
 
     # Scalar atomics, issued as block-shaped ones with a single live lane: Triton gives a scalar
     # atomic's result to every thread through shared memory and a barrier, so all of them would
@@ -217,14 +222,35 @@ if triton is not None:
 
     @triton.jit
     def _store_tokens(
-        tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N: tl.constexpr, K: tl.constexpr
+        tok_ids_ptr,
+        tok_pass_ptr,
+        x,
+        ok,
+        e,
+        valid_el,
+        nv,
+        base,
+        pass_id,
+        tok_on,
+        N: tl.constexpr,
+        K: tl.constexpr,
+        ITEMS: tl.constexpr,
     ):
         t = e // K
         # Only the pass's last N valid tokens fit in the ring; earlier ones would collide.
         keep = (e < valid_el) & (t >= nv - N) & tok_on
-        slot = (base + t) % N
-        tl.store(tok_ids_ptr + slot.to(tl.int64) * K + e % K, tl.where(ok, x, -1).to(tl.int32), mask=keep)
-        tl.store(tok_pass_ptr + slot, pass_id, mask=keep & (e % K == 0))
+        ids = tl.where(ok, x, -1).to(tl.int32)
+        last = (tl.program_id(0) * e.shape[0] + e.shape[0] - 1) // K  # the block's last token
+        # Where a thread holds several ids and the block's slots do not wrap, its ids go to one
+        # contiguous run: one wide store each (the % N addresses defeat that). With one id per
+        # thread there is nothing to widen, and the branch would only cost.
+        if ITEMS > 1 and base + last < N:
+            tl.store(tok_ids_ptr + base.to(tl.int64) * K + e, ids, mask=keep)
+            tl.store(tok_pass_ptr + base + t, pass_id, mask=keep & (e % K == 0))
+        else:
+            slot = (base + t) % N
+            tl.store(tok_ids_ptr + slot.to(tl.int64) * K + e % K, ids, mask=keep)
+            tl.store(tok_pass_ptr + slot, pass_id, mask=keep & (e % K == 0))
 
 
 def stripes_for(device: torch.device) -> int:

@@ -111,7 +111,7 @@ def print_tables(rows: list[dict], env: dict) -> None:
             table.add_column("T", justify="right")
             for name in METHODS:
                 table.add_column(name, justify="right")
-            for ratio in ("ours/copy", "per_token/copy", "torch/ours", "sglang/ours", "scatter/ours"):
+            for ratio in ("ours/copy", "per_token/copy", "ring/copy", "torch/ours", "sglang/ours", "scatter/ours"):
                 table.add_column(ratio, justify="right", style="bold")
             for r in sel:
                 table.add_row(
@@ -119,6 +119,7 @@ def print_tables(rows: list[dict], env: dict) -> None:
                     *(f"{r[n]:.2f}" for n in METHODS),
                     f"{r['ours'] / r['copy']:.2f}",
                     f"{r['per_token'] / r['copy']:.2f}",
+                    f"{r['ring'] / r['copy']:.2f}",
                     f"{r['torch'] / r['ours']:.1f}",
                     f"{r['sglang'] / r['ours']:.1f}",
                     f"{r['scatter'] / r['ours']:.1f}",

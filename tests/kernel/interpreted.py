@@ -31,8 +31,8 @@ def _fix_comparisons() -> None:
             setattr(interpreter.InterpreterBuilder, name, tagged)
 
 
-def _pair(mode: str, E: int, k: int) -> tuple[Counter, Counter]:
-    ring, tokens = (0, 0) if mode == "stat" else (5, 0 if mode == "per_pass" else 97)
+def _pair(mode: str, E: int, k: int, tokens: int) -> tuple[Counter, Counter]:
+    ring = 0 if mode == "stat" else 5
     kernel = Counter([0, 2, 3], E, k, "cpu", ring_rows=ring, token_slots=tokens, stripes=3)
     kernel.kernel = "triton"
     reference = Counter([0, 2, 3], E, k, "cpu", ring_rows=ring, token_slots=tokens, stripes=1)
@@ -65,11 +65,13 @@ def main() -> int:
     _fix_comparisons()
     g = torch.Generator().manual_seed(0)
     cases = 0
-    for mode in ("stat", "per_pass", "per_token"):
-        for E, k in ((16, 2), (60, 8)):
-            kernel, reference = _pair(mode, E, k)
+    # (mode, token ring slots, rounds of batch sizes): a ring of 97 wraps within most passes; one
+    # of 1500 holds a prefill-sized pass (several ids per thread) whole, then wraps within it.
+    for mode, tokens, rounds in (("stat", 0, 1), ("per_pass", 0, 1), ("per_token", 97, 1), ("per_token", 1500, 2)):
+        for E, k in ((16, 2), (60, 8)) if tokens < 1500 else ((60, 8),):
+            kernel, reference = _pair(mode, E, k, tokens)
             # Decode-sized batches and prefill-sized ones (another launch shape).
-            for T in (0, 1, 3, 40, 97, LAUNCH[0][0] // k + 7):
+            for T in (0, 1, 3, 40, 97, LAUNCH[0][0] // k + 7) * rounds:
                 for layer in (0, 2, 3):
                     dtype = (torch.int32, torch.int64)[cases % 2]
                     ids = torch.randint(-3, E + 3, (T, k), generator=g, dtype=dtype)
