@@ -96,7 +96,8 @@ def to_sglang_dict(dump: Dump) -> dict[str, Any]:
         "window": msgspec.to_builtins(dump.window),
         "average_utilization_rate_over_window": dump.average_utilization_rate_over_window,
         "total_logical_count": dump.total_logical_count,
-        "physical_count": dump.physical_count,
+        # Per-pass files hold the physical rows once, as the records' global_physical_count.
+        "physical_count": dump.physical_count if dump.window.mode == "stat" else None,
         "physical_to_logical_map": dump.physical_to_logical_map,
     }
     if dump.window.mode == "stat":

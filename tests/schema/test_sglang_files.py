@@ -39,6 +39,11 @@ def test_our_per_pass_pt_has_sglang_layout(tmp_path):
     assert {"forward_pass_id", "rank", "gatherer_key", "global_physical_count", "topk_ids_of_layer"} <= set(rec)
     assert rec["rank"] == 3 and rec["gatherer_key"] == "primary"
     assert rec["global_physical_count"].dtype == torch.int32 and rec["global_physical_count"].shape == (3, 10)
+    # The physical rows are stored once, in the records: the metadata does not repeat them (it
+    # did, up to three times the file's size with int64 rows), and the file reads back whole.
+    assert obj[META_KEY]["physical_count"] is None
+    back = load_dump(str(tmp_path / name))
+    assert torch.equal(back.physical_count, dump.physical_count) and torch.equal(back.logical_count, dump.logical_count)
 
 
 def test_reads_sglang_stat_file(tmp_path):
