@@ -52,14 +52,15 @@ def add_command(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> ar
     return sub.add_parser(name, help=short, **kwargs)
 
 
-def rich_console() -> Any:
-    """The ``rich.console.Console`` commands print their tables on. Written to a pipe or a file (a
-    log), rich would fold them at 80 columns: 160 there, unless ``COLUMNS`` says otherwise."""
+def rich_console(stderr: bool = False) -> Any:
+    """The ``rich.console.Console`` commands print their tables on (``stderr``: when stdout carries
+    a JSON document). Written to a pipe or a file (a log), rich would fold them at 80 columns: 160
+    there, unless ``COLUMNS`` says otherwise."""
     from rich.console import Console
 
-    console = Console()
+    console = Console(stderr=stderr)
     if not console.is_terminal and not os.environ.get("COLUMNS"):
-        console = Console(width=160)
+        console = Console(stderr=stderr, width=160)
     return console
 
 

@@ -8,8 +8,10 @@ when some failed (their errors listed, the others' dumps saved).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from .control import (
     print_result,
     recording_state,
     remove_if_empty,
+    result_json,
     save_dumps,
 )
 
@@ -53,17 +56,24 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default=None, help="recording mode (default: the engines')")
     p.add_argument("--format", choices=FORMATS, default="pt", help="file format (default pt, SGLang's)")
     p.add_argument("--interval", type=positive, default=1.0, help="seconds between progress updates (default 1)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON document on stdout at the end (each step's per-engine results, the files, the problems); "
+        "the progress and the summary go to stderr",
+    )
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    console = rich_console()
+    console = rich_console(stderr=args.json)
     try:
         fleet = fleet_of(args)
     except ValueError as e:
         console.print(f"moe-record record: {e}", style="red", markup=False)
         return 2
+    report: dict[str, Any] | None = {} if args.json else None
     interrupted = threading.Event()
     main = threading.current_thread() is threading.main_thread()
     # Stop signals, from here to the exit, never kill nor cut the report: before record handles
@@ -84,10 +94,14 @@ def run(args: argparse.Namespace) -> int:
                 interval=args.interval,
                 console=console,
                 interrupted=interrupted,
+                report=report,
             )
     finally:
         for sig in STOP_SIGNALS if main else ():
             signal.signal(sig, signal.SIG_IGN)
+        if report:  # also after an interrupted start or a failure: what happened, as far as it went
+            json.dump(report, sys.stdout, indent=2)
+            print(flush=True)
 
 
 def record(
@@ -101,18 +115,41 @@ def record(
     console: Console | None = None,
     during: Callable[[threading.Event], None] | None = None,
     interrupted: threading.Event | None = None,
+    report: dict[str, Any] | None = None,
 ) -> int:
     """The whole record session over a sync ``Fleet``; returns the exit status.
 
     ``during(stop_event)`` runs on a thread while recording (the demo drives traffic with it);
     it should return soon after ``stop_event`` is set. ``interrupted``: set by stop signals
-    (given, it may be set already: nothing is started then, and the status is 130).
+    (given, it may be set already: nothing is started then, and the status is 130). ``report``:
+    a dict to fill with what ``--json`` prints (``_report``).
     """
     console = console or rich_console()
+    report = {} if report is None else report
+    status = _record(fleet, out, duration, mode, fmt, interval, console, during, interrupted, report)
+    report["exit_status"] = status
+    return status
+
+
+def _record(
+    fleet: Any,
+    out: str,
+    duration: float | None,
+    mode: str | None,
+    fmt: str,
+    interval: float,
+    console: Console,
+    during: Callable[[threading.Event], None] | None,
+    interrupted: threading.Event | None,
+    report: dict[str, Any],
+) -> int:
+    report |= {"action": "record", "out": out, "start": None, "stop": None, "dump": None, "invalid": {}}
+    report |= {"problems": []}
     made = missing_folders(out)
     problem = check_out(out)
     if problem:
         console.print(f"moe-record record: {problem}", style="red", markup=False)
+        report["problems"].append(problem)
         return 2
     echo = lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
     # From here a stop signal (Ctrl-C, SIGTERM, SIGHUP), once or many times, only ends the
@@ -122,6 +159,7 @@ def record(
     with OnCtrlC(interrupted.set) as stop_signals:
         if interrupted.is_set():  # a signal before this handler: no engine touched yet
             console.print("moe-record record: interrupted before any engine started", style="red", markup=False)
+            report["problems"].append("interrupted before any engine started")
             remove_if_empty(made)
             return 130
 
@@ -132,11 +170,13 @@ def record(
 
         stop_signals.handler = while_starting
         started = fleet.start(mode)
+        report["start"] = result_json(started)
         stop_signals.handler = interrupted.set
         for r in started.failed:
             console.print(f"start failed: {r.describe()}", style="red", markup=False)
         if not started.succeeded:
             console.print("no engine started recording; nothing to record", style="red")
+            report["problems"].append("no engine started recording")
             remove_if_empty(made)
             return 1
         if started.failed:  # the others record on: a fleet with one engine down is still worth it
@@ -161,21 +201,23 @@ def record(
         # repeated SIGTERM would otherwise cut the dump, the saving or the report short).
         stop_signals.handler = finishing_dump(echo)
         stopped = stops[0] if stops else fleet.stop()
+        report["stop"] = result_json(stopped)
         for r in stopped.failed:
             console.print(f"stop failed: {r.describe()}", style="red", markup=False)
         result = fleet.dump()
         saved, in_place = save_dumps(result, out, fmt, echo)
+        report["dump"] = result_json(result, saved)
         print_result(result, saved, echo=echo)
-        invalid = _validate(result, saved, console)
+        invalid = report["invalid"] = _validate(result, saved, console)
         if result.merged is not None:
             print_summary(result.merged, console, title=f"merged over {len(result.dumps)} engine(s)")
             if not bool(result.merged.total_count().any()):
                 console.print("no token was routed while recording: was there traffic in the window?", style="yellow")
         failed = [what for what, bad in (
-            ("some engines FAILED (listed above)", started.failed or stopped.failed or not all(r.ok for r in result)),
+            ("some engines FAILED", started.failed or stopped.failed or not all(r.ok for r in result)),
             (f"the merge FAILED: {result.merge_error}", result.merge_error),
-            ("some files are INVALID (listed above)", invalid),
-            (f"the dumps could not all be saved into {out} (above)", not in_place),
+            ("some files are INVALID", invalid),
+            (f"the dumps could not all be saved into {out}", not in_place),
         ) if bad]  # fmt: skip
         if saved:
             where = f"dumps in {os.path.dirname(next(iter(saved.values())))}"  # maybe a rescue folder
@@ -187,7 +229,8 @@ def record(
             where = "no dump saved" + (
                 f": {on_disk} engine(s) left theirs on their own disk (listed above)" if on_disk else ""
             )
-        console.print(where + "".join(f"; {w}" for w in failed), markup=False)
+        console.print(where + "".join(f"; {w}" for w in failed) + (" (details above)" if failed else ""), markup=False)
+        report["problems"] += failed
     return 1 if failed else 0
 
 
@@ -265,19 +308,19 @@ def _status_table(
     return table
 
 
-def _validate(result: Any, saved: dict[str, str], console: Console) -> bool:
-    """Validate every collected dump and re-read every saved file; True when something is invalid."""
+def _validate(result: Any, saved: dict[str, str], console: Console) -> dict[str, list[str]]:
+    """Validate every collected dump and re-read every saved file; the invalid files' problems."""
     from ..schema import validate_dump
     from .validate import check_file
 
-    bad = False
+    bad: dict[str, list[str]] = {}
     for name, path in saved.items():
         dump = result.merged if name == "merged" else result.dumps.get(name)
         problems = [f"{f}: {m}" for f, m in validate_dump(dump)] if dump is not None else []
         check = check_file(path)
         problems += [f"{e['field']}: {e['message']}" for e in check["errors"]]
         if problems:
-            bad = True
+            bad[path] = problems
             console.print(f"INVALID {path}: " + "; ".join(problems), style="red", markup=False)
     if saved and not bad:
         console.print(f"validated {len(saved)} dump file(s): all valid", markup=False)

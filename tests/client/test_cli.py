@@ -410,6 +410,31 @@ def test_ctrl_c_or_sigterm_stops_dumps_and_saves(engines, tmp_path, signame, tim
     assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
 
 
+def test_record_json_reports_each_step_per_engine_on_stdout(engines, tmp_path, capsys):
+    """`record --json`: one JSON document on stdout (for scripts: each step's per-engine results,
+    the files, the problems, the exit status); progress and the summary go to stderr."""
+    rec, a = engines.ours()
+    down = engines.down()
+    t = threading.Thread(target=lambda: (time.sleep(0.2), feed(rec, seed=8)))
+    t.start()
+    out = tmp_path / "rec"
+    argv = ["record", "-e", a.url, "-e", down, "--retries", "0", "--duration", "0.5", "--interval", "0.2"]
+    status = main([*argv, "--out", str(out), "--json"])
+    t.join()
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)  # nothing else on stdout
+    assert status == doc["exit_status"] == 1
+    assert doc["action"] == "record" and doc["out"] == str(out)
+    for step in ("start", "stop", "dump"):
+        assert [(e["engine"], e["ok"]) for e in doc[step]["engines"]] == [(a.url, True), (down, False)], step
+        assert doc[step]["engines"][1]["error_kind"] == ("connect" if step == "start" else "not_started"), step
+    saved = doc["dump"]["engines"][0]["saved"]
+    assert os.path.isfile(saved) and os.path.isfile(doc["dump"]["merged"])
+    assert torch.equal(load_dump(saved).total_count(), load_dump(doc["dump"]["merged"]).total_count())
+    assert doc["invalid"] == {} and doc["problems"] == ["some engines FAILED"]
+    assert "Load over experts, per MoE layer" in captured.err and "start failed" in captured.err
+
+
 def test_record_against_stock_sglang_says_where_the_dump_went(engines, tmp_path, capsys):
     """A stock SGLang server keeps its dump on its own disk: nothing is saved here, and the last
     line says so (not "dumps in" an empty folder); the folder record made is removed."""
