@@ -203,7 +203,8 @@ def _record(
         stopped = stops[0] if stops else fleet.stop()
         report["stop"] = result_json(stopped)
         for r in stopped.failed:
-            console.print(f"stop failed: {r.describe()}", style="red", markup=False)
+            if r.error_kind != "not_started":  # its failed start is on screen already
+                console.print(f"stop failed: {r.describe()}", style="red", markup=False)
         result = fleet.dump()
         saved, in_place = save_dumps(result, out, fmt, echo)
         report["dump"] = result_json(result, saved)

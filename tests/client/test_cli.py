@@ -433,6 +433,7 @@ def test_record_json_reports_each_step_per_engine_on_stdout(engines, tmp_path, c
     assert torch.equal(load_dump(saved).total_count(), load_dump(doc["dump"]["merged"]).total_count())
     assert doc["invalid"] == {} and doc["problems"] == ["some engines FAILED"]
     assert "Load over experts, per MoE layer" in captured.err and "start failed" in captured.err
+    assert "stop failed" not in captured.err  # an engine whose start failed is not said failed again
 
 
 def test_record_against_stock_sglang_says_where_the_dump_went(engines, tmp_path, capsys):
