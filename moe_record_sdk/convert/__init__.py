@@ -21,7 +21,7 @@ from ..errors import DumpFormatError
 from ..schema import load_dump, save_dump, validate_dump
 from ..schema.dump import Dump
 from ..schema.io import save_torch
-from ..schema.sglang import INT32_MAX, check_init_expert_location_name
+from ..schema.sglang import check_init_expert_location_name, sglang_counts
 from .megatron import load_megatron_tpe
 from .trtllm import is_trtllm_folder, load_trtllm_statistic
 
@@ -77,7 +77,8 @@ def read_inputs(
 
 def to_sglang_stat_dict(dump: Dump) -> dict[str, Any]:
     """SGLang's stat-mode dump, exactly its keys (sglang 0.5.23 ``_StatAccumulator.dump``):
-    ``{rank, logical_count: int32 [B, L, E], average_utilization_rate_over_window}``.
+    ``{rank, logical_count: int32 [B, L, E], average_utilization_rate_over_window}`` (int64 where a
+    count exceeds int32: ``sglang_counts``).
 
     It is what ``--init-expert-location`` (``init_by_eplb``) and SGLang's EPLB consume. Rows are
     the dump's passes; when some passes fell out of the ring, one row of exact totals instead.
@@ -85,11 +86,9 @@ def to_sglang_stat_dict(dump: Dump) -> dict[str, Any]:
     count = dump.logical_count
     if dump.total_logical_count is not None:
         count = dump.total_logical_count.unsqueeze(0)
-    if count.numel() and int(count.max()) > INT32_MAX:
-        raise DumpFormatError("logical_count: a count exceeds int32, which SGLang's .pt layout uses")
     return {
         "rank": dump.topology.rank,
-        "logical_count": count.to(torch.int32).clone(),
+        "logical_count": sglang_counts(count).clone(),
         "average_utilization_rate_over_window": dump.average_utilization_rate_over_window,
     }
 

@@ -74,11 +74,14 @@ def sglang_file_name(dump: Dump, now: float | None = None, *, per_rank: bool | N
     return f"expert_distribution_recorder_{stamp}_{dump.topology.rank}.pt"
 
 
-def _int32(t: torch.Tensor, field: str) -> torch.Tensor:
+def sglang_counts(t: torch.Tensor) -> torch.Tensor:
+    """Counts at SGLang's width, int32, unless one exceeds it: then int64, which SGLang's readers,
+    its EPLB and ``--init-expert-location`` take as well (a long window's cumulative row can pass
+    2**31 on a hot expert; refusing it would lose the window)."""
     if t.dtype == torch.int32:
         return t  # already SGLang's width (a recorder's ring): no scan, no copy
     if t.numel() and int(t.max()) > INT32_MAX:
-        raise DumpFormatError(f"{field}: a count exceeds int32, which SGLang's .pt layout uses")
+        return t.to(torch.int64)
     return t.to(torch.int32)
 
 
@@ -103,7 +106,7 @@ def to_sglang_dict(dump: Dump) -> dict[str, Any]:
     if dump.window.mode == "stat":
         return {
             "rank": dump.topology.rank,
-            "logical_count": _int32(dump.logical_count, "logical_count"),
+            "logical_count": sglang_counts(dump.logical_count),
             "average_utilization_rate_over_window": dump.average_utilization_rate_over_window,
             META_KEY: meta,
         }
@@ -116,7 +119,7 @@ def to_sglang_dict(dump: Dump) -> dict[str, Any]:
             "forward_pass_id": rec.forward_pass_id,
             "rank": rec.rank,
             "gatherer_key": rec.gatherer_key,
-            "global_physical_count": _int32(phys[row], f"records[{row}].global_physical_count"),
+            "global_physical_count": sglang_counts(phys[row]),
         }
         if rec.topk_ids_of_layer is not None:
             out["topk_ids_of_layer"] = rec.topk_ids_of_layer.to(torch.int32)

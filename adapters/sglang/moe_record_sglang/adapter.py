@@ -54,9 +54,10 @@ def moe_record_attach(target: Any, recorder: Any, options: dict[str, Any]) -> At
         get_global_expert_distribution_recorder,
         set_global_expert_distribution_recorder,
     )
+    from sglang.srt.runtime_context import get_exec
 
     from .compat import check_sglang_version
-    from .plugin import build_recorder, model_top_k
+    from .plugin import build_recorder, forward_captured, model_top_k
     from .recorder import SGLangRecorder
 
     check_sglang_version()
@@ -74,10 +75,12 @@ def moe_record_attach(target: Any, recorder: Any, options: dict[str, Any]) -> At
         else:
             if opts:
                 raise AdapterError(f"sglang: options {sorted(opts)} given with a recorder: pass one or the other")
-            _check_fits(recorder, target, model_top_k())
+            eplb = bool(get_exec().moe.enable_eplb)
+            _check_fits(recorder, target, model_top_k(), eplb)
             live = target.physical_to_logical_map_cpu if recorder.mapping is not None else None
             rank = recorder.topology.rank if rank is None else rank
-            ours = SGLangRecorder(recorder, rank=int(rank), live_map=live)
+            # The guards build_recorder sets too: EPLB's rebalances need stat, captured graphs their buffers.
+            ours = SGLangRecorder(recorder, rank=int(rank), live_map=live, eplb=eplb, frozen=forward_captured(recorder))
     except AdapterError:
         raise
     except (MoeRecordError, TypeError, ValueError) as e:  # a caller's mistake: not a broken adapter
@@ -99,9 +102,9 @@ def moe_record_attach(target: Any, recorder: Any, options: dict[str, Any]) -> At
     return Attachment(adapter="sglang", layer_map=layer_map, undo=undo, recorder=rec)
 
 
-def _check_fits(recorder: Any, target: Any, top_k: int | None) -> None:
+def _check_fits(recorder: Any, target: Any, top_k: int | None, eplb: bool) -> None:
     """Refuse a recorder that cannot count what SGLang hands its recorder: physical slot ids of
-    every layer (``ExpertLocationMetadata``)."""
+    every layer (``ExpertLocationMetadata``), which EPLB (``eplb``) moves between experts."""
     from .plugin import is_identity
 
     slots = target.physical_to_logical_map_cpu.shape[1]
@@ -116,6 +119,9 @@ def _check_fits(recorder: Any, target: Any, top_k: int | None) -> None:
         problems.append(f"{recorder.num_slots} expert slots != SGLang's {slots} physical experts")
     elif recorder.mapping is None and not is_identity(target):
         problems.append("no physical_to_logical_map, but SGLang's physical experts are not its logical ones")
+    elif recorder.mapping is None and eplb:
+        # Identity now, but each rebalance rewrites SGLang's map: slots would then count as experts.
+        problems.append("no physical_to_logical_map, but SGLang's EPLB (--enable-eplb) moves experts between slots")
     if problems:
         raise AdapterError(
             "sglang: recorder does not fit SGLang's expert layout: "

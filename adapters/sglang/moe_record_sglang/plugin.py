@@ -208,11 +208,11 @@ def build_recorder(metadata: Any, rank: int, *, mode: str, top_k: int, **recorde
         rank=rank,
         live_map=live if recorder.mapping is not None else None,
         eplb=follow,
-        frozen=_frozen(recorder),
+        frozen=forward_captured(recorder),
     )
 
 
-def _frozen(recorder: Recorder) -> bool:
+def forward_captured(recorder: Recorder) -> bool:
     """Whether SGLang captures the forward (CUDA graphs on a GPU, or torch.compile): the tap's
     buffers are then fixed in what it captured, and a mode needing others must be refused."""
     from sglang.srt.model_executor.cuda_graph_config import cuda_graph_fully_disabled

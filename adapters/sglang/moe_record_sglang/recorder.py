@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -42,7 +43,7 @@ from moe_record_sdk import env as moe_env
 from moe_record_sdk.errors import MergeError, RecorderError
 from moe_record_sdk.merge import merge_distributed
 from moe_record_sdk.schema import MODES
-from moe_record_sdk.schema.sglang import sglang_file_name
+from moe_record_sdk.schema.sglang import sglang_counts, sglang_file_name
 
 from .topology import across_replicas, with_topology
 
@@ -262,7 +263,7 @@ class SGLangRecorder:
             assert dump is not None
             return {
                 "rank": self.rank,
-                "logical_count": dump.logical_count.to(self.recorder.device, torch.int32),
+                "logical_count": sglang_counts(dump.logical_count).to(self.recorder.device),
                 "average_utilization_rate_over_window": None,
             }
         self.last_paths = []
@@ -270,11 +271,8 @@ class SGLangRecorder:
             # Named and placed among every --dp-size replica's ranks: replicas share the directory.
             dump = with_topology(dump, across_replicas(dump.topology))
             directory = self.dump_dir or moe_env.dump_dir("sglang")
-            os.makedirs(directory, exist_ok=True)
-            path = os.path.join(directory, sglang_file_name(dump, per_rank=True if alone else None))
-            log.info("Write expert distribution to %s", path)
-            dump.save(path)
-            self.last_paths.append(path)
+            path = _save(dump, directory, sglang_file_name(dump, per_rank=True if alone else None))
+            self.last_paths += [path] if path else []
         return None
 
     def status(self) -> dict[str, Any]:
@@ -286,6 +284,30 @@ class SGLangRecorder:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message)
+
+
+def _save(dump: Dump, directory: str, name: str) -> str | None:
+    """Write ``dump`` as ``directory/name`` or, where that fails (a full disk, a folder that is a
+    file), into a new temporary folder; the path written, or None (then it is only ``last_dump``).
+
+    Never raises: SGLang's scheduler calls ``dump_record`` unguarded, so an exception would take
+    the server down, and the window, already cleared, with it."""
+    path = os.path.join(directory, name)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        dump.save(path)
+        log.info("Write expert distribution to %s", path)
+        return path
+    except Exception as e:  # noqa: BLE001 - see above
+        log.error("moe-record: cannot write the expert distribution to %s (%s)", path, e)
+    try:
+        rescue = os.path.join(tempfile.mkdtemp(prefix="moe-record-"), name)
+        dump.save(rescue)
+    except Exception as e:  # noqa: BLE001
+        log.error("moe-record: nor into a temporary folder (%s): the dump is only in memory (last_dump)", e)
+        return None
+    log.error("moe-record: wrote it to %s instead", rescue)
+    return rescue
 
 
 def _capturing() -> bool:

@@ -162,3 +162,41 @@ def test_registry_attach_builds_or_checks_the_recorder(sglang_config, model_dir)
         with registry.attach(meta, Recorder(**registry.layer_map(meta).recorder_kwargs())) as att:
             assert att.layer_map.num_experts == 8
         assert get_global_expert_distribution_recorder() is before
+
+
+def test_a_callers_recorder_under_eplb_follows_the_rebalanced_map(sglang_config, model_dir):
+    """Under --enable-eplb the placement starts as the identity and EPLB rewrites it: a caller's
+    recorder with no map was accepted and, after a rebalance, counted slots as experts; and it
+    took modes EPLB cannot read. Now it is refused by name, and one with the map counts the
+    experts the rebalanced slots hold, under build_recorder's guards."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_distribution import get_global_expert_distribution_recorder
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata
+
+    from moe_record_sdk import Recorder
+    from moe_record_sdk.errors import RecorderError
+    from moe_record_sdk.plugins import AdapterRegistry
+
+    registry = AdapterRegistry()
+    with sglang_config("stat", enable_eplb=True, ep_num_redundant_experts=0):
+        model_config = ModelConfig(model_path=model_dir)
+        meta = ExpertLocationMetadata.init_trivial(model_config, moe_ep_rank=0)
+        with pytest.raises(AdapterError, match=r"no physical_to_logical_map, but SGLang's EPLB \(--enable-eplb\)"):
+            registry.attach(meta, Recorder(num_layers=4, num_experts=8, top_k=2))
+        with registry.attach(meta, Recorder(**registry.layer_map(meta).recorder_kwargs())):
+            rec = get_global_expert_distribution_recorder()
+            with pytest.raises(RecorderError, match="EPLB"):
+                rec.start_record("per_pass")
+            skew = torch.zeros(1, 4, 8, dtype=torch.int32)
+            skew[..., 0] = 1000
+            skew[..., 1:] = torch.arange(1, 8, dtype=torch.int32)
+            meta.update(
+                ExpertLocationMetadata.init_by_eplb(model_config, logical_count=skew), update_layer_ids=[0, 1, 2, 3]
+            )
+            moved = meta.physical_to_logical_map_cpu[1]
+            assert not torch.equal(moved, torch.arange(8))  # the rebalance moved experts
+            rec.start_record()
+            with rec.with_forward_pass(0, None), rec.with_current_layer(1):
+                rec.on_select_experts(topk_ids=torch.tensor([[0, 1], [2, 3]]))
+            got = rec.dump_record(output_mode="object")["logical_count"].sum(0)[1]
+            assert got.tolist() == torch.bincount(moved[:4], minlength=8).tolist()

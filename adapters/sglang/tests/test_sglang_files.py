@@ -93,6 +93,59 @@ def test_init_expert_location_accepts_our_stat_dump(sglang_config, model_dir, tm
         assert int((meta.physical_to_logical_map[layer] == hottest).sum()) > 1
 
 
+def test_a_count_past_int32_is_written_as_int64_and_sglang_takes_it(sglang_config, model_dir, tmp_path):
+    """A long window's cumulative row can pass 2**31 on a hot expert. Its dump used to raise
+    inside SGLang's scheduler (which then shuts the server down) after the window was cleared:
+    now the file holds int64 counts, and SGLang's --init-expert-location reads them."""
+    from moe_record_sglang import SGLangRecorder
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.eplb.expert_location import ExpertLocationMetadata, compute_initial_expert_location_metadata
+
+    from moe_record_sdk import Recorder
+
+    rec = SGLangRecorder(Recorder(num_layers=NUM_LAYERS, num_experts=NUM_EXPERTS, top_k=TOP_K), dump_dir=str(tmp_path))
+    rec.start_record()
+    with rec.with_forward_pass(1, None), rec.with_current_layer(2):
+        rec.on_select_experts(topk_ids=torch.tensor([[3, 5]]))
+    hot = 2**31 + 7  # as many more tokens [3, 5], as if counted over days: the counters are int64
+    rec.recorder.counter.stripes[0, rec.recorder.counter.row_of[2], [3, 5]] += hot
+    rec.dump_record()
+    (path,) = rec.last_paths
+    raw = torch.load(path, weights_only=True)
+    assert raw["logical_count"].dtype == torch.int64 and int(raw["logical_count"][:, 2, 3].sum()) == hot + 1
+    assert torch.equal(load_dump(path).total_count(), rec.last_dump.total_count())
+    assert validate_dump(load_dump(path)) == []
+    with sglang_config("stat", init_expert_location=path, ep_num_redundant_experts=8):
+        model_config = ModelConfig(model_path=model_dir)
+        meta = compute_initial_expert_location_metadata(model_config=model_config, moe_ep_rank=0)
+        expected = ExpertLocationMetadata.init_by_eplb(model_config, logical_count=raw["logical_count"])
+    assert torch.equal(meta.physical_to_logical_map, expected.physical_to_logical_map)
+    assert int((meta.physical_to_logical_map[2] == 3).sum()) > 1  # the hot expert got the replicas
+
+
+def test_a_dump_that_cannot_be_written_never_raises_into_sglang_and_is_kept(tmp_path, caplog):
+    """SGLang's scheduler calls dump_record unguarded: a dump folder that cannot be written (here
+    a file) used to raise there, taking the server down with the already cleared window. Now the
+    file goes to a new temporary folder, named in the log."""
+    from moe_record_sglang import SGLangRecorder
+
+    from moe_record_sdk import Recorder
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    rec = SGLangRecorder(Recorder(num_layers=NUM_LAYERS, num_experts=NUM_EXPERTS, top_k=TOP_K), dump_dir=str(blocked))
+    rec.start_record()
+    with rec.with_forward_pass(1, None), rec.with_current_layer(1):
+        rec.on_select_experts(topk_ids=torch.tensor([[0, 1], [1, 2]]))
+    with caplog.at_level("ERROR"):
+        assert rec.dump_record() is None
+    (path,) = rec.last_paths
+    assert not path.startswith(str(blocked)) and f"wrote it to {path} instead" in caplog.text
+    assert str(blocked) in caplog.text
+    assert torch.equal(load_dump(path).total_count(), rec.last_dump.total_count())
+    assert int(load_dump(path).total_count().sum()) == 4
+
+
 @pytest.mark.parametrize("path", ALL_FIXTURES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_sglang_written_fixture_loads_validates_and_converts(path, tmp_path):
     dump = load_dump(path)
