@@ -159,6 +159,11 @@ class Counter:
             raise RecorderError(f"topk_ids: expected shape [tokens, top_k={self.top_k}], got {list(topk_ids.shape)}")
         if topk_ids.dtype not in (torch.int32, torch.int64):
             raise RecorderError(f"topk_ids: expected int32 or int64, got {topk_ids.dtype}")
+        on, mine = topk_ids.device, self.device
+        if on.type != mine.type or None not in (on.index, mine.index) and on.index != mine.index:
+            raise RecorderError(
+                f"topk_ids: on {on}, but the recorder counts on {mine} (its device=): copy them there, or build it there"
+            )
         if num_valid_tokens is not None:
             _check_num_valid(num_valid_tokens)
             if isinstance(num_valid_tokens, torch.Tensor) and num_valid_tokens.dim():

@@ -212,7 +212,10 @@ class Recorder:
                     f"max_bytes: {self.max_bytes} bytes cannot hold a {ring}-pass ring and one token of "
                     f"{R} layers x top_k={self.top_k}; raise max_bytes or lower buffer_size"
                 )
-        return Counter(self.layer_ids, self.num_slots, self.top_k, self.device, ring_rows=ring, token_slots=tokens)
+        # Never inference tensors, even when built inside an engine's torch.inference_mode(): those
+        # could not be updated in place by a start, a stop or a tap outside it.
+        with torch.inference_mode(False):
+            return Counter(self.layer_ids, self.num_slots, self.top_k, self.device, ring_rows=ring, token_slots=tokens)
 
     def _window_ring(self) -> int:
         """Passes the current window keeps rows of: the counter's ring, except in ``stat`` mode
@@ -250,12 +253,14 @@ class Recorder:
     def start(self, mode: str | None = None) -> None:
         """Clear and start recording (SGLang: start while recording restarts the window)."""
         with self._lock:
-            mode = mode or self._mode
+            mode = self._mode if mode is None else mode
             _check_mode(mode)
             if not self.supports(mode):
                 # New buffers: a CUDA graph captured before must be captured again.
                 log.warning("mode %s needs buffers this recorder did not allocate; allocating them now", mode)
+                passes = int(self.counter.passes)
                 self.counter = self._make_counter(mode, self._buffer_size)
+                self.counter.passes.fill_(passes)  # pass ids go on, not from 0 again
             self._mode = mode
             self.counter.set_enabled(False, False)
             self._reset_window()

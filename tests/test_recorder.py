@@ -181,6 +181,43 @@ def test_bad_inputs_are_named():
             rec.record(1, ids, bad)
     for good in (2, np.int64(2), torch.tensor(2, dtype=torch.int32), torch.tensor([2])):
         rec.record(1, ids, good)
+    # ids on another device than the counters: named (was torch's index_add_ error)
+    with pytest.raises(RecorderError, match="topk_ids: on meta, but the recorder counts on cpu"):
+        rec.record(1, torch.zeros(1, 2, dtype=torch.int64, device="meta"))
+    with pytest.raises(RecorderError, match="mode: '' is not one of"):  # was taken as the current mode
+        rec.start("")
+
+
+def test_a_recorder_built_under_inference_mode_works_outside_it():
+    """Engines build models, and often the recorder, under torch.inference_mode(); start, stop and
+    the tap then run outside it (a control thread). Inference tensors cannot be updated in place
+    there: start() raised torch's "Inplace update to inference tensor" in every mode."""
+    for mode in ("stat", "per_pass", "per_token"):
+        with torch.inference_mode():
+            rec = Recorder(num_layers=1, num_experts=4, top_k=2, mode=mode, max_bytes=1 << 20)
+        rec.start()
+        rec.record(0, torch.tensor([[1, 2]]))
+        rec.step()
+        with torch.inference_mode():  # and inside it, as a forward runs
+            rec.record(0, torch.tensor([[1, 3]]))
+            rec.step()
+        assert rec.dump().total_count()[0].tolist() == [0, 2, 1, 1], mode
+
+
+def test_a_mode_that_allocates_new_buffers_goes_on_numbering_passes():
+    """forward_pass_id is the recorder's pass count: a start in a mode needing new buffers used to
+    number passes from 0 again, so later dumps reused ids of earlier ones."""
+    rec = Recorder(num_layers=1, num_experts=4, top_k=1)
+    rec.start()
+    for _ in range(3):
+        rec.record(0, torch.tensor([[1]]))
+        rec.step()
+    rec.dump()
+    rec.start("per_pass")  # a new counter, with a ring
+    for _ in range(2):
+        rec.record(0, torch.tensor([[2]]))
+        rec.step()
+    assert [r.forward_pass_id for r in rec.dump().records] == [3, 4]
 
 
 @pytest.mark.parametrize(
