@@ -36,7 +36,8 @@ class Reading:
     rows: torch.Tensor | None  # int32 [B + 1, R, S] per-pass ring
     row_pass: torch.Tensor | None  # int64 [B + 1] pass id held by each ring slot
     row_tokens: torch.Tensor | None  # int64 [B + 1, 2] token positions [start, end) of each slot's pass
-    row_layer_tokens: torch.Tensor | None  # int64 [B + 1, R] valid tokens each layer recorded in that pass
+    row_layer_tokens: torch.Tensor | None  # int64 [B + 1, R] valid tokens each layer counted in that pass
+    row_layer_ids: torch.Tensor | None  # int64 [B + 1, R] of those, the positions its ids fill (its longest call)
     passes_after: int  # passes counter re-read after the copy: what a concurrent step overwrote
     tokens: int  # token positions committed
 
@@ -84,16 +85,22 @@ class Counter:
             self.last_counts = torch.zeros(R, S + 2, dtype=torch.int64, device=dev)
         self.row_tokens: torch.Tensor | None = None
         self.row_layer_tokens: torch.Tensor | None = None
+        self.row_layer_ids: torch.Tensor | None = None
         if ring_rows and token_slots:
             self.row_tokens = torch.zeros(ring_rows + 1, 2, dtype=torch.int64, device=dev)
+            self.row_layer_tokens = torch.zeros(ring_rows + 1, R, dtype=torch.int64, device=dev)
             # A layer that routed fewer tokens than the pass's longest did not write the rest of
             # the pass's slots: a dump must not take what older passes left there for its ids.
-            self.row_layer_tokens = torch.zeros(ring_rows + 1, R, dtype=torch.int64, device=dev)
+            # A layer called twice in a pass (micro-batches) wrote its longest call's positions.
+            self.row_layer_ids = torch.zeros(ring_rows + 1, R, dtype=torch.int64, device=dev)
         self.token_slots = N = token_slots
         self.token_ids: torch.Tensor | None = None
         self.token_pass: torch.Tensor | None = None
         self.token_cursor = torch.zeros((), dtype=torch.int64, device=dev)
-        self.pass_tokens = torch.zeros((), dtype=torch.int64, device=dev)
+        # Per layer, the most tokens one of its calls wrote in this pass (the pass's positions:
+        # their max); announced by the tap before it writes them.
+        self.layer_tokens = torch.zeros(R, dtype=torch.int64, device=dev)
+        self.layer_index = torch.arange(R, device=dev)
         # The tap's implementation: one Triton kernel on CUDA when Triton imports, else torch ops
         # (also the reference the kernel is tested against; set to "torch" to force it).
         self.kernel = "triton" if dev.type == "cuda" and counter_triton.available() else "torch"
@@ -113,19 +120,20 @@ class Counter:
 
     @staticmethod
     def fixed_bytes(num_rows: int, num_slots: int, stripes: int = 1) -> int:
-        return stripes * num_rows * (num_slots + 2) * 8 + 6 * 8
+        return stripes * num_rows * (num_slots + 2) * 8 + 5 * 8 + 2 * num_rows * 8
 
     @staticmethod
     def ring_bytes(ring_rows: int, num_rows: int, num_slots: int, tokens: bool = False) -> int:
-        per_row = num_rows * num_slots * 4 + 8 + (16 + 8 * num_rows if tokens else 0)  # counts, pass id, tokens
+        per_row = num_rows * num_slots * 4 + 8 + (16 + 16 * num_rows if tokens else 0)  # counts, pass id, tokens
         return (ring_rows + 1) * per_row + num_rows * (num_slots + 2) * 8
 
     def nbytes(self) -> int:
-        tensors = [self.enabled, self.token_enabled, self.stripes, self.passes, self.token_cursor, self.pass_tokens]
-        tensors.append(self.step_seq)
+        tensors = [self.enabled, self.token_enabled, self.stripes, self.passes, self.token_cursor, self.layer_tokens]
+        tensors += [self.step_seq, self.layer_index]
         tensors += [
             t
-            for t in (self.rows, self.row_pass, self.row_tokens, self.row_layer_tokens, self.last_counts)
+            for t in (self.rows, self.row_pass, self.row_tokens, self.row_layer_tokens, self.row_layer_ids)
+            + (self.last_counts,)
             + (self.token_ids, self.token_pass)
             if t is not None
         ]
@@ -194,9 +202,10 @@ class Counter:
             valid = torch.full(
                 (), T if num_valid is None else min(int(num_valid), T), dtype=torch.int64, device=ids.device
             )
-        # Announce the pass's tokens before writing them: a dump that reads pass_tokens after its
+        # Announce the pass's tokens before writing them: a dump that reads layer_tokens after its
         # copy then knows which older slots these writes may have overwritten.
-        torch.maximum(self.pass_tokens, valid * self.token_enabled, out=self.pass_tokens)
+        mine = torch.where(self.layer_index == row, valid * self.token_enabled, 0)
+        torch.maximum(self.layer_tokens, mine, out=self.layer_tokens)
         # Only the last N valid tokens of a pass fit; earlier ones would collide in the ring.
         keep = (t < valid) & (t >= valid - N) & (self.token_enabled > 0)
         slot = torch.where(keep, (self.token_cursor + t) % N, N)
@@ -223,17 +232,19 @@ class Counter:
             if self.row_tokens is not None:
                 # Where this pass's tokens lie: a dump then takes exactly the tokens of the passes
                 # it takes, however the cursor moved while it read.
-                span = torch.stack([self.token_cursor, self.token_cursor + self.pass_tokens]).view(1, 2)
+                span = torch.stack([self.token_cursor, self.token_cursor + self.layer_tokens.max()]).view(1, 2)
                 self.row_tokens.index_copy_(0, slot, torch.where(on, span, self.row_tokens.index_select(0, slot)))
-                assert self.row_layer_tokens is not None
+                assert self.row_layer_tokens is not None and self.row_layer_ids is not None
                 # Each valid token adds top_k ids to its layer's experts or discard bin.
                 per_layer = (counts[:, : self.num_slots + 1] - self.last_counts[:, : self.num_slots + 1]).sum(1)
                 held = self.row_layer_tokens.index_select(0, slot)
                 self.row_layer_tokens.index_copy_(0, slot, torch.where(on, (per_layer // self.top_k).view(1, -1), held))
+                held = self.row_layer_ids.index_select(0, slot)
+                self.row_layer_ids.index_copy_(0, slot, torch.where(on, self.layer_tokens.view(1, -1), held))
             self.last_counts.copy_(counts)
         if self.token_ids is not None:
-            self.token_cursor.add_(self.pass_tokens)
-            self.pass_tokens.zero_()
+            self.token_cursor.add_(self.layer_tokens.max())
+            self.layer_tokens.zero_()
         self.passes.add_(self.enabled)
         if self.rows is not None:
             self.step_seq.add_(1)
@@ -263,9 +274,11 @@ class Counter:
             return t.to("cpu", copy=True) if t is not None and wanted else None
 
         ring, row_pass, row_tokens = host(self.rows, rows), host(self.row_pass, rows), host(self.row_tokens, rows)
-        row_layer_tokens = host(self.row_layer_tokens, rows)
+        row_layer_tokens, row_layer_ids = host(self.row_layer_tokens, rows), host(self.row_layer_ids, rows)
         passes_after = int(self.passes)
-        return Reading(counts, passes, ring, row_pass, row_tokens, row_layer_tokens, passes_after, position)
+        return Reading(
+            counts, passes, ring, row_pass, row_tokens, row_layer_tokens, row_layer_ids, passes_after, position
+        )
 
     def read_tokens(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Host copies of the token ring's ids [n, R, k] and pass ids [n] at positions [lo, hi)
@@ -278,7 +291,7 @@ class Counter:
         spans = [(first, min(n, N - first))] + ([(0, first + n - N)] if first + n > N else [])
         ids = torch.cat([self.token_ids[:, a : a + m].to("cpu", copy=True) for a, m in spans], dim=1).transpose(0, 1)
         passes = torch.cat([self.token_pass[a : a + m].to("cpu", copy=True) for a, m in spans])
-        after = int(self.token_cursor) + int(self.pass_tokens)
+        after = int(self.token_cursor) + int(self.layer_tokens.max())
         return ids, passes, after
 
     def _settled(self, timeout: float = 1.0) -> tuple[torch.Tensor, int, int]:

@@ -150,7 +150,7 @@ if triton is not None:
         tok_pass_ptr,  # int64 [N + 1]
         token_enabled_ptr,  # int64 scalar
         cursor_ptr,  # int64 scalar: ring position of this pass's first token
-        pass_tokens_ptr,  # int64 scalar: tokens this pass announced so far
+        layer_tokens_ptr,  # int64 [R]: per layer, the most tokens one call of this pass announced
         passes_ptr,  # int64 scalar: this pass's id
         N: tl.constexpr,  # token slots in the ring: a constant, so % N is a multiply, not a division
         S: tl.constexpr,  # expert slots; S is the discard bin, S + 1 the padding bin
@@ -185,12 +185,12 @@ if triton is not None:
             pass_id = tl.load(passes_ptr)
             tok_ids_ptr += tl.cast(row, tl.int64) * ((N + 1) * K)  # the layer's ring: [N + 1, K]
             base = (cursor % N).to(tl.int32)  # the cursor only grows from 0
-            # Announce the pass's tokens before writing any: a dump that re-reads pass_tokens
+            # Announce the pass's tokens before writing any: a dump that re-reads layer_tokens
             # after copying the ring knows which slots these writes may have overwritten. The
             # copy is a DMA no fence orders against this kernel, so this is ordering in time:
             # issued before the writes, re-read after the copy completed. (acq_rel here cost
             # 0.5 us per layer on an H100 and would not order the DMA either.)
-            _max_lane0(pass_tokens_ptr, nv.to(tl.int64), tok_on & (nv > 0), lane)
+            _max_lane0(layer_tokens_ptr + row, nv.to(tl.int64), tok_on & (nv > 0), lane)
             # The ring writes go out before the counting, so they overlap its barriers.
             _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, K, ITEMS)
         if on:  # the same for every thread: the histogram's barriers see all of them
@@ -350,7 +350,7 @@ def tap_args(counter: Counter) -> tuple:
         tok_pass,
         counter.token_enabled,
         counter.token_cursor,
-        counter.pass_tokens,
+        counter.layer_tokens,
         counter.passes,
     )
 

@@ -458,21 +458,24 @@ class Recorder:
         ids, pass_of, after = self.counter.read_tokens(first, end)  # ids [n, R, k]: only these slots
         lo = max(first, after - N)  # positions a concurrent pass may have overwritten during the copy
         ids, pass_of = ids[lo - first :], pass_of[lo - first :]
-        assert r.row_layer_tokens is not None
+        assert r.row_layer_tokens is not None and r.row_layer_ids is not None
         positions = torch.arange(lo, lo + ids.shape[0])
-        kept = 0
+        kept = overwritten = 0
         for rec in records:
             of_pass = pass_of == rec.forward_pass_id
             mine = ids[of_pass]  # tokens in position order
             # Slots past a layer's own tokens hold what an older pass left there: no id (-1).
             slot = rec.forward_pass_id % B1
             t = positions[of_pass] - r.row_tokens[slot, 0]
-            mine[t.unsqueeze(1) >= r.row_layer_tokens[slot].unsqueeze(0)] = -1
+            mine[t.unsqueeze(1) >= r.row_layer_ids[slot].unsqueeze(0)] = -1
             full = torch.full((self.num_layers, mine.shape[0], self.top_k), -1, dtype=torch.int32)
             full[self.layer_ids] = mine.permute(1, 0, 2)
             rec.topk_ids_of_layer = full
             kept += mine.shape[0]
-        return (end - self._token_base) - kept, end
+            # A layer called twice in the pass (micro-batches) counted both calls, but its later
+            # call's ids took the earlier's positions: those tokens' ids are lost, so dropped.
+            overwritten += int((r.row_layer_tokens[slot] - r.row_layer_ids[slot]).clamp(min=0).max())
+        return (end - self._token_base) - kept + overwritten, end
 
 
 RECORDER_OPTIONS = frozenset(inspect.signature(Recorder).parameters)

@@ -17,7 +17,7 @@ MODES = ["stat", "per_pass", "per_token"]
 
 def _state(c: Counter) -> list[torch.Tensor]:
     """Everything the tap and step write, minus the token ring's trash row."""
-    out = [c.total_counts(), c.passes, c.token_cursor, c.pass_tokens]
+    out = [c.total_counts(), c.passes, c.token_cursor, c.layer_tokens]
     if c.rows is not None:
         out += [c.rows, c.row_pass]
     if c.token_ids is not None:
@@ -193,7 +193,7 @@ def test_no_host_sync_while_recording(mode, kernel):
 def _buffers(rec: Recorder) -> list[int]:
     c = rec.counter
     names = ["enabled", "token_enabled", "stripes", "passes", "rows", "row_pass", "last_counts"]
-    names += ["token_ids", "token_pass", "token_cursor", "pass_tokens"]
+    names += ["token_ids", "token_pass", "token_cursor", "layer_tokens"]
     return [getattr(c, n).data_ptr() for n in names if getattr(c, n) is not None]
 
 

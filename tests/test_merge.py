@@ -507,7 +507,7 @@ def test_per_token_stages_whose_rings_overflowed_unequally_merge() -> None:
             Topology(rank=s, world_size=2, pp_rank=s, pp_size=2),
             layers=lay,
             mode="per_token",
-            max_bytes=2400,
+            max_bytes=2800,
             buffer_size=10,
         )
         for s, lay in ((0, (0,)), (1, (1, 2, 3)))

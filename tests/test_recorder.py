@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moe_record_sdk import Recorder, RecorderError, Topology, validate_dump
+from moe_record_sdk.counter import Counter
 
 MODES = ["stat", "per_pass", "per_token"]
 
@@ -522,3 +523,29 @@ def test_per_token_layers_with_fewer_tokens_than_the_pass_read_no_stale_ids():
     d = rec.dump()
     assert d.records[0].topk_ids_of_layer[:, :, 0].tolist() == [[1, -1, -1, -1], [2, 2, 2, 2]]
     assert validate_dump(d) == [] and d.window.dropped_tokens == 0
+
+
+def test_a_layer_called_twice_in_a_pass_shows_no_stale_ids_and_its_lost_ids_are_dropped():
+    """Micro-batches (SGLang's two-batch overlap) call a layer twice in one pass: its later call's
+    ids take the earlier's positions (as SGLang's gatherer), its counts hold both. The dump
+    masked the layer's positions by the sum of its calls, so with the ring wrapped a position no
+    call of this pass wrote showed an older pass's id; and the lost ids were not dropped, so the
+    recorder's own dump failed validation."""
+    N = 4  # a ring of 4 positions: pass 1 reuses pass 0's slots
+    mb = Counter.fixed_bytes(2, 8) + Counter.ring_bytes(4, 2, 8, tokens=True) + (N + 1) * Counter.token_slot_bytes(2, 1)
+    rec = Recorder(num_layers=2, num_experts=8, top_k=1, mode="per_token", buffer_size=4, max_bytes=mb)
+    assert rec.counter.token_slots == N
+    rec.start()
+    rec.record(0, torch.zeros(4, 1, dtype=torch.int64))
+    rec.record(1, torch.full((4, 1), 7))
+    rec.step()
+    rec.record(0, torch.ones(4, 1, dtype=torch.int64))
+    rec.record(1, torch.tensor([[2], [2]]))  # micro-batch 1
+    rec.record(1, torch.tensor([[3]]))  # micro-batch 2: its id over micro-batch 1's first
+    rec.step()
+    d = rec.dump()
+    assert d.records[1].topk_ids_of_layer[1, :, 0].tolist() == [3, 2, -1, -1]  # was [3, 2, 7, -1]
+    assert d.logical_count[1, 1].tolist() == [0, 0, 2, 1, 0, 0, 0, 0]
+    # pass 0's 4 tokens (the ring holds 4 positions, pass 1's), and micro-batch 1's first token
+    assert d.window.dropped_tokens == 4 + 1
+    assert validate_dump(d) == []

@@ -45,7 +45,7 @@ def _same(kernel: Counter, reference: Counter) -> list[str]:
     """Names of the buffers where the two paths differ (the token ring's trash row N aside: the
     torch path writes dropped tokens there, the kernel masks them)."""
     bad = [] if torch.equal(kernel.total_counts(), reference.total_counts()) else ["counts"]
-    for name in ("rows", "row_pass", "row_tokens", "row_layer_tokens", "token_cursor", "passes"):
+    for name in ("rows", "row_pass", "row_tokens", "row_layer_tokens", "row_layer_ids", "token_cursor", "passes"):
         a, b = getattr(kernel, name), getattr(reference, name)
         if a is not None and not torch.equal(a, b):
             bad.append(name)
@@ -72,7 +72,7 @@ def main() -> int:
             kernel, reference = _pair(mode, E, k, tokens)
             # Decode-sized batches and prefill-sized ones (another launch shape).
             for T in (0, 1, 3, 40, 97, LAUNCH[0][0] // k + 7) * rounds:
-                for layer in (0, 2, 3):
+                for layer in (0, 2, 3, 2):  # layer 2 twice: two micro-batches
                     dtype = (torch.int32, torch.int64)[cases % 2]
                     ids = torch.randint(-3, E + 3, (T, k), generator=g, dtype=dtype)
                     if cases % 3 == 0:  # non-contiguous: every other column of a wider tensor

@@ -30,7 +30,7 @@ ZERO = "tl.program_id(0).to(tl.int64) * 0"
 # (line, replacement): every occurrence (the ring's stores are written twice, for the contiguous
 # and the wrapping blocks).
 EDITS = {
-    "no_max": [("_max_lane0(pass_tokens_ptr, nv.to(tl.int64), tok_on & (nv > 0), lane)", "pass")],
+    "no_max": [("_max_lane0(layer_tokens_ptr + row, nv.to(tl.int64), tok_on & (nv > 0), lane)", "pass")],
     "no_pass_store": [
         ("tl.store(tok_pass_ptr + base + t, pass_id, mask=keep & (e % K == 0))", "pass"),
         ("tl.store(tok_pass_ptr + slot, pass_id, mask=keep & (e % K == 0))", "pass"),
