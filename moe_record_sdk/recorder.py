@@ -59,6 +59,10 @@ class Status:
     dropped_passes: int
     dropped_tokens: int
     unobserved_layers: list[int] = field(default_factory=list)
+    # As the dump's topology: ranks of one token shard (tensor-parallel replicas, pipeline
+    # stages) saw the same tokens and passes, which a fleet's totals count once.
+    token_shard: int = 0
+    num_token_shards: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -308,6 +312,8 @@ class Recorder:
                 dropped_passes=dropped_passes,
                 dropped_tokens=dropped_tokens,
                 unobserved_layers=list(self.unobserved_layers),
+                token_shard=self.topology.token_shard,
+                num_token_shards=self.topology.num_token_shards,
             )
 
     def _pending_drops(self) -> tuple[int, int]:

@@ -331,6 +331,18 @@ def result_json(result: Any, saved: dict[str, str] | None = None) -> dict[str, A
     }  # fmt: skip
 
 
+def rank_totals(ranks: list[dict[str, Any]]) -> tuple[int, int]:
+    """An engine's passes and tokens from its ranks' status: ranks of one token shard (tensor-
+    parallel replicas, pipeline stages) ran the same passes over the same tokens, so each shard
+    counts once (its largest figures); shards (data-parallel ranks) add up."""
+    shards: dict[object, tuple[int, int]] = {}
+    for x in ranks:
+        shard = x.get("token_shard", 0)
+        passes, tokens = shards.get(shard, (0, 0))
+        shards[shard] = max(passes, int(x.get("passes") or 0)), max(tokens, int(x.get("tokens") or 0))
+    return sum(p for p, _ in shards.values()), sum(t for _, t in shards.values())
+
+
 def recording_state(info: dict[str, Any]) -> str:
     """An engine's state from its status: recording, stopped (a run started and ended), or idle."""
     if info.get("recording"):
@@ -361,8 +373,7 @@ def print_result(result: Any, saved: dict[str, str] | None = None, echo: Callabl
             ranks = r.info.get("ranks") or []
             state = recording_state(r.info)
             mode = ranks[0].get("mode") if ranks else "?"
-            passes = sum(int(x.get("passes") or 0) for x in ranks)
-            tokens = max((int(x.get("tokens") or 0) for x in ranks), default=0)
+            passes, tokens = rank_totals(ranks)
             run_id = r.info.get("run_id")  # None until the engine's first start
             line += f" {state}, mode {mode}, {passes} passes, {tokens} tokens, {len(ranks)} rank(s), "
             line += f"run {run_id}" if run_id else "no run started yet"

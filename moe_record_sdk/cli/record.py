@@ -33,6 +33,7 @@ from .control import (
     missing_folders,
     positive,
     print_result,
+    rank_totals,
     recording_state,
     remove_if_empty,
     result_json,
@@ -301,8 +302,7 @@ def _status_table(
             state = recording_state(r.info)
             if cut_into is not None and cut_into(r):
                 state += " (cut into: see above)"
-            passes = str(sum(int(x.get("passes") or 0) for x in ranks))
-            tokens = str(max((int(x.get("tokens") or 0) for x in ranks), default=0))
+            passes, tokens = map(str, rank_totals(ranks))
         else:
             state, passes, tokens = (f"n/a ({r.error_kind})" if r.error_kind else "n/a"), "-", "-"
         table.add_row(r.engine, state, passes, tokens)

@@ -54,6 +54,40 @@ def test_control_commands_exit_status_and_saved_dumps(engines, tmp_path, capsys)
     assert len(os.listdir(out)) == 3
 
 
+def test_status_counts_tensor_parallel_replicas_once_and_adds_data_parallel_ranks(engines, capsys):
+    """An engine's passes and tokens over its ranks: TP replicas (one token shard) ran the same
+    passes over the same tokens; DP ranks (shards) their own. status summed every rank's passes
+    (a 2-rank TP engine read "6 passes" for 3) and took the largest token count (a DP engine's
+    tokens read as one rank's)."""
+    from moe_record_sdk import Recorder, Topology
+    from moe_record_sdk.server import LocalBackend, make_app
+
+    def ranks(shards: int) -> list[Recorder]:
+        return [
+            Recorder(
+                num_layers=4,
+                num_experts=8,
+                top_k=2,
+                topology=Topology(rank=r, world_size=2, token_shard=r % shards, num_token_shards=shards),
+            )
+            for r in range(2)
+        ]
+
+    tp, dp = ranks(1), ranks(2)
+    a = engines._serve(make_app(LocalBackend(*tp), dump_dir=engines.dir()))
+    b = engines._serve(make_app(LocalBackend(*dp), dump_dir=engines.dir()))
+    assert main(["start", "-e", a.url, "-e", b.url]) == 0
+    for rec in tp:  # replicas: the same 3 passes of 5 tokens (15)
+        feed(rec, seed=1)
+    feed(dp[0], seed=2)  # 3 passes of 5 tokens
+    feed(dp[1], seed=3, passes=2, tokens=4)  # 2 of 4: 8
+    capsys.readouterr()
+    assert main(["status", "-e", a.url, "-e", b.url]) == 0
+    out = capsys.readouterr().out
+    assert "recording, mode stat, 3 passes, 15 tokens, 2 rank(s)" in out  # was 6 passes
+    assert "recording, mode stat, 5 passes, 23 tokens, 2 rank(s)" in out  # was 5 passes, 15 tokens
+
+
 def test_a_failing_engine_gives_exit_1_and_the_others_work(engines, capsys):
     rec, a = engines.ours()
     down = engines.down()
