@@ -170,7 +170,9 @@ def check_bearer(headers: Mapping[str, str], api_key: str | Sequence[str] | None
     if not api_key:
         return None
     got = headers.get("authorization", "")
-    scheme, _, token = got.partition(" ")
+    # RFC 7235: the scheme, one or more spaces, the token; a field value has no surrounding blanks.
+    scheme, _, token = got.strip().partition(" ")
+    token = token.lstrip(" ")
     keys = [api_key] if isinstance(api_key, str) else api_key
     if scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
         return None
