@@ -142,12 +142,16 @@ def max_body(environ: Mapping[str, str] | None = None) -> int:
     return DEFAULT_MAX_BODY if value is None else value
 
 
+#: The variable behind each ``recorder_options`` key, for messages.
+VARIABLE_OF = {"max_bytes": MOE_RECORD_MAX_BYTES, "buffer_size": MOE_RECORD_BUFFER_SIZE}
+
+
 def recorder_options(environ: Mapping[str, str] | None = None) -> dict[str, int]:
     """``Recorder`` keyword arguments from ``MOE_RECORD_MAX_BYTES`` / ``MOE_RECORD_BUFFER_SIZE``
     (only those set)."""
     options = {
-        "max_bytes": _int(MOE_RECORD_MAX_BYTES, "a number of bytes", environ),
-        "buffer_size": _int(MOE_RECORD_BUFFER_SIZE, "a number of rows", environ),
+        "max_bytes": _int(VARIABLE_OF["max_bytes"], "a number of bytes", environ),
+        "buffer_size": _int(VARIABLE_OF["buffer_size"], "a number of rows", environ),
     }
     return {k: v for k, v in options.items() if v is not None}
 

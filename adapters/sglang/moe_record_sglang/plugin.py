@@ -152,6 +152,10 @@ def unsupported_reason() -> str | None:
         return f"a2a backend {moe.moe_a2a_backend} (deepep_mode {moe.deepep_mode}) counts at dispatch"
     if reports_expert_balancedness():
         return "expert balancedness reporting needs SGLang's per-pass metrics"
+    from sglang.srt.eplb.expert_distribution import megamoe_prefill_only_recorder_enabled
+
+    if megamoe_prefill_only_recorder_enabled():  # ROCm MegaMoE: SGLang skips decode passes there
+        return "ROCm MegaMoE prefill-only recording (SGLANG_AITER_MEGA_EPLB_PREFILL_ONLY) records prefill passes only"
     return None
 
 

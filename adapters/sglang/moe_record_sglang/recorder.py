@@ -115,6 +115,9 @@ class SGLangRecorder:
         self.last_dump: Dump | None = None
         self.last_paths: list[str] = []
         self._layer: int | None = None
+        # The layers whose router called the hook: SGLang sizes its recorder by every decoder
+        # layer, dense ones (DeepSeek's first_k_dense_replace) included, which never route.
+        self._routed: set[int] = set()
         self._disabled = False
         self._warned: set[str] = set()
         # SGLang's forward_pass_id of each pass recorded, by our pass index (the counter's
@@ -178,6 +181,7 @@ class SGLangRecorder:
                 f"(recorder sized for top_k={rec.top_k}, {rec.num_layers} layers)",
             )
             return
+        self._routed.add(self._layer)  # host only: at capture, or each eager pass
         rec.record(self._layer, topk_ids)
 
     def get_current_pass_count_buffer(self, layer_idx: int) -> None:
@@ -235,6 +239,11 @@ class SGLangRecorder:
             ids = dict(self._pass_ids)
         for rec in dump.records:
             rec.forward_pass_id = ids.get(rec.forward_pass_id, rec.forward_pass_id)
+        if (
+            self._routed
+        ):  # once a pass has run, the MoE layers are those that routed (dense ones read as dead otherwise)
+            moe = [layer for layer in dump.model.moe_layer_ids if layer in self._routed]
+            dump.model = msgspec.structs.replace(dump.model, moe_layer_ids=moe)
         return dump
 
     def dump_record(self, output_mode: str = "file") -> dict[str, Any] | None:

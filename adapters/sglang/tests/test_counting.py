@@ -51,6 +51,9 @@ def test_select_experts_counts_exactly(sglang_config, model_dir, dump_dir):
     assert torch.equal(dump.total_count(), want)
     assert [r.forward_pass_id for r in dump.records] == [p[0] for p in PASSES]  # SGLang's pass ids
     assert dump.window.num_tokens == [0] + [sum(p[1] for p in PASSES)] * len(MOE_LAYERS)
+    # SGLang sizes the recorder by every decoder layer; the dense layer 0 never routes, so it is
+    # no MoE layer of the dump (it read as 8 dead experts in summary).
+    assert dump.model.moe_layer_ids == list(MOE_LAYERS)
     padded = sum(p[1] - v for p, v in zip(PASSES, valid))
     assert dump.window.discarded == [0] + [padded * TOP_K] * len(MOE_LAYERS)  # SGLang's -1 rows
     assert dump.engine.name == "sglang" and dump.engine.version == "0.5.23"

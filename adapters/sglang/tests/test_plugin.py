@@ -73,6 +73,18 @@ def test_sglang_plugins_whitelist(monkeypatch):
     assert "moe_record" in load_plugins_by_group(GENERAL_PLUGINS_GROUP)
 
 
+def test_rocm_megamoe_prefill_only_recording_keeps_sglangs_recorder(sglang_config, monkeypatch):
+    """On ROCm with MegaMoE's prefill-only EPLB, SGLang records prefill passes only; ours would
+    count decode passes too, so SGLang's recorder stays (ROCm cannot run here: its check is set)."""
+    from moe_record_sglang.plugin import unsupported_reason
+    from sglang.srt.eplb import expert_distribution
+
+    with sglang_config("stat"):
+        assert unsupported_reason() is None
+        monkeypatch.setattr(expert_distribution, "megamoe_prefill_only_recorder_enabled", lambda: True)
+        assert "records prefill passes only" in unsupported_reason()
+
+
 def test_unverified_sglang_version_is_refused_naming_it(tmp_path, monkeypatch, caplog):
     # A real distribution record of another sglang version, first on the path: what
     # importlib.metadata (and so our check) sees when that version is installed.
@@ -86,7 +98,10 @@ def test_unverified_sglang_version_is_refused_naming_it(tmp_path, monkeypatch, c
         register()
     with pytest.raises(AdapterError, match="0.6.0"):
         check_sglang_version("0.6.0")
+    with pytest.raises(AdapterError, match="0.5.23.post1"):  # its internals were never read
+        check_sglang_version("0.5.23.post1")
     assert check_sglang_version("0.5.23") == "0.5.23"
+    assert check_sglang_version("0.5.23+cu130") == "0.5.23+cu130"  # a local build of it
 
     # SGLang's loader logs the refusal and carries on with its own recorder.
     from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group

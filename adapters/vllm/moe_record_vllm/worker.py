@@ -93,14 +93,21 @@ class WorkerRecording:
             )
         device = self._device(model)
         self.frozen = _frozen(self.vllm_config)
-        self.recorder = Recorder(
-            device=device,
-            mode=mode or env.mode(),
-            engine=EngineInfo(name="vllm", version=vllm.__version__, adapter=DISTRIBUTION),
-            topology=self.topology,
-            **self.layer_map.recorder_kwargs(),
-            **env.recorder_options(),
-        )
+        options = env.recorder_options()
+        try:
+            self.recorder = Recorder(
+                device=device,
+                mode=mode or env.mode(),
+                engine=EngineInfo(name="vllm", version=vllm.__version__, adapter=DISTRIBUTION),
+                topology=self.topology,
+                **self.layer_map.recorder_kwargs(),
+                **options,
+            )
+        except RecorderError as e:  # name the variables the user set, not Recorder's arguments
+            given = [f"{env.VARIABLE_OF[k]}={v}" for k, v in options.items()]
+            if not given:
+                raise
+            raise RecorderError(f"{e} (from {', '.join(given)})") from None
         # Real (unpadded) tokens of the pass being run; 0 outside execute_model, so dummy and
         # warm-up forwards (profile run, DP padding batches) count nothing even while recording.
         self.num_valid = torch.zeros((), dtype=torch.int64, device=device)

@@ -152,6 +152,21 @@ def test_per_token_memory_bound_comes_from_the_environment(llm) -> None:
     assert 0 < status["bytes_used"] <= 8 << 20  # MOE_RECORD_MAX_BYTES (conftest), not 256 MiB
 
 
+def test_a_bad_recorder_variable_is_named_in_the_error(llm, monkeypatch) -> None:
+    """MOE_RECORD_BUFFER_SIZE / MOE_RECORD_MAX_BYTES that no recorder can take stop the worker
+    with a message naming the variable the user set (it named Recorder's buffer_size)."""
+    from moe_record_vllm.worker import WorkerRecording
+
+    worker = llm.llm_engine.model_executor.driver_worker
+    monkeypatch.setenv("MOE_RECORD_BUFFER_SIZE", "-3")
+    with pytest.raises(RecorderError, match=r"buffer_size: must be >= 0, got -3 \(from .*MOE_RECORD_BUFFER_SIZE=-3\)"):
+        WorkerRecording(worker, mode="stat")
+    monkeypatch.setenv("MOE_RECORD_BUFFER_SIZE", "1000")
+    monkeypatch.setenv("MOE_RECORD_MAX_BYTES", "1000")
+    with pytest.raises(RecorderError, match=r"max_bytes: 1000 bytes cannot hold .*MOE_RECORD_MAX_BYTES=1000"):
+        WorkerRecording(worker, mode="per_token")
+
+
 def test_per_pass_rows_are_forward_passes(llm) -> None:
     if llm.mode_name == "compiled":
         # The traced graph holds the stat buffers; new ones would be invisible to it.
