@@ -188,17 +188,42 @@ def _refuse_copies(members: list[_Member]) -> None:
 
 def _complete_sglang_topologies(members: list[_Member]) -> None:
     """SGLang's own per-rank files name only their rank. Given together they are one run's
-    ranks, each its own token shard (SGLang's reader sums them): size them so (a missing rank
-    is then a missing shard, refused unless allow_partial)."""
+    ranks: each its own token shard (expert-parallel ranks routing their own tokens; a missing
+    rank is then a missing shard, refused unless allow_partial), unless every rank holds the same
+    passes with the same counts: then they are replicas of one token shard (tensor-parallel or
+    DP-attention ranks without an all-to-all route every token on every rank), counted once.
+    SGLang's own reader sums them, which counts each token once per rank."""
     own = [m for m in members if is_sglang_file(m.dump)]
     if len(own) < 2:
         return
     size = max(m.dump.topology.rank for m in own) + 1
+    replicas = _same_passes([m.dump for m in own])
     for m in own:
         r = m.dump.topology.rank
+        shard, shards = (0, 1) if replicas else (r, size)
         m.dump = msgspec.structs.replace(
-            m.dump, topology=Topology(rank=r, world_size=size, token_shard=r, num_token_shards=size)
+            m.dump, topology=Topology(rank=r, world_size=size, token_shard=shard, num_token_shards=shards)
         )
+
+
+def _same_passes(dumps: list[Dump]) -> bool:
+    """Whether per-pass dumps hold the same forward passes with the same counts, some nonzero
+    (idle ranks' zeros tell nothing)."""
+    if any(not d.records for d in dumps):
+        return False
+
+    def passes(d: Dump) -> dict[int, torch.Tensor]:
+        rows = d.physical_count if d.physical_count is not None else d.logical_count
+        return {rec.forward_pass_id: rows[i] for i, rec in enumerate(d.records)}
+
+    first = passes(dumps[0])
+    if not any(bool(row.any()) for row in first.values()):
+        return False
+    for d in dumps[1:]:
+        other = passes(d)
+        if other.keys() != first.keys() or not all(torch.equal(other[p], first[p]) for p in first):
+            return False
+    return True
 
 
 def _runs(members: list[_Member]) -> list[list[_Member]]:

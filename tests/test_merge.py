@@ -361,23 +361,34 @@ SGLANG_PER_PASS = (
 
 
 def test_sglang_per_rank_files_merge_as_one_run(tmp_path, capsys) -> None:
-    """SGLang writes one per_pass file per rank, each rank's own tokens, and names only the rank:
-    given together they are one run, summed (as SGLang's reader sums them); a missing rank is a
-    missing shard."""
+    """SGLang writes one per_pass file per rank and names only the rank: given together they are
+    one run. Ranks routing their own tokens (expert parallel) are summed, and a missing rank is a
+    missing shard. Ranks holding the same passes with the same counts routed the same tokens
+    (tensor-parallel or DP-attention ranks without an all-to-all): counted once. Summed as
+    SGLang's own reader sums them, they read as world-size times the tokens routed."""
     obj = torch.load(SGLANG_PER_PASS, weights_only=True, map_location="cpu")
-    ranks = tmp_path / "ranks"
-    ranks.mkdir()
-    for rank in range(3):
-        per_rank = dict(obj, records=[dict(r, rank=rank) for r in obj["records"]])
-        torch.save(per_rank, ranks / f"expert_distribution_recorder_1700000001.5_{rank}.pt")
     one = load_dump(SGLANG_PER_PASS)
     assert (one.topology.ep_size, one.topology.world_size) == (1, 1)  # no guessed expert-parallel size
-    assert main(["merge", str(ranks), "-o", str(tmp_path / "m.msgpack")]) == 0
-    assert "tokens not recorded" in capsys.readouterr().out
-    merged = load_dump(tmp_path / "m.msgpack")
-    assert torch.equal(merged.total_count(), 3 * one.total_count()) and merged.engine.sdk_version  # ours now
-    (ranks / "expert_distribution_recorder_1700000001.5_1.pt").unlink()
-    assert main(["merge", str(ranks), "-o", str(tmp_path / "m2.msgpack")]) == 2
+
+    def write(folder: Path, rank: int, shift: int) -> None:
+        records = [dict(r, rank=rank) for r in obj["records"]]
+        for r in records:  # another rank's own tokens: the same total, other experts
+            r["global_physical_count"] = r["global_physical_count"].roll(shift, dims=-1)
+        torch.save(dict(obj, records=records), folder / f"expert_distribution_recorder_1700000001.5_{rank}.pt")
+
+    for name, shifts, times in (("replicas", (0, 0, 0), 1), ("shards", (0, 1, 2), 3)):
+        ranks = tmp_path / name
+        ranks.mkdir()
+        for rank, shift in enumerate(shifts):
+            write(ranks, rank, shift)
+        assert main(["merge", str(ranks), "-o", str(tmp_path / f"{name}.msgpack")]) == 0, name
+        capsys.readouterr()
+        merged = load_dump(tmp_path / f"{name}.msgpack")
+        assert int(merged.total_count().sum()) == times * int(one.total_count().sum()), name
+        assert merged.engine.sdk_version  # ours now
+    assert torch.equal(load_dump(tmp_path / "replicas.msgpack").total_count(), one.total_count())
+    (tmp_path / "shards" / "expert_distribution_recorder_1700000001.5_1.pt").unlink()
+    assert main(["merge", str(tmp_path / "shards"), "-o", str(tmp_path / "m2.msgpack")]) == 2
     assert "moe-record merge: token shards [1] are missing (present: [0, 2])" in capsys.readouterr().err
 
 
