@@ -254,16 +254,17 @@ class Counter:
         self.enabled.fill_(int(on))
         self.token_enabled.fill_(int(on and tokens))
 
-    def read(self, *, rows: bool = True) -> Reading:
+    def read(self, *, rows: bool = True, settled: bool = True) -> Reading:
         """Copy the counters to the host. Scalars are read before and after the big copies so
         a concurrent pass can only make the reading drop rows it names, never tear one.
 
         With a ring, the counts are those of the last step, so that a window's totals and its
         rows end at the same pass: counts of a pass in progress go to the next reading, whole.
         ``rows``: whether to copy the pass ring. The token ring is read by ``read_tokens``, only
-        the slots a window takes.
+        the slots a window takes. ``settled=False``: the live counts even with a ring (a window
+        that keeps no rows ends at the call, not at the last step).
         """
-        if self.rows is None:
+        if self.rows is None or not settled:
             passes = int(self.passes)
             position = int(self.token_cursor)
             counts = self.total_counts().to("cpu", copy=True)

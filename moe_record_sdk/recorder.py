@@ -285,7 +285,7 @@ class Recorder:
             self._reset_window()
 
     def _reset_window(self) -> None:
-        self._begin_window(self.counter.read(rows=False), token_base=None)
+        self._begin_window(self.counter.read(rows=False, settled=self._window_ring() > 0), token_base=None)
 
     def _begin_window(self, base: Reading, token_base: int | None) -> None:
         """Count from ``base`` on: the reading the window subtracts, and the token position where
@@ -352,7 +352,8 @@ class Recorder:
         If writing fails, the window is kept so the dump can be retried.
         """
         with self._lock:
-            reading = self.counter.read(rows=self._window_ring() > 0)
+            ring = self._window_ring() > 0
+            reading = self.counter.read(rows=ring, settled=ring)
             dump, token_end = self._build(reading)
             if destination is not None:
                 is_dir = os.path.isdir(destination)

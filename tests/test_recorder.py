@@ -409,6 +409,10 @@ def test_stat_without_a_buffer_ignores_a_ring_an_earlier_mode_allocated():
     assert d.logical_count.tolist() == [[[2, 1, 1, 1]]]
     assert (d.window.buffer_size, d.window.dropped_passes, d.total_logical_count) == (0, 0, None)
     assert rec.status().dropped_passes == 0
+    # Without rows, the window ends at the call, as on a recorder that never had a ring (its
+    # counts waited for the next step(): a caller that never steps dumped nothing).
+    rec.record(0, torch.tensor([[3]]))
+    assert rec.dump().logical_count.tolist() == [[[0, 0, 0, 1]]]
 
 
 def test_recording_flag_is_a_device_flag_and_buffers_stay_put():
