@@ -482,7 +482,9 @@ class Recorder:
             # A layer called twice in the pass (micro-batches) counted both calls, but its later
             # call's ids took the earlier's positions: those tokens' ids are lost, so dropped.
             overwritten += int((r.row_layer_tokens[slot] - r.row_layer_ids[slot]).clamp(min=0).max())
-        return (end - self._token_base) - kept + overwritten, end
+        # The window's tokens end at the reading's position: past the last pass taken only by a
+        # pass cut short by stop() (recorded, then stepped while off: counted here, no record).
+        return (r.tokens - self._token_base) - kept + overwritten, r.tokens
 
 
 RECORDER_OPTIONS = frozenset(inspect.signature(Recorder).parameters)

@@ -553,3 +553,20 @@ def test_a_layer_called_twice_in_a_pass_shows_no_stale_ids_and_its_lost_ids_are_
     # pass 0's 4 tokens (the ring holds 4 positions, pass 1's), and micro-batch 1's first token
     assert d.window.dropped_tokens == 4 + 1
     assert validate_dump(d) == []
+
+
+def test_a_pass_cut_by_stop_has_its_tokens_dropped_in_the_window_that_counts_them():
+    """A pass recorded, then stopped before its step: its counts go to the next dump, which holds
+    no record of it; its tokens are that dump's drops. They showed up in the dump after, which
+    had counted no token."""
+    rec = Recorder(1, 4, 1, mode="per_token", buffer_size=8)
+    rec.start()
+    rec.record(0, torch.tensor([[0], [1], [2]]))
+    rec.step()
+    rec.record(0, torch.tensor([[3]]))  # a pass in progress...
+    rec.stop()
+    rec.step()  # ...cut short
+    first, second = rec.dump(), rec.dump()
+    assert first.window.num_tokens == [4] and [r.topk_ids_of_layer.shape[1] for r in first.records] == [3]
+    assert first.window.dropped_tokens == 1 and validate_dump(first) == []
+    assert second.window.num_tokens == [0] and second.window.dropped_tokens == 0  # was 1
