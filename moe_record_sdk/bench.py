@@ -54,8 +54,8 @@ def _sglang_tap(counts: torch.Tensor, num_experts: int) -> Callable[[int, torch.
     return tap
 
 
-def _methods(device: torch.device, E: int, T: int, k: int, dtype: torch.dtype) -> tuple[dict, list]:
-    """The callables, each taking a call index, and the id buffers they read."""
+def _methods(device: torch.device, E: int, T: int, k: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """The callables, each taking a call index, and the recorders they feed, by name."""
     gen = torch.Generator().manual_seed(T * 1000 + E)
     ids = [torch.randint(0, E, (T, k), generator=gen, dtype=dtype).to(device) for _ in range(LAYERS)]
     stat = Recorder(LAYERS, E, k, device, "stat")
@@ -84,7 +84,7 @@ def _methods(device: torch.device, E: int, T: int, k: int, dtype: torch.dtype) -
         "scatter": lambda i: scatter_counts[i % LAYERS].scatter_add_(0, index[i % LAYERS], ones),
         "copy": lambda i: out.copy_(ids[i % LAYERS]),
     }
-    return fns, [stat, per_token, stopped, ring]
+    return fns, {"stat": stat, "stopped": stopped, "ring": ring}
 
 
 def _eager_timer(fn: Callable[[int], Any], device: torch.device, taps: int) -> Callable[[], float]:
@@ -181,8 +181,8 @@ def run_bench(
             for fn in fns.values():
                 for i in range(LAYERS):  # warm-up: compile the kernels, load the modules
                     fn(i)
-            recorders[2].start()
-            recorders[2].stop()
+            recorders["stopped"].start()
+            recorders["stopped"].stop()
             timers["eager"] = {name: _eager_timer(fn, device, taps) for name, fn in fns.items()}
             if graph:
                 timers["graph"] = {name: _graph_timer(fn, taps, replays) for name, fn in fns.items()}
@@ -193,12 +193,12 @@ def run_bench(
                         samples[name].append(once())
                 rows.append({"E": E, "T": T, "where": where} | {n: statistics.median(s) for n, s in samples.items()})
             if T:
-                _check_counts(*recorders)
+                _check_counts(**recorders)
             del timers, fns, recorders
     return rows
 
 
-def _check_counts(stat: Recorder, per_token: Recorder, stopped: Recorder, ring: Recorder) -> None:
+def _check_counts(stat: Recorder, stopped: Recorder, ring: Recorder) -> None:
     """The timed taps counted something, the stopped one nothing, and the ring-only tap wrote ids
     but counted none: the timing is of the work it names."""
     assert ring.counter.token_ids is not None

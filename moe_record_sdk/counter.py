@@ -167,10 +167,10 @@ class Counter:
             raise RecorderError(f"topk_ids: expected shape [tokens, top_k={self.top_k}], got {list(topk_ids.shape)}")
         if topk_ids.dtype not in (torch.int32, torch.int64):
             raise RecorderError(f"topk_ids: expected int32 or int64, got {topk_ids.dtype}")
-        on, mine = topk_ids.device, self.device
-        if on.type != mine.type or None not in (on.index, mine.index) and on.index != mine.index:
+        got, want = topk_ids.device, self.device
+        if got.type != want.type or None not in (got.index, want.index) and got.index != want.index:
             raise RecorderError(
-                f"topk_ids: on {on}, but the recorder counts on {mine} (its device=): copy them there, or build it there"
+                f"topk_ids: on {got}, but the recorder counts on {want} (its device=): copy them there, or build it there"
             )
         if num_valid_tokens is not None:
             _check_num_valid(num_valid_tokens)
@@ -218,6 +218,8 @@ class Counter:
     def step(self) -> None:
         """End of one forward pass: commit its ring row and tokens. Tensor ops only."""
         on = self.enabled > 0
+        # The pass's token positions: its longest layer's (one reduction, for the span and the cursor).
+        pass_tokens = self.layer_tokens.max() if self.token_ids is not None else None
         if self.rows is not None:
             assert self.row_pass is not None and self.last_counts is not None
             self.step_seq.add_(1)  # odd until the pass is committed: ``read`` waits it out
@@ -232,7 +234,7 @@ class Counter:
             if self.row_tokens is not None:
                 # Where this pass's tokens lie: a dump then takes exactly the tokens of the passes
                 # it takes, however the cursor moved while it read.
-                span = torch.stack([self.token_cursor, self.token_cursor + self.layer_tokens.max()]).view(1, 2)
+                span = torch.stack([self.token_cursor, self.token_cursor + pass_tokens]).view(1, 2)
                 self.row_tokens.index_copy_(0, slot, torch.where(on, span, self.row_tokens.index_select(0, slot)))
                 assert self.row_layer_tokens is not None and self.row_layer_ids is not None
                 # Each valid token adds top_k ids to its layer's experts or discard bin.
@@ -242,8 +244,8 @@ class Counter:
                 held = self.row_layer_ids.index_select(0, slot)
                 self.row_layer_ids.index_copy_(0, slot, torch.where(on, self.layer_tokens.view(1, -1), held))
             self.last_counts.copy_(counts)
-        if self.token_ids is not None:
-            self.token_cursor.add_(self.layer_tokens.max())
+        if pass_tokens is not None:
+            self.token_cursor.add_(pass_tokens)
             self.layer_tokens.zero_()
         self.passes.add_(self.enabled)
         if self.rows is not None:

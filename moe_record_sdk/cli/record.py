@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: interrupted.set())
     try:
         with fleet:
-            return record(
+            status = record(
                 fleet,
                 out=args.out,
                 duration=args.duration,
@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
                 interrupted=interrupted,
                 report=report,
             )
+            if report is not None:
+                report["exit_status"] = status
+            return status
     finally:
         for sig in STOP_SIGNALS if main else ():
             signal.signal(sig, signal.SIG_IGN)
@@ -123,29 +126,11 @@ def record(
     ``during(stop_event)`` runs on a thread while recording (the demo drives traffic with it);
     it should return soon after ``stop_event`` is set. ``interrupted``: set by stop signals
     (given, it may be set already: nothing is started then, and the status is 130). ``report``:
-    a dict to fill with what ``--json`` prints (``_report``).
+    a dict to fill with what ``--json`` prints: each step's results, the files, the problems.
     """
     console = console or rich_console()
     report = {} if report is None else report
-    status = _record(fleet, out, duration, mode, fmt, interval, console, during, interrupted, report)
-    report["exit_status"] = status
-    return status
-
-
-def _record(
-    fleet: Any,
-    out: str,
-    duration: float | None,
-    mode: str | None,
-    fmt: str,
-    interval: float,
-    console: Console,
-    during: Callable[[threading.Event], None] | None,
-    interrupted: threading.Event | None,
-    report: dict[str, Any],
-) -> int:
-    report |= {"action": "record", "out": out, "start": None, "stop": None, "dump": None, "invalid": {}}
-    report |= {"problems": []}
+    report |= {"action": "record", "out": out, "start": None, "stop": None, "dump": None, "invalid": {}, "problems": []}
     made = missing_folders(out)
     problem = check_out(out)
     if problem:

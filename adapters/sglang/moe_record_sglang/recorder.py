@@ -239,9 +239,8 @@ class SGLangRecorder:
             ids = dict(self._pass_ids)
         for rec in dump.records:
             rec.forward_pass_id = ids.get(rec.forward_pass_id, rec.forward_pass_id)
-        if (
-            self._routed
-        ):  # once a pass has run, the MoE layers are those that routed (dense ones read as dead otherwise)
+        # Once a pass has run, the MoE layers are those that routed (dense ones would read as dead).
+        if self._routed:
             moe = [layer for layer in dump.model.moe_layer_ids if layer in self._routed]
             dump.model = msgspec.structs.replace(dump.model, moe_layer_ids=moe)
         return dump
