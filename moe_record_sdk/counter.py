@@ -107,7 +107,7 @@ class Counter:
         if token_slots:
             # Row N is the trash row for padding, disabled and overflowing writes.
             # Layer-major: a tap's tokens land side by side (coalesced writes); slot N is the trash.
-            self.token_ids = torch.full((R, N + 1, top_k), -1, dtype=torch.int32, device=dev)
+            self.token_ids = torch.full((R, N + 1, top_k), -1, dtype=self.token_dtype(S), device=dev)
             self.token_pass = torch.full((N + 1,), -1, dtype=torch.int64, device=dev)
             self.token_arange = torch.arange(N + 1, device=dev)
         self.tap_args = counter_triton.tap_args(self)  # the kernel's fixed arguments
@@ -115,8 +115,15 @@ class Counter:
 
     # -- sizes ------------------------------------------------------------------------------
     @staticmethod
-    def token_slot_bytes(num_rows: int, top_k: int) -> int:
-        return num_rows * top_k * 4 + 16  # ids, pass id, position
+    def token_dtype(num_slots: int) -> torch.dtype:
+        """The token ring's id type: int16 while the ids fit (every MoE model so far), so the ring
+        holds twice the tokens in ``max_bytes`` and the tap writes half the bytes."""
+        return torch.int16 if num_slots <= torch.iinfo(torch.int16).max else torch.int32
+
+    @staticmethod
+    def token_slot_bytes(num_rows: int, top_k: int, num_slots: int) -> int:
+        ids = num_rows * top_k * Counter.token_dtype(num_slots).itemsize
+        return ids + 16  # ids, pass id, position
 
     @staticmethod
     def fixed_bytes(num_rows: int, num_slots: int, stripes: int = 1) -> int:
@@ -212,7 +219,7 @@ class Counter:
         # Indexed on the whole ring, not through a view of its layer: under torch.compile a write
         # into a view of a graph input copied the whole ring (max_bytes) every pass.
         at = (torch.full_like(slot, row), slot)
-        self.token_ids.index_put_(at, torch.where(invalid, -1, ids).to(torch.int32))
+        self.token_ids.index_put_(at, torch.where(invalid, -1, ids).to(self.token_ids.dtype))
         self.token_pass.index_copy_(0, slot, self.passes.expand(T))
 
     def step(self) -> None:
@@ -284,7 +291,7 @@ class Counter:
         )
 
     def read_tokens(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Host copies of the token ring's ids [n, R, k] and pass ids [n] at positions [lo, hi)
+        """Host copies of the token ring's ids (int32 [n, R, k]) and pass ids [n] at positions [lo, hi)
         (n <= ``token_slots``), and the positions written or being written after the copy: a
         slot whose position is below that less ``token_slots`` may have been overwritten during it."""
         assert self.token_ids is not None and self.token_pass is not None
@@ -292,7 +299,8 @@ class Counter:
         assert 0 <= hi - lo <= N, (lo, hi, N)
         first, n = lo % N, hi - lo
         spans = [(first, min(n, N - first))] + ([(0, first + n - N)] if first + n > N else [])
-        ids = torch.cat([self.token_ids[:, a : a + m].to("cpu", copy=True) for a, m in spans], dim=1).transpose(0, 1)
+        ids = torch.cat([self.token_ids[:, a : a + m].to("cpu", copy=True) for a, m in spans], dim=1)
+        ids = ids.transpose(0, 1).to(torch.int32)  # the dump's type, whatever the ring holds
         passes = torch.cat([self.token_pass[a : a + m].to("cpu", copy=True) for a, m in spans])
         after = int(self.token_cursor) + int(self.layer_tokens.max())
         return ids, passes, after

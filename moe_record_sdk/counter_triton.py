@@ -57,8 +57,10 @@ Notes (E=256, k=8, int32 ids, in a CUDA graph, us per call; ``moe-record bench``
   private torch API: the PTX here is that kernel's counting, launched by Triton.
 * ``per_token`` adds ~0.1-0.3 us at small T (H200, ``tests/perf/per_token_cost.py``, 2026-11-28):
   ~0.17 us was its three scalar loads (cursor, pass id, flag) feeding the ring writes, ~0.07 the
-  writes. It does stat's work plus the ring's write (which writes 25% more bytes than a copy: a
-  pass id per token), so it stays above 1.2x the copy. The ring's size N is a compile-time
+  writes. It does stat's work plus the ring's write, so it stays above 1.2x the copy. Bytes are
+  not what it pays for: two-byte ids (the ring writes 24 bytes per token where the copy writes
+  32) left it at 1.31-1.45x (2026-11-29, two runs side by side with four-byte ids), and
+  announcing from one program instead of all of them changed nothing either. The ring's size N is a compile-time
   constant: ``cursor % N`` with N a runtime argument (a float64 division) cost 0.33 us per call.
 * Noise floor: two kernels with identical SASS timed 0.17 us apart at T=16 with differently
   placed buffers (L2's near and far partitions), so differences below ~0.15 us at T <= 1024 are
@@ -146,7 +148,7 @@ if triton is not None:
         enabled_ptr,  # int64 scalar: 0 = count nothing
         counts_ptr,  # int64 [G, R, S + 2]: Counter.stripes
         stripe_stride,  # R * (S + 2)
-        tok_ids_ptr,  # int32 [R, N + 1, K]: Counter.token_ids
+        tok_ids_ptr,  # int16 or int32 [R, N + 1, K]: Counter.token_ids
         tok_pass_ptr,  # int64 [N + 1]
         token_enabled_ptr,  # int64 scalar
         cursor_ptr,  # int64 scalar: ring position of this pass's first token
@@ -239,7 +241,7 @@ if triton is not None:
         t = e // K
         # Only the pass's last N valid tokens fit in the ring; earlier ones would collide.
         keep = (e < valid_el) & (t >= nv - N) & tok_on
-        ids = tl.where(ok, x, -1).to(tl.int32)
+        ids = tl.where(ok, x, -1).to(tok_ids_ptr.dtype.element_ty)
         last = (tl.program_id(0) * e.shape[0] + e.shape[0] - 1) // K  # the block's last token
         # Where a thread holds several ids and the block's slots do not wrap, its ids go to one
         # contiguous run: one wide store each (the % N addresses defeat that). With one id per

@@ -86,7 +86,8 @@ class Recorder:
         Rows of the per-pass ring (``stat``: 0 keeps one cumulative row; SGLang's buffer).
     max_bytes:
         ``per_token``: bound on the ring and token buffers together; older tokens are overwritten
-        and counted as dropped.
+        and counted as dropped. A token takes ``2 * len(layer_ids) * top_k + 16`` bytes (ids kept in two
+        bytes while ``num_experts`` <= 32767, four past that).
     physical_to_logical_map:
         int [L, P]: when the engine replicates experts, ids are physical slots and are summed into
         logical experts at dump; physical counts are kept too.
@@ -210,7 +211,7 @@ class Recorder:
         if mode == "per_token":
             fixed = Counter.fixed_bytes(R, self.num_slots, counter_triton.stripes_for(self.device))
             room = self.max_bytes - Counter.ring_bytes(ring, R, self.num_slots, tokens=True) - fixed
-            tokens = room // Counter.token_slot_bytes(R, self.top_k) - 1
+            tokens = room // Counter.token_slot_bytes(R, self.top_k, self.num_slots) - 1
             if tokens < 1:
                 raise RecorderError(
                     f"max_bytes: {self.max_bytes} bytes cannot hold a {ring}-pass ring and one token of "

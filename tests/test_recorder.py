@@ -282,6 +282,28 @@ def test_per_token_memory_bound_and_drops(max_bytes):
     assert validate_dump(d) == []
 
 
+@pytest.mark.parametrize("E", [32767, 32768, 70000])
+def test_per_token_ids_read_back_exactly_either_side_of_the_two_byte_ring(E):
+    """The token ring keeps ids in two bytes while every id fits (E <= 32767), four past that."""
+    rec = Recorder(num_layers=1, num_experts=E, top_k=3, mode="per_token", buffer_size=2, max_bytes=4 << 20)
+    rec.start()
+    ids = torch.tensor([[E - 1, 0, E], [-1, E // 2, E - 2]])
+    rec.record(0, ids)
+    rec.step()
+    d = rec.dump()
+    assert d.records[0].topk_ids_of_layer[0].tolist() == [[E - 1, 0, -1], [-1, E // 2, E - 2]]
+    assert d.records[0].topk_ids_of_layer.dtype == torch.int32
+
+
+def test_per_token_ring_holds_twice_the_tokens_in_max_bytes_with_two_byte_ids():
+    L, E, k, B, mb = 8, 256, 8, 4, 4 << 20
+    rec = Recorder(num_layers=L, num_experts=E, top_k=k, mode="per_token", buffer_size=B, max_bytes=mb)
+    room = mb - Counter.fixed_bytes(L, E) - Counter.ring_bytes(B, L, E, tokens=True)
+    four_byte_ids = room // (L * k * 4 + 16) - 1  # what int32 ids held
+    assert rec.counter.token_slots >= 1.8 * four_byte_ids
+    assert rec.counter.nbytes() <= mb
+
+
 def test_status():
     rec = Recorder(num_layers=2, num_experts=4, top_k=2, mode="per_pass", buffer_size=3)
     assert rec.status().recording is False
@@ -536,7 +558,11 @@ def test_a_layer_called_twice_in_a_pass_shows_no_stale_ids_and_its_lost_ids_are_
     call of this pass wrote showed an older pass's id; and the lost ids were not dropped, so the
     recorder's own dump failed validation."""
     N = 4  # a ring of 4 positions: pass 1 reuses pass 0's slots
-    mb = Counter.fixed_bytes(2, 8) + Counter.ring_bytes(4, 2, 8, tokens=True) + (N + 1) * Counter.token_slot_bytes(2, 1)
+    mb = (
+        Counter.fixed_bytes(2, 8)
+        + Counter.ring_bytes(4, 2, 8, tokens=True)
+        + (N + 1) * Counter.token_slot_bytes(2, 1, 8)
+    )
     rec = Recorder(num_layers=2, num_experts=8, top_k=1, mode="per_token", buffer_size=4, max_bytes=mb)
     assert rec.counter.token_slots == N
     rec.start()

@@ -68,7 +68,8 @@ def main() -> int:
     # (mode, token ring slots, rounds of batch sizes): a ring of 97 wraps within most passes; one
     # of 1500 holds a prefill-sized pass (several ids per thread) whole, then wraps within it.
     for mode, tokens, rounds in (("stat", 0, 1), ("per_pass", 0, 1), ("per_token", 97, 1), ("per_token", 1500, 2)):
-        for E, k in ((16, 2), (60, 8)) if tokens < 1500 else ((60, 8),):
+        # Past 32767 experts the token ring holds int32 ids, not int16.
+        for E, k in ((16, 2), (60, 8), (40000, 2)) if tokens < 1500 else ((60, 8),):
             kernel, reference = _pair(mode, E, k, tokens)
             # Decode-sized batches and prefill-sized ones (another launch shape).
             for T in (0, 1, 3, 40, 97, LAUNCH[0][0] // k + 7) * rounds:
