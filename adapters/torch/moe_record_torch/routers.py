@@ -1,10 +1,12 @@
 """Finding a model's routers: the transformers 5.x MoE families on their own, any module explicitly.
 
 A *router* is the submodule whose forward computes the top-k expert ids of one MoE layer. In
-transformers 5.x (read in 5.19: ``models/*/modeling_*.py``) every MoE family routes in a
+transformers 5.x (read in 5.19: ``models/*/modeling_*.py``) most MoE families route in a
 ``*TopKRouter`` submodule (``mlp.gate``; ``mlp.router`` for GptOss) that returns
 ``(router_logits, routing_weights, topk_ids)``, so a forward hook there sees the ids exactly as
-the experts receive them. The layer id is the router's index in the decoder-layer
+the experts receive them; HunYuan-MoE, Gemma-4 and AFMoE do the same under other class names.
+Llama-4's router returns its logits, and Jamba's block routes through a plain ``nn.Linear``:
+their extractors repeat the model's own top-k of those logits. The layer id is the router's index in the decoder-layer
 ``nn.ModuleList`` (``model.layers``), so dense layers (DeepseekV3's ``first_k_dense_replace``,
 Qwen's ``mlp_only_layers``) keep their place in the numbering, as SGLang numbers them.
 """
@@ -72,22 +74,55 @@ def int_ids_in_output(module: nn.Module, args: tuple, output: Any) -> torch.Tens
     )
 
 
-#: transformers 5.x router classes verified by a test (ids at output[2]), and our tiny model's.
+def _router_topk(index: int) -> Extract:
+    """Extractor for routers that return logits at ``output[index]`` and choose ``torch.topk`` of
+    them with their own ``top_k``: the same call on the same tensor, so the same ids."""
+
+    def extract(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
+        return torch.topk(output[index], module.top_k, dim=-1).indices
+
+    return extract
+
+
+#: transformers 5.x router classes verified by a test, and our tiny model's.
 KNOWN_ROUTERS: dict[str, Extract] = {
-    name: ids_at(2)
-    for name in (
-        "Qwen3MoeTopKRouter",
-        "Qwen2MoeTopKRouter",
-        "MixtralTopKRouter",
-        "OlmoeTopKRouter",
-        "DeepseekV3TopkRouter",
-        "GptOssTopKRouter",
-        "TinyMoERouter",
-    )
+    **{
+        name: ids_at(2)  # (logits, weights, ids)
+        for name in (
+            "Qwen3MoeTopKRouter",
+            "Qwen2MoeTopKRouter",
+            "MixtralTopKRouter",
+            "OlmoeTopKRouter",
+            "DeepseekV3TopkRouter",
+            "GptOssTopKRouter",
+            "HunYuanMoEV1Gate",
+            "Gemma4TextRouter",
+            "AfmoeTokenChoiceRouter",
+            "TinyMoERouter",
+        )
+    },
+    "Llama4Router": _router_topk(1),  # (scores, logits): its ids are topk(logits)
 }
 # Other transformers families name their router ``*TopKRouter`` (DeepSeek-V4 also ``*HashRouter``) and return the ids as
 # the one integer tensor of the output (some at index 0, most at 2): tapped on a best-effort basis.
 _GENERIC_ROUTER = re.compile(r"(Top[Kk]|Hash)Router$")
+
+
+def _softmax_topk_of(block: nn.Module) -> Extract:
+    """Extractor for a plain ``nn.Linear`` router whose block takes ``torch.topk`` of
+    ``softmax(logits, dtype=float)`` with the block's ``top_k``: the block's own ops, so its ids."""
+
+    def extract(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
+        return torch.topk(torch.softmax(output, dim=-1, dtype=torch.float), block.top_k, dim=-1).indices
+
+    return extract
+
+
+#: MoE blocks whose router is a plain ``nn.Linear`` child (the block chooses the ids inline):
+#: block class -> (the child to tap, the extractor given the block). The block gives the shape.
+KNOWN_BLOCKS: dict[str, tuple[str, Callable[[nn.Module], Extract]]] = {
+    "JambaSparseMoeBlock": ("router", _softmax_topk_of),
+}
 
 
 @dataclass(frozen=True)
@@ -98,6 +133,7 @@ class Router:
     name: str
     module: nn.Module
     extract: Extract
+    owner: nn.Module | None = None  # whose attributes give the shape, where not the router's (its block's)
 
 
 @dataclass(frozen=True)
@@ -126,21 +162,27 @@ def _decoder_index(model: nn.Module, name: str) -> tuple[int, int, str] | None:
 
 
 def _attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
-    for n in names:
-        v = getattr(module, n, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
+    """The first of ``names`` that is an int attribute of ``module``, or of its ``config``
+    (Gemma-4's router keeps its shape there only)."""
+    for holder in (module, getattr(module, "config", None)):
+        for n in names:
+            v = getattr(holder, n, None)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
     return None
 
 
-def _auto_routers(model: nn.Module) -> list[tuple[str, nn.Module, Extract]]:
+def _auto_routers(model: nn.Module) -> list[tuple[str, nn.Module, Extract, nn.Module | None]]:
     out = []
     for name, module in model.named_modules():
         cls = type(module).__name__
         if cls in KNOWN_ROUTERS:
-            out.append((name, module, KNOWN_ROUTERS[cls]))
+            out.append((name, module, KNOWN_ROUTERS[cls], None))
+        elif cls in KNOWN_BLOCKS:
+            child, make = KNOWN_BLOCKS[cls]
+            out.append((f"{name}.{child}" if name else child, module.get_submodule(child), make(module), module))
         elif _GENERIC_ROUTER.search(cls) and _attr(module, ("top_k",)) is not None:
-            out.append((name, module, int_ids_in_output))
+            out.append((name, module, int_ids_in_output, None))
     return out
 
 
@@ -187,26 +229,26 @@ def find_routers(
     Raises ``AdapterError`` when nothing is found or the routers disagree on the shape.
     """
     if routers is None:
-        sites = [(n, m, None, ex) for n, m, ex in _auto_routers(model)]
+        sites = [(n, m, None, ex, owner) for n, m, ex, owner in _auto_routers(model)]
         if not sites:
             raise AdapterError(
                 f"{type(model).__name__}: no MoE router found (transformers {TRANSFORMERS_SUPPORTED} "
                 "*TopKRouter modules, TinyMoE); name them with routers= and extract="
             )
     else:
-        sites = [(n, m, lid, extract or int_ids_in_output) for n, m, lid in _explicit_routers(model, routers)]
+        sites = [(n, m, lid, extract or int_ids_in_output, None) for n, m, lid in _explicit_routers(model, routers)]
 
     taps: list[Router] = []
     lists: set[str] = set()
     depth = 0
-    for order, (name, module, layer_id, ex) in enumerate(sites):
+    for order, (name, module, layer_id, ex, owner) in enumerate(sites):
         where = _decoder_index(model, name)
         if where is not None:
             lists.add(where[2])
             depth = max(depth, where[1])
         if layer_id is None:
             layer_id = where[0] if where is not None else order
-        taps.append(Router(layer_id=layer_id, name=name, module=module, extract=ex))
+        taps.append(Router(layer_id=layer_id, name=name, module=module, extract=ex, owner=owner))
     if routers is None and len(lists) > 1:
         raise AdapterError(
             f"{type(model).__name__}: routers sit in several layer lists ({', '.join(sorted(lists))}); "
@@ -224,16 +266,16 @@ def find_routers(
     def shape(value: int | None, attrs: tuple[str, ...], what: str) -> int:
         if value is not None:
             return value
-        seen = {_attr(t.module, attrs) for t in taps}
+        seen = {_attr(t.owner or t.module, attrs) for t in taps}
         if None in seen or len(seen) != 1:
             raise AdapterError(
-                f"{what}: cannot read it from the routers ({type(taps[0].module).__name__}.{attrs[0]} "
+                f"{what}: cannot read it from the routers ({type(taps[0].owner or taps[0].module).__name__}.{attrs[0]} "
                 f"gives {sorted(seen, key=str)}); pass {what}="
             )
         return seen.pop()  # type: ignore[return-value]
 
     E = shape(num_experts, ("num_experts", "num_local_experts", "n_routed_experts"), "num_experts")
-    k = shape(top_k, ("top_k", "num_experts_per_tok"), "top_k")
+    k = shape(top_k, ("top_k", "num_experts_per_tok", "top_k_experts"), "top_k")
     L = num_layers if num_layers is not None else max(depth, max(ids) + 1)
     if max(ids) >= L or min(ids) < 0:
         raise AdapterError(f"num_layers={L}: router layer ids {sorted(ids)} must lie in [0, {L})")

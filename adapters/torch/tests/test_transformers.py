@@ -4,6 +4,10 @@ equal a reference computed, in the test, from the router logits transformers its
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import torch
 import transformers as T
@@ -49,17 +53,31 @@ def _grouped_topk(n_group: int, topk_group: int):
     return choose
 
 
-# family: (config, MoE decoder layers as the config defines them, top-k rule, bias buffer name)
+def _sigmoid_bias_topk(logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """AFMoE routing: top-k of sigmoid scores plus the expert bias (the bias only chooses)."""
+    assert bias is not None
+    return torch.topk(logits.sigmoid() + bias, K, dim=-1).indices
+
+
+@dataclass(frozen=True)
+class Family:
+    config: Callable[[], Any]
+    moe_layers: list[int]  # the MoE decoder layers as the config defines them
+    choose: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]  # top-k rule over the logits
+    router: str = "mlp.gate"  # the router module, in each MoE decoder layer
+    logits: int | None = 0  # where its output holds the logits (None: the output is the logits)
+    bias: str | None = None  # a routing bias the rule needs, in each MoE decoder layer
+
+
 FAMILIES = {
-    "qwen3_moe": (
+    "qwen3_moe": Family(
         lambda: T.Qwen3MoeConfig(
             **COMMON, head_dim=8, moe_intermediate_size=16, num_experts=E, num_experts_per_tok=K, mlp_only_layers=[1]
         ),
         [0, 2, 3],
         _softmax_topk,
-        None,
     ),
-    "qwen2_moe": (
+    "qwen2_moe": Family(
         lambda: T.Qwen2MoeConfig(
             **COMMON,
             moe_intermediate_size=16,
@@ -70,16 +88,14 @@ FAMILIES = {
         ),
         [1, 2, 3],
         _softmax_topk,
-        None,
     ),
-    "mixtral": (
+    "mixtral": Family(
         lambda: T.MixtralConfig(**COMMON, head_dim=8, num_local_experts=E, num_experts_per_tok=K),
         [0, 1, 2, 3],
         _softmax_topk,
-        None,
     ),
-    "olmoe": (lambda: T.OlmoeConfig(**COMMON, num_experts=E, num_experts_per_tok=K), [0, 1, 2, 3], _softmax_topk, None),
-    "deepseek_v3": (
+    "olmoe": Family(lambda: T.OlmoeConfig(**COMMON, num_experts=E, num_experts_per_tok=K), [0, 1, 2, 3], _softmax_topk),
+    "deepseek_v3": Family(
         lambda: T.DeepseekV3Config(
             **{**COMMON, "num_key_value_heads": 4},
             moe_intermediate_size=16,
@@ -97,31 +113,91 @@ FAMILIES = {
         ),
         [1, 2, 3],
         _grouped_topk(4, 2),
-        "e_score_correction_bias",
+        bias="mlp.gate.e_score_correction_bias",
     ),
-    "gpt_oss": (
+    "gpt_oss": Family(
         lambda: T.GptOssConfig(**COMMON, head_dim=8, num_local_experts=E, num_experts_per_tok=K),
         [0, 1, 2, 3],
         _logit_topk,
-        None,
+        router="mlp.router",
+    ),
+    "hunyuan_v1_moe": Family(
+        lambda: T.HunYuanMoEV1Config(**COMMON, head_dim=8, num_experts=E, moe_topk=K), [0, 1, 2, 3], _softmax_topk
+    ),
+    "gemma4": Family(  # its router returns probabilities first
+        lambda: T.Gemma4TextConfig(
+            **{**COMMON, "layer_types": ["sliding_attention", "full_attention"] * 2},
+            head_dim=8,
+            enable_moe_block=True,
+            moe_intermediate_size=16,
+            num_experts=E,
+            top_k_experts=K,
+        ),
+        [0, 1, 2, 3],
+        _logit_topk,
+        router="router",
+    ),
+    "afmoe": Family(
+        lambda: T.AfmoeConfig(
+            **COMMON, head_dim=8, moe_intermediate_size=16, num_experts=E, num_experts_per_tok=K, num_dense_layers=1
+        ),
+        [1, 2, 3],
+        _sigmoid_bias_topk,
+        router="mlp.router",
+        bias="mlp.expert_bias",
+    ),
+    "llama4": Family(
+        lambda: T.Llama4TextConfig(
+            **COMMON,
+            head_dim=8,
+            intermediate_size_mlp=48,
+            num_local_experts=E,
+            num_experts_per_tok=K,
+            interleave_moe_layer_step=2,
+        ),
+        [1, 3],
+        _logit_topk,
+        router="feed_forward.router",
+        logits=1,  # (scores, logits)
+    ),
+    "jamba": Family(  # Mamba and attention layers; the MoE block routes through a plain Linear
+        lambda: T.JambaConfig(
+            **COMMON,
+            num_experts=E,
+            num_experts_per_tok=K,
+            expert_layer_period=2,
+            expert_layer_offset=1,
+            attn_layer_period=2,  # one attention layer at least: generate()'s cache needs one
+            attn_layer_offset=1,
+        ),
+        [1, 3],
+        _softmax_topk,
+        router="feed_forward.router",
+        logits=None,
     ),
 }
 
 
 def _model(family: str, seed: int = 0) -> tuple[torch.nn.Module, list[int], object, list[torch.Tensor | None]]:
-    make_config, moe_layers, choose, bias_name = FAMILIES[family]
-    config = make_config()
+    f = FAMILIES[family]
+    config = f.config()
     config.output_router_logits = True  # transformers returns every MoE layer's router logits
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(config).eval()
-    biases: list[torch.Tensor | None] = [None] * len(moe_layers)
-    if bias_name:  # a non-zero correction bias, so the reference must use it to match
+    biases: list[torch.Tensor | None] = [None] * len(f.moe_layers)
+    if f.bias:  # a non-zero routing bias, so the reference must use it to match
         g = torch.Generator().manual_seed(seed + 1)
-        for i, layer in enumerate(moe_layers):
-            buf = model.get_buffer(f"model.layers.{layer}.mlp.gate.{bias_name}")
-            buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
-            biases[i] = buf.detach().clone()
-    return model, moe_layers, choose, biases
+        with torch.no_grad():
+            for i, layer in enumerate(f.moe_layers):
+                owner, _, name = f"model.layers.{layer}.{f.bias}".rpartition(".")
+                buf = getattr(model.get_submodule(owner), name)
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.05)
+                biases[i] = buf.detach().clone()
+    return model, f.moe_layers, f.choose, biases
+
+
+def _routers(model: torch.nn.Module, family: str, layers: list[int]) -> dict[int, torch.nn.Module]:
+    return {layer: model.get_submodule(f"model.layers.{layer}.{FAMILIES[family].router}") for layer in layers}
 
 
 def _reference(router_logits_per_pass, moe_layers, choose, biases, num_layers, valid_rows=None) -> torch.Tensor:
@@ -136,17 +212,16 @@ def _reference(router_logits_per_pass, moe_layers, choose, biases, num_layers, v
     return want
 
 
-def _capture_router_logits(model, moe_layers) -> tuple[list[tuple[torch.Tensor, ...]], object]:
+def _capture_router_logits(model, family, moe_layers) -> tuple[list[tuple[torch.Tensor, ...]], object]:
     """Per forward pass, the router logits of each MoE layer: those transformers returns
     (``output_router_logits``), or, where a release returns none (DeepseekV3 in 5.17), those the
-    test's own hooks read from the router modules' first output."""
+    test's own hooks read from the router modules' output."""
     seen: list[tuple[torch.Tensor, ...]] = []
     pending: list[torch.Tensor] = []
-    mlps = [model.get_submodule(f"model.layers.{layer}.mlp") for layer in moe_layers]
-    routers = [getattr(mlp, "router", None) or mlp.gate for mlp in mlps]
+    at = FAMILIES[family].logits
 
     def on_router(module, args, out) -> None:
-        pending.append(out[0].detach().clone())
+        pending.append((out if at is None else out[at]).detach().clone())
 
     def on_model(module, args, out) -> None:
         returned = getattr(out, "router_logits", None)
@@ -155,6 +230,7 @@ def _capture_router_logits(model, moe_layers) -> tuple[list[tuple[torch.Tensor, 
         seen.append(tuple(returned) if returned is not None else tuple(pending))
         pending.clear()
 
+    routers = _routers(model, family, moe_layers).values()
     handles = [r.register_forward_hook(on_router) for r in routers] + [model.register_forward_hook(on_model)]
     return seen, lambda: [h.remove() for h in handles]
 
@@ -166,7 +242,7 @@ def test_generate_counts_equal_router_logits_reference(family: str) -> None:
     assert lm.moe_layer_ids == tuple(moe_layers) and lm.num_layers == 4
     assert (lm.num_experts, lm.top_k) == (E, K)
 
-    seen, stop_capture = _capture_router_logits(model, moe_layers)
+    seen, stop_capture = _capture_router_logits(model, family, moe_layers)
     att = attach(model)
     att.recorder.start()
     prompt = torch.randint(1, COMMON["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(3))
@@ -194,8 +270,7 @@ def test_a_generate_that_raises_part_way_ends_a_pass_of_its_own(family: str) -> 
     model, moe_layers, choose, biases = _model(family, seed=2)
     model.config.output_router_logits = False
     bias_of = dict(zip(moe_layers, biases, strict=True))
-    mlps = {layer: model.get_submodule(f"model.layers.{layer}.mlp") for layer in moe_layers}
-    routers = {layer: getattr(mlp, "router", None) or mlp.gate for layer, mlp in mlps.items()}
+    routers = _routers(model, family, moe_layers)
     log = RouterLog(model, routers, lambda layer, logits: choose(logits.float(), bias_of[layer]))
     boom = Boom("decoder layer 2 failed")
     failing = raise_at_calls(model.get_submodule("model.layers.2"), {2}, boom)
@@ -328,7 +403,7 @@ def test_an_extract_that_does_not_fit_the_router_is_named() -> None:
     from moe_record_sdk.errors import AdapterError
 
     model, moe_layers, _, _ = _model("qwen3_moe")
-    routers = {layer: model.get_submodule(f"model.layers.{layer}.mlp.gate") for layer in moe_layers}
+    routers = _routers(model, "qwen3_moe", moe_layers)
     with attach(model, routers=routers, extract=ids_at(5), num_experts=E, top_k=K) as att:
         att.recorder.start()
         with pytest.raises(AdapterError, match=r"layer \d: extract could not take the top-k ids from .*IndexError"):
