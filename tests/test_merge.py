@@ -509,8 +509,8 @@ def test_a_copy_of_a_dump_is_refused_not_counted_twice(tmp_path, capsys) -> None
 
 
 def test_per_token_stages_whose_rings_overflowed_unequally_merge() -> None:
-    """Two pipeline stages, 1 and 3 layers, with the same max_bytes: stage 1's token ring holds a
-    third as many tokens and overwrites passes stage 0 still holds. Each pass's ids are aligned on
+    """Two pipeline stages, 1 and 3 layers, with the same max_bytes: stage 1's token ring holds
+    fewer tokens (5 of 12, stage 0's all) and overwrites passes stage 0 still holds. Each pass's ids are aligned on
     its last tokens (what an overflowing ring keeps); the rest read -1, and the drops are reported."""
     dumps = [
         record(
@@ -518,7 +518,7 @@ def test_per_token_stages_whose_rings_overflowed_unequally_merge() -> None:
             Topology(rank=s, world_size=2, pp_rank=s, pp_size=2),
             layers=lay,
             mode="per_token",
-            max_bytes=2800,
+            max_bytes=2600,
             buffer_size=10,
         )
         for s, lay in ((0, (0,)), (1, (1, 2, 3)))
