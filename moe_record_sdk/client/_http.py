@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import select
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -38,8 +39,14 @@ from typing import Any, NamedTuple
 
 import httpx
 
-_HEAD_LIMIT = 64 << 10  # status line and headers: plenty for our answers and SGLang's
+_HEAD_LIMIT = 64 << 10  # status line and headers (and a chunked body's trailers): plenty for our answers and SGLang's
 _BUF = 64 << 10  # a connection's receive buffer, reused by every exchange on it
+_CHUNK_LINE_LIMIT = 1 << 10  # a chunk's size line, extensions included
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # int(x, 16) would also take "-6", "0x10", "1_0"
+# A body of announced length is received into one buffer of that length, allocated as it comes:
+# at most this much before any of it arrived, then doubling (an engine announcing more than it
+# sends does not get the memory it names).
+_FIRST_BODY_BUF = 64 << 20
 
 
 class BodyTooLarge(httpx.RemoteProtocolError):
@@ -136,9 +143,15 @@ class _Conn(asyncio.BufferedProtocol):
         if self.on_done is None:  # idle: asyncio asks before it reads even a close
             return memoryview(self._spare)
         if self._direct:
+            if self._got == len(self._body):  # filled so far: grow towards the announced length
+                try:
+                    self._body.extend(bytes(min(len(self._body), self._length - self._got)))
+                except MemoryError:
+                    self.fail(BodyTooLarge(f"a body of {self._length} bytes does not fit in this process's memory"))
+                    return memoryview(self._spare)
             return memoryview(self._body)[self._got :]
         if self._used == len(self._raw):  # full: a long chunked or to-the-end body (or head)
-            self._raw.extend(bytes(len(self._raw)))
+            self._raw.extend(bytes(max(len(self._raw), _BUF)))
         return memoryview(self._raw)[self._used :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -233,9 +246,9 @@ class _Conn(asyncio.BufferedProtocol):
             if have == self._length:
                 self._body = bytes(memoryview(self._raw)[self._start : self._used])
                 self._complete(None)
-            else:  # the rest goes straight into a buffer of the body's size (one copy, even of a dump)
+            else:  # the rest goes straight into one buffer for the body (one copy, even of a dump)
                 try:
-                    self._body = bytearray(self._length)
+                    self._body = bytearray(min(self._length, max(_FIRST_BODY_BUF, 2 * have)))
                 except MemoryError:
                     raise BodyTooLarge(
                         f"a body of {self._length} bytes does not fit in this process's memory"
@@ -288,21 +301,32 @@ class _Conn(asyncio.BufferedProtocol):
         while True:
             eol = raw.find(b"\r\n", pos, self._used)
             if eol < 0:
+                if self._used - pos > _CHUNK_LINE_LIMIT:
+                    raise httpx.RemoteProtocolError(f"a chunk size line over {_CHUNK_LINE_LIMIT} bytes")
                 break
             size_field = bytes(raw[pos:eol]).split(b";")[0].strip()
-            try:
-                size = int(size_field, 16)
-            except ValueError:
-                raise httpx.RemoteProtocolError(f"bad chunk size {size_field[:20]!r}") from None
+            if not _CHUNK_SIZE.fullmatch(size_field):
+                raise httpx.RemoteProtocolError(f"bad chunk size {size_field[:20]!r}")
+            size = int(size_field, 16)
             check_body_size(len(self._body) + size, self._max_body, " so far")
             if size == 0:  # last chunk; trailers (ignored) end with an empty line
                 if raw.find(b"\r\n\r\n", eol, self._used) >= 0:
                     self._complete(None)
+                elif self._used - eol > _HEAD_LIMIT:
+                    raise httpx.RemoteProtocolError(f"a chunked body's trailers over {_HEAD_LIMIT} bytes")
                 break
-            if self._used < eol + 2 + size + 2:
+            end = eol + 2 + size
+            if self._used < end + 2:
                 break
-            self._body += raw[eol + 2 : eol + 2 + size]
-            pos = eol + 2 + size + 2
+            if raw[end : end + 2] != b"\r\n":
+                raise httpx.RemoteProtocolError(f"a chunk of {size} bytes is not followed by CRLF")
+            self._body += raw[eol + 2 : end]
+            pos = end + 2
+        if pos > _BUF:  # what is parsed is in the body: keep only the rest (bounded by one chunk)
+            rest = self._used - pos
+            self._raw = bytearray(max(_BUF, 2 * rest))
+            self._raw[:rest] = raw[pos : self._used]
+            pos, self._used = 0, rest
         self._start = pos
 
 

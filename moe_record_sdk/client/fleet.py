@@ -87,6 +87,11 @@ class _Call(NamedTuple):
     prepared: Prepared | None  # ready for the lean transport; None: the engine has another transport
     resends: bool = False  # a dump that names the window it asks for (H_RESEND): safe to send again
 
+    @property
+    def asked(self) -> str | None:
+        """The dump format this call asks for (None: no dump bytes)."""
+        return self.request.url.params.get("format")
+
 
 def normalize_engine(url: str) -> str:
     """``host:port`` or a URL -> ``http://host:port`` without a trailing slash."""
@@ -485,7 +490,7 @@ class AsyncFleet:
                     if self._final(action, calls[i], answer):
                         # Interpreted here, without a task: it never waits (a small answer).
                         t1 = time.perf_counter()
-                        r = await _interpret(self.engines[i], action, answer)  # type: ignore[arg-type]
+                        r = await _interpret(self.engines[i], action, answer, calls[i].asked)  # type: ignore[arg-type]
                         r.elapsed = answer.received - t0 + time.perf_counter() - t1  # type: ignore[union-attr]
                         results[i] = r
             for (i, _), r in zip(tasks, await asyncio.gather(*(t for _, t in tasks))):
@@ -499,7 +504,7 @@ class AsyncFleet:
                     results[i] = t.result()
             for i, answer in answered.items():
                 if results[i] is None:
-                    results[i] = r = await _interpret(self.engines[i], action, answer)
+                    results[i] = r = await _interpret(self.engines[i], action, answer, calls[i].asked)
                     r.elapsed = answer.received - t0
             self.cut_short = FleetResult(
                 action=action,
@@ -624,7 +629,7 @@ class AsyncFleet:
             if answer.status in _RETRY_STATUS and repeatable and attempt <= self.retries:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
                 continue
-            result = await _interpret(engine, action, answer)
+            result = await _interpret(engine, action, answer, call.asked)
             result.elapsed, result.attempts = time.perf_counter() - t0, attempt
             return result
 
@@ -683,11 +688,23 @@ def _transport_failure(e: httpx.HTTPError, action: str, timeout: float, repeatab
     return "connection", f"connection failed: {type(e).__name__}: {e}", repeatable
 
 
-async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
+async def _interpret(engine: str, action: str, answer: Answer, asked: str | None = None) -> EngineResult:
     """Turn one HTTP answer into an EngineResult (ours, stock SGLang's, or an error).
 
+    ``asked``: the dump format requested; a dump in another is refused (a ``.pt`` is never
+    loaded unasked). Whatever the answer holds, it is this engine's result alone: an answer
+    nothing can read is a ``protocol`` failure, never an exception out of the fan-out.
     Only a dump over ``_INLINE_DECODE`` bytes waits (its decode runs on a thread).
     """
+    try:
+        return await _read_answer(engine, action, answer, asked)
+    except Exception as e:  # noqa: BLE001 - e.g. RecursionError from JSON nested 100000 deep
+        r = EngineResult(engine, action, False, status_code=answer.status)
+        r.error_kind, r.error = "protocol", f"the answer could not be read: {type(e).__name__}: {str(e)[:200]}"
+        return r
+
+
+async def _read_answer(engine: str, action: str, answer: Answer, asked: str | None) -> EngineResult:
     status, headers, body = answer.status, answer.headers, answer.body
     r = EngineResult(engine, action, False, status_code=status)
     r.instance_id, r.run_id, r.window = headers.get(H_INSTANCE), headers.get(H_RUN), _int(headers.get(H_WINDOW))
@@ -712,6 +729,9 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
 
         r.flavor, r.location = "moe-record", IN_RESPONSE
         fmt = fmt or ("msgpack" if ctype == MSGPACK else "json")
+        if fmt != asked:
+            r.error_kind, r.error = "protocol", f"the engine answered a dump in {fmt[:40]!r} where {asked!r} was asked"
+            return r
         try:
             # Large dumps decode on a worker thread; a small one costs less than the thread hop.
             if len(body) > _INLINE_DECODE:
@@ -729,7 +749,7 @@ async def _interpret(engine: str, action: str, answer: Answer) -> EngineResult:
     if ctype == "application/json":
         try:
             info = json.loads(body)
-        except ValueError as e:  # UnicodeDecodeError included
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError included
             r.error_kind, r.error = "protocol", f"answer says JSON but does not parse: {e}"
             return r
         if not isinstance(info, dict):
@@ -779,7 +799,7 @@ def _error_message(answer: Answer, ctype: str) -> str:
                 return f"{err.get('code', 'error')}: {err['message']}"
             if isinstance(doc, dict) and doc.get("detail"):  # FastAPI's shape
                 return str(doc["detail"])
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     # One line, whatever the server sent (an HTML error page from a proxy, say): tags dropped.
     text = " ".join(re.sub(r"<[^>]*>", " ", _text(answer, body[:4096])).split())
@@ -810,7 +830,7 @@ def _int(raw: Any) -> int | None:
 def _json_list(raw: str) -> list[str]:
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return [raw]
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 

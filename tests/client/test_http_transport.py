@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 
 import httpx
 import pytest
@@ -114,6 +115,14 @@ def test_framings_and_keep_alive():
         (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", httpx.RemoteProtocolError, "malformed header"),
         ((b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",), httpx.RemoteProtocolError, "after 5 of"),
         (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n", httpx.RemoteProtocolError, "chunk size"),
+        # int(-6, 16) took the parse back to where it began: a loop no timeout could end
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n-6\r\n", httpx.RemoteProtocolError, "chunk size"),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0x2\r\nab\r\n",
+            httpx.RemoteProtocolError,
+            "chunk size",
+        ),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabcd", httpx.RemoteProtocolError, "CRLF"),
         (1.0, httpx.ReadTimeout, "timed out"),
     ],
 )
@@ -446,16 +455,47 @@ def test_an_answer_over_its_limit_fails_alone_before_it_is_allocated():
             await t.aclose()
             for server, _, _ in servers:
                 server.close()
-        server, url, _ = await _serve([announced])  # under the limit, but no memory holds it
+        server, url, _ = await _serve([(announced,)])  # under the limit: memory for what came, not what it said
         t = Http11Transport()
         try:
             request = _request(url)
             request.extensions["max_body"] = 1 << 62
-            with pytest.raises(httpx.RemoteProtocolError, match="does not fit in this process's memory"):
+            with pytest.raises(httpx.RemoteProtocolError, match="closed the connection after 3 of"):
                 await t.send(t.prepare(request))
         finally:
             await t.aclose()
             server.close()
+
+    asyncio.run(go())
+
+
+def test_memory_follows_the_bytes_that_arrive_not_the_length_announced():
+    """An engine announcing 1 GB and sending 10 bytes had the client allocate (and zero) the whole
+    gigabyte at once, held as long as it trickled; chunked answers grew without bound on a size
+    line or trailers that never ended. Now the body buffer grows with what arrives."""
+    gigabyte = (b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n0123456789" % (1 << 30),)
+    endless_line = [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"] + [b"0" * 512, 0.01] * 8
+    endless_trailers = [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n"]
+    endless_trailers += [b"x-trailer: " + b"y" * 8000 + b"\r\n", 0.001] * 12
+
+    async def go():
+        t = Http11Transport()
+        try:
+            server, url, _ = await _serve([gigabyte])
+            tracemalloc.start()
+            with pytest.raises(httpx.RemoteProtocolError, match="after 10 of"):
+                await t.send(t.prepare(_request(url)))
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            server.close()
+            assert peak < 200 << 20, peak  # was over 1 GiB
+            for script, match in ((endless_line, "size line over 1024"), (endless_trailers, "trailers over 65536")):
+                server, url, _ = await _serve([script])
+                with pytest.raises(httpx.RemoteProtocolError, match=match):
+                    await t.send(t.prepare(_request(url)))
+                server.close()
+        finally:
+            await t.aclose()
 
     asyncio.run(go())
 
@@ -474,6 +514,40 @@ def test_fleet_reports_a_dump_over_max_dump_bytes_and_keeps_the_others():
                 bad, good = (await fleet.dump()).results
                 assert bad.error_kind == "too_large" and "max_dump_bytes" in bad.error, bad
                 assert good.ok and good.flavor == "sglang"
+        finally:
+            for server, _, _ in servers:
+                server.close()
+
+    asyncio.run(go())
+
+
+def test_an_answer_nothing_can_read_fails_its_engine_alone():
+    """JSON nested 200000 deep raised RecursionError out of the whole fan-out (a JSON answer, a
+    JSON error body, or the files header): every engine's result was lost, the good ones' windows
+    included. And a dump in a format not asked for was decoded anyway: a ``.pt`` answer to a
+    msgpack dump went through torch.load. Each is now that engine's protocol failure."""
+    deep = b"[" * 200_000
+    ok = _ok(b'{"ok": true}', b"application/json")
+    head = b"HTTP/1.1 %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n"
+    deep_json = head % (b"200 OK", b"application/json", len(deep), b"") + deep
+    deep_error = head % (b"500 Internal Server Error", b"application/json", len(deep), b"") + deep
+    deep_files = head % (b"500 Internal Server Error", b"text/plain", 4, b"x-moe-record-files: %s\r\n" % deep[:10000])
+    pickle_bytes = b"PK\x03\x04 not even a zip"
+    unasked_pt = head % (b"200 OK", b"application/octet-stream", len(pickle_bytes), b"x-moe-record-format: pt\r\n")
+    unasked_pt += pickle_bytes
+
+    async def go():
+        scripts = [[ok, deep_json], [ok, deep_error], [ok, deep_files + b"oops"], [ok, unasked_pt], [ok, ok]]
+        servers = [await _serve(s) for s in scripts]
+        try:
+            async with AsyncFleet([url for _, url, _ in servers], api_key="", retries=0, timeout=5.0) as fleet:
+                assert (await fleet.status()).ok
+                results = (await fleet.dump()).results
+                kinds = [r.error_kind for r in results]
+                assert kinds == ["protocol", "http", "http", "protocol", None], results
+                assert "RecursionError" in results[0].error or "does not parse" in results[0].error
+                assert "'pt' where 'msgpack' was asked" in results[3].error
+                assert results[4].ok
         finally:
             for server, _, _ in servers:
                 server.close()
