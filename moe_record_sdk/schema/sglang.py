@@ -39,6 +39,10 @@ INT64_MAX = torch.iinfo(torch.int64).max
 MAX_LAYERS = 1 << 16
 #: torch.save stores zip entries uncompressed; compressed ones may expand by this much in total.
 ZIP_INFLATE_ALLOWANCE = 1 << 20
+# torch.load(weights_only=True) is a safe boundary from torch 2.10 on: before 2.6 a file could run
+# code (CVE-2025-32434), before 2.10 corrupt memory (CVE-2026-24747). pyproject asks for 2.10;
+# an older torch installed past it is refused here rather than trusted.
+SAFE_LOAD_TORCH = (2, 10)
 
 _CSV_NAME = re.compile(r"expert_distribution_rank(\d+)_timestamp[\d.]+\.csv$")
 #: The names SGLang gives its dumps (``.pt``: stat without a rank, per_pass/per_token with one; our
@@ -391,6 +395,12 @@ def torch_load(f: str | BinaryIO, size: int, source: str) -> Any:
     (torch.save stores them uncompressed) and tensors that view more elements than their
     storage (stride 0) or storages larger than the file are refused.
     """
+    if _torch_version() < SAFE_LOAD_TORCH:
+        raise DumpFormatError(
+            f"{source}: not loaded: torch {torch.__version__} cannot load a .pt safely (weights_only=True can run code "
+            "or corrupt memory before torch 2.10: CVE-2025-32434, CVE-2026-24747); upgrade torch, or use the "
+            "dump as .msgpack or .json"
+        )
     _check_zip(f, size, source)
     try:
         obj = torch.load(f, weights_only=True, map_location="cpu")
@@ -398,6 +408,11 @@ def torch_load(f: str | BinaryIO, size: int, source: str) -> Any:
         raise DumpFormatError(f"{source}: not a loadable .pt under weights_only=True: {_reason(e)}") from None
     _check_tensors(obj, size, source)
     return obj
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()  # type: ignore[union-attr]
+    return int(major), int(minor)
 
 
 def _reason(e: Exception) -> str:

@@ -174,6 +174,16 @@ def test_code_running_pickle_is_refused_and_never_runs(tmp_path, capsys):
     assert code == 1 and not marker.exists()
 
 
+def test_a_torch_whose_weights_only_load_is_unsafe_loads_no_pt(tmp_path, monkeypatch):
+    """pyproject asks for torch 2.10 (weights_only=True ran code before 2.6 and could corrupt
+    memory before 2.10); an older torch installed past it refuses .pt files, naming why."""
+    path = random_dump(1).save(str(tmp_path / "d.pt"))
+    assert load_dump(path).total_count().sum() > 0
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")  # the one fault not producible here for real
+    with pytest.raises(DumpFormatError, match=r"d\.pt: not loaded: torch 2\.9\.1\+cu128 .*CVE-2026-24747"):
+        load_dump(path)
+
+
 def test_json_output_and_exit_codes(tmp_path, capsys):
     good = random_dump(1).save(str(tmp_path / "good.json"))
     raw = raw_dump()
