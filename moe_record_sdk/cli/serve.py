@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import sys
 
@@ -50,6 +51,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         f"else ${env.VLLM_EXPERT_DISTRIBUTION_RECORDER_DIR}, else /tmp)",
     )
     p.add_argument("--api-key", default=None, help=f"require this bearer token (default ${env.MOE_RECORD_API_KEY})")
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="require the bearer token this file holds (not shown by ps)",
+    )
     p.add_argument("--no-control", action="store_true", help="leave the recording endpoints out (404)")
     p.add_argument("--start", action="store_true", help="start recording at once")
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -73,6 +80,26 @@ def build(args: argparse.Namespace):  # -> ReferenceEngine
     )
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The bearer token: --api-key-file's, --api-key, or $MOE_RECORD_API_KEY (ValueError naming
+    which when it cannot be one)."""
+    from ..server.protocol import bearer_token_problem
+    from .control import read_api_keys
+
+    if args.api_key_file is not None:
+        key = read_api_keys(args.api_key_file, [])
+        if not isinstance(key, str):
+            raise ValueError(f"--api-key-file {args.api_key_file}: expected one token alone in the file")
+        return key
+    name, key = (
+        ("--api-key", args.api_key) if args.api_key is not None else (f"${env.MOE_RECORD_API_KEY}", env.api_key())
+    )
+    problem = bearer_token_problem(key) if key else None
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    return key
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
@@ -93,14 +120,28 @@ def run(args: argparse.Namespace) -> int:
     if problem:  # said now, not at the first dump (a 500 then, the window kept)
         print(f"moe-record serve: dump folder {dump_dir}: cannot write there: {problem}", file=sys.stderr)
         return 2
-    api_key = args.api_key if args.api_key is not None else env.api_key()
-    app = engine.app(dump_dir=dump_dir, api_key=api_key, enabled=not args.no_control, max_body=max_body)
+    try:
+        api_key = _api_key(args)
+    except ValueError as e:
+        print(f"moe-record serve: {e}", file=sys.stderr)
+        return 2
     try:
         sock = bind(args.host, args.port)
     except OSError as e:
         print(f"moe-record serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2
     host, port = sock.getsockname()[:2]
+    local = ipaddress.ip_address(host.split("%")[0]).is_loopback
+    if not local and not api_key and not args.no_control:
+        print(
+            f"moe-record serve: listening on {host} with no bearer token: whoever reaches port {port} can start, "
+            f"stop and dump the recording (--api-key-file PATH, or ${env.MOE_RECORD_API_KEY})",
+            file=sys.stderr,
+        )
+    # Bound to loopback only: a Host naming another machine is a DNS-rebinding page's (403).
+    app = engine.app(
+        dump_dir=dump_dir, api_key=api_key, enabled=not args.no_control, max_body=max_body, local_only=local
+    )
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # IPv6 in brackets
     config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
     server = Server(config)  # cancels a /generate in flight at SIGTERM / Ctrl-C

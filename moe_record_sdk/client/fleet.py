@@ -45,6 +45,7 @@ from ..server.protocol import (
     PATHS,
     PT,
     TEXTS,
+    bearer_token_problem,
     check_client_id,
 )
 from ._http import Answer, BodyTooLarge, Http11Transport, Prepared, check_body_size
@@ -187,6 +188,10 @@ class AsyncFleet:
             if isinstance(api_key, Mapping)
             else {e: api_key or "" for e in self.engines}
         )
+        for engine, key in self._keys.items():
+            problem = bearer_token_problem(key) if key else None
+            if problem:
+                raise ValueError(f"api_key for {engine}: {problem}")
         self.timeout = timeout
         self.max_dump_bytes = _memory_size() if max_dump_bytes is None else int(max_dump_bytes)
         self.retries = max(0, retries)

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from ..env import DEFAULT_MAX_BODY
 from .control import Backend, ControlError, Controller
-from .handler import ControlHandler, Response, _headers, _query, check_bearer
+from .handler import ControlHandler, Response, _headers, _query, check_bearer, check_browser
 from .protocol import DUMP_PATH
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,9 @@ class ControlApp:
         self, route: AppRoute, method: str, scope: dict[str, Any], receive: Any, h: dict[str, str]
     ) -> Response | None:
         """The route's answer; None when the client went away first (its call is then cancelled)."""
-        denied = None if route.public else check_bearer(h, self.handler.api_key)
+        denied = (
+            None if route.public else check_browser(h, self.handler.local_only) or check_bearer(h, self.handler.api_key)
+        )
         if denied:
             return self.handler.error(denied, h)
         if method.upper() not in route.methods:
@@ -163,6 +165,7 @@ def make_app(
     max_body: int = DEFAULT_MAX_BODY,
     engine: str = "torch",
     extra: Sequence[AppRoute] = (),
+    local_only: bool = False,
 ) -> ControlApp:
     """The ASGI app serving SGLang's expert-distribution endpoints (and ours) for ``backend``.
 
@@ -178,7 +181,13 @@ def make_app(
     >>> uvicorn.run(app, host="127.0.0.1", port=30000)  # doctest: +SKIP
     """
     handler = ControlHandler(
-        backend, dump_dir=dump_dir, api_key=api_key, enabled=enabled, max_body=max_body, engine=engine
+        backend,
+        dump_dir=dump_dir,
+        api_key=api_key,
+        enabled=enabled,
+        max_body=max_body,
+        engine=engine,
+        local_only=local_only,
     )
     return ControlApp(handler, extra)
 

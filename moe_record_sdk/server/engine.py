@@ -150,7 +150,7 @@ class ReferenceEngine:
         """(prompts as ids, max_new_tokens, whether the request was a batch); 400 when malformed."""
         try:
             req = json.loads(body or b"{}")
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise ControlError(400, "bad_body", f"body: not JSON ({e})") from None
         if not isinstance(req, dict):
             raise ControlError(400, "bad_body", "body: expected a JSON object")
@@ -229,7 +229,13 @@ class ReferenceEngine:
 
     # -- serving ------------------------------------------------------------------------------
     def app(
-        self, *, dump_dir: str, api_key: str | None = None, enabled: bool = True, max_body: int = DEFAULT_MAX_BODY
+        self,
+        *,
+        dump_dir: str,
+        api_key: str | None = None,
+        enabled: bool = True,
+        max_body: int = DEFAULT_MAX_BODY,
+        local_only: bool = False,
     ) -> ControlApp:
         """The ASGI app: control endpoints, ``POST /generate`` and ``GET /health``."""
         extra = [
@@ -238,7 +244,7 @@ class ReferenceEngine:
         ]
         return make_app(
             LocalBackend(self.recorder), dump_dir=dump_dir, api_key=api_key, enabled=enabled, max_body=max_body,
-            engine=self.recorder.engine.name, extra=extra,
+            engine=self.recorder.engine.name, extra=extra, local_only=local_only,
         )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -174,10 +175,45 @@ def check_bearer(headers: Mapping[str, str], api_key: str | Sequence[str] | None
     scheme, _, token = got.strip().partition(" ")
     token = token.lstrip(" ")
     keys = [api_key] if isinstance(api_key, str) else api_key
-    if scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+    # The header's bytes (decoded as latin-1 on the way in) against the key's UTF-8: a non-ASCII
+    # key an engine was given (vLLM's --api-key) matches a client sending it as UTF-8.
+    sent = token.encode("latin-1", "replace")
+    if scheme.lower() == "bearer" and any(hmac.compare_digest(sent, k.encode()) for k in keys):
         return None
     what = "missing" if not got else "wrong"
     return ControlError(401, "unauthorized", f"{what} bearer token", {"www-authenticate": "Bearer"})
+
+
+def check_browser(headers: Mapping[str, str], local_only: bool = False) -> ControlError | None:
+    """None when the request may pass; 403 for a browser's request from another site.
+
+    Why: the endpoints take GET (SGLang's clients use it) and change state; a web page could
+    make a browser start (and so discard) a recording with an ``<img src=...>``. Browsers say
+    where a request comes from (``Sec-Fetch-Site``, ``Origin``); curl, httpx, SGLang's clients
+    and the Fleet send neither. ``local_only`` (the server listens on loopback only): a ``Host``
+    naming anything but this machine is a DNS-rebinding page's, refused too.
+    """
+    site = headers.get("sec-fetch-site", "").lower()
+    origin = headers.get("origin")
+    host = headers.get("host", "")
+    if site in ("cross-site", "same-site") or (
+        origin is not None and origin.partition("://")[2].rstrip("/").lower() != host.lower()
+    ):
+        return ControlError(403, "cross_site", "a browser request from another site: the endpoints take none")
+    if local_only and not _loopback(host):
+        return ControlError(403, "bad_host", f"Host {host[:100]!r}: this server answers only to loopback names")
+    return None
+
+
+def _loopback(host: str) -> bool:
+    """Whether a Host header names this machine (``localhost``, a loopback address), any port."""
+    name = host.rpartition("]")[0][1:] if host.startswith("[") else host.rpartition(":")[0] or host
+    if name.lower() == "localhost" or name.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class ControlHandler:
@@ -200,6 +236,10 @@ class ControlHandler:
         Largest request body accepted, bytes (413 above).
     engine:
         Engine name reported in JSON answers.
+    local_only:
+        The server listens on loopback only: requests whose ``Host`` names another machine are
+        refused (403), as a DNS-rebinding web page's would. Browsers' cross-site requests are
+        refused in any case (:func:`check_browser`).
 
     Example
     -------
@@ -220,6 +260,7 @@ class ControlHandler:
         enabled: bool = True,
         max_body: int = DEFAULT_MAX_BODY,
         engine: str = "torch",
+        local_only: bool = False,
     ) -> None:
         if isinstance(backend, Controller):
             self.controller = backend
@@ -230,6 +271,7 @@ class ControlHandler:
         self.api_key = api_key or None
         self.enabled = enabled
         self.max_body = max_body
+        self.local_only = local_only
 
     # -- routing ------------------------------------------------------------------------------
     def owns(self, path: str) -> bool:
@@ -244,7 +286,7 @@ class ControlHandler:
         route = _BY_PATH.get(path) if self.enabled else None
         if route is None:
             return self.error(ControlError(404, "not_found", f"no endpoint {path}"), h)
-        denied = check_bearer(h, self.api_key)
+        denied = check_browser(h, self.local_only) or check_bearer(h, self.api_key)
         if denied:
             return self.error(denied, h)
         if method.upper() not in route.methods:
@@ -317,7 +359,7 @@ class ControlHandler:
                 )
             except ControlError:
                 raise
-            except (ValueError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
                 raise ControlError(400, "bad_body", f"body: not JSON ({e}); send none, or a JSON object") from None
             if not isinstance(obj, dict):
                 raise ControlError(400, "bad_body", f"body: expected a JSON object, got {type(obj).__name__}")

@@ -61,3 +61,14 @@ H_MAX_BYTES = "x-moe-record-max-bytes"
 
 #: Values of the dump's ``return`` option.
 RETURNS = ("file", "bytes", "both")
+
+
+def bearer_token_problem(token: str) -> str | None:
+    """Why ``token`` cannot be a bearer token (None when it can): an HTTP header carries visible
+    ASCII, and RFC 6750's token68 no blanks. A configured key outside that never matched (the
+    client could not send it; the server read its bytes as latin-1). The token is never echoed."""
+    if not token:
+        return "it is empty"
+    if not all("!" <= c <= "~" for c in token):
+        return "it holds a character a bearer token cannot have (visible ASCII only, no spaces)"
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 
 import httpx
@@ -537,6 +538,10 @@ def test_auth_keys_per_engine_and_from_env(engines, monkeypatch):
         assert fleet.start().ok
     with Fleet([b.url], api_key="") as fleet:
         assert fleet.status()[0].status_code == 401
+    # A token no header can carry was a UnicodeEncodeError out of the first call; now it is named.
+    for bad in ("clé", "two words", {b.url: "tab\there"}):
+        with pytest.raises(ValueError, match=rf"api_key for {re.escape(b.url)}: it holds a character"):
+            Fleet([b.url], api_key=bad)
 
 
 def test_status_of_a_stock_sglang_says_it_has_none(engines):

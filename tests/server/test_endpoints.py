@@ -181,6 +181,57 @@ def test_bearer_token(serve, http):
         assert http.get(server.url + STATUS_PATH, headers={"authorization": value}).status_code == 200, value
 
 
+def test_a_non_ascii_key_matches_when_sent_as_utf8(serve, http):
+    """An engine given a non-ASCII key (vLLM's --api-key takes any text) could never be
+    matched: the header's bytes were read as latin-1 and compared with the key's UTF-8."""
+    server = serve(make_recorder(), api_key="clé")
+    sent = {"authorization": "Bearer clé".encode()}
+    assert http.post(server.url + START_PATH, headers=sent).status_code == 200
+    assert http.post(server.url + START_PATH, headers={"authorization": b"Bearer cl\xe9"}).status_code == 401
+
+
+def test_browsers_cross_site_requests_are_refused(serve, http):
+    """The endpoints take GET and change state: a web page's <img src=.../start...> made a
+    browser discard the recorded window. Browsers say where a request comes from; programs
+    (curl, httpx, SGLang's clients, the Fleet) send none of it and pass."""
+    rec = make_recorder()
+    server = serve(rec)
+    rec.start()
+    feed(rec, seed=1)
+    host = server.url.partition("://")[2]
+    for headers in (
+        {"sec-fetch-site": "cross-site"},
+        {"sec-fetch-site": "same-site"},
+        {"origin": "http://evil.example"},
+        {"origin": "null"},
+    ):
+        r = http.get(server.url + START_PATH, headers={**headers, "accept": "application/json"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site", headers
+    assert rec.status().passes == 3  # the window is still there
+    for headers in ({}, {"origin": f"http://{host}", "sec-fetch-site": "same-origin"}, {"sec-fetch-site": "none"}):
+        assert http.get(server.url + STATUS_PATH, headers=headers).status_code == 200, headers
+
+
+def test_a_loopback_only_server_answers_only_to_loopback_hosts(serve, http):
+    """DNS rebinding: a page at evil.example, its name then pointed at 127.0.0.1, reaches a
+    loopback server as same-origin; only its Host header tells. Served with local_only (as
+    `moe-record serve` does on a loopback address), such a Host is refused."""
+    server = serve(make_recorder(), local_only=True)
+    port = server.url.rpartition(":")[2]
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
+        r = http.get(server.url + STATUS_PATH, headers={"host": host, "accept": "application/json"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "bad_host", host
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "127.0.0.2", "localhost"):
+        assert http.get(server.url + STATUS_PATH, headers={"host": host}).status_code == 200, host
+
+
+def test_a_request_body_nested_too_deep_is_400(serve, http):
+    server = serve(make_recorder())
+    deep = b"[" * 60_000  # under the body limit (64 KiB), past json's recursion limit
+    r = http.post(server.url + START_PATH, content=deep, headers={"accept": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_body"
+
+
 @pytest.mark.parametrize("fmt", ["msgpack", "json", "pt"])
 def test_dump_bytes_equal_in_process_counts(serve, http, tmp_path, fmt):
     rec = make_recorder()

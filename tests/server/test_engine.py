@@ -221,6 +221,32 @@ def test_serve_start_begins_a_run_with_its_id(tmp_path):
         proc.stdout.close()
 
 
+def test_serve_reads_its_key_from_a_file_and_warns_of_an_open_bind(tmp_path):
+    """--api-key-file keeps the token out of ps; a bind past loopback with no token is said."""
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    cmd = [sys.executable, "-m", "moe_record_sdk", "serve", "--port", "0", "--threads", "1", "--host", "0.0.0.0"]
+    for extra, token in ((["--api-key-file", str(key_file)], "s3cret"), (["--api-key", ""], None)):
+        proc = subprocess.Popen(
+            [*cmd, *extra, "--dump-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith(READY), line
+            port = line.strip().rpartition(":")[2]
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30, trust_env=False) as http:
+                assert http.get(STATUS_PATH).status_code == (401 if token else 200)
+                if token:
+                    assert http.get(STATUS_PATH, headers={"authorization": f"Bearer {token}"}).status_code == 200
+        finally:
+            proc.kill()
+            proc.wait()
+            err = proc.stderr.read()
+            proc.stdout.close()
+            proc.stderr.close()
+        assert ("with no bearer token: whoever reaches port" in err) == (token is None), err
+
+
 def test_a_request_over_the_work_limit_is_400(served):
     engine = ReferenceEngine.tiny()
     engine.recorder.start()
