@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import os
 import sys
 from typing import Any
@@ -83,7 +85,56 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class _BestEffort:
+    """A console stream whose failures end its output, not the command.
+
+    Why: the terminal hung up (ssh dropped: EIO) or the reader of a pipe went away (EPIPE, e.g.
+    ``| head``) while ``record`` or ``dump`` still had engines to stop, dump and save. The first
+    print after that raised, and the windows the engines had handed over were never saved.
+    After its first failure the stream writes to /dev/null (its descriptor too, so the
+    interpreter's flush at exit raises nothing either)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.failed = False
+
+    def write(self, text: str) -> int:
+        if not self.failed:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):  # ValueError: a closed file
+                self._give_up()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.failed:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._give_up()
+
+    def _give_up(self) -> None:
+        self.failed = True
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding, ...: the stream's
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _BestEffort(sys.stdout), _BestEffort(sys.stderr)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a command began (imports, the parser): no traceback
+        print("moe-record: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # the command is the first word: the only options before it are --help and --version
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
@@ -93,9 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         return int(args.func(args) or 0)
-    except BrokenPipeError:  # `moe-record ... | head` closed the pipe: not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 0
     except KeyboardInterrupt:  # Ctrl-C (or the demo's SIGTERM) where no command saves anything: no traceback
         print("moe-record: interrupted", file=sys.stderr)
         return 130

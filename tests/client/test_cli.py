@@ -444,6 +444,36 @@ def test_ctrl_c_or_sigterm_stops_dumps_and_saves(engines, tmp_path, signame, tim
     assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
 
 
+def test_a_console_that_went_away_does_not_lose_the_recording(engines, tmp_path):
+    """The reader of record's output went away (a pipe's reader exited, an ssh session dropped:
+    EPIPE, EIO) while it recorded: its next print raised, after the engines had stopped and
+    before they were dumped; nothing was saved. Console output is best-effort now: the engines
+    are stopped and dumped, the dumps saved, and the exit status is the run's."""
+    import signal
+    import subprocess
+    import sys
+
+    rec, server = engines.ours()
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moe_record_sdk", "record", "-e", server.url, "--interval", "0.1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not rec.status().recording and time.monotonic() < deadline:
+            time.sleep(0.05)
+        expected = feed(rec, seed=21)
+        proc.stdout.close()  # nobody reads its output any more
+        proc.stderr.close()
+        time.sleep(0.3)  # a progress refresh or two meet the closed pipe
+        proc.send_signal(signal.SIGTERM)
+        status = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert status == 0
+    assert not rec.status().recording
+    assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
+
+
 def test_record_json_reports_each_step_per_engine_on_stdout(engines, tmp_path, capsys):
     """`record --json`: one JSON document on stdout (for scripts: each step's per-engine results,
     the files, the problems, the exit status); progress and the summary go to stderr."""
