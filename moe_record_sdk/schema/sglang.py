@@ -435,15 +435,22 @@ def _check_zip(f: str | BinaryIO, size: int, source: str) -> None:
         try:
             with zipfile.ZipFile(f) as z:
                 declared = sum(info.file_size for info in z.infolist())
+                if declared > size + ZIP_INFLATE_ALLOWANCE:
+                    raise DumpFormatError(
+                        f"{source}: zip entries inflate to {declared} bytes from a {size}-byte file "
+                        "(torch.save stores them uncompressed): refused as a possible zip bomb"
+                    )
+                # torch.load does not check the entries' CRC-32: a flipped byte in a count
+                # would load as a plausible, wrong count.
+                bad = z.testzip()
+        except DumpFormatError:
+            raise
         except Exception as e:  # zipfile raises several types on a damaged archive
             raise DumpFormatError(f"{source}: not a readable zip archive: {e}") from None
     finally:
         f.seek(0)
-    if declared > size + ZIP_INFLATE_ALLOWANCE:
-        raise DumpFormatError(
-            f"{source}: zip entries inflate to {declared} bytes from a {size}-byte file "
-            "(torch.save stores them uncompressed): refused as a possible zip bomb"
-        )
+    if bad is not None:
+        raise DumpFormatError(f"{source}: corrupt: zip entry {bad} fails its CRC-32 check")
 
 
 def _not_dense(t: torch.Tensor) -> str | None:

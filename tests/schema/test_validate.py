@@ -184,6 +184,26 @@ def test_a_torch_whose_weights_only_load_is_unsafe_loads_no_pt(tmp_path, monkeyp
         load_dump(path)
 
 
+def test_a_pt_whose_bytes_changed_fails_its_crc(tmp_path, capsys):
+    """torch.load does not check the zip's CRC-32: a flipped byte in a count loaded as a
+    plausible, wrong count (an SGLang file has no token totals to catch it)."""
+    import zipfile
+
+    path = tmp_path / "expert_distribution_recorder_1.0.pt"
+    torch.save({"rank": 0, "logical_count": torch.arange(16, dtype=torch.int32).view(1, 2, 8)}, path)
+    with zipfile.ZipFile(path) as z:
+        entry = next(i for i in z.infolist() if i.filename.endswith("data/0"))
+    data = bytearray(path.read_bytes())
+    at = entry.header_offset  # the local header's own name and extra lengths (torch pads the extra)
+    start = (
+        at + 30 + int.from_bytes(data[at + 26 : at + 28], "little") + int.from_bytes(data[at + 28 : at + 30], "little")
+    )
+    data[start + 8] ^= 0x01  # inside the stored counts
+    path.write_bytes(bytes(data))
+    code, out = validate(capsys, str(path))
+    assert code == 1 and f"corrupt: zip entry {entry.filename} fails its CRC-32 check" in out, out
+
+
 def test_json_output_and_exit_codes(tmp_path, capsys):
     good = random_dump(1).save(str(tmp_path / "good.json"))
     raw = raw_dump()
