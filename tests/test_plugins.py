@@ -106,10 +106,21 @@ def moe_record_adapter_info():
     return AdapterInfo(name="acme_old", engine="torch", version="0.1", engine_versions="<1.0")
 """
 
+BAD_SPEC = """
+from moe_record_sdk.plugins import AdapterInfo, hookimpl
+
+
+@hookimpl
+def moe_record_adapter_info():
+    return AdapterInfo(name="acme_badspec", engine="torch", version="0.1", engine_versions="2.4+")
+"""
+
 ENTRY_POINTS = f"""\
 [moe_record_sdk.adapters]
 acme = {PKG}.adapter
+acme_badspec = {PKG}.badspec
 acme_broken_import = {PKG}.broken
+acme_dup = {PKG}.old
 acme_old = {PKG}.old
 acme_raising = {PKG}.raising
 """
@@ -125,6 +136,7 @@ def _wheel(dest: Path) -> Path:
         f"{PKG}/broken.py": BROKEN_IMPORT,
         f"{PKG}/raising.py": RAISING,
         f"{PKG}/old.py": OLD,
+        f"{PKG}/badspec.py": BAD_SPEC,
         f"{dist}/METADATA": "Metadata-Version: 2.1\nName: acme-moe-adapter\nVersion: 1.2.3\n",
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
         f"{dist}/entry_points.txt": ENTRY_POINTS,
@@ -163,6 +175,11 @@ def installed(tmp_path_factory) -> Path:
         check=True,
         timeout=120,
     )
+    # A second distribution that registers one of the same adapter names.
+    shadow = target / "acme_shadow-0.1.dist-info"
+    shadow.mkdir()
+    (shadow / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-shadow\nVersion: 0.1\n")
+    (shadow / "entry_points.txt").write_text(f"[moe_record_sdk.adapters]\nacme_dup = {PKG}.old\n")
     return target
 
 
@@ -213,6 +230,13 @@ def test_broken_adapters_are_reported_and_others_keep_working(on_path, capsys) -
     assert reports["acme_old"].status == "unsupported"
     assert "outside the supported <1.0" in reports["acme_old"].error
     assert reports["acme_raising"].status == "ok"  # until its hook raises
+    # A malformed specifier raised out of the registry, and took every adapter down with it.
+    assert reports["acme_badspec"].status == "broken"
+    assert "engine check failed: InvalidSpecifier" in reports["acme_badspec"].error
+    # Two distributions with one name: which loaded was chance (it hid the other); now neither, named.
+    assert reports["acme_dup"].status == "broken"
+    assert "two distributions register adapter 'acme_dup'" in reports["acme_dup"].error
+    assert "acme-moe-adapter 1.2.3" in reports["acme_dup"].error and "acme-shadow 0.1" in reports["acme_dup"].error
 
     # The raising hook is asked before acme (pluggy calls later registrations first): it is
     # reported and unregistered, and acme still serves the engine.
@@ -259,6 +283,9 @@ def test_register_without_entry_point() -> None:
 
     registry = AdapterRegistry(entry_points=False)
     assert registry.register(Plugin(), "inline").status == "ok"
+    with pytest.raises(AdapterError, match="adapter 'inline' is already registered"):
+        registry.register(Plugin(), "inline")  # reported the working one broken while it served
+    assert [(r.name, r.status) for r in registry.adapters()] == [("inline", "ok")]
     assert registry.layer_map(Inline()).num_experts == 2
     with pytest.raises(AdapterError, match="no adapter serves int"):
         registry.layer_map(3)

@@ -63,14 +63,21 @@ def installed_version(engine: str) -> tuple[str, str] | None:
     return None
 
 
-def version_in(version: str, specifier: str) -> bool | None:
+def version_in(version: str, specifier: str) -> bool | str | None:
     """Whether ``version`` satisfies the PEP 440 ``specifier`` (``+cpu`` labels ignored); None
-    when ``packaging`` is not installed to tell."""
+    when ``packaging`` is not installed to tell; ``"invalid"`` when ``version`` is not PEP 440
+    (packaging before 26 raised there). A malformed ``specifier`` raises (the adapter's fault)."""
     try:
         from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion, Version
     except ImportError:
         return None
-    return SpecifierSet(specifier).contains(version, prereleases=True)
+    spec = SpecifierSet(specifier)
+    try:
+        Version(version)
+    except InvalidVersion:
+        return "invalid"
+    return spec.contains(version, prereleases=True)
 
 
 def _describe(e: BaseException) -> str:
@@ -105,10 +112,26 @@ class AdapterRegistry:
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> list[AdapterReport]:
         """Load every adapter registered under ``group``, one by one; return their reports."""
         out = []
+        seen: dict[str, str | None] = {}
         for ep in sorted(metadata.entry_points(group=group), key=lambda e: e.name):
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else None
+            if ep.name in seen:  # two distributions claim one name: which loaded was chance, so neither
+                if self.pm.has_plugin(ep.name):
+                    self.pm.unregister(name=ep.name)
+                out.append(
+                    self._report(
+                        ep.name,
+                        BROKEN,
+                        error=f"two distributions register adapter {ep.name!r}: {seen[ep.name]} and {dist}; "
+                        "uninstall one",
+                        source=ep.value,
+                        distribution=dist,
+                    )
+                )
+                continue
+            seen[ep.name] = dist
             if ep.name in self._reports:
                 continue
-            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else None
             try:
                 plugin = ep.load()
             except (Exception, SystemExit) as e:  # an adapter's import may fail any way it likes
@@ -134,6 +157,8 @@ class AdapterRegistry:
         return report
 
     def _add(self, plugin: object, name: str, *, source: str, distribution: str | None) -> AdapterReport:
+        if self.pm.has_plugin(name):  # the working adapter of that name stays, and its report
+            raise AdapterError(f"adapter {name!r} is already registered ({self._reports[name].source})")
         try:
             self.pm.register(plugin, name=name)
         except Exception as e:  # a malformed hookimpl, a duplicate name
@@ -154,6 +179,18 @@ class AdapterRegistry:
                 source=source,
                 distribution=distribution,
             )
+        try:
+            return self._check_engine(name, info, source, distribution)
+        except Exception as e:  # a malformed engine_versions, a non-str engine: this adapter's fault alone
+            self.pm.unregister(name=name)
+            return self._report(
+                name, BROKEN, info=info, error=f"engine check failed: {_describe(e)}", source=source,
+                distribution=distribution,
+            )  # fmt: skip
+
+    def _check_engine(
+        self, name: str, info: AdapterInfo | None, source: str, distribution: str | None
+    ) -> AdapterReport:
         engine_version = None
         if info is not None and info.engine:
             found = installed_version(info.engine)
@@ -168,13 +205,19 @@ class AdapterRegistry:
                     distribution=distribution,
                 )
             engine_version = found[1]
-            if info.engine_versions and version_in(engine_version, info.engine_versions) is False:
+            inside = version_in(engine_version, info.engine_versions) if info.engine_versions else True
+            if inside is not True and inside is not None:
                 self.pm.unregister(name=name)
+                why = (
+                    "is outside the supported"
+                    if inside is False
+                    else "is not a PEP 440 version: cannot check it against"
+                )
                 return self._report(
                     name,
                     UNSUPPORTED,
                     info=info,
-                    error=f"{found[0]} {engine_version} is outside the supported {info.engine_versions}",
+                    error=f"{found[0]} {engine_version} {why} {info.engine_versions}",
                     source=source,
                     distribution=distribution,
                     engine_version=engine_version,
