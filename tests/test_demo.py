@@ -101,5 +101,5 @@ def test_without_the_torch_adapter_demo_and_serve_say_what_to_install(tmp_path):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, (argv, done.stdout, done.stderr)
         said = " ".join((done.stdout + done.stderr).split())
-        assert "needs the torch adapter: pip install moe-record-torch" in said and "Traceback" not in said
+        assert "needs the torch adapter: pip install -e adapters/torch" in said and "Traceback" not in said
     assert not (tmp_path / "demo").exists()  # refused before any folder or engine

@@ -9,8 +9,8 @@ from ..errors import MoeRecordError
 
 #: module -> the pip requirement that brings it
 EXTRAS = {
-    "matplotlib": "pip install 'moe-record-sdk[plot]'",
-    "prometheus_client": "pip install 'moe-record-sdk[metrics]'",
+    "matplotlib": "pip install -e '.[plot]' in the moe-record-sdk checkout (or pip install matplotlib)",
+    "prometheus_client": "pip install -e '.[metrics]' in the moe-record-sdk checkout (or pip install prometheus-client)",
 }
 
 

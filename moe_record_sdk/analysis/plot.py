@@ -1,6 +1,6 @@
 """Pictures of expert load: a layers × experts heatmap, per-layer imbalance, load over passes.
 
-matplotlib is optional (``pip install 'moe-record-sdk[plot]'``); it is drawn with the Agg canvas
+matplotlib is optional (the ``plot`` extra); it is drawn with the Agg canvas
 directly, so no GUI backend or global pyplot state is touched.
 """
 

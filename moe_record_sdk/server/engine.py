@@ -45,7 +45,7 @@ def torch_adapter() -> Any:
         import moe_record_torch
     except ImportError:
         raise MoeRecordError(
-            "the reference engine needs the torch adapter: pip install moe-record-torch (or -e adapters/torch)"
+            "the reference engine needs the torch adapter: pip install -e adapters/torch, from the moe-record-sdk checkout"
         ) from None
     return moe_record_torch
 

@@ -49,11 +49,11 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch, capsys):
     for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(MissingDependencyError, match=r"pip install 'moe-record-sdk\[plot\]'"):
+    with pytest.raises(MissingDependencyError, match=r"pip install -e '\.\[plot\]' in the moe-record-sdk checkout"):
         plot_dumps([("x", random_dump(1))], tmp_path / "x.png")
     src = random_dump(1).save(str(tmp_path / "d.msgpack"))
     assert main(["plot", src, "-o", str(tmp_path / "x.png")]) == 2
-    assert "moe-record-sdk[plot]" in capsys.readouterr().err
+    assert "pip install -e '.[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

@@ -107,7 +107,7 @@ def test_missing_prometheus_client_says_how_to_install(monkeypatch):
     from moe_record_sdk.analysis.optional import MissingDependencyError
 
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # the one fault we cannot produce for real
-    with pytest.raises(MissingDependencyError, match=r"moe-record-sdk\[metrics\]"):
+    with pytest.raises(MissingDependencyError, match=r"\[metrics\]. in the moe-record-sdk checkout"):
         make_collector(lambda: torch.ones(1, 2))
 
 
