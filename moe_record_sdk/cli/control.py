@@ -99,14 +99,19 @@ def remove_if_empty(folders: list[str]) -> None:
             return
 
 
-def save_dumps(result: Any, directory: str, fmt: str, echo: Callable[[str], None]) -> tuple[dict[str, str], bool]:
+def save_dumps(
+    result: Any, directory: str, fmt: str, echo: Callable[[str], None], client_id: str | None = None
+) -> tuple[dict[str, str], bool]:
     """``result.save``; where that fails (a full disk, another run's files saved there
     meanwhile), all of them into a new temporary folder instead: the engines cleared their
     windows when they dumped, so these copies are the only ones. The files that did land in
     ``directory`` are then removed, so no run's set is mixed with another's; they stay when
     the new folder fails too. Returns the files written (by engine URL or ``"merged"``) and
     whether they are all in ``directory``, as asked (a caller exits 1 otherwise: a script
-    reading ``directory`` would find nothing, or another run's files); what failed is echoed."""
+    reading ``directory`` would find nothing, or another run's files); what failed is echoed.
+    Where nothing could hold them, each engine still keeps the window it answered for this
+    client (``client_id``) until its next dump or start: the command that fetches them again
+    is echoed."""
     try:
         return result.save(directory, format=fmt), True
     except OSError as e:
@@ -121,16 +126,32 @@ def save_dumps(result: Any, directory: str, fmt: str, echo: Callable[[str], None
         if rescue is not None:
             remove_if_empty([rescue])
         where = rescue or f"a temporary folder in {tempfile.gettempdir()}"
-        lost = (
-            f"the dumps not saved are LOST (saved whole: {', '.join(kept.values())})" if kept else "the dumps are LOST"
-        )
-        echo(f"cannot save into {where} either: {_why(e)}: {lost}")
+        lost = f"the dumps not saved (saved whole: {', '.join(kept.values())})" if kept else "the dumps"
+        echo(f"cannot save into {where} either: {_why(e)}: {lost} are not on this machine")
+        for command in _refetch(result, kept, client_id):
+            echo(f"  the engines keep them until their next dump or start; fetch them again with: {command}")
         return kept, False
     for path in landed.values():
         with contextlib.suppress(OSError):
             os.unlink(path)
     echo(f"saved into {rescue} instead, not into {directory}")
     return saved, False
+
+
+def _refetch(result: Any, kept: dict[str, str], client_id: str | None) -> list[str]:
+    """``moe-record dump`` commands that fetch again the windows not saved: one per window number
+    (``--resend`` names one for all the engines of a call)."""
+    by_window: dict[int, list[str]] = {}
+    for r in result:
+        if r.ok and r.dump is not None and r.window and r.engine not in kept:
+            by_window.setdefault(r.window, []).append(r.engine)
+    if client_id is None:
+        return []
+    return [
+        "moe-record dump " + " ".join(f"-e {e}" for e in engines) + f" --client-id {client_id} --resend {w} "
+        "--out NEW_DIR"
+        for w, engines in sorted(by_window.items())
+    ]
 
 
 def _why(e: OSError) -> str:
@@ -292,10 +313,10 @@ def run(args: argparse.Namespace) -> int:
             with wait_on_ctrl_c(echo):  # taken, a dump is gone from the engines: save it whatever comes
                 result = fleet.dump(collect=bool(args.out), resend=args.resend)
                 if args.out:
-                    saved, in_place = save_dumps(result, args.out, args.format, echo)
+                    saved, in_place = save_dumps(result, args.out, args.format, echo, fleet.client_id)
                     remove_if_empty(made)  # no engine gave a dump: no folder left behind
     if args.json:
-        json.dump(result_json(result, saved), sys.stdout, indent=2)
+        json.dump(result_json(result, saved) | {"client_id": fleet.client_id}, sys.stdout, indent=2)
         print()
         for hint in filter(None, map(_hint, result)):
             print(hint, file=sys.stderr)

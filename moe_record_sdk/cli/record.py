@@ -130,7 +130,8 @@ def record(
     """
     console = console or rich_console()
     report = {} if report is None else report
-    report |= {"action": "record", "out": out, "start": None, "stop": None, "dump": None, "invalid": {}, "problems": []}
+    report |= {"action": "record", "out": out, "client_id": fleet.client_id, "start": None, "stop": None}
+    report |= {"dump": None, "invalid": {}, "problems": []}
     made = missing_folders(out)
     problem = check_out(out)
     if problem:
@@ -160,6 +161,9 @@ def record(
         stop_signals.handler = interrupted.set
         for r in started.failed:
             console.print(f"start failed: {r.describe()}", style="red", markup=False)
+        for r in started.succeeded:
+            if r.note:  # e.g. a stock SGLang server records in its own mode, whatever --mode says
+                console.print(f"{r.engine}: {r.note}", style="yellow", markup=False)
         if not started.succeeded:
             console.print("no engine started recording; nothing to record", style="red")
             report["problems"].append("no engine started recording")
@@ -192,12 +196,22 @@ def record(
             if r.error_kind != "not_started":  # its failed start is on screen already
                 console.print(f"stop failed: {r.describe()}", style="red", markup=False)
         result = fleet.dump()
-        saved, in_place = save_dumps(result, out, fmt, echo)
+        saved, in_place = save_dumps(result, out, fmt, echo, fleet.client_id)
         report["dump"] = result_json(result, saved)
         print_result(result, saved, echo=echo)
         invalid = report["invalid"] = _validate(result, saved, console)
+        report["merged_engines"] = len(result.dumps) if result.merged is not None else 0
         if result.merged is not None:
             print_summary(result.merged, console, title=f"merged over {len(result.dumps)} engine(s)")
+            elsewhere = [r.engine for r in result if r.ok and r.dump is None]
+            if elsewhere:  # stock SGLang: its dump is a file on its own disk, not in the merge
+                console.print(
+                    f"the merge covers {len(result.dumps)} of {len(result.results)} engines: "
+                    f"{', '.join(elsewhere)} left their dumps on their own disks (listed above); "
+                    "copy them here and run `moe-record merge` for the whole fleet",
+                    style="yellow",
+                    markup=False,
+                )
             if not bool(result.merged.total_count().any()):
                 console.print("no token was routed while recording: was there traffic in the window?", style="yellow")
         failed = [what for what, bad in (

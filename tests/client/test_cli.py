@@ -293,14 +293,16 @@ def test_dumps_that_cannot_be_saved_go_to_a_new_folder(engines, tmp_path, capsys
     assert torch.equal(load_dump(os.path.join(rescue, "merged.pt")).total_count(), expected)
 
 
-def test_dumps_that_cannot_be_saved_anywhere_are_reported_lost(engines, tmp_path, capsys, monkeypatch):
+def test_dumps_that_cannot_be_saved_anywhere_are_fetched_again_as_told(engines, tmp_path, capsys, monkeypatch):
     """--out and the temporary folder both full (a fault made by hand): no traceback, the files
-    that did land are named, the loss is said, and the exit status is 1."""
+    that did land are named, and the exit status is 1. The rest were called LOST, though each
+    engine keeps the window it answered for this client until its next dump or start, and the
+    client id that fetches it again was printed nowhere: the command that does is printed, and works."""
     from moe_record_sdk import schema
 
     recs = [engines.ours() for _ in range(2)]
+    assert main(["start", "-e", ",".join(server.url for _, server in recs)]) == 0  # a run: its windows are numbered
     for rec, _ in recs:
-        rec.start()
         feed(rec, seed=12)
     real_save = schema.save_dump
 
@@ -317,15 +319,20 @@ def test_dumps_that_cannot_be_saved_anywhere_are_reported_lost(engines, tmp_path
     assert "Traceback" not in err
     (first,) = os.listdir(tmp_path / "full")
     assert f"cannot save into {tmp_path / 'full'}: No space left on device (engine-1-" in err
-    assert "either" in err and "LOST" in err and f"saved whole: {tmp_path / 'full' / first})" in err
+    assert "either" in err and f"saved whole: {tmp_path / 'full' / first}) are not on this machine" in err
     # Nothing saved anywhere: said so, and no empty temporary folder is left behind.
     monkeypatch.setattr(schema, "save_dump", lambda dump, path, *a, **k: (_ for _ in ()).throw(OSError(28, "full")))
-    for rec, _ in recs:
-        feed(rec, seed=13)
+    expected = sum(feed(rec, seed=13) for rec, _ in recs)
     before = set(os.listdir(tmp_path))
     assert main(["dump", "-e", ",".join(urls), "--out", str(tmp_path / "full2")]) == 1
-    assert "full: the dumps are LOST" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "full: the dumps are not on this machine" in err
     assert set(os.listdir(tmp_path)) == before  # neither --out (made by the command) nor a temporary folder
+    (command,) = [line.split("fetch them again with: ")[1] for line in err.splitlines() if "fetch them again" in line]
+    monkeypatch.setattr(schema, "save_dump", real_save)
+    argv = command.replace("NEW_DIR", str(tmp_path / "again")).split()
+    assert argv[:2] == ["moe-record", "dump"] and main(argv[1:]) == 0
+    assert torch.equal(load_dump(str(tmp_path / "again" / "merged.pt")).total_count(), expected)
 
 
 def test_two_runs_into_one_folder_never_replace_each_others_files(engines, tmp_path, monkeypatch):
@@ -513,6 +520,19 @@ def test_record_against_stock_sglang_says_where_the_dump_went(engines, tmp_path,
     assert "dump left on the server's disk" in text and os.listdir(server_dir)
     assert not (tmp_path / "new").exists()  # both folders it made, and only those
     assert tmp_path.exists()
+
+
+def test_record_over_ours_and_stock_sglang_says_what_the_merge_covers(engines, tmp_path, capsys):
+    """With a stock SGLang server in the fleet, merged.pt holds our engines' load only and SGLang
+    records in its own mode: both were said only in --json (exit 0, a merge that looked whole)."""
+    rec, ours = engines.ours()
+    _, sglang, _ = engines.sglang()
+    out = tmp_path / "rec"
+    argv = ["record", "-e", ours.url, "-e", sglang.url, "--mode", "per_pass", "--duration", "0.3", "--out", str(out)]
+    assert main([*argv, "--interval", "0.1"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert f"{sglang.url}: a stock SGLang server ignores mode" in text, text
+    assert f"the merge covers 1 of 2 engines: {sglang.url} left their dumps on their own disks" in text, text
 
 
 def test_record_where_no_engine_starts_leaves_no_folder(engines, tmp_path, capsys):
