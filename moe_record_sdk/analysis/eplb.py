@@ -59,7 +59,8 @@ class EplbPlan:
     """Hierarchical plans: layers planned globally, because keeping groups on nodes would have
     loaded the busiest GPU more than the trivial placement."""
     trivial_layers: list[int] = field(default_factory=list)
-    """Layers that kept the trivial placement because no plan beat it."""
+    """Layers that kept the trivial placement: no plan beat it, or no load was recorded there
+    (dense layers, layers the recorder did not observe, idle ones), so any plan would be a guess."""
 
     @property
     def num_replicas(self) -> int:
@@ -384,6 +385,9 @@ def rebalance(
         phy2log = torch.where(use.unsqueeze(-1), flat, phy2log)
         global_layers = [int(i) for i in torch.nonzero(use).flatten()]
         worse = worse & ~use
+    # A layer with no load recorded got an arbitrary plan (every GPU holding one expert twice),
+    # which a hot expert there could make worse than the trivial placement.
+    worse = worse | (w.sum(1) == 0)
     phy2log = torch.where(worse.unsqueeze(-1), trivial, phy2log)
     log2phy, logcnt = logical_to_physical(phy2log, E)
     return EplbPlan(

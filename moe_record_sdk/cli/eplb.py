@@ -199,7 +199,13 @@ def run(args: argparse.Namespace) -> int:
             f"layers planned globally (keeping groups on nodes would not beat the trivial placement): {plan.global_layers}"
         )
     if plan.trivial_layers:
-        console.print(f"layers kept trivial (no plan beat it): {plan.trivial_layers}")
+        console.print(f"layers kept trivial (no plan beat it, or no load recorded there): {plan.trivial_layers}")
+    unobserved = list(dump.window.unobserved_layers)
+    if unobserved:
+        console.print(
+            f"MoE layers {unobserved} were not observed (no load known): they keep the trivial placement",
+            style="yellow",
+        )
     redundant = args.replicas - E
     for what, path in written:
         console.print(f"wrote {what}: {path}")

@@ -122,6 +122,29 @@ def test_one_hot_expert_gets_the_spare_slots():
     assert plan.gpu_loads(w).amax().item() == pytest.approx(360.0)
 
 
+def test_a_layer_with_no_load_recorded_keeps_the_trivial_placement(tmp_path, capsys):
+    """A layer with no load (dense, unobserved, idle) got an arbitrary plan, each GPU holding
+    one expert twice: worse than the trivial placement should that layer have a hot expert."""
+    w = torch.tensor([[0, 900, 0, 0, 0, 0, 0, 0], [0] * 8, [5, 1, 1, 1, 1, 1, 1, 9]])
+    plan = rebalance(w, num_replicas=16, num_gpus=8)
+    assert plan.phy2log[1].tolist() == trivial_placement(1, 8, 16)[0].tolist() and plan.trivial_layers == [1]
+    assert plan.logcnt[0, 1] > 1 and plan.logcnt[2, 7] > 1  # the layers with load are planned
+    # Its busiest GPU under a hot expert later on: the trivial placement's.
+    hot = torch.tensor([[0] * 8, [800, 100, 100, 100, 100, 100, 100, 100], [0] * 8])
+    assert plan.gpu_loads(hot)[1].amax().item() == pytest.approx(450.0)  # was 800: expert 0 twice on one GPU
+    # The command names the MoE layers the recorder did not observe.
+    rec = Recorder(num_layers=3, num_experts=8, top_k=2, layer_ids=[0, 2], unobserved_layers=[1])
+    rec.start()
+    for _ in range(3):
+        rec.record(0, torch.tensor([[1, 2], [1, 3]]))
+        rec.record(2, torch.tensor([[7, 0], [7, 4]]))
+        rec.step()
+    path = rec.dump().save(str(tmp_path / "d.msgpack"))
+    assert main(["eplb", path, "--replicas", "16", "--gpus", "8"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "MoE layers [1] were not observed (no load known): they keep the trivial placement" in out, out
+
+
 def test_deepseek_published_example_is_matched():
     """The example of deepseek-ai/EPLB's README (as in the whn09/EPLB fork's example.py): our plan's
     busiest GPU per layer is as low as the published phy2log's (hierarchical) and lower (global)."""
