@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import env
-from ..client._models import run_file_kind
+from ..client._models import printable, run_file_kind
 from ..schema import FORMATS, MODES
 from ..server.protocol import H_CLIENT
 from . import COMMANDS, add_command
@@ -400,7 +400,7 @@ def print_result(result: Any, saved: dict[str, str] | None = None, echo: Callabl
             line += f"run {run_id}" if run_id else "no run started yet"
         if r.engine in saved:
             line += f" -> {saved[r.engine]}"
-        echo(line)
+        echo(printable(line))
         hint = _hint(r)
         if hint:
             echo(hint)

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from ..client._models import printable
 from ..schema.names import FORMATS, MODES
 from . import add_command, rich_console
 from .control import (
@@ -163,7 +164,7 @@ def record(
             console.print(f"start failed: {r.describe()}", style="red", markup=False)
         for r in started.succeeded:
             if r.note:  # e.g. a stock SGLang server records in its own mode, whatever --mode says
-                console.print(f"{r.engine}: {r.note}", style="yellow", markup=False)
+                console.print(printable(f"{r.engine}: {r.note}"), style="yellow", markup=False)
         if not started.succeeded:
             console.print("no engine started recording; nothing to record", style="red")
             report["problems"].append("no engine started recording")

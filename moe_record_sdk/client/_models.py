@@ -74,7 +74,11 @@ class EngineResult:
     """The engine's ``Server-Timing`` header, milliseconds by name (``dump``, ``encode``)."""
 
     def describe(self) -> str:
-        """One line for people: engine, ok or the error, timing, where the dump went."""
+        """One line for people: engine, ok or the error, timing, where the dump went (what the
+        engine said made :func:`printable`)."""
+        return printable(self._describe())
+
+    def _describe(self) -> str:
         head = f"{self.engine} {self.action}: "
         if not self.ok:
             return head + f"FAILED ({self.error_kind}) {self.error} [{self.elapsed * 1000:.0f} ms]"
@@ -88,6 +92,15 @@ class EngineResult:
             where = ", dump left on the server's disk" + (f": {', '.join(self.files)}" if self.files else "")
         note = f" ({self.note})" if self.note else ""
         return head + f"ok{where}{note} [{self.elapsed * 1000:.0f} ms]"
+
+
+def printable(text: str) -> str:
+    """``text`` with its control and format characters escaped (``\\x1b``, ``\\u202e``): what an
+    engine says reaches the user's terminal, where an escape sequence could clear the screen,
+    retitle the window or hide a link, and a newline forge a line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 @dataclass

@@ -676,3 +676,34 @@ def test_a_dump_too_large_for_this_machine_says_how_to_leave_it_on_the_engine(en
     (engine,) = json.loads(capsys.readouterr().out)["engines"]
     assert engine["location"] == "server-disk" and len(engine["files"]) == 1
     assert torch.equal(load_dump(engine["files"][0]).total_count(), expected)
+
+
+def test_what_an_engine_says_reaches_the_terminal_escaped(capsys):
+    """An engine's error text went to the terminal raw: escape sequences could clear the screen,
+    retitle the window or hide a link, and a newline forge a line of the report."""
+    import http.server
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = b"x\x1b[2J\x1b]0;TITLE\x07\nstatus: 2/2 engines ok"
+            self.send_response(500)
+            self.send_header("content-type", "text/plain")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert main(["status", "-e", f"127.0.0.1:{server.server_address[1]}", "--retries", "0"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    assert "x\\x1b[2J\\x1b]0;TITLE\\x07" in out
+    assert not any(line.startswith("status: 2/2") for line in out.splitlines())  # no forged line
