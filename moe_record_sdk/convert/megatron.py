@@ -47,7 +47,7 @@ def _lines(path: str):
                 if text.strip():
                     try:
                         yield n, json.loads(text)
-                    except json.JSONDecodeError as e:
+                    except (json.JSONDecodeError, RecursionError) as e:
                         raise DumpFormatError(f"{path}: line {n}: not JSON: {e}") from None
     except UnicodeDecodeError:
         raise DumpFormatError(f"{path}: not a text file") from None

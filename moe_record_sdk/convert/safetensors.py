@@ -42,7 +42,7 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise DumpFormatError(f"{path}: safetensors header length {n} exceeds the file")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError; nested too deep
         raise DumpFormatError(f"{path}: safetensors header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise DumpFormatError(f"{path}: safetensors header is not an object")
@@ -53,7 +53,9 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
             continue
         try:
             dtype = _DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
+            shape = info["shape"]
+            if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+                raise ValueError("shape: a list of non-negative integers")
             begin, end = (int(v) for v in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise DumpFormatError(f"{path}: tensor {name!r}: unsupported or malformed entry {info!r}") from None

@@ -25,6 +25,7 @@ import torch
 from ..errors import DumpFormatError
 from ..schema.dump import Dump
 from ..schema.io import check_regular_file
+from ..schema.tensors import MAX_EMPTY_SPAN
 from .passes import add_count, per_pass_dump
 from .safetensors import read_safetensors
 
@@ -52,11 +53,11 @@ def load_trtllm_statistic(folder: str, *, num_layers: int | None = None) -> Dump
         E, top_k = int(meta["num_experts"]), int(meta["num_experts_per_token"])
     except FileNotFoundError:
         raise DumpFormatError(f"{folder}: no meta_info.json: not a TensorRT-LLM expert statistic folder") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise DumpFormatError(
             f"{meta_path}: expected {{'num_experts': int, 'num_experts_per_token': int}}: {e}"
         ) from None
-    if E < 1 or not 1 <= top_k <= E:
+    if not 1 <= E <= MAX_EMPTY_SPAN or not 1 <= top_k <= E:  # a count row per layer: E bounds its memory
         raise DumpFormatError(f"{meta_path}: num_experts={E}, num_experts_per_token={top_k} are not valid")
     files = sorted(
         (f for f in glob.glob(os.path.join(glob.escape(folder), "rank*.safetensors")) if _RANK.search(f)),

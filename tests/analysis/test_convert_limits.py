@@ -149,3 +149,34 @@ def test_foreign_inputs_that_are_fifos_are_refused_not_read(tmp_path):
     os.mkfifo(tmp_path / "rank0.safetensors")
     with pytest.raises(DumpFormatError, match="rank0.safetensors: is a FIFO"):
         read_safetensors(str(tmp_path / "rank0.safetensors"))
+
+
+def test_hostile_foreign_inputs_are_named_not_tracebacks(tmp_path, capsys):
+    """JSON nested past the recursion limit (a safetensors header, TensorRT-LLM's meta file, a
+    Megatron line) and a negative or non-list shape raised RecursionError or torch's errors out
+    of convert; a 60-byte meta file naming 2e8 experts cost gigabytes, then a dump our readers refuse."""
+    import struct
+
+    deep = "[" * 100_000
+    folder = tmp_path / "deep_meta"
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(deep)
+    huge = tmp_path / "huge_e"
+    huge.mkdir()
+    (huge / "meta_info.json").write_text(json.dumps({"num_experts": 200_000_000, "num_experts_per_token": 1}))
+    (huge / "rank0.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    cases = [(str(folder), "meta_info.json: expected"), (str(huge), "num_experts=200000000")]
+    for name, header in (("deep_header", deep), ("neg_shape", '{"0_0": {"dtype": "I64", "shape": [-2], "data_offsets": [0, 0]}}'),
+                         ("str_shape", '{"0_0": {"dtype": "I64", "shape": "4", "data_offsets": [0, 32]}}')):  # fmt: skip
+        stat = tmp_path / name
+        stat.mkdir()
+        (stat / "meta_info.json").write_text(json.dumps({"num_experts": 4, "num_experts_per_token": 1}))
+        raw = header.encode()
+        (stat / "rank0.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(32))
+        cases.append((str(stat), "rank0.safetensors"))
+    line = tmp_path / "rank0.jsonl"
+    line.write_text(deep + "\n")
+    cases.append((str(line), "line 1: not JSON"))
+    for src, match in cases:
+        rc, err = convert(capsys, src, "--num-layers", "1", "-o", str(tmp_path / "x.json"))
+        assert rc == 2 and match in err, (src, err)
