@@ -17,7 +17,7 @@ from ..schema.dump import Dump
 from ..schema.io import write_atomic
 from . import metrics as m
 from .optional import require
-from .summary import moe_layers
+from .summary import _gpu_source, moe_layers
 
 
 def _matplotlib():
@@ -49,7 +49,9 @@ def plot_dumps(
     log:
         Colour the heatmap on a log scale (zero counts shown blank).
     ep_size:
-        Also draw the per-layer balancedness over this many GPUs (contiguous experts).
+        Also draw the per-layer balancedness over this many GPUs, placed as ``summary`` places
+        them: the recorded physical counts, else the dump's ``physical_to_logical_map``, else
+        contiguous experts (the legend says which).
 
     >>> plot_dumps([("run", load_dump("run.pt"))], "load.png", log=True)  # doctest: +SKIP
     """
@@ -59,9 +61,11 @@ def plot_dumps(
     if ep_size is not None and ep_size < 1:
         raise ValueError(f"ep_size: must be >= 1, got {ep_size}")
     for label, dump in dumps:  # as summary does: a curve left out silently would read as "no data"
-        E = dump.model.num_logical_experts
-        if ep_size and E % ep_size:
-            raise ValueError(f"{label}: ep_size: {ep_size} does not divide the {E} experts")
+        if ep_size:
+            try:
+                _gpu_source(dump, ep_size, None)
+            except ValueError as e:
+                raise ValueError(f"{label}: {e}") from None
     if dpi < 1:
         raise ValueError(f"dpi: must be >= 1, got {dpi}")
     path = os.fspath(path)
@@ -114,6 +118,16 @@ def _heatmap(fig, ax, label: str, dump: Dump, log: bool, LogNorm) -> None:
     fig.colorbar(im, ax=ax, label="assignments")
 
 
+def gpu_balancedness(dump: Dump, ep_size: int) -> tuple[str, torch.Tensor]:
+    """The plot's per-layer GPU balancedness over the window ``[MoE layers]``, with its legend:
+    the GPU loads ``summary`` reports (recorded physical counts, else the dump's map, else
+    contiguous experts)."""
+    G, how, to_gpus = _gpu_source(dump, ep_size, None)
+    physical = dump.physical_count.sum(0) if dump.physical_count is not None else None
+    layers = moe_layers(dump) or list(range(dump.model.num_layers))
+    return f"balancedness ({G} GPUs, {how})", m.balancedness(to_gpus(dump.total_count(), physical)[layers])
+
+
 def _imbalance(ax, dump: Dump, ep_size: int | None) -> None:
     total = dump.total_count()
     layers = moe_layers(dump) or list(range(dump.model.num_layers))
@@ -131,15 +145,8 @@ def _imbalance(ax, dump: Dump, ep_size: int | None) -> None:
         range(len(layers)), m.balancedness(x).numpy(), "o-", color="tab:blue", ms=3, label="balancedness (experts)"
     )
     if ep_size:
-        g = m.gpu_loads(x, num_gpus=ep_size)
-        twin.plot(
-            range(len(layers)),
-            m.balancedness(g).numpy(),
-            "s-",
-            color="tab:green",
-            ms=3,
-            label=f"balancedness ({ep_size} GPUs)",
-        )
+        label, balance = gpu_balancedness(dump, ep_size)
+        twin.plot(range(len(layers)), balance.numpy(), "s-", color="tab:green", ms=3, label=label)
     twin.set_ylim(0, 1.05)
     twin.set_ylabel("balancedness (mean/max)")
     h1, l1 = ax.get_legend_handles_labels()
@@ -165,8 +172,10 @@ def _passes(ax, dump: Dump, ep_size: int | None) -> None:
     bal = m.balancedness(rows)  # [B, L']: SGLang's per-pass value, averaged over layers
     series.append(("balancedness, experts", "tab:blue", 1.0, twin, bal.mean(-1)))
     if ep_size:
-        gpu = m.balancedness(m.gpu_loads(rows, num_gpus=ep_size))  # SGLang's per-layer value, over MoE layers
-        series.append((f"balancedness, {ep_size} GPUs", "tab:green", 1.0, twin, gpu.mean(-1)))
+        G, how, to_gpus = _gpu_source(dump, ep_size, None)
+        all_rows = dump.logical_count.to(torch.float64)
+        gpu = m.balancedness(to_gpus(all_rows, dump.physical_count)[:, layers])  # SGLang's per-layer value
+        series.append((f"balancedness, {G} GPUs ({how})", "tab:green", 1.0, twin, gpu.mean(-1)))
     for label, color, lw, axis, y in series:
         for i, sel in enumerate(lines):
             axis.plot(x[sel].numpy(), y[sel].numpy(), color=color, lw=lw, label=None if i else label)

@@ -352,7 +352,8 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def _hot(st: LoadStats, prefix: str, top: int = 3) -> str:
+def _hot(st: LoadStats, prefix: str, top: int | None = None) -> str:
+    """The hot entries summarize kept (``hot=``), or the first ``top``."""
     return " ".join(f"{prefix}{i}:{x:.1f}" for i, x in st.hot[:top]) or "–"
 
 

@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+import torch
 from PIL import Image, ImageStat
 
 from moe_record_sdk.analysis.optional import MissingDependencyError
@@ -120,3 +121,28 @@ def test_plot_draws_the_folder_record_wrote(tmp_path, capsys):
     os.remove(os.path.join(out, "merged.pt"))  # two engines' dumps: plot does not merge, and says so
     assert main(["plot", out, "-o", str(png)]) == 2
     assert f"moe-record plot: {out}: holds 2 engine dumps" in capsys.readouterr().err
+
+
+def test_the_plots_gpu_balancedness_is_summarys_under_an_eplb_placement():
+    """plot --ep-size grouped logical experts contiguously, whatever placement the engine ran:
+    0.357 drawn where summary (from the recorded physical counts) says 0.962."""
+    from moe_record_sdk import Recorder
+    from moe_record_sdk.analysis.plot import gpu_balancedness
+    from moe_record_sdk.analysis.summary import summarize
+
+    # 4 experts on 8 slots over 4 GPUs: hot expert 0 on every GPU, the others on one each.
+    mapping = torch.tensor([[0, 1, 0, 2, 0, 3, 0, 0]])
+    rec = Recorder(num_layers=1, num_experts=4, top_k=1, physical_to_logical_map=mapping)
+    rec.start()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # tokens of expert 0 land on its replicas in turn, the others on their slot
+        rec.record(0, torch.tensor([[0], [2], [4], [6], [7], [1], [3], [5]])[torch.randperm(8, generator=g)])
+        rec.step()
+    dump = rec.dump()
+    label, drawn = gpu_balancedness(dump, 4)
+    want = summarize(dump, ep_size=4).layers[0].gpus.balancedness
+    assert "recorded physical counts" in label and drawn.tolist() == pytest.approx([want])
+    from moe_record_sdk.analysis import metrics as m
+
+    contiguous = m.balancedness(m.gpu_loads(dump.total_count(), num_gpus=4))  # what was drawn
+    assert want > 0.9 and contiguous.item() < 0.5

@@ -400,3 +400,19 @@ def test_a_folder_of_sglang_dumps_reads_as_sglangs_reader_takes_it(tmp_path, cap
     assert main(["summary", str(folder)]) == 2
     err = capsys.readouterr().err
     assert f"{folder}: holds 2 SGLang dumps (expert_distribution_recorder_1700000000.5_0.pt, " in err
+
+
+def test_hot_n_names_n_experts_in_the_table_too(tmp_path, capsys, monkeypatch):
+    """--hot 6 kept six hot experts in --json, and the table still named three."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per layer
+    path = random_dump(1).save(str(tmp_path / "d.msgpack"))
+    shown = {}
+    for n in (3, 6):
+        assert main(["summary", path, "--hot", str(n)]) == 0
+        shown[n] = len(re.findall(r"\be\d+:\d", capsys.readouterr().out))
+        assert main(["summary", path, "--hot", str(n), "--json"]) == 0
+        kept = sum(len(layer["experts"]["hot"]) for layer in json.loads(capsys.readouterr().out)[0]["layers"])
+        assert shown[n] == kept, (n, shown[n], kept)
+    assert shown[6] > shown[3]
