@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         fleet = fleet_of(args)
     except ValueError as e:
         console.print(f"moe-record record: {e}", style="red", markup=False)
+        if args.json:  # a script reads stdout whatever happened
+            json.dump({"action": "record", "out": args.out, "problems": [str(e)], "exit_status": 2}, sys.stdout)
+            print(flush=True)
         return 2
     report: dict[str, Any] | None = {} if args.json else None
     interrupted = threading.Event()
@@ -196,6 +199,11 @@ def record(
         for r in stopped.failed:
             if r.error_kind != "not_started":  # its failed start is on screen already
                 console.print(f"stop failed: {r.describe()}", style="red", markup=False)
+                console.print(
+                    f"  {r.engine} may still be recording: `moe-record stop -e {r.engine}` ends it",
+                    style="red",
+                    markup=False,
+                )
         result = fleet.dump()
         saved, in_place = save_dumps(result, out, fmt, echo, fleet.client_id)
         report["dump"] = result_json(result, saved)

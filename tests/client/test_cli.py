@@ -505,6 +505,11 @@ def test_record_json_reports_each_step_per_engine_on_stdout(engines, tmp_path, c
     assert doc["invalid"] == {} and doc["problems"] == ["some engines FAILED"]
     assert "Load over experts, per MoE layer" in captured.err and "start failed" in captured.err
     assert "stop failed" not in captured.err  # an engine whose start failed is not said failed again
+    # A fleet that cannot be built (a duplicate engine, a bad URL) printed no JSON at all.
+    for engines_given in ([a.url, a.url], ["ftp://x:1"]):
+        assert main(["record", *[f"-e{e}" for e in engines_given], "--out", str(tmp_path / "x"), "--json"]) == 2
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["exit_status"] == 2 and doc["problems"], doc
 
 
 def test_record_against_stock_sglang_says_where_the_dump_went(engines, tmp_path, capsys):
@@ -707,3 +712,15 @@ def test_what_an_engine_says_reaches_the_terminal_escaped(capsys):
     assert "\x1b" not in out and "\x07" not in out
     assert "x\\x1b[2J\\x1b]0;TITLE\\x07" in out
     assert not any(line.startswith("status: 2/2") for line in out.splitlines())  # no forged line
+
+
+def test_record_says_which_engine_may_still_be_recording_when_its_stop_failed(engines, tmp_path, capsys):
+    """An engine whose stop failed kept recording after record exited, and nothing said so."""
+    from moe_record_sdk.server.protocol import STOP_PATH
+
+    rec, server, _ = engines.flaky(STOP_PATH, 10)  # its stops answer 503, retries included
+    argv = ["record", "-e", server.url, "--retries", "0", "--duration", "0.3", "--interval", "0.1"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 1
+    text = " ".join(capsys.readouterr().out.split())
+    assert rec.status().recording
+    assert f"{server.url} may still be recording: `moe-record stop -e {server.url}` ends it" in text, text
