@@ -417,7 +417,7 @@ class AsyncFleet:
                 r.error += (
                     f"; the engine keeps window {run.window} for this fleet (client {self.client_id}): its next dump "
                     f"gets it, as does `moe-record dump -e {r.engine} --client-id {self.client_id} --resend {run.window} "
-                    "--out DIR`"
+                    "--out NEW_DIR` (a folder of its own; `moe-record merge` joins it to the others)"
                     + (" (in another format, if this one does not decode)" if r.error_kind == "bad_dump" else "")
                 )
             elif run.window and (r.status_code == 413 or (r.status_code or 0) >= 500):

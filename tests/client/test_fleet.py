@@ -351,7 +351,7 @@ def test_a_window_lost_three_times_is_collected_by_a_later_command(engines, tmp_
         (failed,) = fleet.dump().results
         client = fleet.client_id
     assert cut.left == 0 and failed.attempts == 3 and failed.error_kind == "connection"
-    command = f"moe-record dump -e {server.url} --client-id {client} --resend 1 --out DIR"
+    command = f"moe-record dump -e {server.url} --client-id {client} --resend 1 --out NEW_DIR"
     assert command in failed.error
     out = tmp_path / "out"
     argv = command.split()[1:-1] + [str(out), "--json"]
