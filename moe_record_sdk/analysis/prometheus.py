@@ -13,6 +13,7 @@ them never ends the window.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,10 @@ def _snapshot(source: Source) -> Snapshot:
         return Snapshot(logical, layers, physical, source.mapping, status)
     value = source()
     if isinstance(value, Dump):
-        physical = value.physical_count.sum(0) if value.physical_count is not None else None
+        # The physical rows cover the window only where the ring dropped nothing (summary's rule);
+        # else GPU loads follow from the totals and the map, not from part of the window.
+        whole = value.physical_count is not None and value.total_logical_count is None
+        physical = value.physical_count.sum(0) if whole else None
         return Snapshot(value.total_count(), moe_layers(value), physical, value.physical_to_logical_map)
     t = torch.as_tensor(value)
     if t.dim() != 2:
@@ -179,6 +183,14 @@ def make_collector(
     >>> reg = CollectorRegistry(); reg.register(make_collector(recorder))  # doctest: +SKIP
     """
     require("prometheus_client", "Prometheus metrics")
+    if ep_size is not None and (isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1):
+        raise ValueError(f"ep_size: expected a GPU count >= 1, got {ep_size!r}")
+    if ep_size is not None and hasattr(source, "peek") and hasattr(source, "status"):  # a Recorder: known now
+        slots = source.num_experts if source.mapping is None else source.mapping.shape[-1]
+        if slots % ep_size:
+            raise ValueError(f"ep_size: {ep_size} does not divide the recorder's {slots} expert slots")
+    if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", prefix):  # prometheus_client would rewrite it silently
+        raise ValueError(f"prefix: {prefix!r} is not a Prometheus metric name (letters, digits, _ and :)")
     return ExpertLoadCollector(source, per_expert=per_expert, ep_size=ep_size, prefix=prefix)
 
 

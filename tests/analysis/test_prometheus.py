@@ -123,3 +123,39 @@ def test_recorder_peek_matches_the_dump_and_keeps_the_window():
     dump = rec.dump()
     assert torch.equal(dump.total_count(), torch.tensor([[0, 0, 0], [2, 0, 1]]))
     assert int(rec.peek().sum()) == 0  # the dump started a new window
+
+
+def test_bad_options_fail_at_construction_not_at_every_scrape():
+    """ep_size that does not divide the experts failed every scrape (HTTP 500); ep_size=0 turned the
+    GPU series off without a word; a prefix was silently rewritten ("9x" -> "_x_...")."""
+    rec = recorder_with_load()
+    for options, match in (
+        ({"ep_size": 3}, "ep_size: 3 does not divide the recorder's 4 expert slots"),
+        ({"ep_size": 0}, "ep_size: expected a GPU count >= 1, got 0"),
+        ({"prefix": "9x"}, "prefix: '9x' is not a Prometheus metric name"),
+        ({"prefix": "a b"}, "prefix: 'a b' is not"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            make_collector(rec, **options)
+
+
+def test_a_dump_whose_ring_dropped_passes_gets_gpu_loads_from_its_totals():
+    """A Dump source's GPU balancedness came from its physical ring rows alone when the ring had
+    dropped passes, while its other gauges used the window's totals: now both from the totals
+    (and the map), as summary does."""
+    from moe_record_sdk.analysis.summary import summarize
+
+    mapping = torch.tensor([[0, 1, 2, 0]])  # expert 0 on both GPUs
+    rec = Recorder(
+        num_layers=1, num_experts=3, top_k=1, physical_to_logical_map=mapping, mode="per_pass", buffer_size=2
+    )
+    rec.start()
+    for ids in ([[1], [1], [1], [1]], [[0], [3], [2], [1]], [[0], [0], [3], [3]]):  # the first pass drops out
+        rec.record(0, torch.tensor(ids))
+        rec.step()
+    dump = rec.dump()
+    assert dump.window.dropped_passes == 1 and dump.total_logical_count is not None
+    reg = CollectorRegistry()
+    reg.register(make_collector(lambda: dump, ep_size=2))
+    got = scrape(reg)[("moe_record_layer_gpu_balancedness", (("layer", "0"),))]
+    assert got == pytest.approx(summarize(dump, ep_size=2).layers[0].gpus.balancedness)
