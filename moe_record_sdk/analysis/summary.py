@@ -105,6 +105,12 @@ class Summary(msgspec.Struct, kw_only=True):
     overall: Overall
     passes: list[PassSummary]
     """Per row of ``logical_count`` when the dump has more than one."""
+    unobserved_layers: list[int] = []
+    """MoE layers the recorder did not observe: in no table (their load is not known)."""
+    dropped_passes: int = 0
+    """Passes the ring overwrote: in the totals, not in ``passes``."""
+    discarded: int = 0
+    """Top-k slots with no expert (invalid ids, padding), over all layers: in no count."""
 
 
 def _num(t: torch.Tensor) -> float | None:
@@ -254,6 +260,9 @@ def summarize(
         layers=rows,
         overall=overall,
         passes=_passes(dump, layers, to_gpus) if dump.logical_count.shape[0] > 1 else [],
+        unobserved_layers=list(dump.window.unobserved_layers),
+        dropped_passes=dump.window.dropped_passes,
+        discarded=sum(dump.window.discarded or ()),
     )
 
 
@@ -395,6 +404,13 @@ def print_summary(summary: Summary, console: Any = None, *, max_pass_rows: int =
     head += f", {s.num_passes} passes" if s.num_passes else ""
     head += f", {o.tokens} tokens" if o.tokens is not None else f", {o.assignments} assignments"
     console.print(head)
+    left_out = [f"MoE layers {s.unobserved_layers} not observed (in no table)"] if s.unobserved_layers else []
+    if s.dropped_passes:
+        left_out.append(f"{s.dropped_passes} passes dropped from the ring (in the totals, not the pass rows)")
+    if s.discarded:
+        left_out.append(f"{s.discarded} top-k slots discarded (invalid ids: in no count)")
+    if left_out:
+        console.print("; ".join(left_out), markup=False)
 
     # max/mean is imbalance + 1: in the JSON and CSV, not on screen.
     cols = ["imbalance", "balance", "Jain", "CV"]

@@ -416,3 +416,23 @@ def test_hot_n_names_n_experts_in_the_table_too(tmp_path, capsys, monkeypatch):
         kept = sum(len(layer["experts"]["hot"]) for layer in json.loads(capsys.readouterr().out)[0]["layers"])
         assert shown[n] == kept, (n, shown[n], kept)
     assert shown[6] > shown[3]
+
+
+def test_what_the_tables_leave_out_is_said(tmp_path, capsys):
+    """Unobserved MoE layers, passes the ring dropped and discarded slots were in no table and
+    unsaid (the header counted 9 passes, the pass table 4)."""
+    rec = Recorder(num_layers=3, num_experts=4, top_k=1, layer_ids=[0, 2], unobserved_layers=[1], mode="per_pass",
+                   buffer_size=2)  # fmt: skip
+    rec.start()
+    for _ in range(5):
+        rec.record(0, torch.tensor([[0], [1], [-1]]))
+        rec.record(2, torch.tensor([[3], [3], [2]]))
+        rec.step()
+    path = rec.dump().save(str(tmp_path / "d.msgpack"))
+    assert main(["summary", path]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "MoE layers [1] not observed (in no table); 3 passes dropped from the ring" in out, out
+    assert "5 top-k slots discarded" in out
+    assert main(["summary", path, "--json"]) == 0
+    (doc,) = json.loads(capsys.readouterr().out)
+    assert (doc["unobserved_layers"], doc["dropped_passes"], doc["discarded"]) == ([1], 3, 5)
