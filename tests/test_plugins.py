@@ -291,6 +291,31 @@ def test_register_without_entry_point() -> None:
         registry.layer_map(3)
 
 
+def test_an_engine_not_installed_is_no_warning(caplog) -> None:
+    """Every adapter but the engine's own is "not installed" on a machine: that was a WARNING
+    per adapter on stderr for each command that loads them; a broken one still warns."""
+    import logging
+
+    from moe_record_sdk.plugins import AdapterInfo, hookimpl
+
+    class Absent:
+        @hookimpl
+        def moe_record_adapter_info(self):
+            return AdapterInfo(name="absent", engine="no-such-engine-here", version="0.1")
+
+    class Broken:
+        @hookimpl
+        def moe_record_adapter_info(self):
+            raise RuntimeError("bug")
+
+    registry = AdapterRegistry(entry_points=False)
+    with caplog.at_level(logging.INFO, logger="moe_record_sdk.plugins.manager"):
+        assert registry.register(Absent(), "absent").status == "unsupported"
+        assert registry.register(Broken(), "broken").status == "broken"
+    levels = {r.getMessage().split()[2]: r.levelname for r in caplog.records}
+    assert levels == {"absent": "INFO", "broken": "WARNING"}, levels
+
+
 def test_a_callers_mistake_leaves_the_adapter_working() -> None:
     """A bad option is the caller's to fix: it is named, and the adapter serves the next call."""
     from moe_record_torch.tiny import TinyMoE, TinyMoEConfig

@@ -149,11 +149,13 @@ class AdapterRegistry:
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         return self._add(plugin, name, source=f"registered {name}", distribution=None)
 
-    def _report(self, name: str, status: str, **fields: Any) -> AdapterReport:
+    def _report(self, name: str, status: str, *, quiet: bool = False, **fields: Any) -> AdapterReport:
+        """Record an adapter's state; a problem is logged as a warning (``quiet``: as info, for an
+        engine that is simply not installed here, the usual case for all but one adapter)."""
         report = AdapterReport(name=name, status=status, **fields)
         self._reports[name] = report
         if status != OK:
-            log.warning("moe-record adapter %s is %s: %s", name, status, report.error)
+            (log.info if quiet else log.warning)("moe-record adapter %s is %s: %s", name, status, report.error)
         return report
 
     def _add(self, plugin: object, name: str, *, source: str, distribution: str | None) -> AdapterReport:
@@ -203,6 +205,7 @@ class AdapterRegistry:
                     error=f"engine {info.engine} is not installed",
                     source=source,
                     distribution=distribution,
+                    quiet=True,
                 )
             engine_version = found[1]
             inside = version_in(engine_version, info.engine_versions) if info.engine_versions else True

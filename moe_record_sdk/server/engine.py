@@ -96,7 +96,10 @@ class ReferenceEngine:
     @classmethod
     def from_hf_config(cls, path: str, *, seed: int = 0, mode: str = "stat", **recorder_kwargs: Any) -> ReferenceEngine:
         """A transformers MoE model built from ``config.json`` (a file, or a folder holding one), random weights."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError as e:
+            raise MoeRecordError(f"--hf-config needs transformers: pip install transformers ({e})") from None
 
         folder = os.path.dirname(path) if os.path.isfile(path) else path
         if not os.path.isfile(path) and not os.path.isfile(os.path.join(folder, "config.json")):

@@ -362,3 +362,14 @@ def test_sigterm_stops_a_generation_in_flight(tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_hf_config_without_transformers_is_named(tmp_path, monkeypatch, capsys):
+    """--hf-config on an install without transformers (in no extra but [test]) was a traceback."""
+    from moe_record_sdk.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # the one fault not producible here for real
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["serve", "--hf-config", str(tmp_path), "--port", "0", "--dump-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--hf-config needs transformers: pip install transformers" in err and "Traceback" not in err
