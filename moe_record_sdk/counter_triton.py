@@ -58,10 +58,12 @@ Notes (E=256, k=8, int32 ids, in a CUDA graph, us per call; ``moe-record bench``
 * ``per_token`` adds ~0.1-0.3 us at small T (H200, ``tests/perf/per_token_cost.py``, 2026-11-28):
   ~0.17 us was its three scalar loads (cursor, pass id, flag) feeding the ring writes, ~0.07 the
   writes. It does stat's work plus the ring's write, so it stays above 1.2x the copy. Bytes are
-  not what it pays for: two-byte ids (the ring writes 24 bytes per token where the copy writes
-  32) left it at 1.31-1.45x (2026-11-29, two runs side by side with four-byte ids), and
-  announcing from one program instead of all of them changed nothing either. The ring's size N is a compile-time
-  constant: ``cursor % N`` with N a runtime argument (a float64 division) cost 0.33 us per call.
+  not what it pays for: with two-byte ids (the ring writes 24 bytes per token where the copy
+  writes 32) it took 1.23-1.86 us at T = 1 ... 16384, as with four-byte ids the day before
+  (1.21-1.84; H200, 2026-11-29), and announcing from one program instead of all of them
+  changed nothing either (1.44x the copy at T = 16384, side by side). The ring's size N is a
+  compile-time constant: ``cursor % N`` with N a runtime argument (a float64 division) cost
+  0.33 us per call.
 * Noise floor: two kernels with identical SASS timed 0.17 us apart at T=16 with differently
   placed buffers (L2's near and far partitions), so differences below ~0.15 us at T <= 1024 are
   not attributable to code.
