@@ -200,7 +200,7 @@ def check_browser(headers: Mapping[str, str], local_only: bool = False) -> Contr
         origin is not None and origin.partition("://")[2].rstrip("/").lower() != host.lower()
     ):
         return ControlError(403, "cross_site", "a browser request from another site: the endpoints take none")
-    if local_only and not _loopback(host):
+    if local_only and host and not _loopback(host):  # a browser always sends Host; an HTTP/1.0 tool may not
         return ControlError(403, "bad_host", f"Host {host[:100]!r}: this server answers only to loopback names")
     return None
 
