@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from ..env import DEFAULT_MAX_BODY
 from .control import Backend, ControlError, Controller
-from .handler import ControlHandler, Response, _headers, _query, check_bearer, check_browser
+from .handler import ControlHandler, Response, _headers, _query
 from .protocol import DUMP_PATH
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,7 @@ class ControlApp:
         self, route: AppRoute, method: str, scope: dict[str, Any], receive: Any, h: dict[str, str]
     ) -> Response | None:
         """The route's answer; None when the client went away first (its call is then cancelled)."""
-        denied = (
-            None if route.public else check_browser(h, self.handler.local_only) or check_bearer(h, self.handler.api_key)
-        )
+        denied = None if route.public else self.handler.refused(h)
         if denied:
             return self.handler.error(denied, h)
         if method.upper() not in route.methods:

@@ -286,7 +286,7 @@ class ControlHandler:
         route = _BY_PATH.get(path) if self.enabled else None
         if route is None:
             return self.error(ControlError(404, "not_found", f"no endpoint {path}"), h)
-        denied = check_browser(h, self.local_only) or check_bearer(h, self.api_key)
+        denied = self.refused(h)
         if denied:
             return self.error(denied, h)
         if method.upper() not in route.methods:
@@ -299,6 +299,11 @@ class ControlHandler:
         if content_length is not None and content_length > self.max_body:
             return self.error(self._too_large(), h)
         return None
+
+    def refused(self, h: dict[str, str]) -> ControlError | None:
+        """Why a request may not be served (a browser's from another site, a wrong Host, a
+        missing or wrong token), or None: every route's check, before its method or body."""
+        return check_browser(h, self.local_only) or check_bearer(h, self.api_key)
 
     def _too_large(self) -> ControlError:
         return ControlError(
