@@ -6,8 +6,8 @@ transformers 5.x (read in 5.19: ``models/*/modeling_*.py``) most MoE families ro
 ``(router_logits, routing_weights, topk_ids)``, so a forward hook there sees the ids exactly as
 the experts receive them; HunYuan-MoE, Gemma-4 and AFMoE do the same under other class names.
 Llama-4's router returns its logits, and Jamba's block routes through a plain ``nn.Linear``:
-their extractors repeat the model's own top-k of those logits. The layer id is the router's index in the decoder-layer
-``nn.ModuleList`` (``model.layers``), so dense layers (DeepseekV3's ``first_k_dense_replace``,
+their extractors repeat the model's own top-k of those logits. The layer id is the router's
+index in the decoder-layer ``nn.ModuleList`` (``model.layers``), so dense layers (DeepseekV3's ``first_k_dense_replace``,
 Qwen's ``mlp_only_layers``) keep their place in the numbering, as SGLang numbers them.
 """
 
@@ -47,17 +47,18 @@ def ids_at(index: int) -> Extract:
     return extract
 
 
-def topk_of_logits(top_k: int, index: int | None = None) -> Extract:
+def topk_of_logits(top_k: int | None, index: int | None = None) -> Extract:
     """Extractor for routers that return logits (``output``, or ``output[index]``): the top-k ids.
 
     Use it for a plain ``nn.Linear`` gate, where the model computes top-k inline afterwards; the
     ids match the model's only when the model takes ``torch.topk`` of the same logits (or of a
-    monotone function of them, e.g. softmax) without other terms.
+    monotone function of them, e.g. softmax) without other terms. ``top_k=None``: the router's
+    own ``top_k`` (a router that takes ``torch.topk`` of the logits it returns, as Llama-4's).
     """
 
     def extract(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
         logits = output if index is None else output[index]
-        return torch.topk(logits, top_k, dim=-1).indices
+        return torch.topk(logits, module.top_k if top_k is None else top_k, dim=-1).indices
 
     return extract
 
@@ -72,16 +73,6 @@ def int_ids_in_output(module: nn.Module, args: tuple, output: Any) -> torch.Tens
         f"{type(module).__name__}: its output holds no integer top-k ids; pass extract= "
         "(e.g. moe_record_torch.topk_of_logits(k)) to say how to get them"
     )
-
-
-def _router_topk(index: int) -> Extract:
-    """Extractor for routers that return logits at ``output[index]`` and choose ``torch.topk`` of
-    them with their own ``top_k``: the same call on the same tensor, so the same ids."""
-
-    def extract(module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
-        return torch.topk(output[index], module.top_k, dim=-1).indices
-
-    return extract
 
 
 #: transformers 5.x router classes verified by a test, and our tiny model's.
@@ -101,7 +92,7 @@ KNOWN_ROUTERS: dict[str, Extract] = {
             "TinyMoERouter",
         )
     },
-    "Llama4Router": _router_topk(1),  # (scores, logits): its ids are topk(logits)
+    "Llama4Router": topk_of_logits(None, index=1),  # (scores, logits): its ids are topk(logits), the same call
 }
 # Other transformers families name their router ``*TopKRouter`` (DeepSeek-V4 also ``*HashRouter``) and return the ids as
 # the one integer tensor of the output (some at index 0, most at 2): tapped on a best-effort basis.
