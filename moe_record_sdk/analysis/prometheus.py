@@ -39,8 +39,12 @@ class Snapshot:
     status: dict[str, Any] = field(default_factory=dict)
 
 
+def _is_recorder(source: Any) -> bool:
+    return hasattr(source, "peek") and hasattr(source, "status")
+
+
 def _snapshot(source: Source) -> Snapshot:
-    if hasattr(source, "peek") and hasattr(source, "status"):  # a Recorder
+    if _is_recorder(source):
         unobserved = set(source.unobserved_layers)
         layers = [i for i in source.layer_ids if i not in unobserved]
         status = source.status().to_dict()
@@ -185,7 +189,7 @@ def make_collector(
     require("prometheus_client", "Prometheus metrics")
     if ep_size is not None and (isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1):
         raise ValueError(f"ep_size: expected a GPU count >= 1, got {ep_size!r}")
-    if ep_size is not None and hasattr(source, "peek") and hasattr(source, "status"):  # a Recorder: known now
+    if ep_size is not None and _is_recorder(source):  # its slots are known now
         slots = source.num_experts if source.mapping is None else source.mapping.shape[-1]
         if slots % ep_size:
             raise ValueError(f"ep_size: {ep_size} does not divide the recorder's {slots} expert slots")

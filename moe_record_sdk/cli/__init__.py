@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout, sys.stderr = _BestEffort(sys.stdout), _BestEffort(sys.stderr)
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C before a command began (imports, the parser): no traceback
+    except KeyboardInterrupt:  # Ctrl-C (or the demo's SIGTERM) where no command saves anything: no traceback
         print("moe-record: interrupted", file=sys.stderr)
         return 130
     finally:
@@ -142,11 +142,7 @@ def _main(argv: list[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad arguments, as we want
         return int(e.code or 0)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:  # Ctrl-C (or the demo's SIGTERM) where no command saves anything: no traceback
-        print("moe-record: interrupted", file=sys.stderr)
-        return 130
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

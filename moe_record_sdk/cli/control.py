@@ -17,7 +17,7 @@ from typing import Any
 from .. import env
 from ..client._models import printable, run_file_kind
 from ..schema import FORMATS, MODES
-from ..server.protocol import H_CLIENT
+from ..server.protocol import H_CLIENT, bearer_token_problem
 from . import COMMANDS, add_command
 
 ACTIONS = ("start", "stop", "dump", "status")
@@ -141,12 +141,12 @@ def save_dumps(
 def _refetch(result: Any, kept: dict[str, str], client_id: str | None) -> list[str]:
     """``moe-record dump`` commands that fetch again the windows not saved: one per window number
     (``--resend`` names one for all the engines of a call)."""
+    if client_id is None:
+        return []
     by_window: dict[int, list[str]] = {}
     for r in result:
         if r.ok and r.dump is not None and r.window and r.engine not in kept:
             by_window.setdefault(r.window, []).append(r.engine)
-    if client_id is None:
-        return []
     return [
         "moe-record dump " + " ".join(f"-e {e}" for e in engines) + f" --client-id {client_id} --resend {w} "
         "--out NEW_DIR"
@@ -184,8 +184,8 @@ def read_api_keys(path: str, engines: list[str]) -> str | dict[str, str]:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--api-key-file {path}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
     lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
-    for n, line in lines:  # an HTTP header carries visible ASCII only (never echoed: it is a secret)
-        if not (line.isascii() and all(part.isprintable() for part in line.split())):
+    for n, line in lines:  # never echoed: it is a secret
+        if not line.isascii() or any(bearer_token_problem(part) for part in line.split()):
             raise ValueError(f"--api-key-file {path}, line {n}: holds a character a bearer token cannot have")
     if len(lines) == 1 and len(lines[0][1].split()) == 1:
         return lines[0][1]

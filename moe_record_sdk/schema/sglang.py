@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import msgspec
 import torch
+from packaging.version import Version
 
 from ..errors import DumpFormatError
 from .dump import Dump, EngineInfo, ModelInfo, Record, Topology, Window
@@ -395,7 +396,7 @@ def torch_load(f: str | BinaryIO, size: int, source: str) -> Any:
     (torch.save stores them uncompressed) and tensors that view more elements than their
     storage (stride 0) or storages larger than the file are refused.
     """
-    if _torch_version() < SAFE_LOAD_TORCH:
+    if Version(torch.__version__).release[:2] < SAFE_LOAD_TORCH:
         raise DumpFormatError(
             f"{source}: not loaded: torch {torch.__version__} cannot load a .pt safely (weights_only=True can run code "
             "or corrupt memory before torch 2.10: CVE-2025-32434, CVE-2026-24747); upgrade torch, or use the "
@@ -408,11 +409,6 @@ def torch_load(f: str | BinaryIO, size: int, source: str) -> Any:
         raise DumpFormatError(f"{source}: not a loadable .pt under weights_only=True: {_reason(e)}") from None
     _check_tensors(obj, size, source)
     return obj
-
-
-def _torch_version() -> tuple[int, int]:
-    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()  # type: ignore[union-attr]
-    return int(major), int(minor)
 
 
 def _reason(e: Exception) -> str:
