@@ -46,7 +46,8 @@ class Counter:
     """The device buffers and the tap for ``R`` observed layers of ``S`` expert slots.
 
     ``ring_rows`` > 0 keeps the last ``ring_rows`` passes' counts; ``token_slots`` > 0 keeps the
-    top-k ids of the last ``token_slots`` tokens per layer.
+    top-k ids of the last ``token_slots`` tokens per layer, and needs the pass ring: each row's
+    ``row_tokens`` span says which positions are its pass's (the tap writes no pass ids).
     """
 
     def __init__(
@@ -60,6 +61,8 @@ class Counter:
         token_slots: int = 0,
         stripes: int | None = None,
     ) -> None:
+        if token_slots and not ring_rows:
+            raise ValueError("token_slots: a token ring needs ring_rows >= 1 (a pass's tokens are its row's span)")
         self.device = torch.device(device)
         self.layer_ids = list(layer_ids)
         self.row_of = {layer: row for row, layer in enumerate(self.layer_ids)}
@@ -95,7 +98,6 @@ class Counter:
             self.row_layer_ids = torch.zeros(ring_rows + 1, R, dtype=torch.int64, device=dev)
         self.token_slots = N = token_slots
         self.token_ids: torch.Tensor | None = None
-        self.token_pass: torch.Tensor | None = None
         self.token_cursor = torch.zeros((), dtype=torch.int64, device=dev)
         # Per layer, the most tokens one of its calls wrote in this pass (the pass's positions:
         # their max); announced by the tap before it writes them.
@@ -108,7 +110,6 @@ class Counter:
             # Row N is the trash row for padding, disabled and overflowing writes.
             # Layer-major: a tap's tokens land side by side (coalesced writes); slot N is the trash.
             self.token_ids = torch.full((R, N + 1, top_k), -1, dtype=self.token_dtype(S), device=dev)
-            self.token_pass = torch.full((N + 1,), -1, dtype=torch.int64, device=dev)
             self.token_arange = torch.arange(N + 1, device=dev)
         self.tap_args = counter_triton.tap_args(self)  # the kernel's fixed arguments
         self.tap_launches: dict = {}  # compiled kernels, for launches without Triton's dispatcher
@@ -123,7 +124,7 @@ class Counter:
     @staticmethod
     def token_slot_bytes(num_rows: int, top_k: int, num_slots: int) -> int:
         ids = num_rows * top_k * Counter.token_dtype(num_slots).itemsize
-        return ids + 16  # ids, pass id, position
+        return ids + 8  # ids, position (the torch path's arange)
 
     @staticmethod
     def fixed_bytes(num_rows: int, num_slots: int, stripes: int = 1) -> int:
@@ -141,7 +142,7 @@ class Counter:
             t
             for t in (self.rows, self.row_pass, self.row_tokens, self.row_layer_tokens, self.row_layer_ids)
             + (self.last_counts,)
-            + (self.token_ids, self.token_pass)
+            + (self.token_ids,)
             if t is not None
         ]
         if self.token_slots:
@@ -200,7 +201,7 @@ class Counter:
     def _record_tokens(
         self, row: int, ids: torch.Tensor, invalid: torch.Tensor, T: int, num_valid: int | torch.Tensor | None
     ) -> None:
-        assert self.token_ids is not None and self.token_pass is not None
+        assert self.token_ids is not None
         N = self.token_slots
         t = self.token_arange[:T] if T <= N + 1 else torch.arange(T, device=ids.device)
         if isinstance(num_valid, torch.Tensor):
@@ -220,7 +221,6 @@ class Counter:
         # into a view of a graph input copied the whole ring (max_bytes) every pass.
         at = (torch.full_like(slot, row), slot)
         self.token_ids.index_put_(at, torch.where(invalid, -1, ids).to(self.token_ids.dtype))
-        self.token_pass.index_copy_(0, slot, self.passes.expand(T))
 
     def step(self) -> None:
         """End of one forward pass: commit its ring row and tokens. Tensor ops only."""
@@ -290,20 +290,20 @@ class Counter:
             counts, passes, ring, row_pass, row_tokens, row_layer_tokens, row_layer_ids, passes_after, position
         )
 
-    def read_tokens(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Host copies of the token ring's ids (int32 [n, R, k]) and pass ids [n] at positions [lo, hi)
-        (n <= ``token_slots``), and the positions written or being written after the copy: a
-        slot whose position is below that less ``token_slots`` may have been overwritten during it."""
-        assert self.token_ids is not None and self.token_pass is not None
+    def read_tokens(self, lo: int, hi: int) -> tuple[torch.Tensor, int]:
+        """Host copies of the token ring's ids (int32 [n, R, k]) at positions [lo, hi) (n <=
+        ``token_slots``), and the positions written or being written after the copy: a slot whose
+        position is below that less ``token_slots`` may have been overwritten during it. Which
+        pass a position belongs to is in ``row_tokens`` (each pass's span), not in the ring."""
+        assert self.token_ids is not None
         N = self.token_slots
         assert 0 <= hi - lo <= N, (lo, hi, N)
         first, n = lo % N, hi - lo
         spans = [(first, min(n, N - first))] + ([(0, first + n - N)] if first + n > N else [])
         ids = torch.cat([self.token_ids[:, a : a + m].to("cpu", copy=True) for a, m in spans], dim=1)
         ids = ids.transpose(0, 1).to(torch.int32)  # the dump's type, whatever the ring holds
-        passes = torch.cat([self.token_pass[a : a + m].to("cpu", copy=True) for a, m in spans])
         after = int(self.token_cursor) + int(self.layer_tokens.max())
-        return ids, passes, after
+        return ids, after
 
     def _settled(self, timeout: float = 1.0) -> tuple[torch.Tensor, int, int]:
         """``last_counts`` with the passes and token position it covers, read between steps (a

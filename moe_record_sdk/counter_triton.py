@@ -33,7 +33,8 @@ Notes (E=256, k=8, int32 ids, in a CUDA graph, us per call; ``moe-record bench``
   16384 against a bare copy's 1.02 / 1.03 / 1.10 / 1.16 / 1.21 / 1.30, i.e. 1.07 / 1.14 / 1.14 /
   1.15 / 1.14 / 1.17x (E=64: 1.08-1.16x); ``scatter_add_`` takes 11.8x ours at T = 16384 (22.9x
   in a run of that T alone: its own time varies, 18-35 us). ``per_token`` 1.18 / 1.25 / 1.22 /
-  1.24 / 1.36 / 1.42x the copy; its ring write alone (the bench's ``ring``) 1.09-1.23x.
+  1.24 / 1.36 / 1.42x the copy (1.37x at T = 16384 since, below); its ring write alone (the
+  bench's ``ring``) 1.09-1.23x.
   ``per_token`` was 1.27-1.70x with the ring token-major and written after the counting; the
   ring became layer-major [R, N + 1, K] (a tap's writes side by side), its writes go out before
   the histogram's barriers (1.58 -> 1.50x at T = 16384), and a thread holding several ids writes
@@ -46,7 +47,9 @@ Notes (E=256, k=8, int32 ids, in a CUDA graph, us per call; ``moe-record bench``
   (4 x 16) 1.38 / 1.27 / 1.24 / 1.25 / 1.21 / 1.20. Fewer, larger programs win at large T (fewer
   per-bin atomics), but each program zeroes and adds every bin, which small batches pay for.
   Zeroing the bins before the ids' load is issued (a separate asm) and a grid-stride loop over
-  capped programs were each 0.03-0.05 us slower.
+  capped programs were each 0.03-0.05 us slower. ``per_token`` has no better shape either: the
+  best of eight at each T was within 0.06x of the shipped one (2 x 8: 1.29x at T = 4096 against
+  1.35x, but 1.54x at T = 16384 against 1.44x; 2026-11-29, before the pass ids went).
 * Before the PTX histogram (H100 and H200, 2026-11-28), the histogram path used Triton's
   ``tl.histogram``, which lowers to ballots (one per bin bit, then per lane an AND chain and a
   popcount for each of its S/32 bins: ~90 instructions per id for 256 bins); a bare
@@ -56,14 +59,17 @@ Notes (E=256, k=8, int32 ids, in a CUDA graph, us per call; ``moe-record bench``
   H100 but paid 0.14 us more per launch than Triton (its own launch path) and rested on a
   private torch API: the PTX here is that kernel's counting, launched by Triton.
 * ``per_token`` adds ~0.1-0.3 us at small T (H200, ``tests/perf/per_token_cost.py``, 2026-11-28):
-  ~0.17 us was its three scalar loads (cursor, pass id, flag) feeding the ring writes, ~0.07 the
-  writes. It does stat's work plus the ring's write, so it stays above 1.2x the copy. Bytes are
-  not what it pays for: with two-byte ids (the ring writes 24 bytes per token where the copy
-  writes 32) it took 1.23-1.86 us at T = 1 ... 16384, as with four-byte ids the day before
-  (1.21-1.84; H200, 2026-11-29), and announcing from one program instead of all of them
-  changed nothing either (1.44x the copy at T = 16384, side by side). The ring's size N is a
-  compile-time constant: ``cursor % N`` with N a runtime argument (a float64 division) cost
-  0.33 us per call.
+  ~0.17 us was its scalar loads (cursor, pass id, flag) feeding the ring writes, ~0.07 the
+  writes. It does stat's work plus the ring's write, so it stays above 1.2x the copy. Two-byte
+  ids changed nothing measurable (1.23-1.86 us at T = 1 ... 16384, as with four-byte ids the day
+  before), nor did announcing from one program instead of all of them (1.44x the copy at T =
+  16384, side by side). What did: the ring keeps no pass id per token (every layer's tap wrote
+  the same 8 bytes per token; a pass's positions are its ``row_tokens`` span), 1.44 -> 1.37x at
+  T = 16384 and 1.37 -> 1.26x at T = 4096, side by side on an H200 (2026-11-29, twice each;
+  1.27-1.33x at T <= 1024, was 1.24-1.35x). The ring's write alone (counting off, the bench's
+  ``ring``) is 1.09-1.18x the copy; the counting and that write together are the floor left. The
+  ring's size N is a compile-time constant: ``cursor % N`` with N a runtime argument (a float64
+  division) cost 0.33 us per call.
 * Noise floor: two kernels with identical SASS timed 0.17 us apart at T=16 with differently
   placed buffers (L2's near and far partitions), so differences below ~0.15 us at T <= 1024 are
   not attributable to code.
@@ -151,11 +157,9 @@ if triton is not None:
         counts_ptr,  # int64 [G, R, S + 2]: Counter.stripes
         stripe_stride,  # R * (S + 2)
         tok_ids_ptr,  # int16 or int32 [R, N + 1, K]: Counter.token_ids
-        tok_pass_ptr,  # int64 [N + 1]
         token_enabled_ptr,  # int64 scalar
         cursor_ptr,  # int64 scalar: ring position of this pass's first token
         layer_tokens_ptr,  # int64 [R]: per layer, the most tokens one call of this pass announced
-        passes_ptr,  # int64 scalar: this pass's id
         N: tl.constexpr,  # token slots in the ring: a constant, so % N is a multiply, not a division
         S: tl.constexpr,  # expert slots; S is the discard bin, S + 1 the padding bin
         K: tl.constexpr,
@@ -186,7 +190,6 @@ if triton is not None:
         if TOKENS:
             tok_on = tl.load(token_enabled_ptr) != 0
             cursor = tl.load(cursor_ptr)
-            pass_id = tl.load(passes_ptr)
             tok_ids_ptr += tl.cast(row, tl.int64) * ((N + 1) * K)  # the layer's ring: [N + 1, K]
             base = (cursor % N).to(tl.int32)  # the cursor only grows from 0
             # Announce the pass's tokens before writing any: a dump that re-reads layer_tokens
@@ -196,7 +199,7 @@ if triton is not None:
             # 0.5 us per layer on an H100 and would not order the DMA either.)
             _max_lane0(layer_tokens_ptr + row, nv.to(tl.int64), tok_on & (nv > 0), lane)
             # The ring writes go out before the counting, so they overlap its barriers.
-            _store_tokens(tok_ids_ptr, tok_pass_ptr, x, ok, e, valid_el, nv, base, pass_id, tok_on, N, K, ITEMS)
+            _store_tokens(tok_ids_ptr, x, ok, e, valid_el, nv, base, tok_on, N, K, ITEMS)
         if on:  # the same for every thread: the histogram's barriers see all of them
             # Each id's bin: its expert, the discard bin S (invalid id), the padding bin S + 1
             # (a row past num_valid_tokens), or none (-1: past the batch).
@@ -227,14 +230,12 @@ if triton is not None:
     @triton.jit
     def _store_tokens(
         tok_ids_ptr,
-        tok_pass_ptr,
         x,
         ok,
         e,
         valid_el,
         nv,
         base,
-        pass_id,
         tok_on,
         N: tl.constexpr,
         K: tl.constexpr,
@@ -250,11 +251,9 @@ if triton is not None:
         # thread there is nothing to widen, and the branch would only cost.
         if ITEMS > 1 and base + last < N:
             tl.store(tok_ids_ptr + base.to(tl.int64) * K + e, ids, mask=keep)
-            tl.store(tok_pass_ptr + base + t, pass_id, mask=keep & (e % K == 0))
         else:
             slot = (base + t) % N
             tl.store(tok_ids_ptr + slot.to(tl.int64) * K + e % K, ids, mask=keep)
-            tl.store(tok_pass_ptr + slot, pass_id, mask=keep & (e % K == 0))
 
 
 def stripes_for(device: torch.device) -> int:
@@ -340,22 +339,16 @@ def record(counter: Counter, row: int, ids: torch.Tensor, num_valid: int | torch
 
 def tap_args(counter: Counter) -> tuple:
     """The kernel arguments that stay fixed for a counter (its buffers never move)."""
-    tokens = counter.token_ids is not None
-    if tokens:
-        tok_ids, tok_pass = counter.token_ids, counter.token_pass
-    else:  # unused pointers: any int64 tensor
-        tok_ids, tok_pass = counter.enabled, counter.enabled
+    tok_ids = counter.token_ids if counter.token_ids is not None else counter.enabled  # unused: any tensor
     stripes = counter.stripes
     return (
         counter.enabled,
         stripes,
         stripes.stride(0),
         tok_ids,
-        tok_pass,
         counter.token_enabled,
         counter.token_cursor,
         counter.layer_tokens,
-        counter.passes,
     )
 
 

@@ -86,7 +86,7 @@ class Recorder:
         Rows of the per-pass ring (``stat``: 0 keeps one cumulative row; SGLang's buffer).
     max_bytes:
         ``per_token``: bound on the ring and token buffers together; older tokens are overwritten
-        and counted as dropped. A token takes ``2 * len(layer_ids) * top_k + 16`` bytes (ids kept in two
+        and counted as dropped. A token takes ``2 * len(layer_ids) * top_k + 8`` bytes (ids kept in two
         bytes while ``num_experts`` <= 32767, four past that).
     physical_to_logical_map:
         int [L, P]: when the engine replicates experts, ids are physical slots and are summed into
@@ -463,18 +463,18 @@ class Recorder:
         if taken:
             start, end = int(r.row_tokens[taken[0] % B1, 0]), int(r.row_tokens[taken[-1] % B1, 1])
         first = max(start, end - N)  # the ring holds at most the last N positions
-        ids, pass_of, after = self.counter.read_tokens(first, end)  # ids [n, R, k]: only these slots
+        ids, after = self.counter.read_tokens(first, end)  # ids [n, R, k]: only these slots
         lo = max(first, after - N)  # positions a concurrent pass may have overwritten during the copy
-        ids, pass_of = ids[lo - first :], pass_of[lo - first :]
+        ids = ids[lo - first :]
         assert r.row_layer_tokens is not None and r.row_layer_ids is not None
-        positions = torch.arange(lo, lo + ids.shape[0])
         kept = overwritten = 0
         for rec in records:
-            of_pass = pass_of == rec.forward_pass_id
-            mine = ids[of_pass]  # tokens in position order
-            # Slots past a layer's own tokens hold what an older pass left there: no id (-1).
+            # A pass's tokens are the positions of its span (spans are disjoint, in pass order).
             slot = rec.forward_pass_id % B1
-            t = positions[of_pass] - r.row_tokens[slot, 0]
+            a, b = (int(v) for v in r.row_tokens[slot])
+            mine = ids[max(a, lo) - lo : max(b, lo) - lo]  # tokens in position order
+            # Slots past a layer's own tokens hold what an older pass left there: no id (-1).
+            t = torch.arange(max(a, lo), max(b, lo)) - a
             mine[t.unsqueeze(1) >= r.row_layer_ids[slot].unsqueeze(0)] = -1
             full = torch.full((self.num_layers, mine.shape[0], self.top_k), -1, dtype=torch.int32)
             full[self.layer_ids] = mine.permute(1, 0, 2)

@@ -21,7 +21,7 @@ def _state(c: Counter) -> list[torch.Tensor]:
     if c.rows is not None:
         out += [c.rows, c.row_pass]
     if c.token_ids is not None:
-        out += [c.token_ids[:, : c.token_slots], c.token_pass[: c.token_slots]]
+        out += [c.token_ids[:, : c.token_slots]]
     return [t.cpu() for t in out]
 
 
@@ -193,7 +193,7 @@ def test_no_host_sync_while_recording(mode, kernel):
 def _buffers(rec: Recorder) -> list[int]:
     c = rec.counter
     names = ["enabled", "token_enabled", "stripes", "passes", "rows", "row_pass", "last_counts"]
-    names += ["token_ids", "token_pass", "token_cursor", "layer_tokens"]
+    names += ["token_ids", "token_cursor", "layer_tokens"]
     return [getattr(c, n).data_ptr() for n in names if getattr(c, n) is not None]
 
 

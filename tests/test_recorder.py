@@ -262,6 +262,8 @@ def test_per_token_memory_bound_and_drops(max_bytes):
     L, E, k = 3, 16, 4
     rec = Recorder(num_layers=L, num_experts=E, top_k=k, mode="per_token", buffer_size=8, max_bytes=max_bytes)
     assert rec.counter.nbytes() <= max_bytes
+    # The token ring takes all the room the rest leaves: the accounting matches what is allocated.
+    assert max_bytes - rec.counter.nbytes() < Counter.token_slot_bytes(L, k, E)
     rec.start()
     g = torch.Generator().manual_seed(0)
     total = 0
@@ -596,3 +598,9 @@ def test_a_pass_cut_by_stop_has_its_tokens_dropped_in_the_window_that_counts_the
     assert first.window.num_tokens == [4] and [r.topk_ids_of_layer.shape[1] for r in first.records] == [3]
     assert first.window.dropped_tokens == 1 and validate_dump(first) == []
     assert second.window.num_tokens == [0] and second.window.dropped_tokens == 0  # was 1
+
+
+def test_a_token_ring_without_a_pass_ring_is_refused():
+    """A pass's tokens are found by its ring row's span: a token ring alone could not be read."""
+    with pytest.raises(ValueError, match="token_slots: a token ring needs ring_rows"):
+        Counter([0, 1], 8, 2, "cpu", token_slots=16)

@@ -3,11 +3,12 @@
 Each variant is counter_triton.py with lines replaced, imported from a temporary file (Triton reads
 the source), patched in as the kernel of its own Recorder. Medians interleaved, us per layer call.
 
-NVIDIA H200, 2026-11-29 (E=256, ratios to a copy at T = 1 / 16 / 128 / 1024 / 4096 / 16384):
-per_token 1.19 / 1.24 / 1.26 / 1.22 / 1.35 / 1.37; without the pass-id load and store
-(``no_pass``) 1.18 / 1.24 / 1.26 / 1.22 / 1.29 / 1.32; with nothing of the ring but the ids'
-store (``ids_store_only``) 1.11 / 1.16 / 1.19 / 1.16 / 1.20 / 1.24; stat 1.09-1.19. The counting
-and the ids' write together are per_token's floor here, above 1.2x at large T.
+NVIDIA H200, 2026-11-29, with the ring's per-token pass ids gone (E=256, ratios to a copy at T =
+1 / 16 / 128 / 1024 / 4096 / 16384): per_token 1.19 / 1.24 / 1.22 / 1.23 / 1.25 / 1.37; without
+the ids' store (``no_id_store``) 1.18 / 1.22 / 1.21 / 1.24 / 1.22 / 1.28; with nothing of the ring
+but the ids' store (``ids_store_only``) 1.12 / 1.13 / 1.15 / 1.17 / 1.20 / 1.25; stat 1.09-1.20.
+The counting and the ids' write together are per_token's floor here, above 1.2x at large T.
+(Storing a pass id per token as well had cost 0.05-0.1x at T >= 4096.)
 
     python tests/perf/per_token_cost.py [--tokens 1,16,128,1024,4096,16384] [--experts 256]
 """
@@ -31,22 +32,16 @@ ZERO = "tl.program_id(0).to(tl.int64) * 0"
 # and the wrapping blocks).
 EDITS = {
     "no_max": [("_max_lane0(layer_tokens_ptr + row, nv.to(tl.int64), tok_on & (nv > 0), lane)", "pass")],
-    "no_pass_store": [
-        ("tl.store(tok_pass_ptr + base + t, pass_id, mask=keep & (e % K == 0))", "pass"),
-        ("tl.store(tok_pass_ptr + slot, pass_id, mask=keep & (e % K == 0))", "pass"),
-    ],
     "no_id_store": [
         ("tl.store(tok_ids_ptr + base.to(tl.int64) * K + e, ids, mask=keep)", "pass"),
         ("tl.store(tok_ids_ptr + slot.to(tl.int64) * K + e % K, ids, mask=keep)", "pass"),
     ],
     "no_cursor_load": [("cursor = tl.load(cursor_ptr)", f"cursor = {ZERO}")],
-    "no_pass_load": [("pass_id = tl.load(passes_ptr)", f"pass_id = {ZERO}")],
     "no_flag_load": [("tok_on = tl.load(token_enabled_ptr) != 0", "tok_on = tl.program_id(0) >= 0")],
 }
-EDITS["loads_only"] = EDITS["no_max"] + EDITS["no_pass_store"] + EDITS["no_id_store"]
-EDITS["no_loads"] = EDITS["no_cursor_load"] + EDITS["no_pass_load"] + EDITS["no_flag_load"]
-EDITS["ids_store_only"] = EDITS["no_max"] + EDITS["no_pass_store"] + EDITS["no_loads"]
-EDITS["no_pass"] = EDITS["no_pass_store"] + EDITS["no_pass_load"]
+EDITS["loads_only"] = EDITS["no_max"] + EDITS["no_id_store"]
+EDITS["no_loads"] = EDITS["no_cursor_load"] + EDITS["no_flag_load"]
+EDITS["ids_store_only"] = EDITS["no_max"] + EDITS["no_loads"]
 
 
 def variant(name: str, tmp: str):
