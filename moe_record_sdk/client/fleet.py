@@ -95,7 +95,9 @@ class _Call(NamedTuple):
 
 
 def normalize_engine(url: str) -> str:
-    """``host:port`` or a URL -> ``http://host:port`` without a trailing slash."""
+    """``host:port`` or a URL -> ``http://host:port`` without a trailing slash. A bare host (no
+    scheme, no port) is refused: a URL without a port means its scheme's (80, 443), a choice a
+    bare host does not make."""
     given = url
     url = url.strip()
     if "@" in url:  # checked first, and never echoed: what comes before the @ may hold a password
@@ -103,7 +105,8 @@ def normalize_engine(url: str) -> str:
             f"engine: …@{url.rpartition('@')[2]} has credentials in the URL, which are never sent (and would be "
             "printed); give the bearer token with --api-key, --api-key-file or MOE_RECORD_API_KEY"
         )
-    if "://" not in url:
+    bare = "://" not in url
+    if bare:
         url = "http://" + url
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -112,9 +115,14 @@ def normalize_engine(url: str) -> str:
     if parts.query or parts.fragment or url.endswith(("?", "#")):  # the endpoint path would land after it
         raise ValueError(f"engine: {given!r} has a query or fragment; give the engine's base URL")
     try:
-        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+        port = parts.port
     except ValueError:
         raise ValueError(f"engine: {given!r} has no valid port (0-65535)") from None
+    if bare and port is None:  # no engine serves on 80 by default: a forgotten port, not a choice
+        raise ValueError(
+            f"engine: {given!r} names no port; give host:port (SGLang serves on 30000, vLLM on 8000), "
+            f"or a full URL such as http://{parts.netloc} for port 80"
+        )
     # Scheme and host are case-insensitive: lowercased, one engine has one spelling (no duplicates).
     return parts._replace(scheme=scheme, netloc=parts.netloc.lower()).geturl().rstrip("/")
 

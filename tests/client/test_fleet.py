@@ -584,6 +584,11 @@ def test_async_fleet_with_an_asgi_transport_and_sync_fleet_refuses_a_running_loo
 def test_engine_urls():
     assert normalize_engine("127.0.0.1:30000/") == "http://127.0.0.1:30000"
     assert normalize_engine("https://h") == "https://h"
+    assert normalize_engine("http://h/") == "http://h"  # port 80, as the URL says
+    # A bare host names no port: it meant 80 silently, where no engine serves by default.
+    for bare in ("10.0.0.5", "engine-0/", "[::1]"):
+        with pytest.raises(ValueError, match=r"names no port; give host:port \(SGLang serves on 30000"):
+            normalize_engine(bare)
     with pytest.raises(ValueError, match="more than once"):
         Fleet(["127.0.0.1:1", "http://127.0.0.1:1"])
     with pytest.raises(ValueError, match="not an http"):
