@@ -245,21 +245,54 @@ class OnCtrlC:
     ``KeyboardInterrupt`` or ending the process (on the main thread, where signals go; elsewhere
     nothing changes). ``record`` uses it to end the recording however often it is pressed, and a
     dump to finish: the engines clear their windows as they dump, so stopping halfway would lose
-    what was collected."""
+    what was collected.
 
-    def __init__(self, handler: Callable[[], None]) -> None:
-        self.handler, self.previous = handler, {}
+    The signal handler only counts; ``handler`` runs on a watcher thread, once per signal, within
+    ``POLL`` s. A Python signal handler runs between any two bytecodes of the main thread, also
+    inside another signal's handler: a print there broke half-way through rich's lazy import
+    when a second Ctrl-C came (ImportError, exit 1), and an ``Event.set`` there can deadlock on
+    the lock the interrupted one holds. ``after``: what the signals do once this exits (default:
+    what they did before).
+    """
+
+    POLL = 0.02
+
+    def __init__(self, handler: Callable[[], None], after: Any = None) -> None:
+        self.handler, self.after, self.previous = handler, after, {}
+        self._caught = self._handled = 0
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _catch(self, *_: object) -> None:
+        self._caught += 1  # nothing else here: see the class's note
+
+    def _watch(self) -> None:
+        while True:
+            closed = self._closed.wait(self.POLL)
+            while self._handled < self._caught:
+                self._handled += 1
+                self.handler()
+            if closed:  # the signals caught until the exit are handled, then no more
+                return
 
     def __enter__(self) -> OnCtrlC:
         if threading.current_thread() is threading.main_thread():
+            self._closed.clear()
+            self._watcher = threading.Thread(target=self._watch, name="moe-record-stop-signals", daemon=True)
+            self._watcher.start()
             for sig in STOP_SIGNALS:
-                self.previous[sig] = signal.signal(sig, lambda *_: self.handler())
+                self.previous[sig] = signal.signal(sig, self._catch)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for sig, previous in self.previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            then = self.after if self.after is not None else previous
+            signal.signal(sig, then if then is not None else signal.SIG_DFL)
         self.previous = {}
+        if self._watcher is not None:
+            self._closed.set()
+            self._watcher.join(timeout=5)  # a handler stuck on a blocked terminal must not hang the exit
+            self._watcher = None
 
 
 def finishing_dump(echo: Callable[[str], None]) -> Callable[[], None]:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 from rich.console import Console
@@ -24,7 +25,7 @@ from rich.console import Console
 from ..client._models import run_file_kind
 from ..errors import MoeRecordError
 from . import add_command, rich_console
-from .control import OnCtrlC, check_out, positive
+from .control import STOP_SIGNALS, check_out, positive
 from .convert import positive_int
 from .serve import READY
 
@@ -115,6 +116,28 @@ def traffic(urls: list[str], seed: int = 0):
     return drive
 
 
+@contextlib.contextmanager
+def _interrupt_on_stop_signals() -> Iterator[None]:
+    """SIGTERM, SIGHUP or Ctrl-C while the engines start: one KeyboardInterrupt, so the demo ends
+    and stops the engines it started (SIGTERM would otherwise kill it and leave them running).
+    The handler raises and does nothing else: it may run inside another signal's handler."""
+    fired = False
+
+    def interrupt(*_: object) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS} if main else {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..client import Fleet
     from ..server.engine import torch_adapter
@@ -144,17 +167,10 @@ def run(args: argparse.Namespace) -> int:
         f.write("made by moe-record demo: the next demo replaces the dumps in this folder\n")
     t0 = time.monotonic()
     procs: list[subprocess.Popen] = []
-    stopping = threading.Event()
-
-    def stop_now() -> None:  # SIGTERM, SIGHUP, Ctrl-C before the recording: end, stopping the engines
-        if not stopping.is_set():
-            stopping.set()
-            raise KeyboardInterrupt
-
     try:
         console.print(f"starting {args.engines} reference engines (tiny MoE model) on 127.0.0.1 ...", markup=False)
         urls = []
-        with OnCtrlC(stop_now):
+        with _interrupt_on_stop_signals():
             for i in range(args.engines):
                 proc, url = start_engine(i, os.path.join(out, f"server-{i}"), args.mode)
                 procs.append(proc)

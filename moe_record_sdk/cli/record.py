@@ -25,7 +25,6 @@ from ..client._models import printable
 from ..schema.names import FORMATS, MODES
 from . import add_command, rich_console
 from .control import (
-    STOP_SIGNALS,
     OnCtrlC,
     add_engine_options,
     check_out,
@@ -80,36 +79,32 @@ def run(args: argparse.Namespace) -> int:
         return 2
     report: dict[str, Any] | None = {} if args.json else None
     interrupted = threading.Event()
-    main = threading.current_thread() is threading.main_thread()
     # Stop signals, from here to the exit, never kill nor cut the report: before record handles
     # them they set the flag it reads (it then starts no engine), and once it has saved and
     # reported they are ignored (Python's own handlers go back to the kill as it exits), so a
     # late Ctrl-C of a burst or a supervisor's repeated SIGTERM cannot turn the exit status into
-    # a traceback or a kill. record puts the first handler back as it returns: no moment without.
-    for sig in STOP_SIGNALS if main else ():
-        signal.signal(sig, lambda *_: interrupted.set())
-    try:
-        with fleet:
-            status = record(
-                fleet,
-                out=args.out,
-                duration=args.duration,
-                mode=args.mode,
-                fmt=args.format,
-                interval=args.interval,
-                console=console,
-                interrupted=interrupted,
-                report=report,
-            )
-            if report is not None:
-                report["exit_status"] = status
-            return status
-    finally:
-        for sig in STOP_SIGNALS if main else ():
-            signal.signal(sig, signal.SIG_IGN)
-        if report:  # also after an interrupted start or a failure: what happened, as far as it went
-            json.dump(report, sys.stdout, indent=2)
-            print(flush=True)
+    # a traceback or a kill. record puts this handler back as it returns: no moment without.
+    with OnCtrlC(interrupted.set, after=signal.SIG_IGN):
+        try:
+            with fleet:
+                status = record(
+                    fleet,
+                    out=args.out,
+                    duration=args.duration,
+                    mode=args.mode,
+                    fmt=args.format,
+                    interval=args.interval,
+                    console=console,
+                    interrupted=interrupted,
+                    report=report,
+                )
+                if report is not None:
+                    report["exit_status"] = status
+                return status
+        finally:
+            if report:  # also after an interrupted start or a failure: what happened, as far as it went
+                json.dump(report, sys.stdout, indent=2)
+                print(flush=True)
 
 
 def record(
@@ -185,15 +180,22 @@ def record(
         if worker:
             worker.start()
         stops: list[Any] = []
+
+        def stop_engines() -> None:
+            # The recording has ended: a later signal only says to wait (a late one of a burst, a
+            # repeated SIGTERM would otherwise cut the stop, the dump, the saving or the report short).
+            stop_signals.handler = finishing_dump(echo)
+            if interrupted.is_set():  # said now, not after the engines' stop answers (their timeout)
+                console.print("stopping (Ctrl-C or SIGTERM)")
+            stops.append(fleet.stop())
+
         try:
-            _progress(fleet, duration, interval, console, interrupted, lambda: stops.append(fleet.stop()))
+            _progress(fleet, duration, interval, console, interrupted, stop_engines)
         finally:
             stop_event.set()
             if worker:
                 worker.join(timeout=30)
-        # The recording ended: a later signal only says to wait (a late one of a burst, a
-        # repeated SIGTERM would otherwise cut the dump, the saving or the report short).
-        stop_signals.handler = finishing_dump(echo)
+        stop_signals.handler = finishing_dump(echo)  # also where _progress could not stop them
         stopped = stops[0] if stops else fleet.stop()
         report["stop"] = result_json(stopped)
         for r in stopped.failed:
@@ -293,7 +295,6 @@ def _progress(
         if not console.is_terminal:
             console.print()
         interrupted.set()
-    if interrupted.is_set():
         console.print("stopping (Ctrl-C or SIGTERM)")
 
 

@@ -18,16 +18,21 @@ from .sglang_like import SGLangLike
 
 
 class SlowBackend(LocalBackend):
-    """Fault injection: a dump (or a status) that takes ``delay`` seconds (an engine stuck
-    behind a long batch)."""
+    """Fault injection: a dump (or a status, or a stop) that takes ``delay`` seconds (an engine
+    stuck behind a long batch)."""
 
-    def __init__(self, recorder: Recorder, delay: float, slow_status: bool = False) -> None:
+    def __init__(self, recorder: Recorder, delay: float, slow_status: bool = False, slow_stop: bool = False) -> None:
         super().__init__(recorder)
-        self.delay, self.slow_status = delay, slow_status
+        self.delay, self.slow_status, self.slow_stop = delay, slow_status, slow_stop
 
     async def dump(self) -> Any:
         await asyncio.sleep(self.delay)
         return await super().dump()
+
+    async def stop(self) -> None:
+        if self.slow_stop:
+            await asyncio.sleep(self.delay)
+        await super().stop()
 
     async def status(self) -> Any:
         if self.slow_status:
@@ -103,10 +108,10 @@ class Engines:
         return rec, self._serve(SGLangLike(rec, d)), d
 
     def slow(
-        self, delay: float, slow_status: bool = False, recorder: Recorder | None = None
+        self, delay: float, slow_status: bool = False, recorder: Recorder | None = None, slow_stop: bool = False
     ) -> tuple[Recorder, ServerThread]:
         rec = recorder or make_recorder()
-        return rec, self._serve(make_app(SlowBackend(rec, delay, slow_status), dump_dir=self.dir()))
+        return rec, self._serve(make_app(SlowBackend(rec, delay, slow_status, slow_stop), dump_dir=self.dir()))
 
     def flaky(self, path: str, n: int) -> tuple[Recorder, ServerThread, Flaky]:
         rec = make_recorder()

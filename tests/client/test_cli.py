@@ -584,6 +584,78 @@ def test_stop_signals_until_exit_neither_kill_nor_cut_the_report(engines, tmp_pa
     assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
 
 
+def test_ctrl_c_is_answered_at_once_while_the_engines_take_their_time_to_stop(engines, tmp_path):
+    """Ctrl-C ends the recording, and the engines' stop answers may take up to the timeout: the
+    first Ctrl-C is said at once, not after the stop (a user pressed it again, then again), and a
+    second one during the stop is answered too, while the engine has still not stopped."""
+    import signal
+    import subprocess
+    import sys
+
+    rec, server = engines.slow(delay=3.0, slow_stop=True)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moe_record_sdk", "record", "-e", server.url, "--interval", "0.2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not rec.status().recording and time.monotonic() < deadline:
+            time.sleep(0.05)
+        expected = feed(rec, seed=23)
+
+        def read_until(text: str) -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                if text in line:
+                    return
+            raise AssertionError(f"no {text!r} in {''.join(lines)}")
+
+        proc.send_signal(signal.SIGINT)
+        read_until("stopping (Ctrl-C or SIGTERM)")
+        assert rec.status().recording  # said before the engine's 3 s stop answered
+        proc.send_signal(signal.SIGINT)
+        read_until("finishing the dump; please wait")
+        assert rec.status().recording  # the second is answered during the stop, too
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output
+    assert not rec.status().recording
+    assert torch.equal(load_dump(str(out / "merged.pt")).total_count(), expected)
+
+
+def test_stop_signal_handlers_run_off_the_main_thread_once_per_signal():
+    """What a stop signal does runs on a watcher thread, once per signal: run in the signal's own
+    context, between two bytecodes of the main thread, a second Ctrl-C's print broke the first's
+    half-way through rich's lazy import (ImportError: `record` exited 1 under a burst), and a
+    lock the interrupted code held (an Event's, here a plain one) would deadlock."""
+    import signal
+
+    from moe_record_sdk.cli.control import OnCtrlC
+
+    lock, ran = threading.Lock(), []
+
+    def handler() -> None:
+        if lock.acquire(timeout=2):  # in the main thread, which holds it, this cannot succeed
+            ran.append("main" if threading.current_thread() is threading.main_thread() else "watcher")
+            lock.release()
+        else:
+            ran.append("deadlock")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with OnCtrlC(handler):
+        with lock:
+            for _ in range(5):
+                os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while len(ran) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert ran == ["watcher"] * 5
+    assert signal.getsignal(signal.SIGTERM) is before  # put back as it was
+
+
 def test_status_of_an_engine_never_started_says_so(engines, capsys):
     """An engine that never recorded has no run id: the line said "run None"."""
     _, a = engines.ours()
