@@ -119,6 +119,7 @@ def _logical_ids(record: Record, mapping: torch.Tensor) -> Record:
 class _Member:
     dump: Dump
     source: str
+    run: int | None = None  # set for SGLang's own files, whose topology says too little to group them
 
     @property
     def rank(self) -> int:
@@ -187,43 +188,69 @@ def _refuse_copies(members: list[_Member]) -> None:
 
 
 def _complete_sglang_topologies(members: list[_Member]) -> None:
-    """SGLang's own per-rank files name only their rank. Given together they are one run's
-    ranks: each its own token shard (expert-parallel ranks routing their own tokens; a missing
-    rank is then a missing shard, refused unless allow_partial), unless every rank holds the same
-    passes with the same counts: then they are replicas of one token shard (tensor-parallel or
-    DP-attention ranks without an all-to-all route every token on every rank), counted once.
-    SGLang's own reader sums them, which counts each token once per rank."""
+    """SGLang's own files name only their rank, and that is the expert-parallel rank
+    (``moe_ep_rank``), not the process: with plain ``--tp N`` (expert-parallel size 1) every rank
+    writes "rank 0", and every one of them writes the stat file. So:
+
+    * Files of one rank that agree (the same passes, the same counts on the layers both observed)
+      are one recording's tensor-parallel replicas or pipeline stages (disjoint layers): one
+      token shard, each token counted once (``_reduce_group``). SGLang's own reader refuses
+      them (duplicate pass ids), or, for stat, they are copies of one all-reduce.
+    * The recordings of different ranks are one run: replicas of one token shard if they agree
+      (ranks without an all-to-all route every token), else each rank its own shard (an
+      all-to-all's ranks route their own tokens; a missing rank is then a missing shard).
+    * Files of rank 0 alone that disagree are different recordings (windows, engines): summed,
+      each its own run. Other ranks' files that disagree are refused: which go together is not
+      known.
+    """
     own = [m for m in members if is_sglang_file(m.dump)]
     if len(own) < 2:
         return
-    size = max(m.dump.topology.rank for m in own) + 1
-    replicas = _same_passes([m.dump for m in own])
+    recordings: list[list[_Member]] = []  # per rank, the files that agree
     for m in own:
-        r = m.dump.topology.rank
-        shard, shards = (0, 1) if replicas else (r, size)
-        m.dump = msgspec.structs.replace(
-            m.dump, topology=Topology(rank=r, world_size=size, token_shard=shard, num_token_shards=shards)
+        home = next((g for g in recordings if g[0].rank == m.rank and all(_agree(o.dump, m.dump) for o in g)), None)
+        if home is None:
+            recordings.append([m])
+        else:
+            home.append(m)
+    ranks = sorted({g[0].rank for g in recordings})
+    if len(recordings) == len(ranks):  # one recording per rank: one run
+        runs = [recordings]
+    elif ranks == [0]:
+        runs = [[g] for g in recordings]
+    else:
+        rank = next(r for r in ranks if sum(g[0].rank == r for g in recordings) > 1)
+        files = [g[0].source for g in recordings if g[0].rank == rank]
+        raise MergeError(
+            f"{files[0]} and {files[1]} are both SGLang's rank {rank} but hold different recordings (other passes "
+            "or counts): merge the files of one dump at a time"
         )
+    for run_id, run in enumerate(runs):
+        firsts = [g[0].dump for g in run]
+        replicas = len(run) == 1 or (
+            all(_agree(a, b) for a in firsts for b in firsts) and any(bool(d.total_count().any()) for d in firsts)
+        )
+        shards = run[-1][0].rank + 1 if not replicas else 1
+        everyone = [m for g in run for m in g]
+        for i, m in enumerate(everyone):
+            shard = 0 if replicas else m.rank
+            topology = Topology(rank=i, world_size=len(everyone), token_shard=shard, num_token_shards=shards)
+            m.dump, m.run = msgspec.structs.replace(m.dump, topology=topology), run_id
 
 
-def _same_passes(dumps: list[Dump]) -> bool:
-    """Whether per-pass dumps hold the same forward passes with the same counts, some nonzero
-    (idle ranks' zeros tell nothing)."""
-    if any(not d.records for d in dumps):
+def _agree(a: Dump, b: Dump) -> bool:
+    """Whether two SGLang files can be one recording's: the same forward passes (or stat rows of
+    one shape) and the same counts on every layer both observed (none: pipeline stages)."""
+    if [r.forward_pass_id for r in a.records] != [r.forward_pass_id for r in b.records]:
         return False
-
-    def passes(d: Dump) -> dict[int, torch.Tensor]:
-        rows = d.physical_count if d.physical_count is not None else d.logical_count
-        return {rec.forward_pass_id: rows[i] for i, rec in enumerate(d.records)}
-
-    first = passes(dumps[0])
-    if not any(bool(row.any()) for row in first.values()):
+    if a.logical_count.shape != b.logical_count.shape:
         return False
-    for d in dumps[1:]:
-        other = passes(d)
-        if other.keys() != first.keys() or not all(torch.equal(other[p], first[p]) for p in first):
-            return False
-    return True
+    shared = sorted(set(a.model.moe_layer_ids) & set(b.model.moe_layer_ids))
+    if not shared:
+        return True
+    rows_a = a.physical_count if a.physical_count is not None else a.logical_count
+    rows_b = b.physical_count if b.physical_count is not None else b.logical_count
+    return rows_a.shape == rows_b.shape and torch.equal(rows_a[:, shared], rows_b[:, shared])
 
 
 def _runs(members: list[_Member]) -> list[list[_Member]]:
@@ -232,6 +259,8 @@ def _runs(members: list[_Member]) -> list[list[_Member]]:
         t = m.dump.topology
         if t.world_size <= 1:
             key: tuple = ("single", i)
+        elif m.run is not None:
+            key = ("sglang", m.run)
         else:
             key = (m.dump.engine.name, t.world_size, t.tp_size, t.dp_size, t.ep_size, t.pp_size, t.num_token_shards)
         runs.setdefault(key, []).append(m)

@@ -358,6 +358,7 @@ def test_cli_merge_refuses_what_validate_refuses_its_own_inputs_and_sums_past_in
 SGLANG_PER_PASS = (
     Path(__file__).parent.parent / "spec/fixtures/sglang/per_pass/expert_distribution_recorder_1700000001.5_0.pt"
 )
+SGLANG_STAT = Path(__file__).parent.parent / "spec/fixtures/sglang/stat/expert_distribution_recorder_1700000000.25.pt"
 
 
 def test_sglang_per_rank_files_merge_as_one_run(tmp_path, capsys) -> None:
@@ -390,6 +391,56 @@ def test_sglang_per_rank_files_merge_as_one_run(tmp_path, capsys) -> None:
     (tmp_path / "shards" / "expert_distribution_recorder_1700000001.5_1.pt").unlink()
     assert main(["merge", str(tmp_path / "shards"), "-o", str(tmp_path / "m2.msgpack")]) == 2
     assert "moe-record merge: token shards [1] are missing (present: [0, 2])" in capsys.readouterr().err
+
+
+def test_stock_sglang_files_where_every_rank_is_rank_0_count_each_token_once(tmp_path, capsys) -> None:
+    """SGLang names its files by expert-parallel rank, not by process: with plain --tp N (expert-
+    parallel size 1) every rank writes a "rank 0" per_pass file, and every one writes the stat
+    file. Our merge summed them: x4 for --tp 4's per_pass files, x16 for its stat files (each
+    already SGLang's all-reduce); pipeline stages were refused as a missing stage. Files of one
+    rank that agree are one recording: counted once; stages fill each other's layers in."""
+    obj = torch.load(SGLANG_PER_PASS, weights_only=True, map_location="cpu")
+    one = load_dump(SGLANG_PER_PASS)
+
+    def write(folder: Path, name: str, keep_layers: list[int] | None = None) -> None:
+        records = [dict(r) for r in obj["records"]]
+        for r in records:
+            if keep_layers is not None:  # a pipeline stage: only its layers routed here
+                count = torch.zeros_like(r["global_physical_count"])
+                count[keep_layers] = r["global_physical_count"][keep_layers]
+                r["global_physical_count"] = count
+        torch.save(dict(obj, records=records), folder / f"expert_distribution_recorder_{name}_0.pt")
+
+    tp = tmp_path / "tp4"
+    tp.mkdir()
+    for t in range(4):  # four tensor-parallel ranks, a few ms apart, each "rank 0"
+        write(tp, f"1700000001.50{t}")
+    stat = torch.load(SGLANG_STAT, weights_only=True, map_location="cpu")
+    for t in range(4):  # and each wrote the stat file, the same all-reduce
+        torch.save(stat, tp / f"expert_distribution_recorder_1700000002.00{t}.pt")
+    per_pass = sorted(str(p) for p in tp.glob("*_0.pt"))
+    assert main(["merge", *per_pass, "-o", str(tmp_path / "pp.msgpack")]) == 0, capsys.readouterr().err
+    merged = load_dump(tmp_path / "pp.msgpack")
+    assert torch.equal(merged.total_count(), one.total_count()) and merged.window.num_passes == len(obj["records"])
+    stats = sorted(set(map(str, tp.glob("*.pt"))) - set(per_pass))
+    assert main(["merge", *stats, "-o", str(tmp_path / "stat.msgpack")]) == 0, capsys.readouterr().err
+    assert torch.equal(load_dump(tmp_path / "stat.msgpack").total_count(), load_dump(SGLANG_STAT).total_count())
+
+    stages = tmp_path / "pp2xtp2"  # two pipeline stages of two tensor-parallel ranks: all "rank 0"
+    stages.mkdir()
+    for t, layers in enumerate(([1], [1], [2, 3], [2, 3])):
+        write(stages, f"1700000001.50{t}", layers)
+    assert main(["merge", str(stages), "-o", str(tmp_path / "stages.msgpack")]) == 0, capsys.readouterr().err
+    assert torch.equal(load_dump(tmp_path / "stages.msgpack").total_count(), one.total_count())
+
+    # Files of another rank that hold different recordings: which go together is not known.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for t, rank in enumerate((0, 1, 1)):
+        records = [dict(r, rank=rank, forward_pass_id=r["forward_pass_id"] + 100 * t) for r in obj["records"]]
+        torch.save(dict(obj, records=records), mixed / f"expert_distribution_recorder_1700000001.5{t}_{rank}.pt")
+    assert main(["merge", str(mixed), "-o", str(tmp_path / "mixed.msgpack")]) == 2
+    assert "are both SGLang's rank 1 but hold different recordings" in capsys.readouterr().err
 
 
 def test_merge_distributed_in_a_one_process_gloo_group(tmp_path) -> None:
