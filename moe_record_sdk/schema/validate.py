@@ -45,7 +45,7 @@ def _exact_sum(
     some other count.
 
     Past the cheap bound, the high and low 32 bits are added apart, which cannot wrap for fewer
-    than 2^31 terms (a dump holds at most MAX_ELEMENTS), and joined with the carry.
+    than 2^31 terms (rows of a tensor held in memory), and joined with the carry.
     """
     bound = INT64_MAX // max(terms, 1)
     if not t.numel() or torch.iinfo(t.dtype).max <= bound or int(t.max()) <= bound:

@@ -75,3 +75,19 @@ def test_ring_wrap_keeps_exact_totals():
     back = decode(encode(dump, "pt"))
     assert torch.equal(back.total_count(), dump.total_count())
     assert [r.forward_pass_id for r in back.records] == [4, 5, 6]
+
+
+def test_a_large_tensor_reads_back_as_written_and_an_empty_one_naming_huge_axes_is_refused():
+    """A merge of 36 ranks' 1000-pass rings ([36000, 61, 256], 562M counts) was written, then
+    refused by the reader ("over the limit of 536870912"): a tensor whose bytes are on the wire
+    is bounded by them. An empty tensor carries no bytes, so its axes are still bounded."""
+    from moe_record_sdk.errors import DumpFormatError
+    from moe_record_sdk.schema.tensors import tensor_from_wire
+
+    n = (1 << 29) + 8  # int8: 512 MiB, past the old limit
+    t = tensor_from_wire({"dtype": "int8", "shape": [8, n // 8], "data": bytes(n)})
+    assert t.shape == (8, n // 8) and t.dtype == torch.int8
+    with pytest.raises(DumpFormatError, match=r"\$.shape: \[0, 1048576, 2\] is empty but spans more than"):
+        tensor_from_wire({"dtype": "int32", "shape": [0, 1 << 20, 2], "data": b""})
+    with pytest.raises(DumpFormatError, match=r"\$.data: 4 bytes, but dtype int32 and shape \[1073741824\] need"):
+        tensor_from_wire({"dtype": "int32", "shape": [1 << 30], "data": b"\0\0\0\0"})
