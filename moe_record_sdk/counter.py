@@ -291,17 +291,18 @@ class Counter:
         )
 
     def read_tokens(self, lo: int, hi: int) -> tuple[torch.Tensor, int]:
-        """Host copies of the token ring's ids (int32 [n, R, k]) at positions [lo, hi) (n <=
-        ``token_slots``), and the positions written or being written after the copy: a slot whose
-        position is below that less ``token_slots`` may have been overwritten during it. Which
-        pass a position belongs to is in ``row_tokens`` (each pass's span), not in the ring."""
+        """A host copy of the token ring's ids at positions [lo, hi) (n <= ``token_slots``), as the
+        ring holds them ([R, n, k], its dtype: one copy, never widened here), and the positions
+        written or being written after the copy: a slot whose position is below that less
+        ``token_slots`` may have been overwritten during it. Which pass a position belongs to is
+        in ``row_tokens`` (each pass's span), not in the ring."""
         assert self.token_ids is not None
         N = self.token_slots
         assert 0 <= hi - lo <= N, (lo, hi, N)
         first, n = lo % N, hi - lo
         spans = [(first, min(n, N - first))] + ([(0, first + n - N)] if first + n > N else [])
-        ids = torch.cat([self.token_ids[:, a : a + m].to("cpu", copy=True) for a, m in spans], dim=1)
-        ids = ids.transpose(0, 1).to(torch.int32)  # the dump's type, whatever the ring holds
+        parts = [self.token_ids[:, a : a + m].to("cpu", copy=True) for a, m in spans]
+        ids = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         after = int(self.token_cursor) + int(self.layer_tokens.max())
         return ids, after
 

@@ -463,23 +463,25 @@ class Recorder:
         if taken:
             start, end = int(r.row_tokens[taken[0] % B1, 0]), int(r.row_tokens[taken[-1] % B1, 1])
         first = max(start, end - N)  # the ring holds at most the last N positions
-        ids, after = self.counter.read_tokens(first, end)  # ids [n, R, k]: only these slots
+        # ids [R, n, k] as the ring holds them (two-byte ids stay two bytes until each record
+        # widens its own): the dump's peak is its records plus one copy of these slots.
+        ids, after = self.counter.read_tokens(first, end)
         lo = max(first, after - N)  # positions a concurrent pass may have overwritten during the copy
-        ids = ids[lo - first :]
+        ids = ids[:, lo - first :]
         assert r.row_layer_tokens is not None and r.row_layer_ids is not None
         kept = overwritten = 0
         for rec in records:
             # A pass's tokens are the positions of its span (spans are disjoint, in pass order).
             slot = rec.forward_pass_id % B1
             a, b = (int(v) for v in r.row_tokens[slot])
-            mine = ids[max(a, lo) - lo : max(b, lo) - lo]  # tokens in position order
+            mine = ids[:, max(a, lo) - lo : max(b, lo) - lo]  # [R, T, k], tokens in position order
             # Slots past a layer's own tokens hold what an older pass left there: no id (-1).
             t = torch.arange(max(a, lo), max(b, lo)) - a
-            mine[t.unsqueeze(1) >= r.row_layer_ids[slot].unsqueeze(0)] = -1
-            full = torch.full((self.num_layers, mine.shape[0], self.top_k), -1, dtype=torch.int32)
-            full[self.layer_ids] = mine.permute(1, 0, 2)
+            mine[t.unsqueeze(0) >= r.row_layer_ids[slot].unsqueeze(1)] = -1
+            full = torch.full((self.num_layers, mine.shape[1], self.top_k), -1, dtype=torch.int32)
+            full[self.layer_ids] = mine.to(torch.int32)
             rec.topk_ids_of_layer = full
-            kept += mine.shape[0]
+            kept += mine.shape[1]
             # A layer called twice in the pass (micro-batches) counted both calls, but its later
             # call's ids took the earlier's positions: those tokens' ids are lost, so dropped.
             overwritten += int((r.row_layer_tokens[slot] - r.row_layer_ids[slot]).clamp(min=0).max())
