@@ -530,15 +530,23 @@ class Http11Transport(httpx.AsyncBaseTransport):
         self._idle.clear()
 
 
+#: Idle connections older than this are not reused: uvicorn, and so SGLang and vLLM, close an idle
+#: keep-alive connection after 5 s, and a request written as the server closes it fails (2-3 % of
+#: calls spaced ~5 s apart did). A new loopback or LAN connection costs well under a millisecond.
+KEEPALIVE_EXPIRY = 4.0
+
+
 def _stale(conns: Sequence[_Conn]) -> set[_Conn]:
-    """The idle connections that are unusable: closed, or readable (an EOF or stray bytes).
+    """The idle connections that are unusable: closed, idle past ``KEEPALIVE_EXPIRY``, or readable
+    (an EOF or stray bytes).
 
     The sockets are asked directly, all in one ``poll``: between the calls of a synchronous
     ``Fleet`` no event loop runs, so the callbacks that would set ``closed`` (a server's
     keep-alive timeout, a restart) have not run yet, and a request written there would fail
     though the engine is up.
     """
-    stale = {c for c in conns if c.closed or c.fd < 0 or c.transport.is_closing()}  # type: ignore[union-attr]
+    old = time.perf_counter() - KEEPALIVE_EXPIRY
+    stale = {c for c in conns if c.closed or c.fd < 0 or c.done_at < old or c.transport.is_closing()}  # type: ignore[union-attr]
     live = {c.fd: c for c in conns if c not in stale}
     if live and hasattr(select, "poll"):  # poll: no limit on descriptor numbers (select's is 1024)
         poller = select.poll()

@@ -739,3 +739,18 @@ def test_async_fleet_serves_one_event_loop_after_another(engines, cap):
     result = asyncio.run(asyncio.wait_for(fleet.dump(), 10))
     assert result.ok and torch.equal(result.merged.total_count(), expected)
     asyncio.run(fleet.aclose())
+
+
+def test_polls_with_a_timeout_of_their_own_keep_no_requests_per_value(engines):
+    """`record` polls status with the time left in its interval as the timeout: each value kept
+    its own set of prepared requests for the fleet's life (82 KB a poll of 32 engines, ~7 GB a
+    day polling once a second). A call's own timeout now replaces the last one kept."""
+    _, a = engines.ours()
+    _, b = engines.ours()
+    with Fleet([a.url, b.url], retries=0) as fleet:
+        for i in range(50):
+            assert fleet.status(timeout=1.0 + i / 100).ok
+        assert fleet.status().ok
+        kept = fleet._fleet._calls
+        assert len(kept) == 2  # status with the fleet's timeout, and with the last one of its own
+        assert {limit for limit, _ in kept.values()} == {fleet._fleet.timeout, 1.49}
