@@ -31,6 +31,12 @@ def observable(runner: Any) -> bool:
     return not runner.is_monolithic and isinstance(runner.router, BaseRouter)
 
 
+def sequence_parallel(runner: Any) -> bool:
+    """Whether this layer's TP ranks each route a chunk of the tokens (sequence-parallel MoE: DP > 1
+    with expert parallelism and an all-to-all, ``ParallelConfig.use_sequence_parallel_moe``)."""
+    return bool(getattr(getattr(runner, "moe_config", None), "is_sequence_parallel", False))
+
+
 def build_layer_map(model: torch.nn.Module, num_layers: int | None = None, model_name: str | None = None) -> LayerMap:
     """What the tap would record from ``model``.
 

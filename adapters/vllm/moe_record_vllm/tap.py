@@ -18,19 +18,30 @@ from moe_record_sdk import Recorder
 from moe_record_sdk.errors import AdapterError
 from moe_record_sdk.plugins import Attachment, LayerMap
 
-from .layers import moe_runners, observable
+from .layers import moe_runners, observable, sequence_parallel
 
 ADAPTER = "vllm"
 _MARK = "_moe_record_tap"  # set on our capture functions, so detach restores only what it marked
 
 
 def _capture_fn(
-    recorder: Recorder, layer_id: int, num_valid: torch.Tensor | None, previous: Callable[[torch.Tensor], None] | None
+    recorder: Recorder,
+    layer_id: int,
+    num_valid: torch.Tensor | None,
+    previous: Callable[[torch.Tensor], None] | None,
+    chunk: int = 0,
 ) -> Callable[[torch.Tensor], None]:
+    """``chunk``: under sequence-parallel MoE, this TP rank's index: it routes rows
+    [chunk * T, (chunk + 1) * T) of the pass's (padded) tokens, T its own row count, so its real
+    rows are the pass's real tokens less chunk * T (none past them: padding)."""
+
     def capture(topk_ids: torch.Tensor) -> None:
         if previous is not None:  # e.g. vLLM's routed-experts capturer (R3): it keeps working
             previous(topk_ids)
-        recorder.record(layer_id, topk_ids, num_valid)
+        valid = num_valid
+        if chunk and num_valid is not None:
+            valid = torch.clamp(num_valid - chunk * topk_ids.shape[0], min=0)
+        recorder.record(layer_id, topk_ids, valid)
 
     setattr(capture, _MARK, previous)
     return capture
@@ -42,13 +53,19 @@ def is_tapped(router: Any) -> bool:
 
 
 def attach(
-    model: torch.nn.Module, recorder: Recorder, layer_map: LayerMap, num_valid: torch.Tensor | None = None
+    model: torch.nn.Module,
+    recorder: Recorder,
+    layer_map: LayerMap,
+    num_valid: torch.Tensor | None = None,
+    chunk: int = 0,
 ) -> Attachment:
     """Put ``recorder``'s tap on every observable MoE layer of ``model``.
 
     ``num_valid``: a 0-dim int64 tensor on the recorder's device holding the number of real
     (unpadded) tokens of the current pass; rows past it are not counted. The caller fills it
-    before each forward (``None``: count every row).
+    before each forward (``None``: count every row). ``chunk``: this TP rank's index where a
+    layer is sequence-parallel (``moe_config.is_sequence_parallel``: each TP rank routes its
+    chunk of the tokens).
     Returns the handle; ``detach()`` restores each router's previous capture function.
 
     Example (in a vLLM worker)::
@@ -64,14 +81,19 @@ def attach(
     for runner in runners:
         router, layer_id = runner.router, runner.layer_id
         bind = type(router).set_capture_fn
-        bind(router, _capture_fn(recorder, layer_id, num_valid, router.capture_fn))
+        mine = chunk if sequence_parallel(runner) else 0
+        bind(router, _capture_fn(recorder, layer_id, num_valid, router.capture_fn, mine))
 
         def rebind(
-            fn: Callable[[torch.Tensor], None] | None, router: Any = router, layer_id: int = layer_id, bind: Any = bind
+            fn: Callable[[torch.Tensor], None] | None,
+            router: Any = router,
+            layer_id: int = layer_id,
+            bind: Any = bind,
+            mine: int = mine,
         ) -> None:
             # A later binder goes behind our tap, not over it: vLLM binds its routed-experts
             # capturer at KV-cache init, after load_model attached us (Model Runner V2).
-            bind(router, _capture_fn(recorder, layer_id, num_valid, fn))
+            bind(router, _capture_fn(recorder, layer_id, num_valid, fn, mine))
 
         router.set_capture_fn = rebind
 

@@ -18,7 +18,7 @@ from moe_record_sdk import EngineInfo, Recorder, Topology, env
 from moe_record_sdk.errors import RecorderError
 from moe_record_sdk.schema import encode
 
-from .layers import build_layer_map, moe_runners
+from .layers import build_layer_map, moe_runners, sequence_parallel
 from .tap import attach, is_tapped
 from .version import DISTRIBUTION, check_version
 
@@ -27,7 +27,9 @@ log = logging.getLogger("vllm.moe_record")  # under vLLM's logger: its handlers 
 
 def _topology(vllm_config: Any, runner: Any) -> Topology:
     """This worker's place. TP ranks (and EP ranks within a DP rank) route the same tokens and PP
-    stages hold disjoint layers: they share a token shard. DP ranks see disjoint tokens."""
+    stages hold disjoint layers: they share a token shard. DP ranks see disjoint tokens, and so do
+    the TP ranks of sequence-parallel MoE (DP > 1 with expert parallelism, vLLM's default
+    all-to-all): each routes its chunk of its DP rank's tokens, its own token shard."""
     from vllm.distributed import parallel_state as ps
 
     pc = vllm_config.parallel_config
@@ -35,6 +37,9 @@ def _topology(vllm_config: Any, runner: Any) -> Topology:
     pp = ps.get_pp_group()
     dp_rank, dp_size = pc.data_parallel_rank, pc.data_parallel_size
     moe = runner.moe_config
+    shard, shards = (
+        (dp_rank * tp_size + tp_rank, dp_size * tp_size) if sequence_parallel(runner) else (dp_rank, dp_size)
+    )
     return Topology(
         rank=(dp_rank * pp.world_size + pp.rank_in_group) * tp_size + tp_rank,
         world_size=dp_size * pp.world_size * tp_size,
@@ -46,8 +51,8 @@ def _topology(vllm_config: Any, runner: Any) -> Topology:
         ep_size=moe.ep_size,
         pp_rank=pp.rank_in_group,
         pp_size=pp.world_size,
-        token_shard=dp_rank,
-        num_token_shards=dp_size,
+        token_shard=shard,
+        num_token_shards=shards,
     )
 
 
@@ -84,12 +89,10 @@ class WorkerRecording:
         )
         first = moe_runners(model)[0]
         self.topology = _topology(self.vllm_config, first)
-        # Sequence-parallel MoE (EP with TP > 1) routes a chunk of the tokens per TP rank, padded,
-        # and the modular all2all kernels do it without naive dispatch: not verified either.
-        if any(r.do_naive_dispatch_combine or _sequence_parallel(r) for r in moe_runners(model)):
+        if any(r.do_naive_dispatch_combine for r in moe_runners(model)):
             log.warning(
-                "moe-record-vllm: naive DP dispatch or sequence-parallel MoE routes tokens of other ranks, or a "
-                "chunk of them, on this rank; counts under this layout are not verified"
+                "moe-record-vllm: naive DP dispatch routes tokens of other ranks on this rank; counts under this "
+                "layout are not verified"
             )
         device = self._device(model)
         self.frozen = _frozen(self.vllm_config)
@@ -132,7 +135,9 @@ class WorkerRecording:
 
     def attach(self) -> None:
         """Put the tap on the model and the pass boundary on the model runner."""
-        self.attachment = attach(self.model, self.recorder, self.layer_map, self.num_valid)
+        # Sequence-parallel layers: this TP rank routes chunk tp_rank of the pass's tokens.
+        chunk = self.topology.tp_rank
+        self.attachment = attach(self.model, self.recorder, self.layer_map, self.num_valid, chunk)
         original = self._runner.execute_model
         recorder, num_valid = self.recorder, self.num_valid
 
@@ -204,8 +209,3 @@ class WorkerRecording:
             "moe_layer_ids": list(self.layer_map.moe_layer_ids),
             **self.recorder.status().to_dict(),
         }
-
-
-def _sequence_parallel(runner: Any) -> bool:
-    config = getattr(runner, "moe_config", None)
-    return bool(getattr(config, "is_sequence_parallel", False))
