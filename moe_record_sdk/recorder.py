@@ -87,7 +87,10 @@ class Recorder:
     max_bytes:
         ``per_token``: bound on the ring and token buffers together; older tokens are overwritten
         and counted as dropped. A token takes ``2 * len(layer_ids) * top_k + 8`` bytes (ids kept in two
-        bytes while ``num_experts`` <= 32767, four past that).
+        bytes while ``num_experts`` <= 32767, four past that). A window also keeps at most
+        ``buffer_size`` passes (default 1000): at decode, 1000 passes of batch 64 are 64,000
+        tokens, however many ``max_bytes`` holds, so raise ``buffer_size`` with it (each pass row
+        costs ``len(layer_ids) * num_experts * 4`` bytes of ``max_bytes`` too).
     physical_to_logical_map:
         int [L, P]: when the engine replicates experts, ids are physical slots and are summed into
         logical experts at dump; physical counts are kept too.
