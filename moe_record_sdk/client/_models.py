@@ -202,13 +202,31 @@ class FleetResult:
         if self.merged is not None:
             todo.append(("merged", self.merged, f"merged.{format}"))
         paths: dict[str, str] = {}
+        written: dict[int, str] = {}  # id(dump) -> its file
         try:
             os.makedirs(directory, exist_ok=True)
             for key, dump, name in todo:
-                paths[key] = save_dump(dump, os.path.join(directory, name), exclusive=True)
+                path = os.path.join(directory, name)
+                same = written.get(id(dump))
+                if same is not None and _link(same, path):  # one engine's merge is its dump: not written twice
+                    paths[key] = path
+                    continue
+                paths[key] = written[id(dump)] = save_dump(dump, path, exclusive=True)
         except OSError as e:
             raise SaveError(e, paths) from e
         return paths
+
+
+def _link(existing: str, path: str) -> bool:
+    """``path`` as a second name of ``existing`` (a hard link: no second copy of a large dump);
+    False where the file system has none. An existing ``path`` raises, as a save would."""
+    try:
+        os.link(existing, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        return False
+    return True
 
 
 class SaveError(OSError):

@@ -754,3 +754,21 @@ def test_polls_with_a_timeout_of_their_own_keep_no_requests_per_value(engines):
         kept = fleet._fleet._calls
         assert len(kept) == 2  # status with the fleet's timeout, and with the last one of its own
         assert {limit for limit, _ in kept.values()} == {fleet._fleet.timeout, 1.49}
+
+
+def test_one_engines_merge_is_its_dump_saved_once(engines, tmp_path):
+    """With one engine the merge is that engine's dump: it was encoded and written twice (two
+    identical 1 GB files for a large per_token window). merged.pt is now a second name of it."""
+    rec, server = engines.ours()
+    with Fleet([server.url]) as fleet:
+        fleet.start()
+        expected = feed(rec, seed=8)
+        saved = fleet.dump().save(str(tmp_path / "one"))
+    engine, merged = os.stat(saved[server.url]), os.stat(saved["merged"])
+    assert (engine.st_ino, engine.st_nlink) == (merged.st_ino, 2)
+    assert torch.equal(load_dump(saved["merged"]).total_count(), expected)
+    _, other = engines.ours()
+    with Fleet([server.url, other.url]) as fleet:  # a real merge: its own file
+        fleet.start()
+        saved = fleet.dump().save(str(tmp_path / "two"))
+    assert os.stat(saved["merged"]).st_ino not in {os.stat(saved[e]).st_ino for e in (server.url, other.url)}
