@@ -275,13 +275,26 @@ def _layer_means(x: torch.Tensor, has: torch.Tensor) -> list[Metrics]:
     return [Metrics(**{k: cols[k][i] for k in cols}) for i in range(x.shape[0])]
 
 
+_PASS_CHUNK = 256  # passes whose float64 rows are held at once (the per-pass output is a few numbers each)
+
+
 def _passes(dump: Dump, layers: list[int], to_gpus: Any) -> list[PassSummary]:
-    count = dump.logical_count[:, layers].to(torch.float64)  # [B, L', E]
-    has = count.sum(-1) > 0  # layers with load in each pass
-    experts = _layer_means(count, has)
-    gpus = _layer_means(to_gpus(dump.logical_count, dump.physical_count)[:, layers], has) if to_gpus else None
-    records = dump.records if len(dump.records) == count.shape[0] else []
-    assignments = count.sum((1, 2)).tolist()
+    # Chunk by chunk: one float64 copy of [B, L', E] (and its metrics' temporaries) took 1.9 GB
+    # for 8000 passes of 61 x 256 experts, 5x the file.
+    experts: list[Metrics] = []
+    gpus: list[Metrics] | None = [] if to_gpus else None
+    assignments: list[float] = []
+    B = dump.logical_count.shape[0]
+    for a in range(0, B, _PASS_CHUNK):
+        rows = slice(a, min(a + _PASS_CHUNK, B))
+        count = dump.logical_count[rows][:, layers].to(torch.float64)  # [b, L', E]
+        has = count.sum(-1) > 0  # layers with load in each pass
+        experts += _layer_means(count, has)
+        if gpus is not None:
+            physical = dump.physical_count[rows] if dump.physical_count is not None else None
+            gpus += _layer_means(to_gpus(dump.logical_count[rows], physical)[:, layers], has)
+        assignments += count.sum((1, 2)).tolist()
+    records = dump.records if len(dump.records) == B else []
     return [
         PassSummary(
             index=i,
@@ -291,7 +304,7 @@ def _passes(dump: Dump, layers: list[int], to_gpus: Any) -> list[PassSummary]:
             experts=experts[i],
             gpus=gpus[i] if gpus is not None else None,
         )
-        for i in range(count.shape[0])
+        for i in range(B)
     ]
 
 

@@ -439,3 +439,25 @@ def test_what_the_tables_leave_out_is_said(tmp_path, capsys):
     assert main(["summary", path, "--json"]) == 0
     (doc,) = json.loads(capsys.readouterr().out)
     assert (doc["unobserved_layers"], doc["dropped_passes"], doc["discarded"]) == ([1], 3, 5)
+
+
+def test_passes_summarized_in_chunks_equal_all_at_once(monkeypatch):
+    """Per-pass metrics are computed a chunk of passes at a time (a float64 copy of every pass
+    took 5x a large file in RAM): the same figures as all at once, across chunk boundaries."""
+    from moe_record_sdk.analysis import summary as module
+
+    mapping = torch.tensor([[0, 1, 2, 3, 0, 1], [3, 2, 1, 0, 3, 2]])
+    rec = Recorder(
+        num_layers=2, num_experts=4, top_k=2, mode="per_pass", buffer_size=10, physical_to_logical_map=mapping
+    )
+    rec.start()
+    g = torch.Generator().manual_seed(3)
+    for _ in range(7):
+        for layer in range(2):
+            rec.record(layer, torch.randint(0, 6, (int(torch.randint(1, 9, (1,), generator=g)), 2), generator=g))
+        rec.step()
+    dump = rec.dump()
+    whole = to_json(summarize(dump, ep_size=2))
+    monkeypatch.setattr(module, "_PASS_CHUNK", 3)  # 7 passes: chunks of 3, 3 and 1
+    assert to_json(summarize(dump, ep_size=2)) == whole
+    assert len(json.loads(whole)["passes"]) == 7
