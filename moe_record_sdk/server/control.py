@@ -62,19 +62,30 @@ class Backend(Protocol):
         ...
 
 
+def holds_some_ranks(backend: Any) -> bool:
+    """Whether ``backend`` serves only some of its run's data-parallel ranks by design (vLLM
+    behind an external load balancer: one API server per DP rank or node), an optional
+    attribute ``some_ranks``: its ranks are then merged as they are, the others' token shards
+    left to the other servers (a Fleet over all of them sums them)."""
+    return bool(getattr(backend, "some_ranks", False))
+
+
 class LocalBackend:
     """A backend over recorders in this process (one per rank; usually one).
 
     Recorder calls run in a worker thread: a dump copies device buffers and must not stall the
     event loop that serves the engine.
 
+    ``some_ranks``: these recorders are some of their run's data-parallel ranks, the others
+    served elsewhere (see :func:`holds_some_ranks`).
+
     >>> backend = LocalBackend(Recorder(num_layers=2, num_experts=8, top_k=2))
     """
 
-    def __init__(self, *recorders: Recorder) -> None:
+    def __init__(self, *recorders: Recorder, some_ranks: bool = False) -> None:
         if not recorders:
             raise ValueError("LocalBackend needs at least one Recorder")
-        self.recorders = recorders
+        self.recorders, self.some_ranks = recorders, some_ranks
 
     async def _each(self, fn: Any) -> list[Any]:
         return await asyncio.to_thread(lambda: [fn(r) for r in self.recorders])
@@ -112,13 +123,14 @@ class DumpOutcome:
     """Whether this dump request asked for it again (``H_RESEND``), its earlier answer lost."""
 
 
-def merge_ranks(dumps: list[Dump]) -> Dump:
-    """One dump from the ranks of one engine (the dump itself when there is one rank)."""
+def merge_ranks(dumps: list[Dump], *, some_ranks: bool = False) -> Dump:
+    """One dump from the ranks of one engine (the dump itself when there is one rank).
+    ``some_ranks``: the engine serves only some token shards by design (``holds_some_ranks``)."""
     if len(dumps) == 1:
         return dumps[0]
     from ..merge import merge_dumps
 
-    return merge_dumps(dumps, sources=[f"rank {d.topology.rank}" for d in dumps])
+    return merge_dumps(dumps, sources=[f"rank {d.topology.rank}" for d in dumps], allow_partial=some_ranks)
 
 
 class Controller:
@@ -273,7 +285,7 @@ class Controller:
                 if window is not None:
                     self.window = window + 1  # the recorders began the next window as they dumped
                 try:
-                    merged = merge_ranks(dumps)
+                    merged = merge_ranks(dumps, some_ranks=holds_some_ranks(self.backend))
                 except Exception as e:  # noqa: BLE001 - ranks left inconsistent: their windows are taken
                     raise ControlError(500, "dump_merge_failed", await self._salvage(dumps, e)) from None
                 outcome = DumpOutcome(

@@ -772,3 +772,59 @@ def test_one_engines_merge_is_its_dump_saved_once(engines, tmp_path):
         fleet.start()
         saved = fleet.dump().save(str(tmp_path / "two"))
     assert os.stat(saved["merged"]).st_ino not in {os.stat(saved[e]).st_ino for e in (server.url, other.url)}
+
+
+@pytest.mark.parametrize(("dp", "tp", "per_server"), [(2, 2, 1), (4, 1, 2)])
+def test_data_parallel_servers_that_hold_some_ranks_merge_them_and_the_fleet_sums(engines, dp, tp, per_server):
+    """vLLM behind an external or hybrid load balancer: each API server reaches only its own DP
+    ranks. Its merge refused the other servers' token shards as missing, so every dump answered
+    500. A backend that holds some ranks by design merges those; the Fleet over every server
+    sums them: each token once."""
+    from moe_record_sdk import EngineInfo, Topology
+
+    def ranks_of(d: int) -> list[Recorder]:  # the vLLM worker's topology: TP ranks share the DP rank's shard
+        return [
+            Recorder(
+                4,
+                8,
+                2,
+                engine=EngineInfo(name="vllm"),
+                topology=Topology(
+                    rank=d * tp + t,
+                    world_size=dp * tp,
+                    tp_rank=t,
+                    tp_size=tp,
+                    dp_rank=d,
+                    dp_size=dp,
+                    token_shard=d,
+                    num_token_shards=dp,
+                ),
+            )
+            for t in range(tp)
+        ]
+
+    recs = [ranks_of(d) for d in range(dp)]
+    urls = {}
+    for some in (False, True):
+        urls[some] = []
+        for first in range(0, dp, per_server):
+            workers = [r for d in range(first, first + per_server) for r in recs[d]]
+            app = make_app(LocalBackend(*workers, some_ranks=some), dump_dir=engines.dir(), engine="vllm")
+            urls[some].append(engines._serve(app).url)
+    for some in (False, True):
+        truth = torch.zeros(4, 8, dtype=torch.int64)
+        with Fleet(urls[some], retries=0) as fleet:
+            assert fleet.start().ok
+            g = torch.Generator().manual_seed(dp)
+            for d in range(dp):
+                ids = torch.randint(0, 8, (10 + d, 2), generator=g)
+                truth += torch.bincount(ids.flatten(), minlength=8).expand(4, 8)
+                for r in recs[d]:  # TP workers of one DP rank route the same tokens
+                    for layer in range(4):
+                        r.record(layer, ids)
+                    r.step()
+            result = fleet.dump()
+        if some:
+            assert result.ok and torch.equal(result.merged.total_count(), truth)
+        else:
+            assert result.failed and all(r.status_code == 500 and "are missing" in r.error for r in result.failed)

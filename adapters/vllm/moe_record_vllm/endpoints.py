@@ -48,6 +48,14 @@ class VllmBackend:
         except AdapterError as e:
             self.refusal = str(e)
 
+    @property
+    def some_ranks(self) -> bool:
+        """Behind an external or hybrid load balancer this API server reaches only its own DP
+        ranks' engine cores (vLLM's ``engine_ranks_managed``): it merges those alone."""
+        config = getattr(self.engine_client, "vllm_config", None)
+        pc = getattr(config, "parallel_config", None)
+        return bool(getattr(pc, "data_parallel_external_lb", False) or getattr(pc, "data_parallel_hybrid_lb", False))
+
     async def _rpc(self, method: str, *args: Any) -> list[Any]:
         if self.refusal:
             raise ControlError(503, "unsupported_engine", self.refusal)

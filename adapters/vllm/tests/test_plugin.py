@@ -104,3 +104,26 @@ def test_a_dump_whose_client_went_away_is_kept_for_the_next(tmp_path) -> None:
     finally:
         server.stop()
     assert answer.status_code == 200 and answer.json()["window"]["num_passes"] == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "some"),
+    [
+        ({"data_parallel_size": 2, "data_parallel_rank": 1, "data_parallel_external_lb": True}, True),
+        ({"data_parallel_size": 4, "data_parallel_hybrid_lb": True}, True),
+        ({"data_parallel_size": 2}, False),
+    ],
+)
+def test_an_api_server_behind_an_external_load_balancer_merges_its_own_ranks(options, some) -> None:
+    """Behind an external or hybrid load balancer a vLLM API server reaches only its own DP ranks:
+    its backend says so, and its dump merges those ranks alone (the Fleet sums the servers)."""
+    import types
+
+    from moe_record_vllm.endpoints import VllmBackend
+    from vllm.config import ParallelConfig
+
+    from moe_record_sdk.server.control import holds_some_ranks
+
+    config = types.SimpleNamespace(parallel_config=ParallelConfig(**options))
+    assert holds_some_ranks(VllmBackend(types.SimpleNamespace(vllm_config=config))) is some
+    assert holds_some_ranks(VllmBackend()) is False  # no engine yet
