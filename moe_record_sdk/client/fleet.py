@@ -860,8 +860,10 @@ def _json_list(raw: str) -> list[str]:
 def merge_engines(dumps: list[Dump], sources: list[str] | None = None) -> Dump:
     """One dump from several engines' dumps. Engines serve different requests, so their counts
     are summed (each engine's dump already merges its own ranks: a run by itself for
-    ``merge_dumps``); incompatible models raise ``MergeError`` naming the difference."""
-    if len(dumps) == 1:
+    ``merge_dumps``); incompatible models raise ``MergeError`` naming the difference. One dump
+    that is one rank of several (a side server, one API server of a DP deployment) is checked
+    like any merge: alone, it passed as the whole run's though other token shards were missing."""
+    if len(dumps) == 1 and dumps[0].topology.world_size <= 1:
         return dumps[0]
     from ..merge import merge_dumps
 

@@ -828,3 +828,26 @@ def test_data_parallel_servers_that_hold_some_ranks_merge_them_and_the_fleet_sum
             assert result.ok and torch.equal(result.merged.total_count(), truth)
         else:
             assert result.failed and all(r.status_code == 500 and "are missing" in r.error for r in result.failed)
+
+
+def test_a_fleet_of_one_rank_of_several_checks_the_run_is_whole(engines):
+    """One side server of a two-shard deployment (or one API server of a DP fleet) was returned
+    as the merge, holding half the tokens and no error. It is checked like any merge now; one
+    rank of tensor-parallel replicas is the whole run's count and merges."""
+    from moe_record_sdk import Topology
+
+    from ..server.helpers import E, K, L
+
+    for shards, ok in ((2, False), (1, True)):
+        topology = Topology(rank=0, world_size=2, token_shard=0, num_token_shards=shards)
+        rec = Recorder(num_layers=L, num_experts=E, top_k=K, topology=topology)
+        _, server = engines.ours(recorder=rec)
+        with Fleet([server.url], retries=0) as fleet:
+            fleet.start()
+            expected = feed(rec, seed=9)
+            result = fleet.dump()
+        assert result[0].ok  # the engine's own dump is collected either way
+        if ok:
+            assert torch.equal(result.merged.total_count(), expected)
+        else:
+            assert result.merged is None and "token shards [1] are missing" in result.merge_error
