@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Iterator
@@ -222,8 +223,8 @@ def _link(existing: str, path: str) -> bool:
     False where the file system has none. An existing ``path`` raises, as a save would."""
     try:
         os.link(existing, path)
-    except FileExistsError:
-        raise
+    except FileExistsError:  # named as a save names it: the file in the way, not the one linked
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
     except OSError:
         return False
     return True
