@@ -46,6 +46,7 @@ The merged dump describes the whole run: ``rank 0``, ``world_size 1``, one token
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -228,7 +229,8 @@ def _complete_sglang_topologies(members: list[_Member]) -> None:
     for run_id, run in enumerate(runs):
         firsts = [g[0].dump for g in run]
         replicas = len(run) == 1 or (
-            all(_agree(a, b) for a in firsts for b in firsts) and any(bool(d.total_count().any()) for d in firsts)
+            all(_agree(a, b) for a, b in itertools.combinations(firsts, 2))
+            and any(bool(d.total_count().any()) for d in firsts)
         )
         shards = run[-1][0].rank + 1 if not replicas else 1
         everyone = [m for g in run for m in g]
@@ -370,39 +372,14 @@ def _reduce_group(name: str, members: list[_Member], mode: str) -> _Part:
                     "dumps with the same token_shard must have seen the same tokens (set Topology.token_shard "
                     "per data-parallel group)"
                 )
-    E = first.model.num_logical_experts
-    total = torch.zeros(L, E, dtype=torch.int64)
-    rows = None
-    if use_rows:  # a group's rows are copied from each layer's owner, never added: int32 rows stay int32
-        rows = torch.zeros(first.logical_count.shape[0], L, E, dtype=_row_dtype(m.dump.logical_count for m in members))
-    phys_rows = phys_total = None
-    if first.physical_count is not None:  # only kept when every dump has it, with one map
-        P = first.physical_count.shape[2]
-        phys_total = torch.zeros(L, P, dtype=torch.int64)
-        if use_rows:
-            phys_dtype = _row_dtype(m.dump.physical_count for m in members)
-            phys_rows = torch.zeros(first.physical_count.shape[0], L, P, dtype=phys_dtype)
     owned = _owned_layers(owner_of)
-    copies = owned
-    if len(members) == 1 and _only_owned(members[0].dump, totals[id(members[0])], owner_of):
+    if len(members) == 1 and _only_owned(first, totals[id(members[0])], owner_of):
         # One member (a data-parallel shard, an engine): its own tensors, read-only from here on.
         # Zeros and a copy per input took 2.3 GB and 10 s of merging 32 stat dumps of [1000, 61, 256].
-        d, copies = members[0].dump, []
-        total = totals[id(members[0])]
-        if rows is not None:
-            rows = d.logical_count
-        if phys_total is not None and d.physical_count is not None:
-            phys_total = d.physical_count.sum(0)
-            if phys_rows is not None:
-                phys_rows = d.physical_count
-    for m, layers in copies:  # each member's layers in one indexed copy (61 layer-by-layer copies cost 0.4 ms)
-        total[layers] = totals[id(m)][layers]
-        if rows is not None:
-            rows[:, layers] = m.dump.logical_count[:, layers]
-        if phys_total is not None and m.dump.physical_count is not None:
-            phys_total[layers] = m.dump.physical_count[:, layers].sum(0)
-            if phys_rows is not None:
-                phys_rows[:, layers] = m.dump.physical_count[:, layers]
+        total, rows, phys_rows = totals[id(members[0])], first.logical_count, first.physical_count
+        phys_total = phys_rows.sum(0) if phys_rows is not None else None
+    else:
+        total, rows, phys_total, phys_rows = _copy_owned(members, owned, totals, use_rows)
     records = [_merge_record(i, members, owned, name) for i in range(len(first.records))] if mode != "stat" else []
     windows = [m.dump.window for m in members]
     return _Part(
@@ -423,6 +400,34 @@ def _reduce_group(name: str, members: list[_Member], mode: str) -> _Part:
         starts=[w.start_time for w in windows if w.start_time is not None],
         stops=[w.stop_time for w in windows if w.stop_time is not None],
     )
+
+
+def _copy_owned(
+    members: list[_Member], owned: list[tuple[_Member, torch.Tensor]], totals: dict[int, torch.Tensor], use_rows: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """A group's (total, rows, physical total, physical rows), each layer copied from its owner."""
+    first = members[0].dump
+    L, E = first.model.num_layers, first.model.num_logical_experts
+    total = torch.zeros(L, E, dtype=torch.int64)
+    rows = None
+    if use_rows:  # a group's rows are copied from each layer's owner, never added: int32 rows stay int32
+        rows = torch.zeros(first.logical_count.shape[0], L, E, dtype=_row_dtype(m.dump.logical_count for m in members))
+    phys_rows = phys_total = None
+    if first.physical_count is not None:  # only kept when every dump has it, with one map
+        P = first.physical_count.shape[2]
+        phys_total = torch.zeros(L, P, dtype=torch.int64)
+        if use_rows:
+            phys_dtype = _row_dtype(m.dump.physical_count for m in members)
+            phys_rows = torch.zeros(first.physical_count.shape[0], L, P, dtype=phys_dtype)
+    for m, layers in owned:  # each member's layers in one indexed copy (61 layer-by-layer copies cost 0.4 ms)
+        total[layers] = totals[id(m)][layers]
+        if rows is not None:
+            rows[:, layers] = m.dump.logical_count[:, layers]
+        if phys_total is not None and m.dump.physical_count is not None:
+            phys_total[layers] = m.dump.physical_count[:, layers].sum(0)
+            if phys_rows is not None:
+                phys_rows[:, layers] = m.dump.physical_count[:, layers]
+    return total, rows, phys_total, phys_rows
 
 
 def _only_owned(dump: Dump, total: torch.Tensor, owner_of: dict[int, _Member]) -> bool:
